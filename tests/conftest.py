@@ -1,0 +1,35 @@
+"""Shared test fixtures. The tiny trained ERNIE checkpoints live in ../shared/fixtures (see its README.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# llama.cpp builds are cached once per machine, in the user's real store, whatever store a test uses.
+if "EDGEMOE_BUILDS" not in os.environ:
+    from edgemoe_cli.store import builds_dir
+
+    os.environ["EDGEMOE_BUILDS"] = str(builds_dir())
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = Path(os.environ.get("EDGEMOE_SHARED_FIXTURES", REPO.parent / "shared" / "fixtures"))
+VARIANTS = ("pt", "thinking")
+
+
+def fixture_dir(variant: str) -> Path:
+    path = SHARED_FIXTURES / f"tiny-ernie-{variant}"
+    if not path.is_dir():
+        pytest.skip(f"fixture {path} not present (../shared/fixtures is beside the repo in CI)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_store(tmp_path_factory, monkeypatch):
+    """Every test gets its own EDGEMOE_HOME unless it already set one, so tests never touch ~/.cache/edgemoe.
+
+    Builds of llama.cpp are the exception: they are cached per machine (see llamacpp.py), never per test.
+    """
+    if "EDGEMOE_TEST_KEEP_HOME" not in os.environ:
+        monkeypatch.setenv("EDGEMOE_HOME", str(tmp_path_factory.mktemp("edgemoe-home")))
