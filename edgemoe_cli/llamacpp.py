@@ -52,3 +52,20 @@ def find_tool(name: str) -> Path:
     if found := shutil.which(name):
         return Path(found)
     raise EdgeMoEError(f"llama.cpp tool {name} not found", "run `edgemoe build` first (or set EDGEMOE_LLAMA_BIN)")
+
+
+def import_binding():
+    """Import llama_cpp (llama-cpp-python) bound to our build's libllama when there is one.
+
+    Every module that needs the binding calls this instead of `import llama_cpp`, so the library choice is made
+    once, before the first import, and a missing library is a one-line error rather than a ctypes traceback.
+    """
+    select_binding_library()
+    try:
+        import llama_cpp
+    except (ImportError, OSError, RuntimeError) as e:
+        raise EdgeMoEError(
+            f"cannot load llama.cpp's library for the Python binding ({e})",
+            "run `edgemoe build` (or `make setup`), or set LLAMA_CPP_LIB_PATH to a directory holding libllama.so",
+        ) from e
+    return llama_cpp
