@@ -33,3 +33,22 @@ def _isolated_store(tmp_path_factory, monkeypatch):
     """
     if "EDGEMOE_TEST_KEEP_HOME" not in os.environ:
         monkeypatch.setenv("EDGEMOE_HOME", str(tmp_path_factory.mktemp("edgemoe-home")))
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """Factory: tiny_gguf(variant, outtype="f32") -> Path of that fixture converted to GGUF, once per session."""
+    from edgemoe_cli.convert import convert
+
+    cache: dict[tuple[str, str], Path] = {}
+    root = tmp_path_factory.mktemp("tiny-gguf")
+
+    def make(variant: str, outtype: str = "f32") -> Path:
+        key = (variant, outtype)
+        if key not in cache:
+            out = root / f"tiny-ernie-{variant}-{outtype}.gguf"
+            convert(fixture_dir(variant), out, outtype)
+            cache[key] = out
+        return cache[key]
+
+    return make

@@ -1,0 +1,198 @@
+"""Read Hugging Face safetensors checkpoints with numpy alone (no torch, no safetensors package).
+
+A checkpoint is one `model.safetensors` or shards listed by `model.safetensors.index.json`. Every header is checked
+against its file's size before anything is read, so a truncated download is a one-line error, not a crash halfway
+through a conversion. Tensors are read through one mmap per file; `release()` drops a range's pages again so the
+resident set stays near the tensor being converted, not the whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeMoEError
+
+# safetensors dtype -> (numpy dtype of the stored bits, bytes per element). bf16 has no numpy dtype: its bits are
+# read as uint16 and widened by to_float32().
+DTYPES = {
+    "F64": (np.float64, 8),
+    "F32": (np.float32, 4),
+    "F16": (np.float16, 2),
+    "BF16": (np.uint16, 2),
+    "I64": (np.int64, 8),
+    "I32": (np.int32, 4),
+    "I16": (np.int16, 2),
+    "I8": (np.int8, 1),
+    "U8": (np.uint8, 1),
+    "BOOL": (np.bool_, 1),
+}
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one checkpoint tensor's bytes are: file, absolute offset, size; its dtype and shape."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_nbytes(self) -> int:
+        return self.nbytes // self.n_rows if self.n_rows else 0
+
+
+def read_header(path: Path) -> list[TensorRef]:
+    """The tensors of one safetensors file, in the file's name order, validated against the file size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _truncated(path, 8, size)
+            n = int.from_bytes(head, "little")
+            if 8 + n > size:
+                raise _truncated(path, 8 + n, size)
+            raw = f.read(n)
+    except OSError as e:
+        raise EdgeMoEError(f"cannot read {path}: {e.strerror}", "check the file exists and is readable") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeMoEError(f"{path} has a malformed safetensors header ({e})", "download the file again") from e
+    if not isinstance(header, dict):
+        raise EdgeMoEError(f"{path} has a malformed safetensors header", "download the file again")
+    base = 8 + n
+    refs = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise EdgeMoEError(f"{path}: bad header entry for tensor {name}", "download the file again") from e
+        if dtype not in DTYPES:
+            raise EdgeMoEError(f"{path}: tensor {name} has unsupported dtype {dtype}", "convert from a bf16/f16/f32 checkpoint")
+        if end - start != math.prod(shape) * DTYPES[dtype][1] or start < 0:
+            raise EdgeMoEError(f"{path}: tensor {name} has inconsistent offsets", "download the file again")
+        if base + end > size:
+            raise _truncated(path, base + end, size)
+        refs.append(TensorRef(name, path, dtype, shape, base + start, end - start))
+    # the reference converter (and the safetensors library) iterate a file's tensors in name order
+    refs.sort(key=lambda r: r.name)
+    return refs
+
+
+def _truncated(path: Path, need: int, have: int) -> EdgeMoEError:
+    return EdgeMoEError(
+        f"{path} is truncated ({have} bytes, its header needs at least {need})",
+        "download the checkpoint again (e.g. `edgemoe pull`)",
+    )
+
+
+def checkpoint_tensors(src: Path) -> list[TensorRef]:
+    """All tensors of the checkpoint in `src`, single file or sharded, in the reference converter's order."""
+    index = src / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise EdgeMoEError(f"{index} is malformed ({e})", "download the checkpoint's index again") from e
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not (src / shard).is_file():
+                raise EdgeMoEError(
+                    f"shard {src / shard} listed in {index.name} is missing",
+                    "download the missing shard (e.g. `edgemoe pull` again)",
+                )
+        refs = [r for shard in shards for r in read_header(src / shard)]
+        have = {r.name for r in refs}
+        if missing := sorted(set(weight_map) - have):
+            raise EdgeMoEError(
+                f"{index} lists {len(missing)} tensors not found in its shards (first: {missing[0]})",
+                "download the checkpoint again",
+            )
+        return refs
+    single = src / SINGLE_NAME
+    if single.is_file():
+        return read_header(single)
+    raise EdgeMoEError(
+        f"no {SINGLE_NAME} or {INDEX_NAME} in {src}",
+        "point convert at a Hugging Face checkpoint directory (e.g. one made by `edgemoe pull`)",
+    )
+
+
+class TensorReader:
+    """mmap-backed access to checkpoint tensors, a block of rows at a time."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def _map(self, path: Path) -> mmap.mmap:
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[path]
+
+    def rows(self, ref: TensorRef, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of `ref` as a read-only view of the stored bits (uint16 for bf16)."""
+        stop = ref.n_rows if stop is None else stop
+        np_dtype, itemsize = DTYPES[ref.dtype]
+        row_elems = ref.row_nbytes // itemsize
+        arr = np.frombuffer(self._map(ref.file), dtype=np_dtype, count=(stop - start) * row_elems,
+                            offset=ref.offset + start * ref.row_nbytes)
+        return arr.reshape((stop - start, *ref.shape[1:])) if ref.shape else arr.reshape(())
+
+    def release(self, ref: TensorRef) -> None:
+        """Drop `ref`'s pages from this process's resident set (they stay in the page cache)."""
+        mm = self._maps.get(ref.file)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = ref.offset - ref.offset % page
+        end = min(ref.offset + ref.nbytes, len(mm))
+        # read-only file mappings are clean, so DONTNEED only forgets pages; a later read faults them back
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive somewhere; the map goes with it
+                pass
+        self._maps.clear()
+
+
+def to_float32(bits: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values as float32; bf16 is the upper half of a float32, so widening is a 16-bit shift."""
+    if dtype == "BF16":
+        if out is None:
+            out = np.empty(bits.shape, dtype=np.float32)
+        np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+        return out
+    if out is None:
+        return bits.astype(np.float32)
+    out[...] = bits
+    return out
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size
