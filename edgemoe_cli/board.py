@@ -1,0 +1,516 @@
+"""What a board can do: CPU features, core types, SVE width, RAM, disk -> llama.cpp build flags and memory fit.
+
+Pure functions over text (so recorded /proc and /sys snippets test them) plus thin readers of the live machine.
+`edgemoe build` (GGML_CPU_ARM_ARCH) and `edgemoe plan --board` (kv_cache_bytes, RUNTIME_RESERVE_BYTES) reuse them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EdgeMoEError
+from .store import configs_dir, home
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+GIB = 1024**3
+
+# MIDR implementer/part -> (core name, Arm architecture level it implements).
+# Part numbers: Linux arch/arm64/include/asm/cputype.h (ARM_CPU_PART_*) and the cores' TRMs (MIDR_EL1 tables).
+CORES: dict[tuple[int, int], tuple[str, str]] = {
+    (0x41, 0xD03): ("Cortex-A53", "armv8-a"),
+    (0x41, 0xD05): ("Cortex-A55", "armv8.2-a"),
+    (0x41, 0xD07): ("Cortex-A57", "armv8-a"),
+    (0x41, 0xD08): ("Cortex-A72", "armv8-a"),
+    (0x41, 0xD09): ("Cortex-A73", "armv8-a"),
+    (0x41, 0xD0A): ("Cortex-A75", "armv8.2-a"),
+    (0x41, 0xD0B): ("Cortex-A76", "armv8.2-a"),
+    (0x41, 0xD0C): ("Neoverse N1", "armv8.2-a"),
+    (0x41, 0xD0D): ("Cortex-A77", "armv8.2-a"),
+    (0x41, 0xD40): ("Neoverse V1", "armv8.4-a"),
+    (0x41, 0xD41): ("Cortex-A78", "armv8.2-a"),
+    (0x41, 0xD44): ("Cortex-X1", "armv8.2-a"),
+    (0x41, 0xD46): ("Cortex-A510", "armv9-a"),
+    (0x41, 0xD47): ("Cortex-A710", "armv9-a"),
+    (0x41, 0xD48): ("Cortex-X2", "armv9-a"),
+    (0x41, 0xD49): ("Neoverse N2", "armv9-a"),
+    (0x41, 0xD4A): ("Neoverse E1", "armv8.2-a"),
+    (0x41, 0xD4B): ("Cortex-A78C", "armv8.2-a"),
+    (0x41, 0xD4C): ("Cortex-X1C", "armv8.2-a"),
+    (0x41, 0xD4D): ("Cortex-A715", "armv9-a"),
+    (0x41, 0xD4E): ("Cortex-X3", "armv9-a"),
+    (0x41, 0xD4F): ("Neoverse V2", "armv9-a"),
+    (0x41, 0xD80): ("Cortex-A520", "armv9.2-a"),
+    (0x41, 0xD81): ("Cortex-A720", "armv9.2-a"),
+    (0x41, 0xD82): ("Cortex-X4", "armv9.2-a"),
+    (0x41, 0xD84): ("Neoverse V3", "armv9.2-a"),
+    (0x41, 0xD85): ("Cortex-X925", "armv9.2-a"),
+    (0x41, 0xD87): ("Cortex-A725", "armv9.2-a"),
+    (0x41, 0xD89): ("Cortex-A720AE", "armv9.2-a"),
+    (0x41, 0xD8B): ("C1-Pro", "armv9.2-a"),
+    (0x41, 0xD8C): ("C1-Ultra", "armv9.2-a"),
+    (0x41, 0xD8E): ("Neoverse N3", "armv9.2-a"),
+    (0x41, 0xD90): ("C1-Premium", "armv9.2-a"),
+}
+
+# Architecture levels in order; the base of GGML_CPU_ARM_ARCH never goes above what every core implements.
+_LEVELS = ["armv8-a", "armv8.1-a", "armv8.2-a", "armv8.3-a", "armv8.4-a", "armv8.5-a", "armv8.6-a", "armv9-a"]
+
+# The /proc/cpuinfo feature names doctor reports (what ggml's kernels care about).
+ARM_KEY_FEATURES = ("asimd", "asimddp", "asimdhp", "fphp", "i8mm", "bf16", "sve", "sve2", "svei8mm", "svebf16",
+                    "sme", "sme2")
+X86_KEY_FEATURES = ("sse4_2", "f16c", "fma", "avx", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+                    "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile", "amx_int8", "amx_bf16")
+
+
+@dataclass
+class CoreGroup:
+    name: str  # "Cortex-A720", or "part 0x... of implementer 0x..." when not in CORES
+    cpus: list[int]
+    capacity: int | None = None  # /sys/devices/system/cpu/cpuN/cpu_capacity (1024 = the fastest core)
+    kind: str = "uniform"  # big | mid | little | uniform
+
+    @property
+    def count(self) -> int:
+        return len(self.cpus)
+
+
+@dataclass
+class CpuInfo:
+    arch: str  # aarch64 | x86_64 | ...
+    model: str
+    n_cpus: int
+    features: list[str]  # common to every core, sorted
+    cores: list[CoreGroup] = field(default_factory=list)
+    parts: list[tuple[int, int]] = field(default_factory=list)  # (implementer, part) of each distinct core type
+    sve_vector_bits: int | None = None
+
+
+def _blocks(text: str) -> list[dict[str, str]]:
+    blocks, cur = [], {}
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        if not line.strip():
+            if cur:
+                blocks.append(cur)
+                cur = {}
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            cur[key.strip().lower()] = value.strip()
+    if cur:
+        blocks.append(cur)
+    return blocks
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value, 0) if value is not None else None
+    except ValueError:
+        return None
+
+
+def core_name(implementer: int, part: int) -> str:
+    known = CORES.get((implementer, part))
+    return known[0] if known else f"part 0x{part:03x} (implementer 0x{implementer:02x})"
+
+
+def parse_cpuinfo(text: str, capacities: dict[int, int] | None = None, arch: str | None = None) -> CpuInfo:
+    """Parse /proc/cpuinfo (aarch64 or x86). `capacities` maps cpu index -> cpu_capacity where the kernel tells.
+
+    Features are those every core reports: a build must run on the little cores too.
+    """
+    procs = [b for b in _blocks(text) if "processor" in b and _int(b["processor"]) is not None]
+    if not procs:
+        raise EdgeMoEError("no processor entries in /proc/cpuinfo text", "pass the file's full contents")
+    is_arm = any("cpu implementer" in b for b in procs)
+    arch = arch or ("aarch64" if is_arm else "x86_64" if any("flags" in b for b in procs) else platform.machine())
+    key = "features" if is_arm else "flags"
+    sets = [set(b.get(key, "").split()) for b in procs]
+    features = sorted(set.intersection(*sets)) if sets else []
+    capacities = capacities or {}
+
+    groups: dict[tuple, CoreGroup] = {}
+    parts: list[tuple[int, int]] = []
+    for b in procs:
+        cpu = int(b["processor"], 0)
+        if is_arm:
+            imp, part = _int(b.get("cpu implementer")) or 0, _int(b.get("cpu part")) or 0
+            if (imp, part) not in parts:
+                parts.append((imp, part))
+            name = core_name(imp, part)
+        else:
+            name = b.get("model name", "unknown")
+        gkey = (name, capacities.get(cpu))
+        groups.setdefault(gkey, CoreGroup(name=name, cpus=[], capacity=capacities.get(cpu))).cpus.append(cpu)
+    cores = sorted(groups.values(), key=lambda g: (-(g.capacity or 0), g.cpus[0]))
+    _label_kinds(cores)
+
+    if is_arm:
+        names = []
+        for g in cores:
+            if g.name not in names:
+                names.append(g.name)
+        model = " + ".join(f"{sum(c.count for c in cores if c.name == n)}x {n}" for n in names)
+    else:
+        model = procs[0].get("model name", "unknown")
+    return CpuInfo(arch=arch, model=model, n_cpus=len(procs), features=features, cores=cores, parts=parts)
+
+
+def _label_kinds(cores: list[CoreGroup]) -> None:
+    """big/mid/little from cpu_capacity where present, else from distinct core names (order of first appearance
+    is not a speed order, so without capacities mixed cores are only called 'mixed')."""
+    caps = sorted({g.capacity for g in cores if g.capacity is not None}, reverse=True)
+    if len(caps) > 1 and all(g.capacity is not None for g in cores):
+        for g in cores:
+            g.kind = "big" if g.capacity == caps[0] else "little" if g.capacity == caps[-1] else "mid"
+    elif len({g.name for g in cores}) > 1:
+        for g in cores:
+            g.kind = "mixed"
+
+
+def parse_capacities(files: dict[int, str]) -> dict[int, int]:
+    """cpu index -> contents of /sys/devices/system/cpu/cpuN/cpu_capacity."""
+    return {cpu: int(text.strip()) for cpu, text in files.items() if text.strip().isdigit()}
+
+
+def arm_arch_flags(features, parts: list[tuple[int, int]] | None = None) -> str:
+    """The GGML_CPU_ARM_ARCH string (llama.cpp passes it as `-march=<string>`) naming only extensions present.
+
+    Base: armv9-a when SVE2 is present (armv9.2-a with SME, as llama.cpp's own SME variant does); otherwise the
+    lowest architecture level of the known cores (Neoverse V1 -> armv8.4-a), capped so the base never implies an
+    extension the kernel does not report (GCC's armv8.6-a implies i8mm+bf16, armv8.4-a dotprod, armv9-a sve2).
+    Tags: +sve2 is spelled out although armv9-a implies it in GCC and Clang, so the string reads as the list of
+    SIMD extensions ggml will use; +fp16 only without SVE (SVE implies it). Both compilers accept the redundancy.
+    """
+    f = set(features)
+    dot, i8mm, bf16 = "asimddp" in f, "i8mm" in f, "bf16" in f
+    sve, sve2, sme = "sve" in f, "sve2" in f, "sme" in f
+    fp16 = "fphp" in f and "asimdhp" in f
+    if sve2:
+        base = "armv9.2-a" if sme else "armv9-a"
+    else:
+        levels = [CORES[p][1] for p in (parts or []) if p in CORES]
+        if levels and len(levels) == len(parts or []):
+            base = min(levels, key=lambda lv: _LEVELS.index(lv) if lv in _LEVELS else len(_LEVELS))
+        else:
+            base = "armv8.2-a" if (dot or fp16 or sve or i8mm or bf16) else "armv8-a"
+        if base not in _LEVELS or base.startswith("armv9"):
+            base = "armv8.5-a"  # an Armv9 core whose kernel hides SVE2: stay below armv9-a's implied sve2
+        idx = _LEVELS.index(base)
+        if idx >= _LEVELS.index("armv8.6-a") and not (i8mm and bf16):
+            idx = _LEVELS.index("armv8.5-a")
+        if idx >= _LEVELS.index("armv8.4-a") and not dot:
+            idx = _LEVELS.index("armv8.3-a")
+        if (dot or fp16 or sve or i8mm or bf16) and idx < _LEVELS.index("armv8.2-a"):
+            idx = _LEVELS.index("armv8.2-a")
+        base = _LEVELS[idx]
+    tags = []
+    if sve2:
+        tags.append("sve2")
+    elif sve:
+        tags.append("sve")
+    tags += [t for t, ok in (("i8mm", i8mm), ("bf16", bf16), ("dotprod", dot)) if ok]
+    if fp16 and not sve:
+        tags.append("fp16")
+    if sme:
+        tags.append("sme")
+    return base + "".join("+" + t for t in tags)
+
+
+# ---- memory fit for ERNIE-4.5-21B-A3B ----
+
+@dataclass(frozen=True)
+class ErnieShape:
+    """ERNIE-4.5-21B-A3B's architecture numbers (DESIGN.md; the HF config.json)."""
+
+    vocab: int = 103424
+    hidden: int = 2560
+    n_layers: int = 28
+    dense_ffn: int = 12288  # layer 0
+    n_experts: int = 64
+    expert_ffn: int = 1536
+    shared_ffn: int = 3072  # 2 shared experts x 1536
+    n_head: int = 20
+    n_kv_heads: int = 4
+    head_dim: int = 128
+
+
+ERNIE_21B = ErnieShape()
+
+
+def ernie_tensors(s: ErnieShape = ERNIE_21B) -> list[tuple[str, int, int]]:
+    """(GGUF tensor name, elements, row length) of every tensor, embeddings tied (no output.weight)."""
+    h = s.hidden
+    out = [("token_embd.weight", s.vocab * h, h), ("output_norm.weight", h, h)]
+    for i in range(s.n_layers):
+        p = f"blk.{i}."
+        out += [(p + "attn_norm.weight", h, h), (p + "ffn_norm.weight", h, h),
+                (p + "attn_q.weight", h * s.n_head * s.head_dim, h),
+                (p + "attn_k.weight", h * s.n_kv_heads * s.head_dim, h),
+                (p + "attn_v.weight", h * s.n_kv_heads * s.head_dim, h),
+                (p + "attn_output.weight", s.n_head * s.head_dim * h, s.n_head * s.head_dim)]
+        if i == 0:
+            out += [(p + f"ffn_{n}.weight", h * s.dense_ffn, h) for n in ("gate", "up")]
+            out += [(p + "ffn_down.weight", s.dense_ffn * h, s.dense_ffn)]
+        else:
+            e = s.n_experts
+            out += [(p + "ffn_gate_inp.weight", e * h, h), (p + "exp_probs_b.bias", e, e)]
+            out += [(p + f"ffn_{n}_exps.weight", e * h * s.expert_ffn, h) for n in ("gate", "up")]
+            out += [(p + "ffn_down_exps.weight", e * s.expert_ffn * h, s.expert_ffn)]
+            out += [(p + f"ffn_{n}_shexp.weight", h * s.shared_ffn, h) for n in ("gate", "up")]
+            out += [(p + "ffn_down_shexp.weight", s.shared_ffn * h, s.shared_ffn)]
+    return out
+
+
+def _use_more_bits(i_layer: int, n_layers: int) -> bool:
+    # llama.cpp src/llama-quant.cpp: the first and last eighth of layers, and every third in between
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def stock_tensor_type(name: str, ftype: str, n_layers: int) -> str:
+    """The type llama-quantize gives `name` for a stock ftype (Q4_0, Q4_K_M, Q8_0) on ERNIE-4.5 (64 experts,
+    tied embeddings), following src/llama-quant.cpp without an imatrix:
+    - 1-D tensors, norms and the router (ffn_gate_inp) are not quantized (F32);
+    - the tied token embedding takes the output tensor's rule: Q6_K unless the ftype's type is Q8_0;
+    - Q4_K_M: attn_v and every ffn_down* (dense, experts, shared) get Q6_K in the layers _use_more_bits picks
+      (for 28 layers: 0-2, 5, 8, 11, 14, 17, 20, 23-27), everything else Q4_K.
+    """
+    if name.endswith(("_norm.weight", ".bias")) or "ffn_gate_inp" in name:
+        return "F32"
+    base = {"Q4_0": "Q4_0", "Q8_0": "Q8_0", "Q4_K_M": "Q4_K"}[ftype]
+    if name == "token_embd.weight":
+        return base if base == "Q8_0" else "Q6_K"
+    if ftype == "Q4_K_M" and ("attn_v" in name or "ffn_down" in name):
+        layer = int(name.split(".")[1])
+        return "Q6_K" if _use_more_bits(layer, n_layers) else "Q4_K"
+    return base
+
+
+def tensor_bytes(n_elements: int, qtype: str) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    return n_elements // block * size
+
+
+def model_bytes(ftype: str, shape: ErnieShape = ERNIE_21B) -> int:
+    """Bytes of ERNIE-4.5-21B-A3B's tensors quantized to a stock ftype (what llama.cpp loads; GGUF header and
+    vocabulary add a few MiB on disk)."""
+    return sum(tensor_bytes(n, stock_tensor_type(name, ftype, shape.n_layers)) for name, n, _ in ernie_tensors(shape))
+
+
+def n_params(shape: ErnieShape = ERNIE_21B) -> int:
+    return sum(n for _, n, _ in ernie_tensors(shape))
+
+
+def kv_cache_bytes(ctx: int, n_layers: int = 28, n_kv_heads: int = 4, head_dim: int = 128,
+                   bytes_per_elem: float = 2) -> int:
+    """KV cache of llama.cpp for `ctx` tokens: K and V per layer, each n_kv_heads x head_dim per token.
+
+    bytes = 2 * n_layers * n_kv_heads * head_dim * bytes_per_elem * ctx
+    (ERNIE-4.5-21B-A3B, f16 cache: 57,344 bytes a token; 4096 tokens = 224 MiB; 131072 = 7 GiB).
+    """
+    return int(2 * n_layers * n_kv_heads * head_dim * bytes_per_elem * ctx)
+
+
+# llama.cpp's CPU compute buffers (a few hundred MiB at the default ubatch 512), the process itself and the OS'
+# minimum working set. A budget, not a measurement: plan uses the same number so doctor and plan agree.
+RUNTIME_RESERVE_BYTES = 1 * GIB
+
+STOCK_FTYPES = ("Q4_0", "Q4_K_M", "Q8_0")
+
+
+@dataclass
+class ModelFit:
+    ftype: str
+    weights_bytes: int
+    kv_bytes: int
+    reserve_bytes: int
+    need_bytes: int  # weights + kv + reserve
+    ram_bytes: int
+    fits: bool
+    headroom_bytes: int  # ram - need (negative: short by that much)
+
+
+def fit(ftype: str, ctx: int, ram_bytes: int, shape: ErnieShape = ERNIE_21B,
+        reserve_bytes: int = RUNTIME_RESERVE_BYTES) -> ModelFit:
+    """Whether ERNIE-4.5-21B-A3B at `ftype` with a `ctx`-token f16 KV cache fits in `ram_bytes`:
+    need = model_bytes(ftype) + kv_cache_bytes(ctx) + reserve_bytes <= ram_bytes."""
+    w = model_bytes(ftype, shape)
+    kv = kv_cache_bytes(ctx, shape.n_layers, shape.n_kv_heads, shape.head_dim)
+    need = w + kv + reserve_bytes
+    return ModelFit(ftype, w, kv, reserve_bytes, need, ram_bytes, need <= ram_bytes, ram_bytes - need)
+
+
+# ---- boards we know (configs/boards/*.toml) ----
+
+@dataclass
+class Board:
+    name: str
+    description: str
+    arch: str
+    ram_bytes: int
+    n_cpus: int
+    cores: list[dict]
+    features: list[str]
+    sve_vector_bits: int | None
+    ggml_cpu_arm_arch: str | None
+    source: str = ""
+
+
+def boards_dir() -> Path:
+    return configs_dir() / "boards"
+
+
+def list_boards() -> list[str]:
+    return sorted(p.stem for p in boards_dir().glob("*.toml"))
+
+
+def load_board(name: str) -> Board:
+    """A known board's profile by name (configs/boards/NAME.toml) or a path to such a TOML file."""
+    path = Path(name) if name.endswith(".toml") else boards_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise EdgeMoEError(f"unknown board {name!r}", f"choose one of: {', '.join(list_boards())} (or a .toml path)")
+    try:
+        d = tomllib.loads(path.read_text())
+        return Board(name=d.get("name", path.stem), description=d.get("description", ""), arch=d["arch"],
+                     ram_bytes=int(float(d["ram_gib"]) * GIB), n_cpus=int(d["cpus"]), cores=list(d.get("cores", [])),
+                     features=list(d.get("features", [])), sve_vector_bits=d.get("sve_vector_bits"),
+                     ggml_cpu_arm_arch=d.get("ggml_cpu_arm_arch"), source=d.get("source", ""))
+    except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as e:
+        raise EdgeMoEError(f"malformed board file {path}: {e}", "fix it after configs/boards/*.toml's example") from e
+
+
+# ---- the live machine ----
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def sve_vector_bits() -> int | None:
+    """The kernel's default SVE vector length for new processes, in bits (None without SVE or on other arches).
+
+    512-bit SVE (A64FX class) matters: llama.cpp's q4_K/q6_K SVE+i8mm dot products are under suspicion there.
+    """
+    text = _read("/proc/sys/abi/sve_default_vector_length")
+    return int(text.strip()) * 8 if text and text.strip().isdigit() else None
+
+
+def read_cpu() -> CpuInfo:
+    text = _read("/proc/cpuinfo") or ""
+    caps = parse_capacities({int(p.parent.name[3:]): p.read_text()
+                             for p in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpu_capacity")})
+    if not text.strip():
+        n = os.cpu_count() or 1
+        return CpuInfo(arch=platform.machine(), model=platform.processor() or "unknown", n_cpus=n, features=[],
+                       cores=[CoreGroup("unknown", list(range(n)))])
+    info = parse_cpuinfo(text, caps, arch=platform.machine())
+    info.sve_vector_bits = sve_vector_bits()
+    return info
+
+
+def memory() -> tuple[int, int]:
+    """(total, available) RAM in bytes."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return vm.total, vm.available
+
+
+def free_disk(path: Path) -> tuple[str, int]:
+    """Free bytes on the filesystem that holds `path` (its nearest existing parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return str(p), shutil.disk_usage(p).free
+
+
+def llama_system_info() -> tuple[str | None, str | None, str | None]:
+    """(system_info line, library path, error) of the llama.cpp library the Python binding loads.
+
+    The one place doctor asks the binding; never raises (a missing binding is reported, not a crash).
+    """
+    from . import llamacpp
+
+    try:
+        llama_cpp = llamacpp.import_binding()
+        info = llama_cpp.llama_print_system_info()
+        info = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+        lib = getattr(getattr(llama_cpp, "llama_cpp", None), "_lib", None)
+        return info.strip(), getattr(lib, "_name", None), None
+    except EdgeMoEError as e:
+        return None, None, e.message
+    except Exception as e:  # a broken binding must not stop doctor from reporting everything else
+        return None, None, f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class DoctorReport:
+    os: str
+    arch: str
+    cpu_model: str
+    n_cpus: int
+    cores: list[CoreGroup]
+    features: list[str]  # the ones ggml cares about, present on this CPU
+    all_features: list[str]
+    sve_vector_bits: int | None
+    ram_total_bytes: int
+    ram_available_bytes: int
+    store: str
+    disk_free_bytes: int
+    llama_system_info: str | None
+    llama_library: str | None
+    llama_error: str | None
+    native_build: str | None
+    ggml_cpu_arm_arch: str | None
+    recommendations: list[str]
+    ctx: int
+    fits: list[ModelFit]
+
+
+def doctor(ctx: int = 4096) -> DoctorReport:
+    """Everything `edgemoe doctor` reports about this machine."""
+    from . import llamacpp
+
+    cpu = read_cpu()
+    total, avail = memory()
+    store_path, free = free_disk(home())
+    info, lib, err = llama_system_info()
+    build = llamacpp.native_build_dir()
+    is_arm = cpu.arch in ("aarch64", "arm64")
+    key = ARM_KEY_FEATURES if is_arm else X86_KEY_FEATURES
+    arch_flags = arm_arch_flags(cpu.features, cpu.parts) if is_arm else None
+    fits = [fit(ft, ctx, total) for ft in STOCK_FTYPES]
+    rec = []
+    if is_arm:
+        rec.append(f"build llama.cpp with -DGGML_CPU_ARM_ARCH={arch_flags} (`edgemoe build` does)")
+        if cpu.sve_vector_bits == 512:
+            rec.append("512-bit SVE: llama.cpp's q4_K/q6_K SVE dot products are suspect at this width; "
+                       "prefer Q4_0/Q8_0 recipes until `edgemoe build` clears it")
+    else:
+        rec.append(f"{cpu.arch} is a development host: build and tests run here, speed numbers belong to the board")
+    if build is None:
+        rec.append("no native llama.cpp build yet: run `edgemoe build`")
+    best = [f.ftype for f in fits if f.fits]
+    rec.append(f"ERNIE-4.5-21B-A3B at ctx {ctx}: " + (f"fits at {', '.join(best)}" if best else
+               f"does not fit in {total / GIB:.1f} GiB even at Q4_0; use `edgemoe plan` for a smaller mix"))
+    return DoctorReport(
+        os=f"{platform.system()} {platform.release()}", arch=cpu.arch, cpu_model=cpu.model, n_cpus=cpu.n_cpus,
+        cores=cpu.cores, features=[f for f in key if f in cpu.features], all_features=cpu.features,
+        sve_vector_bits=cpu.sve_vector_bits, ram_total_bytes=total, ram_available_bytes=avail, store=store_path,
+        disk_free_bytes=free, llama_system_info=info, llama_library=lib, llama_error=err,
+        native_build=str(build) if build else None, ggml_cpu_arm_arch=arch_flags, recommendations=rec, ctx=ctx,
+        fits=fits)
