@@ -132,10 +132,12 @@ def main() -> None:
     except Exception as e:  # click usage errors come here in non-standalone mode
         import click
 
-        if isinstance(e, click.exceptions.UsageError):
+        # typer >= 0.2x raises its own vendored copy of click's exceptions (typer._click), not click's
+        typer_click = getattr(getattr(typer, "_click", None), "exceptions", click.exceptions)
+        if isinstance(e, (click.exceptions.UsageError, typer_click.UsageError)):
             e.show()
             sys.exit(2)
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, (click.exceptions.ClickException, typer_click.ClickException)):
             e.show()
             sys.exit(e.exit_code)
         raise
