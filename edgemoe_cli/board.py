@@ -205,7 +205,7 @@ def arm_arch_flags(features, parts: list[tuple[int, int]] | None = None) -> str:
         else:
             base = "armv8.2-a" if (dot or fp16 or sve or i8mm or bf16) else "armv8-a"
         if base not in _LEVELS or base.startswith("armv9"):
-            base = "armv8.5-a"  # an Armv9 core whose kernel hides SVE2: stay below armv9-a's implied sve2
+            base = "armv8.6-a"  # an Armv9 core whose kernel hides SVE2: stay below armv9-a's implied sve2
         idx = _LEVELS.index(base)
         if idx >= _LEVELS.index("armv8.6-a") and not (i8mm and bf16):
             idx = _LEVELS.index("armv8.5-a")
@@ -366,6 +366,11 @@ class Board:
     sve_vector_bits: int | None
     ggml_cpu_arm_arch: str | None
     source: str = ""
+
+    @property
+    def parts(self) -> list[tuple[int, int]]:
+        """(implementer, part) of each core type, for arm_arch_flags' base level (Arm Ltd cores: 0x41)."""
+        return [(0x41, int(str(c["part"]), 0)) for c in self.cores if "part" in c]
 
 
 def boards_dir() -> Path:
