@@ -1,0 +1,151 @@
+"""Reports people can look at: Markdown tables, JSON documents and PNG plots, shared by compare, bench, profile and plan.
+
+Plots use matplotlib with the Agg backend (no display needed on a board or in CI). Every file is written through
+store.atomic_output, so a failed plot leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import EdgeMoEError
+from .store import atomic_output
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise EdgeMoEError("matplotlib is not installed, so no PNG plots can be drawn",
+                           "pip install 'edgemoe[plot]' (make setup installs it)") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    plt = _pyplot()
+    path = Path(path)
+    try:
+        with atomic_output(path) as part:
+            fig.savefig(part, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    data = asdict(data) if is_dataclass(data) else data
+    with atomic_output(path) as part:
+        part.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    with atomic_output(path) as part:
+        part.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-3 and value else f"{value:,.2f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub Markdown table; `align` is one letter a column (l/r), default: numbers right, text left."""
+    if align is None:
+        first = rows[0] if rows else [""] * len(headers)
+        align = "".join("r" if isinstance(v, (int, float)) and not isinstance(v, bool) else "l" for v in first)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def fenced(text: str) -> str:
+    """Text inside a Markdown code fence long enough never to be closed by the text itself."""
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}text\n{text.rstrip()}\n{fence}\n"
+
+
+# ---- plots ----
+
+
+def usage_heatmap(counts: np.ndarray, layers: Sequence[int], path: str | Path, title: str) -> Path:
+    """Layers x experts heatmap of the share of each layer's routed tokens that went to each expert."""
+    plt = _pyplot()
+    counts = np.asarray(counts, dtype=np.float64)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, counts.shape[1] * 0.22 + 2), max(2.5, len(layers) * 0.3 + 1.5)))
+    im = ax.imshow(share * 100, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer (block)")
+    ax.set_yticks(range(len(layers)), [str(il) for il in layers])
+    step = max(1, counts.shape[1] // 16)
+    ax.set_xticks(range(0, counts.shape[1], step))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="% of the layer's routed tokens")
+    return _save(fig, path)
+
+
+def line_plot(
+    series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]],
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    xlog: bool = False,
+    hlines: dict[str, float] | None = None,
+) -> Path:
+    """One line per series: name -> (x, y, yerr or None); `hlines` draws labelled horizontal references."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (x, y, err) in series.items():
+        ax.errorbar(list(x), list(y), yerr=None if err is None else list(err), marker="o", capsize=3, label=name)
+    for name, y in (hlines or {}).items():
+        ax.axhline(y, linestyle="--", linewidth=1, color="grey")
+        ax.annotate(name, xy=(0.01, y), xycoords=("axes fraction", "data"), fontsize=8, va="bottom", color="dimgrey")
+    if xlog:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def bar_plot(labels: Sequence[str], groups: dict[str, Sequence[float]], path: str | Path, title: str, ylabel: str) -> Path:
+    """Grouped bars: one group per label, one bar per `groups` entry."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, len(labels) * 1.4), 4.5))
+    width = 0.8 / max(len(groups), 1)
+    x = np.arange(len(labels))
+    for i, (name, values) in enumerate(groups.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, list(values), width, label=name)
+    ax.set_xticks(x, list(labels), rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
