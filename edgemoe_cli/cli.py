@@ -114,6 +114,98 @@ def doctor(
         console.print(f"• {r}", highlight=False)
 
 
+# ---- run ----
+
+
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise EdgeMoEError("give the prompt once: -p TEXT or -f FILE, not both", "drop one of -p / -f")
+    if prompt_file is not None:
+        try:
+            text = sys.stdin.read() if str(prompt_file) == "-" else prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgeMoEError(f"cannot read prompt file {prompt_file}: {e}", "give a readable UTF-8 text file") from e
+        if not text.strip():
+            raise EdgeMoEError(f"prompt file {prompt_file} is empty", "write the question into it, or use -p TEXT")
+        return text.strip("\n")
+    if prompt is None or not prompt.strip():
+        raise EdgeMoEError("no prompt given", "ask with -p 'What is 51 - 29?' or -f question.txt")
+    return prompt
+
+
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help="The GGUF model file (from `edgemoe convert` or `edgemoe quantize`)."),
+    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="The user message."),
+    prompt_file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the user message from FILE (- = stdin)."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message, placed as the chat template says."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop after this many generated tokens."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: the physical cores this process may use)."),
+    ctx: int = typer.Option(4096, "--ctx", "-c", min=0, help="Context length in tokens (0 = the model's own)."),
+    temp: float = typer.Option(0.8, "--temp", min=0.0, help="Sampling temperature; 0 = greedy and deterministic."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed, for repeatable runs at --temp > 0."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the library loaded and its system_info."),
+    as_json: bool = typer.Option(False, "--json", help="No streaming; one JSON document with the reply and timings."),
+) -> None:
+    """Ask a GGUF model one question, with its own chat template, and stream the reply.
+
+    The prompt is rendered with the chat template stored in the GGUF (tokenizer.chat_template): PT models get
+    `User: ...\\nAssistant: `, Thinking models `<|im_start|>user ... <|im_start|>assistant\\n<think>\\n`.
+    A Thinking reply is split into its reasoning (shown dimmed) and its answer (shown plain); the `</think>` and
+    `<response>` tags are not shown. Generation stops at end-of-sequence (`</s>`, `<|end_of_sentence|>`,
+    `<|im_end|>`) or after --max-tokens.
+
+    The reply goes to stdout; a line of timings goes to stderr: prompt tokens and prompt tokens/s, generated
+    tokens and generation tokens/s (decode steps after the first token, as llama-bench counts them), time to first
+    token, and peak resident memory.
+
+    --json prints {reasoning, answer, raw, prompt_tokens, completion_tokens, ttft_s, prompt_tps, gen_tps,
+    peak_rss_bytes, tool_call, finish_reason, library} instead.
+
+    Examples:
+
+        edgemoe run model.gguf -p "What is 51 - 29?" --temp 0
+
+        edgemoe run model.gguf -f question.txt --system "Answer briefly." --json
+    """
+    from . import generate
+
+    text = _read_prompt(prompt, prompt_file)
+    on_text = None
+    if not as_json:
+        out = sys.stdout
+        styled = console.is_terminal and not console.no_color
+        last_kind = [None]
+
+        # plain writes, not rich: a console.print per token would cost a visible share of tokens/s
+        def on_text(kind: str, piece: str) -> None:
+            if last_kind[0] == "reasoning" and kind == "answer":
+                out.write("\n\n")
+            last_kind[0] = kind
+            out.write(f"\x1b[2m{piece}\x1b[0m" if styled and kind == "reasoning" else piece)
+            out.flush()
+
+    if verbose and not as_json:
+        info = generate.binding_info()
+        err_console.print(f"[dim]libllama: {info.library} ({info.source})\n{info.system_info}[/]", highlight=False)
+    result = generate.run(
+        model, text, system=system, max_tokens=max_tokens, threads=threads, ctx=ctx, temp=temp, seed=seed,
+        on_text=on_text,
+    )
+    if as_json:
+        emit_json(result)
+        return
+    sys.stdout.write("\n")
+    gen = f"{result.gen_tps:.1f} tok/s" if result.gen_tps is not None else "-"
+    cut = " [yellow](stopped at --max-tokens)[/]" if result.finish_reason == "length" else ""
+    err_console.print(
+        f"[dim]prompt {result.prompt_tokens} tok @ {result.prompt_tps:.1f} tok/s · "
+        f"generated {result.completion_tokens} tok @ {gen} · TTFT {result.ttft_s:.3f} s · "
+        f"peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB[/]{cut}",
+        highlight=False,
+    )
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

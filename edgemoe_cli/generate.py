@@ -1,0 +1,311 @@
+"""Load a GGUF with llama-cpp-python and generate a chat reply: streamed text pieces, then a RunResult with the
+reply split into reasoning and answer, and the timings (TTFT, prompt and generation tokens/s, peak RSS).
+
+The token loop drives libllama directly (decode one token, sample, detokenize) rather than through
+`Llama.create_completion`, so the Python overhead per token stays far below one decode: tokens/s should match
+llama-bench's text-generation number on the same GGUF, build and threads.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import chat
+from .errors import EdgeMoEError
+from .llamacpp import import_binding, native_build_dir
+
+GGUF_MAGIC = b"GGUF"
+# ERNIE ends a PT turn with <|end_of_sentence|>; llama.cpp's end-of-generation set covers </s> and <|im_end|>
+EXTRA_STOP_TEXTS = ("<|end_of_sentence|>",)
+
+OnText = Callable[[str, str], None]  # (kind: "reasoning" | "answer", text)
+
+
+@dataclass
+class BindingInfo:
+    library: str  # the libllama file the binding loaded
+    source: str  # "LLAMA_CPP_LIB_PATH", "edgemoe build" or "llama-cpp-python wheel"
+    llama_cpp_python: str
+    system_info: str  # llama.cpp's own llama_print_system_info() line
+
+
+def binding_info() -> BindingInfo:
+    """Which libllama the Python binding loaded, and what llama.cpp says it was built with."""
+    llama_cpp = import_binding()
+    library = str(getattr(llama_cpp.llama_cpp._lib, "_name", "") or "")
+    build = native_build_dir()
+    if build is not None and Path(library).resolve().is_relative_to(build):
+        source = "edgemoe build"
+    elif os.environ.get("LLAMA_CPP_LIB_PATH"):
+        source = "LLAMA_CPP_LIB_PATH"
+    else:
+        source = "llama-cpp-python wheel"
+    return BindingInfo(
+        library=library,
+        source=source,
+        llama_cpp_python=llama_cpp.__version__,
+        system_info=llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+    )
+
+
+@dataclass
+class RunResult:
+    reasoning: str
+    answer: str
+    raw: str  # the model's text exactly as generated (tags included, stop token excluded)
+    prompt_tokens: int
+    completion_tokens: int  # generated tokens in `raw` (the stop token is not counted)
+    ttft_s: float  # request to first generated token: tokenizing + prompt processing + first sample
+    prompt_tps: float  # prompt tokens / prompt processing time
+    gen_tps: float | None  # decode steps / their time, first token excluded (as llama-bench's tg); None if < 2
+    peak_rss_bytes: int  # the process's peak resident memory so far (model pages touched included)
+    tool_call: str | None  # JSON text of a <tool_call>, when the Thinking model made one
+    finish_reason: str  # "stop" (end-of-sequence) or "length" (max_tokens or context full)
+    library: str  # the libllama that ran it
+
+
+def default_threads() -> int:
+    """Physical cores this process may use: llama.cpp's own default; SMT siblings only slow decoding down."""
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    physical = psutil.cpu_count(logical=False) or usable
+    return max(1, min(usable, physical))
+
+
+def check_gguf(path: str | Path) -> Path:
+    """A readable GGUF file, or an EdgeMoEError naming what is wrong with `path`."""
+    path = Path(path)
+    if not path.exists():
+        raise EdgeMoEError(f"{path}: no such file", "give the path of a .gguf model (`edgemoe convert` makes one)")
+    if not path.is_file():
+        raise EdgeMoEError(f"{path} is not a file", "give the path of a .gguf model file, not a directory")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise EdgeMoEError(f"cannot read {path}: {e.strerror}", "check the file's permissions") from e
+    if magic != GGUF_MAGIC:
+        raise EdgeMoEError(
+            f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
+            "convert the Hugging Face checkpoint first: `edgemoe convert SRC_DIR --out model.gguf`",
+        )
+    return path
+
+
+def _architecture(path: Path) -> str | None:
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(path).get_field("general.architecture")
+        return field.contents() if field is not None else None
+    except Exception:  # a GGUF too broken for the reader: the caller's message already says it cannot load
+        return None
+
+
+def load_model(path: str | Path, ctx: int = 4096, threads: int | None = None):
+    """Load a GGUF language model for chat; returns a llama_cpp.Llama (n_ctx=0 takes the model's trained length)."""
+    path = check_gguf(path)
+    llama_cpp = import_binding()
+    threads = threads or default_threads()
+    try:
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError, OSError) as e:
+        arch = _architecture(path)
+        what = f"architecture {arch!r}" if arch else "no general.architecture key"
+        raise EdgeMoEError(
+            f"{path}: llama.cpp cannot load this GGUF as a language model ({what})",
+            "give a model GGUF made by `edgemoe convert` or `edgemoe quantize`",
+        ) from e
+
+
+def _token_text(llama_cpp, vocab, token: int) -> str:
+    return llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace")
+
+
+def chat_prompt(llm, prompt: str, system: str | None = None) -> tuple[str, bool]:
+    """The prompt text rendered with the GGUF's chat template, and whether it is a Thinking prompt.
+
+    A GGUF without `tokenizer.chat_template` gets the text as is (plain continuation).
+    """
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return (f"{system}\n{prompt}" if system else prompt), False
+    llama_cpp = import_binding()
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    special = {
+        "bos_token": _token_text(llama_cpp, vocab, llama_cpp.llama_vocab_bos(vocab)),
+        "eos_token": _token_text(llama_cpp, vocab, llama_cpp.llama_vocab_eos(vocab)),
+    }
+    return chat.render_prompt(template, chat.build_messages(prompt, system), special), chat.is_thinking_template(template)
+
+
+def tokenize_prompt(llm, text: str) -> list[int]:
+    """Tokens of a rendered prompt: special tokens parsed, BOS added only if the GGUF asks and never twice."""
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+    bos = llm.token_bos()
+    if len(tokens) >= 2 and tokens[0] == tokens[1] == bos:  # template wrote BOS and the vocab added one too
+        tokens = tokens[1:]
+    return tokens
+
+
+def _stop_tokens(llm) -> set[int]:
+    stops = {llm.token_eos()}
+    for text in EXTRA_STOP_TEXTS:
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        if len(ids) == 1:
+            stops.add(ids[0])
+    return stops
+
+
+def _sampler(llama_cpp, temp: float, seed: int | None):
+    """Greedy at temp 0 (deterministic); else llama.cpp's default chain: top-k 40, top-p 0.95, min-p 0.05."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if temp <= 0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        return chain
+    for stage in (
+        llama_cpp.llama_sampler_init_top_k(40),
+        llama_cpp.llama_sampler_init_top_p(0.95, 1),
+        llama_cpp.llama_sampler_init_min_p(0.05, 1),
+        llama_cpp.llama_sampler_init_temp(temp),
+        llama_cpp.llama_sampler_init_dist(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF),
+    ):
+        llama_cpp.llama_sampler_chain_add(chain, stage)
+    return chain
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def _decode(llama_cpp, llm, tokens: list[int]) -> None:
+    for start in range(0, len(tokens), llm.n_batch):
+        chunk = tokens[start : start + llm.n_batch]
+        batch = (llama_cpp.llama_token * len(chunk))(*chunk)
+        if llama_cpp.llama_decode(llm.ctx, llama_cpp.llama_batch_get_one(batch, len(chunk))) != 0:
+            raise EdgeMoEError("llama.cpp failed to process the prompt", "try a smaller --ctx or a shorter prompt")
+
+
+def chat_reply(
+    llm,
+    prompt: str,
+    system: str | None = None,
+    max_tokens: int = 512,
+    temp: float = 0.0,
+    seed: int | None = None,
+    on_text: OnText | None = None,
+) -> RunResult:
+    """Generate one reply to `prompt` with a loaded model; `on_text` receives the reply as it streams."""
+    llama_cpp = import_binding()
+    t_request = time.perf_counter()
+    text, thinking = chat_prompt(llm, prompt, system)
+    tokens = tokenize_prompt(llm, text)
+    n_ctx = llm.n_ctx()
+    if len(tokens) >= n_ctx:
+        raise EdgeMoEError(
+            f"the prompt is {len(tokens)} tokens, the context only {n_ctx}", "raise --ctx or shorten the prompt"
+        )
+    budget = min(max_tokens, n_ctx - len(tokens))
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    stops = _stop_tokens(llm)
+    splitter = chat.ReplySplitter(thinking)
+    utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+    pieces: dict[int, bytes] = {}
+    buf = (ctypes.c_char * 256)()
+    raw: list[str] = []
+    sampler = _sampler(llama_cpp, temp, seed)
+    one = (llama_cpp.llama_token * 1)()
+    try:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+        llm.n_tokens = 0  # keep Llama's own bookkeeping honest: its cache no longer holds anything
+        t_prompt = time.perf_counter()
+        _decode(llama_cpp, llm, tokens)
+        token = llama_cpp.llama_sampler_sample(sampler, llm.ctx, -1)
+        t_first = t_last = time.perf_counter()
+        sampled, finish = 1, "length"
+        while True:
+            if token in stops or llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            piece = pieces.get(token)
+            if piece is None:
+                n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+                piece = pieces[token] = bytes(buf[: max(n, 0)])
+            if s := utf8.decode(piece):
+                raw.append(s)
+                if on_text is not None:
+                    for kind, part in splitter.feed(s):
+                        on_text(kind, part)
+            if sampled >= budget:
+                break
+            one[0] = token
+            if llama_cpp.llama_decode(llm.ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
+                break  # context full: what we have is the reply
+            token = llama_cpp.llama_sampler_sample(sampler, llm.ctx, -1)
+            t_last = time.perf_counter()
+            sampled += 1
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+    if tail := utf8.decode(b"", final=True):
+        raw.append(tail)
+        if on_text is not None:
+            for kind, part in splitter.feed(tail):
+                on_text(kind, part)
+    if on_text is not None:
+        for kind, part in splitter.flush():
+            on_text(kind, part)
+    raw_text = "".join(raw)
+    completion_tokens = sampled - (finish == "stop")
+    reply = chat.parse_reply(raw_text, thinking, truncated=finish == "length")
+    prompt_s = t_first - t_prompt
+    return RunResult(
+        reasoning=reply.reasoning,
+        answer=reply.answer,
+        raw=raw_text,
+        prompt_tokens=len(tokens),
+        completion_tokens=completion_tokens,
+        ttft_s=round(t_first - t_request, 6),
+        prompt_tps=round(len(tokens) / prompt_s, 3) if prompt_s > 0 else 0.0,
+        gen_tps=round((sampled - 1) / (t_last - t_first), 3) if sampled > 1 and t_last > t_first else None,
+        peak_rss_bytes=peak_rss_bytes(),
+        tool_call=reply.tool_call,
+        finish_reason=finish,
+        library=binding_info().library,
+    )
+
+
+def run(
+    model: str | Path,
+    prompt: str,
+    system: str | None = None,
+    max_tokens: int = 512,
+    threads: int | None = None,
+    ctx: int = 4096,
+    temp: float = 0.0,
+    seed: int | None = None,
+    on_text: OnText | None = None,
+) -> RunResult:
+    """`edgemoe run`: load `model`, answer `prompt` once, free the model."""
+    if not prompt.strip():
+        raise EdgeMoEError("the prompt is empty", "give a question with -p TEXT or -f FILE")
+    llm = load_model(model, ctx=ctx, threads=threads)
+    try:
+        return chat_reply(llm, prompt, system, max_tokens=max_tokens, temp=temp, seed=seed, on_text=on_text)
+    finally:
+        llm.close()
