@@ -222,3 +222,28 @@ def test_doctor_rejects_bad_ctx():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
+
+
+# ---- the stock-type rules against llama.cpp's own quantizer, on the tiny trained fixture ----
+
+TINY = board.ErnieShape(vocab=8192, hidden=256, n_layers=4, dense_ffn=1024, n_experts=16, expert_ffn=256,
+                        shared_ffn=512, n_head=4, n_kv_heads=2, head_dim=64)  # tests/../shared/fixtures config.json
+
+
+@pytest.mark.parametrize("ftype, code", [("Q4_0", 2), ("Q8_0", 7), ("Q4_K_M", 15)])
+def test_stock_types_match_llama_quantize(tiny_gguf, tmp_path, ftype, code):
+    import ctypes
+
+    from gguf import GGUFReader
+
+    from edgemoe_cli.llamacpp import import_binding
+
+    llama_cpp = import_binding()
+    src, out = tiny_gguf("pt", "f32"), tmp_path / f"tiny-{ftype}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = code, 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    tensors = {t.name: t for t in GGUFReader(out).tensors}
+    expected = {name: board.stock_tensor_type(name, ftype, TINY.n_layers) for name, _, _ in board.ernie_tensors(TINY)}
+    assert {n: tensors[n].tensor_type.name for n in tensors} == expected
+    assert board.model_bytes(ftype, TINY) == sum(int(t.n_bytes) for t in tensors.values())
