@@ -84,7 +84,7 @@ def doctor(
 
     t = Table(title="edgemoe doctor", show_header=False, title_justify="left")
     t.add_column(style="bold")
-    t.add_column()
+    t.add_column(overflow="fold")
     t.add_row("OS", f"{rep.os} ({rep.arch})")
     t.add_row("CPU", f"{rep.cpu_model} — {rep.n_cpus} CPUs")
     for g in rep.cores:
@@ -94,9 +94,9 @@ def doctor(
     t.add_row("SVE vector", f"{rep.sve_vector_bits} bits" if rep.sve_vector_bits else "-")
     t.add_row("RAM", f"{_gib(rep.ram_total_bytes)} total, {_gib(rep.ram_available_bytes)} available")
     t.add_row("disk", f"{_gib(rep.disk_free_bytes)} free at {rep.store}")
-    if rep.llama_system_info:
-        t.add_row("llama.cpp", rep.llama_system_info)
-        t.add_row("  library", rep.llama_library or "(inside llama-cpp-python's wheel)")
+    if rep.binding is not None:
+        t.add_row("llama.cpp", rep.binding.system_info)
+        t.add_row("  library", f"{rep.binding.library} ({rep.binding.source})")
     else:
         t.add_row("llama.cpp", f"[red]binding not loaded:[/] {rep.llama_error}")
     t.add_row("native build", rep.native_build or "none (run `edgemoe build`)")
