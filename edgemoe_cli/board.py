@@ -443,23 +443,19 @@ def free_disk(path: Path) -> tuple[str, int]:
     return str(p), shutil.disk_usage(p).free
 
 
-def llama_system_info() -> tuple[str | None, str | None, str | None]:
-    """(system_info line, library path, error) of the llama.cpp library the Python binding loads.
+def binding_report():
+    """(generate.BindingInfo, None) for the llama.cpp library the Python binding loads, or (None, why not).
 
-    The one place doctor asks the binding; never raises (a missing binding is reported, not a crash).
+    Never raises: doctor reports a missing or broken binding instead of crashing.
     """
-    from . import llamacpp
-
     try:
-        llama_cpp = llamacpp.import_binding()
-        info = llama_cpp.llama_print_system_info()
-        info = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
-        lib = getattr(getattr(llama_cpp, "llama_cpp", None), "_lib", None)
-        return info.strip(), getattr(lib, "_name", None), None
+        from .generate import binding_info
+
+        return binding_info(), None
     except EdgeMoEError as e:
-        return None, None, e.message
+        return None, e.message
     except Exception as e:  # a broken binding must not stop doctor from reporting everything else
-        return None, None, f"{type(e).__name__}: {e}"
+        return None, f"{type(e).__name__}: {e}"
 
 
 @dataclass
@@ -476,8 +472,7 @@ class DoctorReport:
     ram_available_bytes: int
     store: str
     disk_free_bytes: int
-    llama_system_info: str | None
-    llama_library: str | None
+    binding: object | None  # generate.BindingInfo: library, source, llama_cpp_python, system_info
     llama_error: str | None
     native_build: str | None
     ggml_cpu_arm_arch: str | None
@@ -493,7 +488,7 @@ def doctor(ctx: int = 4096) -> DoctorReport:
     cpu = read_cpu()
     total, avail = memory()
     store_path, free = free_disk(home())
-    info, lib, err = llama_system_info()
+    binding, err = binding_report()
     build = llamacpp.native_build_dir()
     is_arm = cpu.arch in ("aarch64", "arm64")
     key = ARM_KEY_FEATURES if is_arm else X86_KEY_FEATURES
@@ -516,6 +511,6 @@ def doctor(ctx: int = 4096) -> DoctorReport:
         os=f"{platform.system()} {platform.release()}", arch=cpu.arch, cpu_model=cpu.model, n_cpus=cpu.n_cpus,
         cores=cpu.cores, features=[f for f in key if f in cpu.features], all_features=cpu.features,
         sve_vector_bits=cpu.sve_vector_bits, ram_total_bytes=total, ram_available_bytes=avail, store=store_path,
-        disk_free_bytes=free, llama_system_info=info, llama_library=lib, llama_error=err,
+        disk_free_bytes=free, binding=binding, llama_error=err,
         native_build=str(build) if build else None, ggml_cpu_arm_arch=arch_flags, recommendations=rec, ctx=ctx,
         fits=fits)

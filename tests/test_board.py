@@ -182,7 +182,7 @@ def test_doctor_json_on_this_machine():
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     for key in ("os", "arch", "cpu_model", "n_cpus", "cores", "features", "sve_vector_bits", "ram_total_bytes",
-                "ram_available_bytes", "disk_free_bytes", "llama_system_info", "llama_library", "llama_error",
+                "ram_available_bytes", "disk_free_bytes", "binding", "llama_error",
                 "native_build", "ggml_cpu_arm_arch", "recommendations", "fits"):
         assert key in rep
     assert rep["n_cpus"] == os.cpu_count()
@@ -196,7 +196,7 @@ def test_doctor_json_on_this_machine():
     else:
         assert rep["ggml_cpu_arm_arch"] is None
     if rep["llama_error"] is None:
-        assert "CPU" in rep["llama_system_info"]
+        assert "CPU" in rep["binding"]["system_info"] and rep["binding"]["library"]
 
 
 def test_doctor_table_renders():
@@ -212,7 +212,7 @@ def test_doctor_reports_a_missing_binding_instead_of_crashing(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     rep = json.loads(res.stdout)
-    assert rep["llama_system_info"] is None
+    assert rep["binding"] is None
     assert rep["llama_error"]
     assert rep["fits"]
 
