@@ -162,3 +162,37 @@ def resolve(name_or_path: str | Path, fmt: str = "safetensors", quant: str | Non
         raise EdgeMoEError(f"'{entry.name}' was pulled to {target}, which is gone",
                            f"run `edgemoe pull {entry.name}` again")
     return target
+
+
+@dataclass
+class StoreItem:
+    name: str
+    state: str  # pulled | converted | quantized, with "(files missing)" when the manifest outlived its files
+    size: int
+    detail: str
+    path: str
+
+
+def store_items() -> list[StoreItem]:
+    """What the store holds: pull manifests under models/, GGUFs under gguf/ (quantized when a recipe made them)."""
+    root = store.home()
+    items: list[StoreItem] = []
+    for manifest_path in sorted((root / "models").glob("*/manifest.json")) + sorted(
+            (root / "models").glob("*/gguf-*/manifest.json")):
+        m = read_manifest(manifest_path.parent) or {}
+        if m.get("kind") != "pull":
+            continue
+        present = all((Path(m["path"]) / f["name"]).is_file() for f in m.get("files", []))
+        what = f"gguf {m['quant']} " if m.get("format") == "gguf" else ""
+        items.append(StoreItem(m["name"], "pulled" if present else "pulled (files missing)", m.get("total_bytes", 0),
+                               f"{what}{m['repo']}@{m['commit'][:12]}", m["path"]))
+    for gguf_path in sorted((root / "gguf").glob("*/*.gguf")):
+        side = gguf_path.with_name(gguf_path.name + ".manifest.json")
+        try:
+            m = json.loads(side.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            m = {}
+        state = "quantized" if m.get("recipe") else "converted"
+        detail = f"recipe {m['recipe']}" if m.get("recipe") else gguf_path.stem
+        items.append(StoreItem(gguf_path.parent.name, state, gguf_path.stat().st_size, detail, str(gguf_path)))
+    return items
