@@ -405,12 +405,13 @@ def _read(path: str) -> str | None:
         return None
 
 
-def sve_vector_bits() -> int | None:
+def sve_vector_bits(path: str = "/proc/sys/abi/sve_default_vector_length") -> int | None:
     """The kernel's default SVE vector length for new processes, in bits (None without SVE or on other arches).
 
-    512-bit SVE (A64FX class) matters: llama.cpp's q4_K/q6_K SVE+i8mm dot products are under suspicion there.
+    The file holds bytes (16 on Neoverse N2/V2, 32 on V1, 64 on A64FX). 512-bit SVE matters: llama.cpp's
+    q4_K/q6_K SVE+i8mm dot products are under suspicion there (see `edgemoe build`).
     """
-    text = _read("/proc/sys/abi/sve_default_vector_length")
+    text = _read(path)
     return int(text.strip()) * 8 if text and text.strip().isdigit() else None
 
 
@@ -507,6 +508,10 @@ def doctor(ctx: int = 4096) -> DoctorReport:
     best = [f.ftype for f in fits if f.fits]
     rec.append(f"ERNIE-4.5-21B-A3B at ctx {ctx}: " + (f"fits at {', '.join(best)}" if best else
                f"does not fit in {total / GIB:.1f} GiB even at Q4_0; use `edgemoe plan` for a smaller mix"))
+    short_now = [f.ftype for f in fits if f.fits and f.need_bytes > avail]
+    if short_now:
+        rec.append(f"only {avail / GIB:.1f} GiB is available right now: {', '.join(short_now)} would need other "
+                   "programs closed (or swap)")
     return DoctorReport(
         os=f"{platform.system()} {platform.release()}", arch=cpu.arch, cpu_model=cpu.model, n_cpus=cpu.n_cpus,
         cores=cpu.cores, features=[f for f in key if f in cpu.features], all_features=cpu.features,

@@ -98,6 +98,13 @@ def test_sme_and_bare_armv8():
     assert board.arm_arch_flags(["fp", "asimd"], [(0x41, 0xD08)]) == "armv8-a"
 
 
+def test_sve_vector_length(tmp_path):
+    f = tmp_path / "sve_default_vector_length"
+    f.write_text("32\n")  # bytes, as the kernel writes it (Neoverse V1)
+    assert board.sve_vector_bits(str(f)) == 256
+    assert board.sve_vector_bits(str(tmp_path / "absent")) is None
+
+
 def test_empty_cpuinfo_is_a_user_error():
     with pytest.raises(EdgeMoEError):
         board.parse_cpuinfo("")
