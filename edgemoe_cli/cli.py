@@ -52,6 +52,51 @@ def _root(
 # ---- commands (one section each; keep each section's logic in its stage module) ----
 
 
+# ---- convert ----
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model), or a model name from `edgemoe models` (pulled or local)."),
+    out: Path = typer.Option(..., "--out", "-o", help="GGUF file to write (written as OUT.part, renamed when complete)."),
+    outtype: str = typer.Option("f16", "--outtype", help="Weight type: f32, f16, bf16 or q8_0."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a summary."),
+) -> None:
+    """Convert an ERNIE-4.5 checkpoint (MoE or dense) from Hugging Face layout to GGUF, without torch.
+
+    Reads config.json, model.safetensors or its shards (model-0000x-of-0000y.safetensors with
+    model.safetensors.index.json), tokenizer.model, tokenizer_config.json and generation_config.json, and writes
+    the same GGUF llama.cpp's convert_hf_to_gguf.py would: a layer's experts stacked into
+    blk.N.ffn_{gate,up,down}_exps, norms, router and score bias kept in f32, the SentencePiece vocabulary, special
+    tokens and the chat template. The conversion streams: memory stays near one block of rows, not the model.
+
+    Example: edgemoe convert ~/models/ERNIE-4.5-21B-A3B-PT --out ernie-pt-bf16.gguf --outtype bf16
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from .convert import convert as run_convert
+    from .registry import resolve
+
+    with Progress(
+        TextColumn("[bold]convert[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TextColumn("{task.fields[tensors]}"), TimeRemainingColumn(),
+        console=err_console, transient=True, disable=as_json,
+    ) as bar:
+        task = bar.add_task("convert", total=None, tensors="")
+
+        def progress(done: int, total: int, n_done: int, n_total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, tensors=f"{n_done}/{n_total} tensors {name}")
+
+        result = run_convert(resolve(src), out, outtype, progress=progress)
+    if as_json:
+        emit_json(result)
+        return
+    console.print(
+        f"wrote [bold]{result.out}[/] ({result.arch}, {result.outtype}, {result.n_tensors} tensors, "
+        f"{result.n_params / 1e6:.1f}M params, {result.n_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s"
+    )
+
+
 # ---- doctor ----
 
 
@@ -212,6 +257,92 @@ def run(
     )
 
 
+# ---- build ----
+
+
+@app.command()
+def build(
+    source: str = typer.Option("vendored", "--source", help="`vendored` (the llama.cpp inside the pinned "
+                               "llama-cpp-python sdist, the binding's own commit) or a llama.cpp checkout DIR."),
+    target: str = typer.Option("native", "--target", help="`native` (this machine) or `aarch64` (cross-compile "
+                               "with aarch64-linux-gnu-gcc from an x86 host)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="GGML_CPU_ARM_ARCH (-march), e.g. "
+                                       "armv9-a+sve2+i8mm+dotprod. Default: from this CPU's features (native) or "
+                                       "armv9-a+sve2+i8mm+dotprod (aarch64)."),
+    kleidiai: Optional[bool] = typer.Option(None, "--kleidiai/--no-kleidiai", help="Arm's KleidiAI matmul "
+                                            "kernels (default: on for Arm targets)."),
+    kleidiai_src: Optional[Path] = typer.Option(None, "--kleidiai-src", help="Extracted KleidiAI source for "
+                                                "boards without network (else CMake downloads it)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (default: all CPUs)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the cmake lines (and generated files); build nothing."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """Build llama.cpp's tools and libraries for this board (or cross for aarch64), cached.
+
+    Compiles llama-cli, llama-server, llama-quantize, llama-imatrix, llama-perplexity, llama-bench,
+    llama-gguf-split (and llama-completion, llama-simple, llama-tokenize) with shared libllama/libggml into
+    <store>/builds/<key>/{bin,lib}. The key hashes the source commit, target, flags and compiler: running the same
+    build again is instant. On Arm the flags come from the CPU (the GGML_CPU_ARM_ARCH `edgemoe doctor`
+    recommends, GGML_NATIVE off, KleidiAI on); on x86 it is a -march=native build.
+
+    A native build becomes `builds/native-current` once llama-cpp-python has loaded its libllama: from then on
+    `edgemoe run`, the other commands and the C++ tools all use this one build.
+
+    KleidiAI is downloaded by CMake at configure time; offline, pass --kleidiai-src DIR (an extracted
+    kleidiai-<tag>-src.tar.gz). With GCC 12 one KleidiAI file is compiled without loop vectorization (GCC 12.2
+    crashes on it at -O3); the output says so.
+
+    Examples:
+      edgemoe build                                   # this machine
+      edgemoe build --target aarch64 --dry-run        # show the cross build's cmake lines and toolchain file
+      edgemoe build --arch armv8.2-a+dotprod --no-kleidiai   # a plain build to compare against
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .build import command_lines, plan_build, run_build, sve_warning
+
+    plan = plan_build(source=source, target=target, arch=arch, kleidiai=kleidiai,
+                      kleidiai_src=str(kleidiai_src) if kleidiai_src else None, jobs=jobs)
+    warning = sve_warning(plan)
+    if dry_run:
+        if as_json:
+            emit_json(plan)
+            return
+        # plain stdout, never wrapped: these lines are meant to be copied into a shell
+        for name, text in ((plan.toolchain_file, plan.toolchain_text), (plan.kleidiai_fix_file, plan.kleidiai_fix_text)):
+            if name:
+                sys.stdout.write(f"# ---- {name}\n{text}")
+        sys.stdout.write("\n".join(command_lines(plan)) + "\n")
+        for note in plan.notes + ([warning] if warning else []):
+            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+        return
+    if not as_json:
+        err_console.print(f"building llama.cpp [bold]{plan.key}[/] ({plan.target}, arch {plan.arch}, "
+                          f"KleidiAI {'on' if plan.kleidiai else 'off'}, -j{plan.jobs}) - log in {plan.work_dir}/build.log",
+                          highlight=False)
+        for note in plan.notes:
+            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    with Progress(TextColumn("[bold]build[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=err_console, transient=True, disable=as_json) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total or None, description=what[-60:])
+
+        result = run_build(plan, progress=progress)
+    if as_json:
+        emit_json(result)
+        return
+    state = "cached" if result.cached else f"built in {result.seconds / 60:.1f} min"
+    console.print(f"llama.cpp [bold]{result.key}[/] {state}: {result.path}", highlight=False)
+    if result.system_info:
+        console.print(f"system_info: {result.system_info}", highlight=False, markup=False)
+    if result.current:
+        console.print("the Python binding and `edgemoe` tools now use this build (builds/native-current)")
+    for note in result.notes + ([warning] if warning else []):
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
 # ---- pull / models / list ----
 
 
@@ -321,6 +452,121 @@ def list_store(as_json: bool = typer.Option(False, "--json", help="Print the sto
     for it in items:
         table.add_row(it.name, it.state, human(it.size), it.detail, it.path)
     console.print(table)
+
+
+# ---- profile / prune ----
+
+
+def _bar_progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err_console, transient=True)
+
+
+@app.command()
+def profile(
+    model: Path = typer.Argument(..., help="An ERNIE-4.5 MoE GGUF (any quantization)."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text to route through the model (your workload)."),
+    out: Path = typer.Option(Path("profile"), "--out", "-o", help="Directory for profile.json and expert-usage.png."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", "-n", min=1, help="Route at most this many tokens of the text."),
+    ctx: int = typer.Option(512, "--ctx", min=16, help="Window length: the text is evaluated in windows this long."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: physical cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
+) -> None:
+    """Which routed experts a text really uses, layer by layer, measured inside llama.cpp.
+
+    The text runs through the model in llama.cpp; a callback reads every MoE layer's router decision (the experts
+    picked per token, with the score-correction bias, exactly as at run time), the normalized gate weights and the
+    picked experts' outputs. From that:
+
+    - a heatmap PNG of layers x experts (share of each layer's tokens routed to each expert),
+
+    - per layer: entropy of expert usage, the effective number of experts (2**entropy), the share of routed tokens
+    the top-k experts take (k = experts per token), experts never used,
+
+    - whether usage against rank follows a power law (as the EdgeMoE paper reports) or an exponential: both are
+    fitted and the better R^2 is named,
+
+    - profile.json with all of it plus the raw counts and REAP scores (`edgemoe prune --usage` reads it).
+
+    Example: edgemoe profile ernie-thinking-q4_0.gguf --text my-prompts.txt --out profile/
+    """
+    from . import profile as stage
+
+    with _bar_progress() as bar:
+        task = bar.add_task("routing", total=None)
+        result = stage.profile(model, text, out, max_tokens=max_tokens, ctx=ctx, threads=threads,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if as_json:
+        emit_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"expert usage over {result.n_tokens} tokens ({result.n_expert} experts, top-{result.n_expert_used})")
+    for col in ("layer", "entropy bits", "effective experts", f"top-{result.n_expert_used} share", "top-half share",
+                "unused", "power-law α", "R² power", "R² exp"):
+        table.add_column(col, justify="right")
+    for u in result.layers:
+        table.add_row(str(u.layer), f"{u.entropy_bits:.2f}", f"{u.effective_experts:.1f}", f"{u.top_k_share:.1%}",
+                      f"{u.half_share:.1%}", str(u.unused), f"{u.power_law_alpha:.2f}", f"{u.power_law_r2:.3f}",
+                      f"{u.exponential_r2:.3f}")
+    console.print(table)
+    console.print(f"all layers: {result.power_law['verdict']}")
+    console.print(f"wrote {result.outputs['json']} and {result.outputs['heatmap']}", highlight=False)
+
+
+@app.command()
+def prune(
+    model: Path = typer.Argument(..., help="An ERNIE-4.5 MoE GGUF (any quantization)."),
+    keep: Optional[str] = typer.Option(None, "--keep", help="Experts to keep per MoE layer: a count (48) or a share (75%)."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Keep as many experts as fit this file size (12G, 900M)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Score experts by REAP on this text (recommended)."),
+    usage: Optional[Path] = typer.Option(None, "--usage", help="Score experts by usage counts from `edgemoe profile`'s profile.json."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output GGUF (default: MODEL.keepN.gguf beside MODEL)."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", "-n", min=1, help="With --text: route at most this many tokens."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: physical cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Drop the least important routed experts of every MoE layer; the result runs in stock llama.cpp.
+
+    Each MoE layer keeps its own N best experts (llama.cpp needs the same count in every layer): the expert
+    tensors, the router's rows and the score-correction bias are sliced consistently and expert_count is set to N.
+    Experts per token (top-k) stay as they were, so N must be at least k. Works on any quantization.
+
+    Importance, per layer: with --text, REAP (mean of gate weight x expert output norm over the tokens routed to the
+    expert, measured in llama.cpp); with --usage, how often `edgemoe profile` saw the expert picked; with neither, a
+    data-free proxy (router row norm x down-projection norm) that is usually worse.
+
+    --budget SIZE picks the largest N whose file fits SIZE. A manifest (OUT.manifest.json) records which original
+    experts each layer kept. Measure what pruning costs with `edgemoe eval` before you trust it.
+
+    Examples:
+
+        edgemoe prune ernie-q4_0.gguf --keep 75% --text workload.txt
+
+        edgemoe prune ernie-q4_0.gguf --budget 9G --usage profile/profile.json --out ernie-q4_0-9g.gguf
+    """
+    from . import prune as stage
+
+    with _bar_progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task("routing text" if phase == "route" else "writing", total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        result = stage.prune(model, keep=keep, budget=budget, text=text, usage=usage, out=out,
+                             max_tokens=max_tokens, threads=threads, progress=progress)
+    if as_json:
+        emit_json(result)
+        return
+    console.print(
+        f"kept {result.n_expert_after} of {result.n_expert_before} experts per layer (score: {result.score}); "
+        f"{result.bytes_before / 2**20:.1f} MiB -> {result.bytes_after / 2**20:.1f} MiB\nwrote {result.out}",
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import gguf
 
 from ..errors import EdgeMoEError
 from ..store import atomic_output
-from .arch import OUTTYPES, add_hparams, model_arch, plan_tensors
+from .arch import OUTTYPES, add_hparams, hparams, model_arch, plan_tensors
 from .safetensors import TensorReader, checkpoint_tensors
 from .vocab import build_vocab
 from .writer import Progress, write_gguf
@@ -89,9 +89,10 @@ def convert(src: str | Path, out: str | Path, outtype: str = "f16", progress: Pr
         raise EdgeMoEError(f"unknown output type {outtype}", f"use one of {', '.join(OUTTYPES)}")
     if not src.is_dir():
         raise EdgeMoEError(f"{src} is not a directory", "point convert at a Hugging Face checkpoint directory")
-    config = read_config(src)
-    hf_arch, arch = model_arch(config, src / "config.json")
-    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
+    raw_config = read_config(src)
+    hf_arch, arch = model_arch(raw_config, src / "config.json")
+    config = hparams(raw_config)
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
         if not isinstance(config.get(key), int):
             raise EdgeMoEError(f"{src / 'config.json'} lacks an integer {key}", "download config.json again")
     if not (src / "tokenizer.model").is_file():

@@ -62,6 +62,33 @@ class PlannedTensor:
         return math.prod(self.shape[:-1]) * (self.shape[-1] // block) * type_size if self.shape else type_size
 
 
+# llama.cpp's converter reads config.json through transformers' AutoConfig, so a key missing from config.json takes
+# the config class's default (transformers 4.57, the version llama.cpp pins). The defaults that reach the GGUF:
+TRANSFORMERS_DEFAULTS = {
+    "ernie4_5_moe": dict(
+        vocab_size=103424, hidden_size=2560, intermediate_size=12288, num_hidden_layers=28, num_attention_heads=20,
+        num_key_value_heads=4, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+        moe_intermediate_size=1536, moe_k=6, moe_num_experts=64, moe_num_shared_experts=2, moe_layer_start_index=1,
+        moe_layer_interval=1,
+    ),
+    "ernie4_5": dict(
+        vocab_size=103424, hidden_size=1024, intermediate_size=3072, num_hidden_layers=18, num_attention_heads=16,
+        num_key_value_heads=2, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, head_dim=128,
+    ),
+}
+
+
+def hparams(config: dict) -> dict:
+    """config.json as transformers' config class would see it: class defaults filled in."""
+    hp = {**TRANSFORMERS_DEFAULTS.get(config.get("model_type"), {}), **config}
+    if config.get("model_type") == "ernie4_5":
+        if hp.get("head_dim") is None:
+            hp["head_dim"] = hp["hidden_size"] // hp["num_attention_heads"]
+        if hp.get("num_key_value_heads") is None:
+            hp["num_key_value_heads"] = hp["num_attention_heads"]
+    return hp
+
+
 def model_arch(config: dict, config_path) -> tuple[str, gguf.MODEL_ARCH]:
     archs = config.get("architectures") or []
     for name in archs:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,5 +194,3 @@ def to_float32(bits: np.ndarray, dtype: str, out: np.ndarray | None = None) -> n
     return out
 
 
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size
