@@ -9,11 +9,16 @@ Layout of the build cache (store.builds_dir()):
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .errors import EdgeMoEError
-from .store import builds_dir
+from .store import builds_dir, home
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # keep equal to the pin in pyproject.toml
 
@@ -69,3 +74,122 @@ def import_binding():
             "run `edgemoe build` (or `make setup`), or set LLAMA_CPP_LIB_PATH to a directory holding libllama.so",
         ) from e
     return llama_cpp
+
+
+# ---- running the tools ----------------------------------------------------------------------------------------
+
+
+def last_error(text: str, patterns: tuple[str, ...] = (r"internal compiler error", r"\berror\b", r"CMake Error",
+                                                          r"FAILED", r"\bfailed\b")) -> str:
+    """The most telling single line of a failed run's output: the last line matching the first pattern that hits."""
+    import re
+
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for pattern in patterns:
+        hits = [i for i, line in enumerate(lines) if re.search(pattern, line, re.IGNORECASE)]
+        if hits:
+            i = hits[-1]
+            line = lines[i]
+            if line.startswith("CMake Error"):  # CMake puts the reason on the next lines
+                line = " ".join([line, *lines[i + 1:i + 3]])
+            return line[:400]
+    return (lines[-1] if lines else "no output")[:400]
+
+
+def run_tool(
+    name: str,
+    args: list[str],
+    *,
+    log: str | Path | None = None,
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run a llama.cpp tool of our build; returns its CompletedProcess (stdout, stderr as text).
+
+    The command and both streams are written to `log` (default <store>/logs/<tool>-<time>.log). `on_line` gets
+    every output line as it comes (progress). A non-zero exit raises EdgeMoEError naming the tool, its last error
+    line and the log.
+    """
+    import threading
+
+    tool = find_tool(name)
+    log_path = Path(log) if log else home() / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [str(tool), *map(str, args)]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                                cwd=cwd, env={**os.environ, **(env or {})})
+    except OSError as e:
+        raise EdgeMoEError(f"cannot start {name} ({e.strerror})", f"rebuild with `edgemoe build` ({tool})") from e
+    out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+    def pump(stream, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line)
+            if on_line:
+                on_line(line.rstrip("\n"))
+
+    threads = [threading.Thread(target=pump, args=(proc.stdout, out["stdout"]), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, out["stderr"]), daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = None
+    for t in threads:
+        t.join()
+    stdout, stderr = "".join(out["stdout"]), "".join(out["stderr"])
+    log_path.write_text(f"$ {shlex.join(cmd)}\n# exit {rc}\n---- stdout\n{stdout}\n---- stderr\n{stderr}")
+    if rc is None:
+        raise EdgeMoEError(f"{name} did not finish within {timeout:.0f} s", f"full output: {log_path}")
+    if rc != 0:
+        raise EdgeMoEError(f"{name} failed (exit {rc}): {last_error(stderr + stdout)}", f"full output: {log_path}")
+    return subprocess.CompletedProcess(cmd, rc, stdout, stderr)
+
+
+# ---- which build is in use -------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildInfo:
+    build_dir: str | None  # the native build in use (builds/native-current), None without one
+    key: str | None
+    target: str | None
+    arch: str | None
+    kleidiai: bool | None
+    source_id: str | None
+    binding_library: str | None  # directory llama-cpp-python loads libllama from (None: its own wheel's)
+    system_info: str | None  # llama.cpp's system_info line (recorded at build time, or live)
+    tools: list[str] = field(default_factory=list)
+
+
+def build_info(live: bool = False) -> BuildInfo:
+    """Which llama.cpp build edgemoe uses (tools and binding) and its system_info.
+
+    Cheap by default (reads the build's build.json); `live=True` loads the binding and asks the library itself.
+    """
+    import json
+
+    build = native_build_dir()
+    manifest = {}
+    if build is not None:
+        try:
+            manifest = json.loads((build / "build.json").read_text())
+        except (OSError, ValueError):
+            manifest = {}
+    library = select_binding_library()
+    system_info = manifest.get("system_info")
+    if live or (library and build and Path(library).resolve() != (build / "lib").resolve()):
+        from .board import llama_system_info
+
+        system_info, _, _ = llama_system_info()
+    return BuildInfo(
+        build_dir=str(build) if build else None, key=manifest.get("key"), target=manifest.get("target"),
+        arch=manifest.get("arch"), kleidiai=manifest.get("kleidiai"), source_id=manifest.get("source_id"),
+        binding_library=library, system_info=system_info, tools=list(manifest.get("tools", [])),
+    )
