@@ -285,6 +285,18 @@ def pull(name: str, fmt: str = "safetensors", quant: str | None = None, revision
          dest: str | Path | None = None, token: str | None = None,
          progress: PullProgress | None = None) -> PullResult:
     """Fetch registry model `name` (all its files, or one GGUF quant) and record it in the store."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    # huggingface_hub logs each retry on stderr; the outcome reaches the user as our result or one EdgeMoEError
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return _pull(name, fmt, quant, revision, dest, token, progress)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _pull(name, fmt, quant, revision, dest, token, progress) -> PullResult:
     progress = progress or PullProgress()
     t = target(name, fmt, quant, revision)
     cache_dir = Path(dest).expanduser().resolve() if dest else hf_cache_dir()
