@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import __version__, registry, store
 from .errors import EdgeMoEError
+from .report import human_bytes as human
 
 DEFAULT_RESERVE = 512 << 20
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -108,14 +109,6 @@ def disk_reserve() -> int:
     if not m:
         raise EdgeMoEError(f"EDGEMOE_DISK_RESERVE={raw} is not a size", "use bytes or a size like 512M or 2G")
     return int(float(m[1]) * 1024 ** " KMGT".index(m[2].upper() or " "))
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _storage_folder(cache_dir: Path, repo: str) -> Path:
