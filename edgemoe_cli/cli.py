@@ -375,7 +375,8 @@ def pull(
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from .hub import PullProgress, human
+    from .hub import PullProgress
+    from .report import human_bytes as human
     from .hub import pull as run_pull
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -438,8 +439,8 @@ def list_store(as_json: bool = typer.Option(False, "--json", help="Print the sto
     """
     from rich.table import Table
 
-    from .hub import human
     from .registry import store_items
+    from .report import human_bytes as human
 
     items = store_items()
     if as_json:
