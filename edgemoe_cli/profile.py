@@ -166,6 +166,7 @@ def trace_routing(
     params.cb_eval = callback
     params.cb_eval_user_data = None
     cctx = llama_cpp.llama_init_from_model(llm.model, params)
+    batch = llama_cpp.llama_batch_init(ctx, 0, 1)
     try:
         if not cctx:
             raise EdgeMoEError("llama.cpp could not create a context for routing", "try a smaller --ctx")
@@ -174,14 +175,20 @@ def trace_routing(
         done = 0
         for start in range(0, len(tokens), ctx):
             window = tokens[start : start + ctx]
-            batch = (llama_cpp.llama_token * len(window))(*window)
+            # logits for every token: llama.cpp drops the rows it need not output before the last layer, so
+            # asking only for the last token's logits would leave the last MoE layer routing a single token
+            batch.n_tokens = len(window)
+            for i, tok in enumerate(window):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, i, 1, 1
+                batch.seq_id[i][0] = 0
             llama_cpp.llama_memory_clear(memory, True)
-            if llama_cpp.llama_decode(cctx, llama_cpp.llama_batch_get_one(batch, len(window))) != 0:
+            if llama_cpp.llama_decode(cctx, batch) != 0:
                 raise EdgeMoEError("llama.cpp failed to evaluate the text", "try a smaller --ctx")
             done += len(window)
             if progress is not None:
                 progress(done, len(tokens))
     finally:
+        llama_cpp.llama_batch_free(batch)
         if cctx:
             llama_cpp.llama_free(cctx)
         llm.close()
