@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,19 @@ def test_cli_no_prompt_and_two_prompts(tiny_gguf, tmp_path):
     q = tmp_path / "q.txt"
     q.write_text("hi")
     one_line_error(edgemoe("run", str(tiny_gguf("pt")), "-p", "hi", "-f", str(q)), "not both")
+
+
+@pytest.mark.slow
+def test_make_demo_answers_with_both_fixtures(tmp_path):
+    """scripts/demo.sh end to end (converts both fixtures, ~20 s): both models answer, Thinking shows its steps."""
+    exe = Path(sys.executable).with_name("edgemoe")
+    if not exe.exists():
+        pytest.skip(f"{exe} not installed (pip install -e .)")
+    env = {**os.environ, "EDGEMOE": str(exe), "DEMO_OUT": str(tmp_path), "DEMO_THREADS": "1"}
+    p = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    pt, thinking = p.stdout.split("== tiny-ernie-thinking")
+    assert "The answer is 22." in pt and "The answer is 22." in thinking
+    assert "51 - 29 = 22" in thinking  # the reasoning is printed, before the answer
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["tiny-ernie-pt-f16.gguf", "tiny-ernie-thinking-f16.gguf"]
