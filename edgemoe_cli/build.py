@@ -545,6 +545,9 @@ def check_binding(lib_dir: str | Path, python: str = sys.executable) -> dict:
 
 def _maybe_make_current(result: BuildResult) -> bool:
     out = Path(result.path)
+    link = builds_dir() / "native-current"
+    if result.cached and result.system_info and link.resolve() == out.resolve():
+        return True  # already checked and current: `make setup` stays instant
     try:
         info = check_binding(result.lib_dir)
     except EdgeMoEError as e:
@@ -559,7 +562,6 @@ def _maybe_make_current(result: BuildResult) -> bool:
         tmp = out / "build.json.part"
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp, out / "build.json")
-    link = builds_dir() / "native-current"
     tmp_link = builds_dir() / f".native-current.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         tmp_link.unlink()
@@ -571,17 +573,22 @@ def _maybe_make_current(result: BuildResult) -> bool:
 # ---- 512-bit SVE --------------------------------------------------------------------------------------------
 
 SVE512_WARNING = (
-    "this CPU runs SVE at {bits} bits: llama.cpp's SVE+i8mm q4_K/q6_K dot products give wrong results above 256 "
-    "bits (see README 'Armv9 notes'); use Q4_0/Q8_0 models, or build without SVE (--arch without +sve/+sve2)"
+    "this CPU runs SVE at {bits} bits: llama.cpp's SVE+i8mm q4_K/q6_K dot products (the 2-row path used for "
+    "prompts and batches) are written for 256-bit vectors and give wrong results wider (README 'Armv9 notes'); "
+    "rebuild with --arch {arch_no_i8mm} (SVE kept, those kernels fall back to the correct 1-row path) or use "
+    "Q4_0/Q8_0 models"
 )
 
 
 def sve_warning(plan: BuildPlan, vector_bits: Optional[int] = None) -> Optional[str]:
-    """A warning when a native SVE build targets a CPU with vectors wider than 256 bits (A64FX class)."""
-    if plan.target != "native" or "+sve" not in plan.arch:
+    """A warning when a native SVE+i8mm build runs on a CPU whose SVE vectors are wider than 256 bits."""
+    parts = plan.arch.split("+")
+    if plan.target != "native" or not {"sve", "sve2"} & set(parts) or "i8mm" not in parts:
         return None
     if vector_bits is None:
         from .board import sve_vector_bits
 
         vector_bits = sve_vector_bits()
-    return SVE512_WARNING.format(bits=vector_bits) if vector_bits and vector_bits > 256 else None
+    if not vector_bits or vector_bits <= 256:
+        return None
+    return SVE512_WARNING.format(bits=vector_bits, arch_no_i8mm="+".join(p for p in parts if p != "i8mm"))

@@ -274,28 +274,39 @@ def build(
     kleidiai_src: Optional[Path] = typer.Option(None, "--kleidiai-src", help="Extracted KleidiAI source for "
                                                 "boards without network (else CMake downloads it)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (default: all CPUs)."),
+    activate: bool = typer.Option(True, "--activate/--no-activate", help="Make a native build the one the binding "
+                                  "and tools use (builds/native-current). --no-activate builds for comparison only."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the cmake lines (and generated files); build nothing."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
-    """Build llama.cpp's tools and libraries for this board (or cross for aarch64), cached.
+    """Build llama.cpp's tools and libraries for this board (or for aarch64).
 
-    Compiles llama-cli, llama-server, llama-quantize, llama-imatrix, llama-perplexity, llama-bench,
-    llama-gguf-split (and llama-completion, llama-simple, llama-tokenize) with shared libllama/libggml into
-    <store>/builds/<key>/{bin,lib}. The key hashes the source commit, target, flags and compiler: running the same
-    build again is instant. On Arm the flags come from the CPU (the GGML_CPU_ARM_ARCH `edgemoe doctor`
-    recommends, GGML_NATIVE off, KleidiAI on); on x86 it is a -march=native build.
+    Compiles llama-cli, llama-server, llama-quantize, llama-imatrix,
+    llama-perplexity, llama-bench, llama-gguf-split (and llama-completion,
+    llama-simple, llama-tokenize) with shared libllama/libggml into
+    <store>/builds/<key>/{bin,lib}. The key hashes the source, target,
+    flags and compiler: the same build again is a cache hit, instant.
 
-    A native build becomes `builds/native-current` once llama-cpp-python has loaded its libllama: from then on
-    `edgemoe run`, the other commands and the C++ tools all use this one build.
+    On Arm the flags come from the CPU: the GGML_CPU_ARM_ARCH that
+    `edgemoe doctor` recommends (only extensions every core has),
+    GGML_NATIVE off, KleidiAI on. On x86 it is a -march=native build.
 
-    KleidiAI is downloaded by CMake at configure time; offline, pass --kleidiai-src DIR (an extracted
-    kleidiai-<tag>-src.tar.gz). With GCC 12 one KleidiAI file is compiled without loop vectorization (GCC 12.2
+    A native build becomes builds/native-current once llama-cpp-python has
+    loaded its libllama; from then on `edgemoe run`, the other commands and
+    the C++ tools all use this one build.
+
+    KleidiAI is downloaded by CMake at configure time; offline, pass
+    --kleidiai-src DIR (an extracted kleidiai-<tag>-src.tar.gz). With GCC 12
+    one KleidiAI file is compiled without loop vectorization (GCC 12.2
     crashes on it at -O3); the output says so.
 
     Examples:
-      edgemoe build                                   # this machine
-      edgemoe build --target aarch64 --dry-run        # show the cross build's cmake lines and toolchain file
-      edgemoe build --arch armv8.2-a+dotprod --no-kleidiai   # a plain build to compare against
+
+      edgemoe build
+
+      edgemoe build --target aarch64 --dry-run
+
+      edgemoe build --arch armv8-a --no-kleidiai --no-activate
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -329,7 +340,7 @@ def build(
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total or None, description=what[-60:])
 
-        result = run_build(plan, progress=progress)
+        result = run_build(plan, progress=progress, make_current=activate)
     if as_json:
         emit_json(result)
         return

@@ -225,13 +225,14 @@ def test_cache_hit_is_instant_and_current_needs_a_loadable_binding(fake_tree, bu
 
 def test_sve_warning_only_for_wide_sve_native_builds(fake_tree, builds, cross_gcc):
     cross_gcc(13)
-    cross = B.plan_build(source=str(fake_tree), target="aarch64", arch="armv9-a+sve2")
+    cross = B.plan_build(source=str(fake_tree), target="aarch64", arch="armv9-a+sve2+i8mm+dotprod")
     assert B.sve_warning(cross, vector_bits=512) is None  # qemu's vector length is a run-time choice
     native = B.BuildPlan(**{**cross.__dict__, "target": "native"})
-    assert "512 bits" in B.sve_warning(native, vector_bits=512)
+    warning = B.sve_warning(native, vector_bits=512)
+    assert "512 bits" in warning and "--arch armv9-a+sve2+dotprod" in warning
     assert B.sve_warning(native, vector_bits=256) is None
-    assert B.sve_warning(B.BuildPlan(**{**cross.__dict__, "target": "native", "arch": "armv8.2-a+dotprod"}),
-                         vector_bits=512) is None
+    for arch in ("armv8.2-a+dotprod+i8mm", "armv8.2-a+sve+dotprod"):  # the broken path needs SVE and i8mm
+        assert B.sve_warning(B.BuildPlan(**{**cross.__dict__, "target": "native", "arch": arch}), vector_bits=512) is None
 
 
 def test_last_error_prefers_compiler_errors():
@@ -280,3 +281,35 @@ def test_missing_tool_says_to_build(monkeypatch, builds, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(EdgeMoEError, match="llama-nonexistent not found"):
         llamacpp.run_tool("llama-nonexistent", [])
+
+
+BOARD_SCRIPTS = ("board-setup.sh", "run-ernie.sh", "bench-board.sh")
+
+
+@pytest.mark.parametrize("script", BOARD_SCRIPTS)
+def test_board_script_help_and_strict_mode(script):
+    path = REPO / "scripts" / script
+    assert "set -eu" in path.read_text() and os.access(path, os.X_OK)
+    proc = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.startswith("Usage: scripts/" + script)
+    bad = subprocess.run(["bash", str(path), "--no-such-option"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "unknown option" in bad.stderr
+
+
+def test_board_scripts_are_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    proc = subprocess.run(["shellcheck", *(str(REPO / "scripts" / s) for s in BOARD_SCRIPTS)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_arm64_workflow_runs_install_doctor_build_tests_and_bench():
+    yaml = pytest.importorskip("yaml")
+    wf = yaml.safe_load((REPO / ".github" / "workflows" / "arm64.yml").read_text())
+    job = wf["jobs"]["arm64"]
+    assert job["runs-on"] == "ubuntu-24.04-arm" and job["timeout-minutes"] <= 90
+    runs = "\n".join(step.get("run", "") for step in job["steps"])
+    for needle in ("scripts/board-setup.sh", "edgemoe doctor", "edgemoe build", "make test", "scripts/bench-board.sh"):
+        assert needle in runs
+    assert any(step.get("uses", "").startswith("actions/upload-artifact") for step in job["steps"])
