@@ -202,6 +202,17 @@ def _decode(llama_cpp, llm, tokens: list[int]) -> None:
             raise EdgeMoEError("llama.cpp failed to process the prompt", "try a smaller --ctx or a shorter prompt")
 
 
+def _piece(llama_cpp, vocab, token: int) -> bytes:
+    """The bytes a generated token stands for (a UTF-8 character may span several tokens)."""
+    size = 64
+    while True:
+        buf = (ctypes.c_char * size)()
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
+        if n >= 0:
+            return bytes(buf[:n])
+        size = -n  # too small: llama.cpp returns minus the size it needs
+
+
 def chat_reply(
     llm,
     prompt: str,
@@ -226,9 +237,15 @@ def chat_reply(
     stops = _stop_tokens(llm)
     splitter = chat.ReplySplitter(thinking)
     utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-    pieces: dict[int, bytes] = {}
-    buf = (ctypes.c_char * 256)()
+    pieces: dict[int, bytes] = {}  # detokenizing through ctypes costs more than a dict lookup
     raw: list[str] = []
+
+    def emit(text: str) -> None:
+        raw.append(text)
+        if on_text is not None:
+            for kind, part in splitter.feed(text):
+                on_text(kind, part)
+
     sampler = _sampler(llama_cpp, temp, seed)
     one = (llama_cpp.llama_token * 1)()
     try:
@@ -245,13 +262,9 @@ def chat_reply(
                 break
             piece = pieces.get(token)
             if piece is None:
-                n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
-                piece = pieces[token] = bytes(buf[: max(n, 0)])
-            if s := utf8.decode(piece):
-                raw.append(s)
-                if on_text is not None:
-                    for kind, part in splitter.feed(s):
-                        on_text(kind, part)
+                piece = pieces[token] = _piece(llama_cpp, vocab, token)
+            if decoded := utf8.decode(piece):
+                emit(decoded)
             if sampled >= budget:
                 break
             one[0] = token
@@ -263,10 +276,7 @@ def chat_reply(
     finally:
         llama_cpp.llama_sampler_free(sampler)
     if tail := utf8.decode(b"", final=True):
-        raw.append(tail)
-        if on_text is not None:
-            for kind, part in splitter.feed(tail):
-                on_text(kind, part)
+        emit(tail)
     if on_text is not None:
         for kind, part in splitter.flush():
             on_text(kind, part)
