@@ -200,24 +200,25 @@ def run(
 ) -> None:
     """Ask a GGUF model one question, with its own chat template, and stream the reply.
 
-    The prompt is rendered with the chat template stored in the GGUF (tokenizer.chat_template): PT models get
-    `User: ...\\nAssistant: `, Thinking models `<|im_start|>user ... <|im_start|>assistant\\n<think>\\n`.
-    A Thinking reply is split into its reasoning (shown dimmed) and its answer (shown plain); the `</think>` and
-    `<response>` tags are not shown. Generation stops at end-of-sequence (`</s>`, `<|end_of_sentence|>`,
+    The prompt is rendered with the chat template stored in the GGUF
+    (tokenizer.chat_template): a PT model gets `User: ...\\nAssistant: `, a
+    Thinking model `<|im_start|>user ... <|im_start|>assistant\\n<think>\\n`.
+    A Thinking reply is split into its reasoning (shown dimmed) and its
+    answer (shown plain); the `</think>` and `<response>` tags are not shown.
+    Generation stops at end-of-sequence (`</s>`, `<|end_of_sentence|>`,
     `<|im_end|>`) or after --max-tokens.
 
-    The reply goes to stdout; a line of timings goes to stderr: prompt tokens and prompt tokens/s, generated
-    tokens and generation tokens/s (decode steps after the first token, as llama-bench counts them), time to first
+    The reply goes to stdout, one line of timings to stderr: prompt tokens
+    and prompt tokens/s, generated tokens and generation tokens/s (decode
+    steps after the first token, as llama-bench counts them), time to first
     token, and peak resident memory.
 
-    --json prints {reasoning, answer, raw, prompt_tokens, completion_tokens, ttft_s, prompt_tps, gen_tps,
-    peak_rss_bytes, tool_call, finish_reason, library} instead.
+    --json prints {reasoning, answer, raw, prompt_tokens, completion_tokens,
+    ttft_s, prompt_tps, gen_tps, peak_rss_bytes, tool_call, finish_reason,
+    library} instead of streaming.
 
-    Examples:
-
-        edgemoe run model.gguf -p "What is 51 - 29?" --temp 0
-
-        edgemoe run model.gguf -f question.txt --system "Answer briefly." --json
+    Examples: edgemoe run model.gguf -p "What is 51 - 29?" --temp 0
+              edgemoe run model.gguf -f question.txt --system "Be brief." --json
     """
     from . import generate
 
