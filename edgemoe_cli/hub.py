@@ -211,7 +211,7 @@ def _partial(storage: Path, f: RemoteFile) -> Path:
     return storage / "blobs" / f"{f.blob}.incomplete"
 
 
-def _local_state(storage: Path, commit: str, f: RemoteFile) -> tuple[Path | None, int]:
+def _local_state(storage: Path, f: RemoteFile) -> tuple[Path | None, int]:
     """(complete blob or None, bytes of a partial download already on disk)."""
     blob = storage / "blobs" / f.blob
     if blob.is_file():
@@ -262,9 +262,9 @@ def _download(url: str, headers: dict, part: Path, f: RemoteFile, progress: Pull
                  displayed_filename=f.name, tqdm_class=lambda **kw: _Bar(progress, counter, **kw))
 
 
-def preflight(storage: Path, commit: str, files: list[RemoteFile]) -> tuple[int, int, int]:
+def preflight(storage: Path, files: list[RemoteFile]) -> tuple[int, int, int]:
     """(bytes still to download, free bytes, reserve). Raises before any byte is fetched when the disk is short."""
-    need = sum(f.size - _local_state(storage, commit, f)[1] for f in files)
+    need = sum(f.size - _local_state(storage, f)[1] for f in files)
     free, reserve = _free_bytes(storage), disk_reserve()
     if need + reserve > free:
         raise EdgeMoEError(
@@ -272,6 +272,42 @@ def preflight(storage: Path, commit: str, files: list[RemoteFile]) -> tuple[int,
             f"({len(files)} files), {human(free)} is free and {human(reserve)} is kept in reserve",
             "free some space, pull to a bigger disk with --dest DIR, or lower EDGEMOE_DISK_RESERVE")
     return need, free, reserve
+
+
+def _fetch_file(t: Target, storage: Path, f: RemoteFile, url: str, headers: dict, progress: PullProgress,
+                counter: list[int], trusted: set) -> PulledFile | str:
+    """Download (or resume) one file into its blob and verify it: the PulledFile, or why it was deleted."""
+    blob, have = _local_state(storage, f)
+    if blob is not None:
+        status, path = "cached", blob
+    else:
+        status, path = ("resumed" if have else "downloaded"), _partial(storage, f)
+        progress.file_begin(f.name, f.size, have)
+        try:
+            _download(url, headers, path, f, progress, counter)
+        except EdgeMoEError:
+            raise
+        except Exception as e:
+            got = path.stat().st_size if path.is_file() else 0
+            if 0 < got < f.size:
+                raise EdgeMoEError(
+                    f"download of {f.name} from {t.repo} broke off at {human(got)} of {human(f.size)} "
+                    f"({e.__class__.__name__})",
+                    f"re-run the same command to resume from there (the partial file is kept in {path.parent})",
+                ) from e
+            raise _hub_error(e, t, hub_endpoint()) from e
+        finally:
+            progress.file_end(f.name)
+    if status == "cached" and f.sha256 and (f.name, f.sha256) in trusted:
+        sha = f.sha256  # verified by the pull that wrote the manifest; rehashing 40 GB on a board takes minutes
+    else:
+        ok, sha = _verify(path, f)
+        if not ok:
+            path.unlink()
+            return f"{f.name} (sha256 {sha[:12]}…, the Hub says {(f.sha256 or f.git_oid)[:12]}…)"
+    if path != storage / "blobs" / f.blob:
+        os.replace(path, storage / "blobs" / f.blob)
+    return PulledFile(f.name, f.size, sha, f.sha256 is not None, status)
 
 
 def pull(name: str, fmt: str = "safetensors", quant: str | None = None, revision: str | None = None,
@@ -299,59 +335,29 @@ def _pull(name, fmt, quant, revision, dest, token, progress) -> PullResult:
 
     commit, files = remote_files(t, token)
     from huggingface_hub import hf_hub_url, snapshot_download
-    from huggingface_hub.utils import build_hf_headers, disable_progress_bars
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers, disable_progress_bars
 
-    preflight(storage, commit, files)
+    preflight(storage, files)
     endpoint = hub_endpoint()
     headers = build_hf_headers(token=token, library_name="edgemoe", library_version=__version__)
     headers["Accept-Encoding"] = "identity"  # byte counts and Range offsets must be of the stored file
 
     previous = registry.read_manifest(registry.store_entry(t.name, t.format, t.quant)) or {}
     trusted = {(x["name"], x["sha256"]) for x in previous.get("files", []) if previous.get("commit") == commit}
-    states = {f.name: _local_state(storage, commit, f) for f in files}
-    total = sum(f.size for f in files)
-    progress.begin(files, total, sum(have for _, have in states.values()))
+    progress.begin(files, sum(f.size for f in files), sum(_local_state(storage, f)[1] for f in files))
 
     counter, pulled, bad = [0], [], []
+    url = lambda f: hf_hub_url(t.repo, f.name, revision=commit, endpoint=endpoint)  # noqa: E731
     # small files first: a dropped link then costs a resume of one big file, not a re-fetch of the small ones
     for f in sorted(files, key=lambda f: f.size):
-        blob, have = states[f.name]
-        if blob is not None:
-            status = "cached"
-            path = blob
+        # huggingface_hub's own lock for this blob: a concurrent pull or hf_hub_download waits instead of
+        # appending to the same partial file
+        with WeakFileLock(cache_dir / ".locks" / storage.name / f"{f.blob}.lock"):
+            done = _fetch_file(t, storage, f, url(f), headers, progress, counter, trusted)
+        if isinstance(done, PulledFile):
+            pulled.append(done)
         else:
-            status = "resumed" if have else "downloaded"
-            part = _partial(storage, f)
-            progress.file_begin(f.name, f.size, have)
-            try:
-                _download(hf_hub_url(t.repo, f.name, revision=commit, endpoint=endpoint), headers, part, f,
-                          progress, counter)
-            except Exception as e:
-                got = part.stat().st_size if part.is_file() else 0
-                if isinstance(e, EdgeMoEError):
-                    raise
-                err = _hub_error(e, t, endpoint)
-                if got and got < f.size:
-                    raise EdgeMoEError(
-                        f"download of {f.name} from {t.repo} broke off at {human(got)} of {human(f.size)} "
-                        f"({e.__class__.__name__})",
-                        f"re-run the same command to resume from there (the partial file is kept in {part.parent})",
-                    ) from e
-                raise err from e
-            finally:
-                progress.file_end(f.name)
-            path = part
-        if status == "cached" and f.sha256 and (f.name, f.sha256) in trusted:
-            sha = f.sha256  # verified by the pull that wrote the manifest; rehashing 40 GB on a board takes minutes
-        else:
-            ok, sha = _verify(path, f)
-            if not ok:
-                path.unlink()
-                bad.append(f"{f.name} (sha256 {sha[:12]}…, the Hub says {(f.sha256 or f.git_oid)[:12]}…)")
-                continue
-        if path != storage / "blobs" / f.blob:
-            os.replace(path, storage / "blobs" / f.blob)
-        pulled.append(PulledFile(f.name, f.size, sha, f.sha256 is not None, status))
+            bad.append(done)
     if bad:
         raise EdgeMoEError(f"checksum mismatch, deleted: {'; '.join(bad)}",
                            "re-run the pull to fetch them again; if it repeats, a proxy or mirror is corrupting data")

@@ -188,3 +188,17 @@ def test_gguf_quant_pulls_only_that_file(repos, hf_cache, tiny_gguf, tmp_path):
         assert run.returncode == 0, run.stderr
         one_line_error(edgemoe(hub, hf_cache, "pull", PT, "--format", "gguf", "--quant", "Q9_X"), "no Q9_X",
                        "Q4_0", "Q8_0")
+
+
+def test_dest_and_hf_home_choose_the_cache(repos, hf_cache, tmp_path):
+    with HubServer([repos[PT]]) as hub:
+        dest = tmp_path / "big-disk"
+        result = pulled(edgemoe(hub, hf_cache, "pull", PT, "--dest", str(dest), "--json"))
+        assert Path(result["path"]).is_relative_to(dest) and not hf_cache.exists()
+        again = pulled(edgemoe(hub, hf_cache, "pull", PT, "--dest", str(dest), "--json", HF_HUB_OFFLINE="1"))
+        assert again["path"] == result["path"]
+
+        home = tmp_path / "hf-home"
+        result = pulled(edgemoe(hub, hf_cache, "pull", PT, "--json", HF_HUB_CACHE="", HF_HOME=str(home)))
+        assert Path(result["path"]).is_relative_to(home / "hub")
+        assert registry.resolve(PT) == Path(result["path"])  # the latest pull is what the name means
