@@ -167,7 +167,7 @@ def resolve(name_or_path: str | Path, fmt: str = "safetensors", quant: str | Non
 @dataclass
 class StoreItem:
     name: str
-    state: str  # pulled | converted | quantized, with "(files missing)" when the manifest outlived its files
+    state: str  # pulled | converted | quantized | pruned; "pulled (files missing)" when the files went away
     size: int
     detail: str
     path: str
@@ -192,7 +192,7 @@ def store_items() -> list[StoreItem]:
             m = json.loads(side.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             m = {}
-        state = "quantized" if m.get("recipe") else "converted"
+        state = "pruned" if m.get("stage") == "prune" else "quantized" if m.get("recipe") else "converted"
         detail = f"recipe {m['recipe']}" if m.get("recipe") else gguf_path.stem
         items.append(StoreItem(gguf_path.parent.name, state, gguf_path.stat().st_size, detail, str(gguf_path)))
     return items
