@@ -446,8 +446,8 @@ def list_store(as_json: bool = typer.Option(False, "--json", help="Print the sto
     """List what the local store holds: pulled models, converted and quantized GGUFs, with sizes and states.
 
     States: pulled (a verified pull manifest; files in the Hugging Face cache), converted (gguf/NAME/*.gguf from
-    `edgemoe convert`), quantized (a GGUF whose manifest names a recipe). The store is $EDGEMOE_HOME
-    (default ~/.cache/edgemoe).
+    `edgemoe convert`), quantized (a GGUF whose manifest names a recipe), pruned (from `edgemoe prune`). The store
+    is $EDGEMOE_HOME (default ~/.cache/edgemoe).
     """
     from rich.table import Table
 
