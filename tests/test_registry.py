@@ -94,3 +94,14 @@ def test_list_reads_manifests_and_ggufs(tmp_path):
                      ("tiny-ernie-pt", "quantized", 32)}
     (snapshot / "config.json").unlink()
     assert registry.store_items()[0].state == "pulled (files missing)"
+
+
+def test_convert_takes_a_registry_name(tmp_path):
+    if not registry.get("tiny-ernie-pt").path.is_dir():
+        pytest.skip("data/fixtures/tiny-ernie-pt is not in this checkout")
+    out = tmp_path / "pt.gguf"
+    result = runner.invoke(app, ["convert", "tiny-ernie-pt", "--out", str(out), "--outtype", "f16", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["out"] == str(out) and out.read_bytes()[:4] == b"GGUF"
+    missing = runner.invoke(app, ["convert", "tiny-ernie-pro", "--out", str(out)])
+    assert missing.exit_code != 0 and "did you mean 'tiny-ernie-pt'" in str(missing.exception)
