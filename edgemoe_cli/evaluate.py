@@ -1,0 +1,154 @@
+"""`eval`: how far a quantized model's next-token distributions are from the reference model's, on a text.
+
+Measured through the Python binding (llama-cpp-python, logits for every position), not llama-perplexity:
+the binding needs no `edgemoe build`, the base model's log-probabilities are computed once and cached as a float16
+array in the store (keyed by base file, text and context), so comparing many candidates against one base — what
+`plan` and bench/quality.py do dozens of times — costs one forward pass per candidate and no process start-up,
+and every statistic (mean and p99 KLD, top-1 agreement, PPL) comes from the same arrays, computed in numpy.
+
+The protocol is llama-perplexity's: the text is tokenized once and cut into chunks of `ctx` tokens, each chunk is
+evaluated on its own starting with BOS, and only the second half of each chunk is scored (every scored token has at
+least ctx/2 tokens of context). For each scored position:
+    KLD = sum_v p_base(v) * (log p_base(v) - log p_model(v)),   top-1 agreement = [argmax p_model == argmax p_base]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import EdgeMoEError
+from .store import atomic_output, home, sha256_file
+
+
+@dataclass
+class EvalResult:
+    model: str
+    base: str
+    text: str
+    ctx: int
+    chunks: int
+    tokens_scored: int
+    ppl: float
+    base_ppl: float
+    kld_mean: float
+    kld_stderr: float
+    kld_median: float
+    kld_p99: float
+    kld_max: float
+    top1_agreement: float
+    seconds: float
+
+
+def _load(model: Path, ctx: int, threads: int):
+    from .llamacpp import import_binding
+
+    llama_cpp = import_binding()
+    if not model.is_file():
+        raise EdgeMoEError(f"model {model} does not exist", "pass a .gguf file")
+    try:
+        return llama_cpp.Llama(model_path=str(model), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
+                               n_threads=threads, n_threads_batch=threads, verbose=False, n_gpu_layers=0)
+    except (ValueError, RuntimeError) as e:
+        raise EdgeMoEError(f"llama.cpp cannot load {model} ({e})", "pass a GGUF made by `edgemoe convert/quantize`") from e
+
+
+def _chunks(llm, text_path: Path, ctx: int, max_chunks: int | None) -> list[list[int]]:
+    if not text_path.is_file():
+        raise EdgeMoEError(f"text {text_path} does not exist", "pass --text FILE with plain UTF-8 text")
+    text = text_path.read_text(encoding="utf-8", errors="replace")
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    n = len(tokens) // (ctx - 1)
+    if max_chunks:
+        n = min(n, max_chunks)
+    if n == 0:
+        raise EdgeMoEError(f"{text_path} has {len(tokens)} tokens, fewer than one chunk of {ctx}",
+                           "pass a longer text or a smaller --ctx")
+    bos = llm.token_bos()
+    return [[bos] + tokens[i * (ctx - 1):(i + 1) * (ctx - 1)] for i in range(n)]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    m = logits.max(axis=-1, keepdims=True)
+    z = logits - m
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _forward(llm, chunks: list[list[int]], ctx: int, progress=None):
+    """Yield (log-probs [scored, vocab] float32, next-token ids) for each chunk's second half."""
+    first = ctx // 2
+    for i, chunk in enumerate(chunks):
+        llm.reset()
+        llm.eval(chunk)
+        logits = np.asarray(llm.scores[first:len(chunk) - 1], dtype=np.float32)
+        yield _log_softmax(logits), np.asarray(chunk[first + 1:], dtype=np.int64)
+        if progress:
+            progress(i + 1, len(chunks))
+
+
+def _cache_key(base: Path, text: Path, ctx: int, max_chunks: int | None) -> str:
+    st = base.stat()
+    h = hashlib.sha256()
+    h.update(f"{base.resolve()}|{st.st_size}|{st.st_mtime_ns}|{ctx}|{max_chunks}|".encode())
+    h.update(sha256_file(text).encode())
+    return h.hexdigest()[:20]
+
+
+def base_logprobs(base: str | Path, text: str | Path, ctx: int = 512, threads: int | None = None,
+                  max_chunks: int | None = None, progress=None) -> tuple[Path, list[list[int]]]:
+    """The base model's log-probs on `text`, cached as <store>/cache/eval/<key>.npz (float16 log-probs)."""
+    base, text = Path(base), Path(text)
+    threads = threads or os.cpu_count() or 1
+    llm = _load(base, ctx, threads)
+    chunks = _chunks(llm, text, ctx, max_chunks)
+    path = home() / "cache" / "eval" / f"{_cache_key(base, text, ctx, max_chunks)}.npy"
+    if not path.is_file():
+        rows = [lp.astype(np.float16) for lp, _ in _forward(llm, chunks, ctx, progress)]
+        with atomic_output(path) as part:
+            with open(part, "wb") as f:
+                np.save(f, np.concatenate(rows))
+    del llm
+    return path, chunks
+
+
+def evaluate(model: str | Path, base: str | Path, text: str | Path, ctx: int = 512, threads: int | None = None,
+             max_chunks: int | None = None, progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """PPL of `model` and `base`, KLD(base || model) statistics and top-1 agreement on `text`."""
+    t0 = time.perf_counter()
+    model, base, text = Path(model), Path(base), Path(text)
+    if ctx < 16:
+        raise EdgeMoEError(f"--ctx {ctx} is too small", "use at least 16 (llama-perplexity uses 512)")
+    threads = threads or os.cpu_count() or 1
+    cache, chunks = base_logprobs(base, text, ctx, threads, max_chunks)
+    ref = np.load(cache, mmap_mode="r")
+    llm = _load(model, ctx, threads)
+    if llm.n_vocab() != ref.shape[1]:
+        raise EdgeMoEError(f"{model} has a vocabulary of {llm.n_vocab()}, the base {base} has {ref.shape[1]}",
+                           "compare quantizations of the same model")
+    kld, nll, base_nll, agree = [], [], [], []
+    row = 0
+    for lp, nxt in _forward(llm, chunks, ctx, progress):
+        lb = np.asarray(ref[row:row + len(nxt)], dtype=np.float32)
+        row += len(nxt)
+        pb = np.exp(lb)
+        kld.append((pb * (lb - lp)).sum(axis=1))
+        idx = np.arange(len(nxt))
+        nll.append(-lp[idx, nxt])
+        base_nll.append(-lb[idx, nxt])
+        agree.append(lp.argmax(axis=1) == lb.argmax(axis=1))
+    del llm
+    kld_a = np.maximum(np.concatenate(kld), 0.0)  # float16 storage of the base can give -1e-7 for identical models
+    n = kld_a.size
+    return EvalResult(
+        model=str(model), base=str(base), text=str(text), ctx=ctx, chunks=len(chunks), tokens_scored=int(n),
+        ppl=float(np.exp(np.concatenate(nll).mean())), base_ppl=float(np.exp(np.concatenate(base_nll).mean())),
+        kld_mean=float(kld_a.mean()), kld_stderr=float(kld_a.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+        kld_median=float(np.median(kld_a)), kld_p99=float(np.percentile(kld_a, 99)), kld_max=float(kld_a.max()),
+        top1_agreement=float(np.concatenate(agree).mean()), seconds=round(time.perf_counter() - t0, 2),
+    )

@@ -1,0 +1,358 @@
+"""`plan`: choose a type per tensor that minimises predicted quality loss (KL divergence) under a size budget.
+
+Budget. What the GGUF may occupy is
+    file budget = RAM budget - kv_cache_bytes(ctx) - RUNTIME_RESERVE_BYTES
+with board.kv_cache_bytes (f16 K and V for `ctx` tokens, this model's layers/KV heads/head size from its GGUF)
+and board.RUNTIME_RESERVE_BYTES (compute buffers, process, OS minimum) — the same numbers `doctor` uses.
+
+Prediction (measured, not a fixed table). For every quantizable tensor W and candidate type t:
+1. error: quantize the whole model to t once (llama.cpp, with the imatrix), dequantize each tensor with gguf.quants
+   and compute the imatrix-weighted squared error  E(W,t) = sum_e sum_j s_ej * sum_rows (W_q - W)_rj^2 / N,
+   where s_ej is the imatrix's sum of x_j^2 over the tokens routed to expert e and N the tokens seen: the expected
+   squared norm of the output error ||(W_q - W) x||^2 per token (diagonal approximation of E[x x^T]).
+   Tensors without activations in the imatrix (the token embedding, a lookup table) get s = 1.
+2. calibration: KL divergence is second order in a small output perturbation, so dKLD ~ g * E. One gain g per
+   tensor role (attn_q, ffn_down_exps, token_embd, ...) is measured: lower only that role's tensors, in every
+   layer, to the calibration type (Q3_K), measure the KLD against the unquantized model on the calibration text,
+   g_role = KLD / sum E. The prediction for any tensor and type is g_role(W) * E(W,t), and a mix is predicted as the
+   sum over tensors (independent errors' cross terms vanish in expectation; bench/quality.md checks this).
+3. choice: an exact multiple-choice knapsack (dynamic programming over bytes in 1/4000ths of the budget) picks one
+   type per tensor minimising the summed prediction with total bytes <= budget.
+The measurements are cached per (model, imatrix, text) in <store>/cache/plan/, so planning again for another
+budget takes seconds. Cost on ERNIE-4.5-21B-A3B: README `### quantize and plan`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import EdgeMoEError
+from .recipe import Recipe, Rule, TensorInfo, quantizable, read_tensors, tensor_bytes
+from .store import atomic_output, home, sha256_file
+
+DEFAULT_TYPES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
+ARM_FAST_TYPES = ("q4_0", "iq4_nl", "q8_0")
+CALIBRATION_TYPE = "q3_k"
+ARM_FAST_CALIBRATION_TYPE = "q4_0"
+
+Progress = Callable[[str, int, int], None]  # (step, done, total)
+
+
+def role(name: str) -> str:
+    """A tensor's role without its layer: blk.3.ffn_down_exps.weight -> ffn_down_exps."""
+    return re.sub(r"^blk\.\d+\.", "", name).removesuffix(".weight")
+
+
+def parse_size(text: str) -> int:
+    """'12GiB', '11.5 GB', '800MiB', '123456' -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise EdgeMoEError(f"cannot read the size {text!r}", "write e.g. 12GiB, 11.5GB or 800MiB")
+    unit = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2).upper()]
+    base = 1024 if m.group(3) or not m.group(2) else 1000
+    return int(float(m.group(1)) * (base ** unit if m.group(2) else 1))
+
+
+# ---- measurements ----
+
+
+@dataclass
+class Measurements:
+    model: str
+    imatrix: str
+    text: str
+    types: list[str]
+    calibration_type: str
+    errors: dict[str, dict[str, float]]  # tensor -> type -> E(W, t)
+    gains: dict[str, float]  # role -> g
+    calibration_kld: dict[str, float]  # role -> measured KLD with only that role lowered
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def predicted(self, tensor: str, type_: str) -> float:
+        return self.gains[role(tensor)] * self.errors[tensor][type_]
+
+
+def _dequantized(reader_tensor) -> np.ndarray:
+    import gguf
+
+    return gguf.quants.dequantize(np.asarray(reader_tensor.data), reader_tensor.tensor_type).astype(np.float32)
+
+
+def tensor_errors(source: Path, quantized: Path, imatrix, names: list[str]) -> dict[str, float]:
+    """E(W, t) for the tensors `names` of `quantized` against `source` (see the module docstring)."""
+    import gguf
+
+    src = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    dst = {t.name: t for t in gguf.GGUFReader(quantized).tensors}
+    n_tokens = max((float(e.counts[0]) for e in imatrix.entries.values() if e.counts.size == 1), default=1.0)
+    out = {}
+    for name in names:
+        w = _dequantized(src[name])
+        d = _dequantized(dst[name]) - w
+        d = d.reshape(-1, d.shape[-2], d.shape[-1]) if d.ndim >= 2 else d.reshape(1, 1, -1)
+        sq = (d.astype(np.float64) ** 2).sum(axis=1)  # [experts, columns]
+        entry = imatrix.entries.get(name)
+        if entry is not None and entry.sums.shape == sq.shape:
+            out[name] = float((sq * entry.sums).sum() / n_tokens)
+        else:
+            out[name] = float(sq.sum())
+    return out
+
+
+def _cache_path(model: Path, imatrix: Path, text: Path, types, cal_type, max_chunks) -> Path:
+    h = hashlib.sha256()
+    st = model.stat()
+    h.update(f"{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|".encode())
+    h.update(sha256_file(imatrix).encode())
+    h.update(sha256_file(text).encode())
+    return home() / "cache" / "plan" / f"{h.hexdigest()[:20]}.json"
+
+
+def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFAULT_TYPES,
+            calibration_type: str = CALIBRATION_TYPE, ctx: int = 512, max_chunks: int | None = 16,
+            threads: int | None = None, progress: Progress | None = None, workdir: str | Path | None = None,
+            use_cache: bool = True) -> Measurements:
+    """Errors of every tensor at every candidate type and one measured KLD gain per tensor role (cached)."""
+    from .evaluate import evaluate
+    from .imatrix import read_imatrix
+    from .quantize import quantize
+
+    model, imatrix, text = Path(model), Path(imatrix), Path(text)
+    for p, what in ((model, "model"), (imatrix, "imatrix"), (text, "text")):
+        if not p.is_file():
+            raise EdgeMoEError(f"{what} {p} does not exist", "check the path")
+    cache = _cache_path(model, imatrix, text, types, calibration_type, max_chunks)
+    if use_cache and cache.is_file():
+        return Measurements(**json.loads(cache.read_text()))
+    tensors, _ = read_tensors(model)
+    if any(t.type not in ("f32", "f16", "bf16") for t in tensors if quantizable(t)):
+        raise EdgeMoEError(f"{model} is already quantized", "plan from the f32/f16/bf16 GGUF `edgemoe convert` wrote")
+    targets = [t for t in tensors if quantizable(t)]
+    im = read_imatrix(imatrix)
+    work = Path(workdir) if workdir else home() / "cache" / "plan" / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = work / f"{model.stem}.candidate.gguf"
+    errors: dict[str, dict[str, float]] = {t.name: {} for t in targets}
+    seconds = {"quantize": 0.0, "errors": 0.0, "calibrate": 0.0}
+    for i, t in enumerate(types):
+        if progress:
+            progress("errors", i, len(types))
+        fits = [x.name for x in targets if x.shape[0] % _block(t) == 0]
+        t0 = time.perf_counter()
+        quantize(model, _uniform(t, fits), out=tmp, imatrix=imatrix, threads=threads, manifest=False)
+        t1 = time.perf_counter()
+        for name, e in tensor_errors(model, tmp, im, fits).items():
+            errors[name][t] = e
+        seconds["quantize"] += t1 - t0
+        seconds["errors"] += time.perf_counter() - t1
+    if progress:
+        progress("errors", len(types), len(types))
+    roles = sorted({role(t.name) for t in targets})
+    gains, kld = {}, {}
+    t0 = time.perf_counter()
+    for i, r in enumerate(roles):
+        if progress:
+            progress("calibrate", i, len(roles))
+        members = [x.name for x in targets if role(x.name) == r and calibration_type in errors[x.name]]
+        if not members:
+            raise EdgeMoEError(f"no {r} tensor can be {calibration_type}", "choose another calibration type")
+        quantize(model, _uniform(calibration_type, members, keep_others=True), out=tmp, imatrix=imatrix,
+                 threads=threads, manifest=False)
+        res = evaluate(tmp, model, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
+        kld[r] = res.kld_mean
+        total = sum(errors[m][calibration_type] for m in members)
+        gains[r] = res.kld_mean / total if total > 0 else 0.0
+    seconds["calibrate"] = time.perf_counter() - t0
+    if progress:
+        progress("calibrate", len(roles), len(roles))
+    tmp.unlink(missing_ok=True)
+    m = Measurements(str(model), str(imatrix), str(text), list(types), calibration_type, errors, gains, kld,
+                     {k: round(v, 2) for k, v in seconds.items()})
+    with atomic_output(cache) as part:
+        part.write_text(json.dumps(asdict(m)))
+    return m
+
+
+def _block(type_: str) -> int:
+    from .recipe import block_info
+
+    return block_info(type_)[0]
+
+
+def _uniform(type_: str, names: list[str], keep_others: bool = False) -> Recipe:
+    """A recipe giving `names` the type `type_`; other tensors stay unquantized (f32) or, without keep_others, Q8_0."""
+    rules = [Rule("^" + re.escape(n) + "$", type_) for n in names]
+    other = "f32" if keep_others else "q8_0"
+    return Recipe(f"uniform-{type_}", default=other, token_embedding=None, output=None, rules=rules)
+
+
+# ---- the choice ----
+
+
+@dataclass
+class Choice:
+    tensor: str
+    type: str
+    bytes: int
+    predicted_kld: float
+
+
+@dataclass
+class PlanResult:
+    model: str
+    budget_bytes: int  # what the file may occupy
+    budget_formula: str
+    predicted_bytes: int
+    predicted_kld: float
+    types: list[str]
+    choices: list[Choice]
+    gains: dict[str, float]
+    calibration_kld: dict[str, float]
+    recipe_toml: str
+    out: str | None = None
+    quantized: str | None = None
+
+
+def solve(options: dict[str, dict[str, tuple[int, float]]], budget: int, bins: int = 4000) -> dict[str, str]:
+    """Multiple-choice knapsack: one option per group, total bytes <= budget, minimum summed loss.
+
+    options[group][type] = (bytes, loss). Bytes are rounded up to budget/bins units, so the result always fits.
+    """
+    groups = sorted(options)
+    unit = max(budget / bins, 1.0)
+    cap = int(budget // unit)
+    inf = float("inf")
+    dp = np.full(cap + 1, inf)
+    dp[0] = 0.0
+    picks = []
+    for g in groups:
+        new = np.full(cap + 1, inf)
+        arg = np.full(cap + 1, -1, dtype=np.int16)
+        for k, (t, (b, loss)) in enumerate(options[g].items()):
+            w = int(np.ceil(b / unit))
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, inf)
+            cand[w:] = dp[: cap + 1 - w] + loss
+            better = cand < new
+            new[better] = cand[better]
+            arg[better] = k
+        dp = new
+        picks.append(arg)
+    if not np.isfinite(dp).any():
+        raise ValueError("infeasible")
+    at = int(np.argmin(dp))
+    result = {}
+    for g, arg in zip(reversed(groups), reversed(picks)):
+        k = int(arg[at])
+        t = list(options[g])[k]
+        result[g] = t
+        at -= int(np.ceil(options[g][t][0] / unit))
+    return result
+
+
+def plan_from_measurements(m: Measurements, tensors: list[TensorInfo], overhead: int, budget: int,
+                           budget_formula: str = "", name: str = "plan") -> PlanResult:
+    targets = [t for t in tensors if quantizable(t)]
+    fixed = overhead + sum(tensor_bytes(t.n_elements, t.type) for t in tensors if not quantizable(t))
+    options = {
+        t.name: {ty: (tensor_bytes(t.n_elements, ty), m.predicted(t.name, ty)) for ty in m.types if ty in m.errors[t.name]}
+        for t in targets
+    }
+    smallest = fixed + sum(min(b for b, _ in o.values()) for o in options.values())
+    if budget < smallest:
+        raise EdgeMoEError(f"the file budget {_gib(budget)} is below the smallest mix of {', '.join(m.types)} "
+                           f"({_gib(smallest)})", "raise --budget, lower --ctx, or allow lower types")
+    chosen = solve(options, budget - fixed)
+    choices = [Choice(n, chosen[n], options[n][chosen[n]][0], options[n][chosen[n]][1]) for n in chosen]
+    choices.sort(key=lambda c: [t.name for t in tensors].index(c.tensor))
+    predicted_bytes = fixed + sum(c.bytes for c in choices)
+    predicted_kld = sum(c.predicted_kld for c in choices)
+    recipe = recipe_from_choices(choices, name, f"edgemoe plan: file budget {_gib(budget)} ({budget_formula}); "
+                                               f"predicted {_gib(predicted_bytes)}, mean KLD {predicted_kld:.5f}")
+    return PlanResult(m.model, budget, budget_formula, predicted_bytes, predicted_kld, list(m.types), choices,
+                      m.gains, m.calibration_kld, recipe.to_toml())
+
+
+def recipe_from_choices(choices: list[Choice], name: str, description: str) -> Recipe:
+    """A readable recipe: one rule per (role, type) listing its layers, the token embedding as a default."""
+    by_role: dict[tuple[str, str], list[str]] = {}
+    embedding = None
+    for c in choices:
+        if c.tensor == "token_embd.weight":
+            embedding = c.type
+            continue
+        if m := re.match(r"^blk\.(\d+)\.(.+)$", c.tensor):
+            by_role.setdefault((m.group(2), c.type), []).append(m.group(1))
+        else:
+            by_role.setdefault((c.tensor, c.type), []).append("")
+    rules = []
+    for (rest, type_), layers in by_role.items():
+        suffix = re.escape(rest) + "$"
+        if layers == [""]:
+            rules.append(Rule("^" + suffix, type_))
+        else:
+            alt = layers[0] if len(layers) == 1 else "(" + "|".join(layers) + ")"
+            rules.append(Rule(rf"^blk\.{alt}\." + suffix, type_))
+    return Recipe(name, description, default="q8_0", token_embedding=embedding, output=embedding, rules=rules)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.2f} MiB"
+
+
+def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_size: int | None = None,
+                reserve: int | None = None) -> tuple[int, str]:
+    """(bytes the GGUF may occupy, the formula with numbers)."""
+    import gguf
+
+    from .board import RUNTIME_RESERVE_BYTES, kv_cache_bytes, memory
+
+    if max_size is not None:
+        return max_size, f"--max-size {_gib(max_size)}"
+    reader = gguf.GGUFReader(model)
+    arch = reader.fields["general.architecture"].contents()
+
+    def f(key):
+        fld = reader.fields.get(f"{arch}.{key}")
+        return fld.contents() if fld is not None else None
+
+    n_layers, n_kv = f("block_count"), f("attention.head_count_kv")
+    head_dim = f("attention.key_length") or f("embedding_length") // f("attention.head_count")
+    source = "--budget"
+    if ram is None:
+        ram, source = memory()[0], "this board's RAM"
+    kv = kv_cache_bytes(ctx, n_layers=n_layers, n_kv_heads=n_kv, head_dim=head_dim)
+    reserve = RUNTIME_RESERVE_BYTES if reserve is None else reserve
+    budget = ram - kv - reserve
+    return budget, f"{source} {_gib(ram)} - KV cache for {ctx} tokens {_gib(kv)} - runtime reserve {_gib(reserve)}"
+
+
+def plan(model: str | Path, imatrix: str | Path, text: str | Path, ram: int | None = None, ctx: int = 4096,
+         max_size: int | None = None, reserve: int | None = None, arm_fast: bool = False, out: str | Path | None = None,
+         name: str = "plan", threads: int | None = None, max_chunks: int | None = 16,
+         progress: Progress | None = None) -> PlanResult:
+    """Measure (or reuse cached measurements), solve for the budget, write the recipe TOML to `out`."""
+    model = Path(model)
+    budget, formula = file_budget(model, ram, ctx, max_size, reserve)
+    if budget <= 0:
+        raise EdgeMoEError(f"nothing is left for the model: {formula}", "raise --budget or lower --ctx")
+    types = ARM_FAST_TYPES if arm_fast else DEFAULT_TYPES
+    cal = ARM_FAST_CALIBRATION_TYPE if arm_fast else CALIBRATION_TYPE
+    m = measure(model, imatrix, text, types, cal, max_chunks=max_chunks, threads=threads, progress=progress)
+    tensors, overhead = read_tensors(model)
+    result = plan_from_measurements(m, tensors, overhead, budget, formula, name)
+    if out:
+        with atomic_output(out) as part:
+            part.write_text("# Written by `edgemoe plan`: one rule per tensor role and type, layers listed.\n"
+                            "# Edit freely; `edgemoe recipe show FILE --model MODEL` explains it.\n" + result.recipe_toml)
+        result.out = str(out)
+    return result
