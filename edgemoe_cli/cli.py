@@ -467,6 +467,287 @@ def list_store(as_json: bool = typer.Option(False, "--json", help="Print the sto
     console.print(table)
 
 
+# ---- recipe / quantize / imatrix / eval / plan ----
+
+recipe_app = typer.Typer(help="Quantization recipes: ordered `pattern -> type` rules over GGUF tensor names.",
+                         no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.2f} MiB"
+
+
+def _print_problems(problems) -> None:
+    for p in problems:
+        style = "red" if p.severity == "error" else "yellow"
+        err_console.print(f"[{style}]{p.severity}:[/] {p.message}", highlight=False, soft_wrap=True)
+
+
+@recipe_app.command("list")
+def recipe_list(as_json: bool = typer.Option(False, "--json", help="Print the recipes as JSON.")) -> None:
+    """The built-in recipes (configs/recipes/*.toml) and what each is for."""
+    from .recipe import builtin_names, load_recipe
+
+    recipes = [load_recipe(n) for n in builtin_names()]
+    if as_json:
+        emit_json([{"name": r.name, "description": r.description, "source": r.source} for r in recipes])
+        return
+    for r in recipes:
+        console.print(f"[bold]{r.name}[/]  {r.description}", highlight=False)
+
+
+@recipe_app.command("show")
+def recipe_show(
+    name: str = typer.Argument(..., help="A built-in recipe name (`edgemoe recipe list`) or a recipe .toml file."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A GGUF to apply it to (f32/f16/bf16)."),
+    imatrix: bool = typer.Option(True, "--imatrix/--no-imatrix", help="Whether you will quantize with an imatrix (IQ2/IQ1 types need one)."),
+    all_tensors: bool = typer.Option(False, "--all", help="Also list tensors llama.cpp never quantizes (norms, router)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the explanation as JSON."),
+) -> None:
+    """Explain a recipe: its rules, and with --model what every tensor becomes and why.
+
+    Rules are regular expressions searched in GGUF tensor names (blk.N.ffn_down_exps.weight, blk.N.attn_q.weight,
+    token_embd.weight, ...); the first rule that matches a tensor decides its type, as in llama-quantize's
+    --tensor-type. The token_embedding and output keys take precedence over rules. With --model you get, per
+    tensor, the rule that decided, the type, bytes and bits per weight; a summary per group (routed experts, shared
+    experts, dense FFN, attention, embeddings, other) and the predicted file size. Problems are reported before any
+    quantization: unknown types, rules matching nothing, rows that are not a multiple of the type's block size
+    (llama.cpp would silently fall back to another type), very low-bit types without an imatrix, requantizing.
+    Exit code 2 when the recipe has errors for this model.
+
+    Example: edgemoe recipe show edge-balanced --model ernie-thinking-bf16.gguf
+    """
+    from .recipe import explain, load_recipe
+
+    recipe = load_recipe(name)
+    if model is None:
+        if as_json:
+            emit_json(recipe)
+            return
+        console.print(f"[bold]{recipe.name}[/] ({recipe.source})\n{recipe.description}", highlight=False)
+        console.print(f"default {recipe.default}, token_embedding {recipe.token_embedding}, output {recipe.output}")
+        for i, r in enumerate(recipe.rules, 1):
+            console.print(f"  rule {i}: {r.pattern!s:40} -> {r.type}", highlight=False)
+        return
+    ex = explain(recipe, model, have_imatrix=imatrix)
+    if as_json:
+        emit_json(ex)
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"{recipe.name} on {model.name}")
+        for col in ("tensor", "shape", "type", "decided by", "bytes", "bpw"):
+            table.add_column(col, justify="right" if col in ("bytes", "bpw") else "left")
+        for t in ex.tensors:
+            if all_tensors or t.rule != "not quantized":
+                table.add_row(t.name, "x".join(map(str, t.shape)), t.type, t.rule, f"{t.bytes:,}", f"{t.bpw:.2f}")
+        console.print(table)
+        groups = Table(title="by group")
+        for col in ("group", "tensors", "params", "size", "bpw"):
+            groups.add_column(col, justify="right")
+        for g in ex.groups:
+            groups.add_row(g.group, str(g.tensors), f"{g.params:,}", _size(g.bytes), f"{g.bpw:.2f}")
+        groups.add_row("total (file)", "", "", _size(ex.total_bytes), f"{ex.bpw:.2f}")
+        console.print(groups)
+    _print_problems(ex.problems)
+    if ex.errors:
+        raise typer.Exit(2)
+
+
+def _quantize_bar(disable: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[name]}"), TimeElapsedColumn(), console=err_console, transient=True,
+                    disable=disable)
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="The f32/f16/bf16 GGUF to quantize (`edgemoe convert` wrote it)."),
+    recipe: str = typer.Option("edge-balanced", "--recipe", "-r", help="Recipe name, recipe .toml file, or stock:FTYPE (llama.cpp's own mix, e.g. stock:Q4_K_M)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix from `edgemoe imatrix` (strongly advised below 5 bits)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output GGUF (default: <store>/gguf/<model>/<recipe>.gguf)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="Quantization threads (default: all CPUs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Quantize a GGUF with a recipe through llama.cpp, then verify every tensor got the recipe's type.
+
+    The recipe is resolved to one explicit type per tensor first (`edgemoe recipe show` prints the same table);
+    any problem stops here, before quantizing. llama.cpp's quantizer then runs in-process (llama_model_quantize
+    with one anchored pattern per tensor, `pure`, and the imatrix), writing OUT.part; the result is read back with
+    gguf's GGUFReader and any tensor whose type differs from the recipe fails the command — no silent fallback.
+    A manifest (OUT.manifest.json: source, recipe, imatrix, sha256, types, versions) is written beside the file.
+
+    Example: edgemoe quantize ernie-thinking-bf16.gguf --recipe edge-balanced --imatrix ernie.imatrix.gguf
+    """
+    from .quantize import quantize as run_quantize
+
+    with _quantize_bar(as_json) as bar:
+        task = bar.add_task("quantize", total=None, name="")
+        result = run_quantize(model, recipe, out=out, imatrix=imatrix, threads=threads,
+                              progress=lambda i, n, name: bar.update(task, completed=i, total=n, name=name))
+    if as_json:
+        emit_json(result)
+        return
+    types = ", ".join(f"{n} {t}" for t, n in sorted(result.types.items(), key=lambda kv: -kv[1]))
+    console.print(f"wrote [bold]{result.out}[/] ({_size(result.bytes)}, {result.bpw:.2f} bpw; {types}) "
+                  f"in {result.seconds:.1f} s; verified every tensor's type", highlight=False)
+    for w in result.warnings:
+        err_console.print(f"[yellow]llama.cpp:[/] {w}", highlight=False)
+
+
+@app.command("imatrix")
+def imatrix_cmd(
+    model: Path = typer.Argument(..., help="The GGUF to measure (f32/f16/bf16 or Q8_0)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Calibration text (default: edgemoe's own data/calib/calibration.txt)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output imatrix (default: MODEL.imatrix.gguf beside the model)."),
+    ctx: int = typer.Option(512, "--ctx", min=32, help="Tokens per chunk."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Use at most this many chunks of the text."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Compute an importance matrix with llama-imatrix (GGUF format, per-expert token counts kept).
+
+    For every weight matrix the sum of squared input activations per column is accumulated over the text, per
+    routed expert, with the number of tokens routed to each expert. `quantize --imatrix` uses it to spend
+    precision where activations are large; `plan` uses it to weight quantization errors; the per-expert counts
+    are a routing profile (imatrix.expert_usage). The default text mixes English and Chinese prose, Python and shell,
+    and step-by-step arithmetic. Needs `edgemoe build` (for llama-imatrix).
+
+    Example: edgemoe imatrix ernie-thinking-bf16.gguf --out ernie.imatrix.gguf
+    """
+    from .imatrix import compute_imatrix
+
+    with _quantize_bar(as_json) as bar:
+        task = bar.add_task("imatrix", total=None, name="chunks")
+        result = compute_imatrix(model, text, out, ctx=ctx, threads=threads, chunks=chunks,
+                                 progress=lambda i, n: bar.update(task, completed=i, total=n))
+    if as_json:
+        emit_json(result)
+        return
+    console.print(f"wrote [bold]{result.out}[/] ({result.tensors} tensors, {result.chunks} chunks of "
+                  f"{result.chunk_size} tokens) in {result.seconds:.1f} s", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="The GGUF to judge (e.g. a quantization)."),
+    base: Path = typer.Option(..., "--base", help="The reference GGUF (the unquantized model)."),
+    text: Path = typer.Option(..., "--text", help="Evaluation text; keep it disjoint from the imatrix's calibration text."),
+    ctx: int = typer.Option(512, "--ctx", min=16, help="Chunk length in tokens; the second half of each chunk is scored."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Use at most this many chunks."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Perplexity, KL divergence to the base model (mean, median, p99, max) and top-1 agreement.
+
+    Both models read the same chunks of the text (llama-perplexity's protocol: chunks of --ctx tokens starting with
+    BOS, second half scored). The base model's log-probabilities are cached in the store, so comparing many
+    quantizations against one base runs the base once. KLD is in nats per token; top-1 agreement is the share of
+    positions where both models' most likely next token is the same.
+
+    Example: edgemoe eval ernie-q4.gguf --base ernie-bf16.gguf --text data/calib/evaluation.txt
+    """
+    from .evaluate import evaluate
+
+    with _quantize_bar(as_json) as bar:
+        task = bar.add_task("eval", total=None, name="chunks")
+        result = evaluate(model, base, text, ctx=ctx, threads=threads, max_chunks=chunks,
+                          progress=lambda i, n: bar.update(task, completed=i, total=n))
+    if as_json:
+        emit_json(result)
+        return
+    console.print(
+        f"{model.name} vs {base.name} on {result.tokens_scored} tokens ({result.chunks} chunks of {ctx}):\n"
+        f"  PPL {result.ppl:.4f} (base {result.base_ppl:.4f})\n"
+        f"  KLD mean {result.kld_mean:.6f} ± {result.kld_stderr:.6f}, median {result.kld_median:.6f}, "
+        f"p99 {result.kld_p99:.6f}, max {result.kld_max:.4f}\n"
+        f"  top-1 agreement {result.top1_agreement:.2%}", highlight=False)
+
+
+@app.command("plan")
+def plan_cmd(
+    model: Path = typer.Argument(..., help="The f32/f16/bf16 GGUF to plan for."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="RAM budget, e.g. 12GiB (KV cache and reserve are subtracted)."),
+    board: bool = typer.Option(False, "--board", help="Use this machine's RAM (as `edgemoe doctor` detects it) as the budget."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Budget the file size directly (no KV/reserve subtracted)."),
+    ctx: int = typer.Option(4096, "--ctx", min=1, help="Context length to keep KV cache room for."),
+    reserve: Optional[str] = typer.Option(None, "--reserve", help="Runtime reserve (default: doctor's, 1 GiB)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (default: computed with `edgemoe imatrix` on --text)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Calibration text for the imatrix and the KLD measurements (default: data/calib/calibration.txt)."),
+    arm_fast: bool = typer.Option(False, "--arm-fast", help="Only Q4_0, IQ4_NL and Q8_0 (fast Arm kernels)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan as a recipe TOML here."),
+    do_quantize: bool = typer.Option(False, "--quantize", help="Apply the plan: quantize MODEL with it."),
+    gguf_out: Optional[Path] = typer.Option(None, "--gguf-out", help="With --quantize: the output GGUF."),
+    chunks: int = typer.Option(16, "--chunks", min=1, help="Chunks of --text per KLD calibration measurement."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Choose a quantization type per tensor that fits a memory budget with the least predicted quality loss.
+
+    File budget = RAM budget - KV cache for --ctx tokens (f16 K and V) - runtime reserve (1 GiB, as doctor).
+    Prediction, measured on this model: every tensor is quantized to every candidate type (Q2_K, Q3_K, IQ4_XS,
+    Q4_K, Q5_K, Q6_K, Q8_0; with --arm-fast Q4_0, IQ4_NL, Q8_0) and its imatrix-weighted output error computed;
+    one KL-divergence gain per tensor role (attn_q, ffn_down_exps, token_embd, ...) is measured by lowering only
+    that role and evaluating against the unquantized model. Predicted KLD of a mix = sum over tensors of gain x
+    error; an exact knapsack picks the mix. Measurements are cached: a second plan for another budget is instant.
+    The plan is a recipe TOML (one rule per role and type, layers listed) you can read, edit and reuse.
+
+    Example: edgemoe plan ernie-thinking-bf16.gguf --budget 16GiB --ctx 8192 --out my16.toml --quantize
+    """
+    from . import plan as stage
+    from .imatrix import compute_imatrix, default_calibration_text
+
+    if sum(x is not None and x is not False for x in (budget, max_size, board or None)) != 1:
+        raise EdgeMoEError("give exactly one of --budget, --board or --max-size", "e.g. --budget 12GiB")
+    text = text or default_calibration_text()
+    with _quantize_bar(as_json) as bar:
+        if imatrix is None:
+            imatrix = model.with_name(model.stem + ".imatrix.gguf")
+            if not imatrix.is_file():
+                task = bar.add_task("imatrix", total=None, name="")
+                compute_imatrix(model, text, imatrix, threads=threads,
+                                progress=lambda i, n: bar.update(task, completed=i, total=n))
+        tasks = {}
+
+        def progress(step, done, total):
+            if step not in tasks:
+                tasks[step] = bar.add_task(step, total=total, name="")
+            bar.update(tasks[step], completed=done, total=total)
+
+        result = stage.plan(model, imatrix, text, ram=stage.parse_size(budget) if budget else None, ctx=ctx,
+                            max_size=stage.parse_size(max_size) if max_size else None,
+                            reserve=stage.parse_size(reserve) if reserve else None, arm_fast=arm_fast, out=out,
+                            threads=threads, max_chunks=chunks, progress=progress)
+        if do_quantize:
+            from .quantize import quantize as run_quantize
+            from .recipe import load_recipe, parse_recipe
+            import tomllib
+
+            recipe = load_recipe(out) if out else parse_recipe(tomllib.loads(result.recipe_toml), "plan")
+            task = bar.add_task("quantize", total=None, name="")
+            q = run_quantize(model, recipe, out=gguf_out, imatrix=imatrix, threads=threads,
+                             progress=lambda i, n, name: bar.update(task, completed=i, total=n, name=name))
+            result.quantized = q.out
+    if as_json:
+        emit_json(result)
+        return
+    from collections import Counter
+
+    console.print(f"file budget {_size(result.budget_bytes)} = {result.budget_formula}", highlight=False)
+    console.print(f"plan: {_size(result.predicted_bytes)}, predicted mean KLD {result.predicted_kld:.5f}; types: "
+                  + ", ".join(f"{n} {t}" for t, n in Counter(c.type for c in result.choices).most_common()),
+                  highlight=False)
+    if not out:
+        console.print(result.recipe_toml, highlight=False, markup=False)
+    else:
+        console.print(f"wrote [bold]{result.out}[/]", highlight=False)
+    if result.quantized:
+        console.print(f"quantized to [bold]{result.quantized}[/]", highlight=False)
+
+
 # ---- profile / prune ----
 
 
