@@ -102,17 +102,23 @@ def _cache_key(base: Path, text: Path, ctx: int, max_chunks: int | None) -> str:
 
 def base_logprobs(base: str | Path, text: str | Path, ctx: int = 512, threads: int | None = None,
                   max_chunks: int | None = None, progress=None) -> tuple[Path, list[list[int]]]:
-    """The base model's log-probs on `text`, cached as <store>/cache/eval/<key>.npz (float16 log-probs)."""
+    """The base model's log-probs on `text`, cached as <store>/cache/eval/<key>.npy (float16) and its exact
+    argmax as <key>.top1.npy."""
     base, text = Path(base), Path(text)
     threads = threads or os.cpu_count() or 1
     llm = _load(base, ctx, threads)
     chunks = _chunks(llm, text, ctx, max_chunks)
     path = home() / "cache" / "eval" / f"{_cache_key(base, text, ctx, max_chunks)}.npy"
-    if not path.is_file():
-        rows = [lp.astype(np.float16) for lp, _ in _forward(llm, chunks, ctx, progress)]
-        with atomic_output(path) as part:
-            with open(part, "wb") as f:
-                np.save(f, np.concatenate(rows))
+    top1 = path.with_suffix(".top1.npy")
+    if not (path.is_file() and top1.is_file()):
+        rows, best = [], []
+        for lp, _ in _forward(llm, chunks, ctx, progress):
+            rows.append(lp.astype(np.float16))
+            best.append(lp.argmax(axis=1).astype(np.int32))  # exact: float16 rounding can tie the top two
+        for target, array in ((path, np.concatenate(rows)), (top1, np.concatenate(best))):
+            with atomic_output(target) as part:
+                with open(part, "wb") as f:
+                    np.save(f, array)
     del llm
     return path, chunks
 
@@ -127,6 +133,7 @@ def evaluate(model: str | Path, base: str | Path, text: str | Path, ctx: int = 5
     threads = threads or os.cpu_count() or 1
     cache, chunks = base_logprobs(base, text, ctx, threads, max_chunks)
     ref = np.load(cache, mmap_mode="r")
+    ref_top1 = np.load(cache.with_suffix(".top1.npy"))
     llm = _load(model, ctx, threads)
     if llm.n_vocab() != ref.shape[1]:
         raise EdgeMoEError(f"{model} has a vocabulary of {llm.n_vocab()}, the base {base} has {ref.shape[1]}",
@@ -141,7 +148,7 @@ def evaluate(model: str | Path, base: str | Path, text: str | Path, ctx: int = 5
         idx = np.arange(len(nxt))
         nll.append(-lp[idx, nxt])
         base_nll.append(-lb[idx, nxt])
-        agree.append(lp.argmax(axis=1) == lb.argmax(axis=1))
+        agree.append(lp.argmax(axis=1) == ref_top1[row - len(nxt):row])
     del llm
     kld_a = np.maximum(np.concatenate(kld), 0.0)  # float16 storage of the base can give -1e-7 for identical models
     n = kld_a.size

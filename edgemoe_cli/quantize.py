@@ -34,6 +34,10 @@ from .store import atomic_output, home, sha256_file, write_manifest
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors total, tensor name)
 
+# K-quant types have no file type of their own; their mixes' names (never Q2_K_S: it changes imatrix rules)
+_FTYPE_OF_TYPE = {"q2_k": "q2_k", "q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m", "iq3_s": "iq3_s",
+                  "mxfp4": "mxfp4_moe"}
+
 
 @dataclass
 class QuantizeResult:
@@ -190,8 +194,10 @@ def quantize(model: str | Path, recipe: str | Path | Recipe, out: str | Path | N
         overrides = [("^" + re.escape(p.name) + "$", p.type) for p in plans if p.rule != "not quantized"]
         expected = {p.name: p.type for p in plans}
         counts = Counter(p.type for p in plans if p.rule != "not quantized" and p.type not in ("f32", "f16", "bf16"))
-        # pure + patterns only apply when the file type's default type is a quantized one
-        ftype = _ftype(counts.most_common(1)[0][0] if counts else "q8_0")
+        # pure + patterns only apply when the file type's default type is a quantized one; name the file after
+        # its most common type (general.file_type is what llama.cpp prints as the model's type)
+        main = counts.most_common(1)[0][0] if counts else "q8_0"
+        ftype = _ftype(_FTYPE_OF_TYPE.get(main, main if hasattr(_binding(), f"LLAMA_FTYPE_MOSTLY_{main.upper()}") else "q8_0"))
     out = Path(out) if out else default_output(model, recipe_name)
     if out.resolve() == model.resolve():
         raise EdgeMoEError(f"output {out} is the input file", "pass a different --out")
