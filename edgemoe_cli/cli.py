@@ -239,7 +239,9 @@ def run(
 
     if verbose and not as_json:
         info = generate.binding_info()
-        err_console.print(f"[dim]libllama: {info.library} ({info.source})\n{info.system_info}[/]", highlight=False)
+        err_console.print(
+            f"[dim]libllama: {info.library} ({info.source})\n{info.system_info}[/]", highlight=False, soft_wrap=True
+        )
     result = generate.run(
         model, text, system=system, max_tokens=max_tokens, threads=threads, ctx=ctx, temp=temp, seed=seed,
         on_text=on_text,
@@ -255,6 +257,7 @@ def run(
         f"generated {result.completion_tokens} tok @ {gen} · TTFT {result.ttft_s:.3f} s · "
         f"peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB[/]{cut}",
         highlight=False,
+        soft_wrap=True,
     )
 
 

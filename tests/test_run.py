@@ -79,6 +79,14 @@ def test_prompt_tokens_match_transformers_reference(models, variant):
     assert generate.tokenize_prompt(llm, text) == seq3[1:]
 
 
+def test_gguf_without_chat_template_gets_plain_text():
+    from types import SimpleNamespace
+
+    llm = SimpleNamespace(metadata={})
+    assert generate.chat_prompt(llm, "The Debian") == ("The Debian", False)
+    assert generate.chat_prompt(llm, "q", system="s") == ("s\nq", False)
+
+
 def test_bos_is_never_doubled(tiny_gguf):
     # a GGUF that asks for BOS, given a prompt whose template already wrote it
     llm = generate.import_binding().Llama(
