@@ -14,6 +14,7 @@ import pytest
 
 from conftest import SHARED_FIXTURES
 from edgemoe_cli import generate
+from edgemoe_cli.cli import main
 from edgemoe_cli.errors import EdgeMoEError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,10 +38,21 @@ def models(tiny_gguf):
         llm.close()
 
 
-def edgemoe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgemoe_cli.cli", *args], capture_output=True, text=True, timeout=300
-    )
+@pytest.fixture
+def edgemoe(monkeypatch, capsys):
+    """Run the CLI's main() in this process (no interpreter start-up per call); returns (exit code, stdout, stderr)."""
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["edgemoe", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code or 0
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return call
 
 
 @pytest.mark.parametrize("variant", ["pt", "thinking"])
@@ -156,7 +168,7 @@ def test_binding_info_names_the_library():
     assert "CPU" in info.system_info and info.llama_cpp_python
 
 
-def test_cli_json(tiny_gguf):
+def test_cli_json(edgemoe, tiny_gguf):
     p = edgemoe("run", str(tiny_gguf("thinking")), "-p", QUESTION, "--temp", "0", "--threads", "1", "--json")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
@@ -164,7 +176,7 @@ def test_cli_json(tiny_gguf):
     assert out["answer"].startswith("The answer is") and out["reasoning"]
 
 
-def test_cli_streams_reasoning_then_answer(tiny_gguf, tmp_path):
+def test_cli_streams_reasoning_then_answer(edgemoe, tiny_gguf, tmp_path):
     question = tmp_path / "q.txt"
     question.write_text(QUESTION + "\n")
     p = edgemoe("run", str(tiny_gguf("thinking")), "-f", str(question), "--temp", "0", "-t", "1")
@@ -183,17 +195,17 @@ def one_line_error(p: subprocess.CompletedProcess, *words: str) -> None:
         assert w in lines[0]
 
 
-def test_cli_missing_file(tmp_path):
+def test_cli_missing_file(edgemoe, tmp_path):
     one_line_error(edgemoe("run", str(tmp_path / "nope.gguf"), "-p", "hi"), "nope.gguf", "no such file")
 
 
-def test_cli_not_a_gguf(tmp_path):
+def test_cli_not_a_gguf(edgemoe, tmp_path):
     bogus = tmp_path / "model.safetensors"
     bogus.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     one_line_error(edgemoe("run", str(bogus), "-p", "hi"), "model.safetensors", "not a GGUF")
 
 
-def test_cli_gguf_that_is_not_a_language_model(tmp_path):
+def test_cli_gguf_that_is_not_a_language_model(edgemoe, tmp_path):
     import gguf
 
     path = tmp_path / "imatrix.gguf"
@@ -206,17 +218,17 @@ def test_cli_gguf_that_is_not_a_language_model(tmp_path):
     one_line_error(edgemoe("run", str(path), "-p", "hi"), "imatrix.gguf", "cannot load", "'imatrix'")
 
 
-def test_cli_empty_prompt_file(tiny_gguf, tmp_path):
+def test_cli_empty_prompt_file(edgemoe, tiny_gguf, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     one_line_error(edgemoe("run", str(tiny_gguf("pt")), "-f", str(empty)), "empty.txt", "empty")
 
 
-def test_cli_missing_prompt_file(tiny_gguf, tmp_path):
+def test_cli_missing_prompt_file(edgemoe, tiny_gguf, tmp_path):
     one_line_error(edgemoe("run", str(tiny_gguf("pt")), "-f", str(tmp_path / "q.txt")), "q.txt")
 
 
-def test_cli_no_prompt_and_two_prompts(tiny_gguf, tmp_path):
+def test_cli_no_prompt_and_two_prompts(edgemoe, tiny_gguf, tmp_path):
     one_line_error(edgemoe("run", str(tiny_gguf("pt"))), "no prompt")
     q = tmp_path / "q.txt"
     q.write_text("hi")
