@@ -132,6 +132,13 @@ def test_pt_reply_is_all_answer(models):
     assert r.reasoning == "" and r.answer == r.raw.strip() and r.answer.startswith("The answer is")
 
 
+def test_stops_at_eos_and_end_of_sentence(models):
+    llm = models["pt"]
+    end_of_sentence = llm.tokenize(b"<|end_of_sentence|>", add_bos=False, special=True)
+    assert end_of_sentence == [4] and llm.token_eos() == 2
+    assert {2, 4} <= generate._stop_tokens(llm)
+
+
 def test_greedy_is_deterministic(models, tiny_gguf):
     first = generate.chat_reply(models["thinking"], QUESTION, max_tokens=80, temp=0)
     again = generate.chat_reply(models["thinking"], QUESTION, max_tokens=80, temp=0)
