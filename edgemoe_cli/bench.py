@@ -17,9 +17,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 

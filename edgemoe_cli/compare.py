@@ -125,13 +125,10 @@ def _prompt(entry: dict, where: str) -> Prompt:
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[Prompt]:
     """Prompts from a TOML file ([[prompt]] tables) or JSON Lines ({"q", "answer"} or {"text", "expected"})."""
+    from .profile import read_text
+
     path = Path(path) if path is not None else default_prompts_file()
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EdgeMoEError(f"prompt file {path}: no such file", "give a .toml or .jsonl prompt file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EdgeMoEError(f"cannot read prompt file {path} ({e})", "give a UTF-8 .toml or .jsonl file") from e
+    raw = read_text(path, "give a UTF-8 .toml or .jsonl prompt file (see configs/prompts/compare.toml)")
     prompts: list[Prompt] = []
     if path.suffix in (".jsonl", ".json"):
         for n, line in enumerate(raw.splitlines(), 1):

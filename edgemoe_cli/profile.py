@@ -105,16 +105,17 @@ def gguf_moe_shape(path: str | Path) -> tuple[str, int, int, list[int]]:
     return arch, key("expert_count"), key("expert_used_count"), layers
 
 
-def read_text(path: str | Path) -> str:
+def read_text(path: str | Path, hint: str = "give a UTF-8 text file with --text") -> str:
+    """The UTF-8 text of `path`; EdgeMoEError (with `hint`) when it is missing, unreadable or blank."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise EdgeMoEError(f"{path}: no such file", "give a UTF-8 text file with --text") from None
+        raise EdgeMoEError(f"{path}: no such file", hint) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise EdgeMoEError(f"cannot read {path} as UTF-8 text ({e})", "give a UTF-8 text file with --text") from e
+        raise EdgeMoEError(f"cannot read {path} as UTF-8 text ({e})", hint) from e
     if not text.strip():
-        raise EdgeMoEError(f"{path} is empty", "give a text with some content to route")
+        raise EdgeMoEError(f"{path} is empty", hint)
     return text
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edgemoe_cli import bench
+from test_prune import other_arch_gguf
 
 EDGEMOE = Path(sys.executable).with_name("edgemoe")
 
@@ -44,10 +45,7 @@ def test_test_names_follow_llama_bench():
 
 def test_errors_are_one_line_and_write_nothing(tiny_gguf, tmp_path):
     model = str(tiny_gguf("pt", "f16"))
-    other = tmp_path / "llama.gguf"
-    w = gguf.GGUFWriter(other, "llama")
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    other = other_arch_gguf(tmp_path / "llama.gguf")
     out = tmp_path / "bench-out"
     for args, message in [
         ([model, "--builds", str(tmp_path / "no-such-build")], "has no bin/llama-bench"),

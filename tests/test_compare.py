@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 
 from conftest import SHARED_FIXTURES
+from test_prune import other_arch_gguf
 from edgemoe_cli import compare
 from edgemoe_cli.errors import EdgeMoEError
 
@@ -91,23 +90,13 @@ def test_default_prompts_cover_the_learning_path_tasks():
     assert any(p.check == "number" for p in prompts) and any(p.expected is None for p in prompts)
 
 
-def _other_arch_gguf(path: Path) -> Path:
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def test_errors_are_one_line_and_write_nothing(tiny_gguf, tmp_path):
     pt, thinking = str(tiny_gguf("pt", "f16")), str(tiny_gguf("thinking", "f16"))
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("[[prompt]]\ntext = 'unterminated\n")
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"q": "What is 1 + 1?", "answer": "2"}\n{"q": \n')
-    other = str(_other_arch_gguf(tmp_path / "llama.gguf"))
+    other = str(other_arch_gguf(tmp_path / "llama.gguf"))
     out = tmp_path / "out" / "report.md"
     cases = [
         (["--pt", pt], "no Thinking model given"),

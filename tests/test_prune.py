@@ -119,7 +119,8 @@ def test_parse_size(text, expected):
     assert prune.parse_size(text) == expected
 
 
-def _other_arch_gguf(path: Path) -> Path:
+def other_arch_gguf(path: Path) -> Path:
+    """A valid GGUF of another architecture (llama), for the 'not ERNIE' errors of prune, compare and bench."""
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
@@ -147,7 +148,7 @@ def test_errors_are_one_line_and_write_nothing(tiny_gguf, tmp_path, args, messag
 
 
 def test_non_ernie_gguf_is_refused(tmp_path):
-    other = _other_arch_gguf(tmp_path / "llama.gguf")
+    other = other_arch_gguf(tmp_path / "llama.gguf")
     out = tmp_path / "out.gguf"
     proc = edgemoe("prune", str(other), "--keep", "2", "--out", str(out))
     assert proc.returncode == 2 and "not ERNIE-4.5 MoE" in proc.stderr and "Traceback" not in proc.stderr
