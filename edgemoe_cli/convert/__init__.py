@@ -19,7 +19,7 @@ from ..store import atomic_output
 from .arch import OUTTYPES, add_hparams, hparams, model_arch, plan_tensors
 from .safetensors import TensorReader, checkpoint_tensors
 from .vocab import build_vocab
-from .writer import Progress, write_gguf
+from .writer import Progress, StreamingGGUFWriter, write_gguf
 
 __all__ = ["ConvertResult", "convert", "OUTTYPES"]
 
@@ -101,7 +101,7 @@ def convert(src: str | Path, out: str | Path, outtype: str = "f16", progress: Pr
     refs = checkpoint_tensors(src)
     plan = plan_tensors(arch, config, refs, outtype)
 
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
+    writer = StreamingGGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
     for t in plan:
         writer.add_tensor_info(t.name, t.shape, "float32", t.nbytes, raw_dtype=t.qtype)
     n_params = writer.get_total_parameter_count()[0]

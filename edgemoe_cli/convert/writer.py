@@ -9,37 +9,86 @@ near one block whatever the tensor.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Callable
 
 import gguf
 import numpy as np
+from gguf import GGUFValueType
 
 from .arch import PlannedTensor
 from .safetensors import TensorReader, to_float32
 
 Q = gguf.GGMLQuantizationType
 
-# Rows are converted in blocks of about this many source bytes: big enough for fast sequential writes and
-# vectorised numpy, small enough that peak memory stays a few blocks.
-BLOCK_BYTES = 32 << 20
+# Rows are converted in blocks of about this many source bytes: big enough for fast sequential I/O and vectorised
+# numpy, small enough that the few reused block buffers are all the memory the data needs.
+BLOCK_BYTES = 16 << 20
 
 Progress = Callable[[int, int, int, int, str], None]  # (bytes done, bytes total, tensors done, tensors total, name)
 
 
-def encode(bits: np.ndarray, src_dtype: str, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+class StreamingGGUFWriter(gguf.GGUFWriter):
+    """GGUFWriter that packs long arrays (the vocabulary: tokens, scores, types) in bulk, same bytes.
+
+    The stock writer packs each item through its generic path, which takes seconds for a 100k-token vocabulary.
+    """
+
+    _BULK = {float: ("<f4", GGUFValueType.FLOAT32), int: ("<i4", GGUFValueType.INT32)}
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
+        if (vtype != GGUFValueType.ARRAY or sub_type is not None or self.endianess != gguf.GGUFEndian.LITTLE
+                or not isinstance(val, (list, tuple)) or len(val) < 256):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        kind = type(val[0])
+        if kind not in (float, int, str, bytes) or any(type(v) is not kind for v in val):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        if kind in self._BULK:
+            fmt, ltype = self._BULK[kind]
+            body = np.asarray(val, dtype=fmt).tobytes()
+        else:
+            ltype = GGUFValueType.STRING
+            items = [v.encode("utf-8") for v in val] if kind is str else val
+            body = b"".join(struct.pack("<Q", len(v)) + v for v in items)
+        head = struct.pack("<I", vtype) if add_vtype else b""
+        return head + struct.pack("<IQ", ltype, len(val)) + body
+
+
+class Scratch:
+    """Reusable buffers, so converting a block allocates (and page-faults) nothing new."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buf = self._bufs.get(key)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self._bufs[key] = np.empty(max(nbytes, 1), np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def encode(bits: np.ndarray, src_dtype: str, qtype: gguf.GGMLQuantizationType, scratch: Scratch | None = None) -> np.ndarray:
     """Stored checkpoint values -> the bytes of `qtype`, exactly as llama.cpp's converter computes them.
 
     llama.cpp widens anything that is not f16/f32 (bf16) to f32 and then casts or quantizes with gguf.quants;
-    the bf16 fast paths below give the same bits without the detour.
+    the bf16 fast paths below give the same bits without the detour and into reused buffers.
     """
+    scratch = scratch or Scratch()
     if src_dtype == "BF16":
         if qtype == Q.BF16:
             # f32 from bf16 has zero low bits, so round-to-nearest-even is the identity; only NaNs change
-            # (ggml forces them quiet)
-            nan = (bits & 0x7FFF) > 0x7F80
-            return np.where(nan, bits | 0x0040, bits) if nan.any() else bits
-        values = to_float32(bits, src_dtype)
+            # (ggml forces them quiet). A float max propagates NaN, and is far cheaper than masking the bits.
+            wide = to_float32(bits, src_dtype, out=scratch.get("f32", bits.shape, np.float32))
+            if wide.size and np.isnan(wide.max()):
+                return np.where((bits & 0x7FFF) > 0x7F80, bits | 0x0040, bits)
+            return bits
+        values = to_float32(bits, src_dtype, out=scratch.get("f32", bits.shape, np.float32))
+        if qtype == Q.F16:
+            f16 = scratch.get("f16", bits.shape, np.float16)
+            np.copyto(f16, values, casting="same_kind")
+            return f16
     elif src_dtype in ("F32", "F16"):
         values = bits
     else:
@@ -56,6 +105,7 @@ def write_gguf(writer: gguf.GGUFWriter, path: Path, plan: list[PlannedTensor], r
     """Write the file: `writer` already holds the keys and every planned tensor's info, in plan order."""
     total = sum(t.nbytes for t in plan)
     done = 0
+    scratch = Scratch()
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -64,17 +114,15 @@ def write_gguf(writer: gguf.GGUFWriter, path: Path, plan: list[PlannedTensor], r
     for i, tensor in enumerate(plan):
         start = fout.tell()
         for piece in tensor.pieces:
-            row_bytes = max(piece.ref.row_nbytes, 1)
-            step = max(1, BLOCK_BYTES // row_bytes)
+            step = max(1, BLOCK_BYTES // max(piece.ref.row_nbytes, 1))
             for a in range(piece.start, piece.stop, step):
                 b = min(a + step, piece.stop)
-                data = encode(reader.rows(piece.ref, a, b),
-                              piece.ref.dtype, tensor.qtype)
+                src = scratch.get("src", ((b - a) * piece.ref.row_nbytes,), np.uint8)
+                data = encode(reader.read_rows(piece.ref, a, b, out=src), piece.ref.dtype, tensor.qtype, scratch)
                 fout.write(np.ascontiguousarray(data).data)
                 done += data.nbytes
                 if progress is not None:
                     progress(done, total, i, len(plan), tensor.name)
-            reader.release(piece.ref)
         written = fout.tell() - start
         if written != tensor.nbytes:  # a mismatch here would only surface as a corrupt file at load time
             raise RuntimeError(f"tensor {tensor.name} wrote {written} bytes, expected {tensor.nbytes}")
