@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""File size vs quality loss on the tiny ERNIE fixtures: stock llama.cpp mixes, our recipes, and `plan` -> bench/quality.md
+
+usage: .venv/bin/python bench/quality.py [--variants thinking pt] [--chunks 16] [--threads 2] [--work DIR]
+
+For each variant:
+1. convert the fixture to f32 GGUF: the reference every KLD is measured against;
+2. split /work/shared/fixtures/calib.txt at a line near 100 KB: the first part is the calibration text (imatrix and
+   plan's KLD calibration), the rest the evaluation text — nothing is ever evaluated on calibration text;
+3. `edgemoe imatrix` (llama-imatrix) on the calibration part;
+4. quantize with every stock llama.cpp mix that applies, all with that imatrix; with our built-in recipes; and with
+   `plan` at the file size of each stock K-quant mix (plan --max-size = that file's size);
+5. `edgemoe eval` on the evaluation part: mean KLD (± standard error), p99 KLD, top-1 agreement, PPL.
+Every number in bench/quality.md and bench/quality.png comes from this script; raw rows go to bench/quality.json.
+Finished evaluations are kept in --work (results.json) so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from edgemoe_cli import evaluate, imatrix, plan, quantize  # noqa: E402
+from edgemoe_cli.convert import convert  # noqa: E402
+from edgemoe_cli.recipe import read_tensors  # noqa: E402
+from edgemoe_cli.report import _pyplot, _save, human_bytes, markdown_table, write_json, write_text  # noqa: E402
+
+FIXTURES = Path(os.environ.get("EDGEMOE_SHARED_FIXTURES", REPO.parent / "shared" / "fixtures"))
+STOCK = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "IQ4_NL", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S",
+         "Q5_K_M", "Q6_K", "Q8_0")
+PLAN_AT = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")  # plan at these stock files' sizes
+RECIPES = ("q4_0-uniform", "edge-small", "edge-balanced", "arm-fast")
+CALIB_BYTES = 100_000
+
+
+def split_text(src: Path, work: Path) -> tuple[Path, Path]:
+    text = src.read_text(encoding="utf-8")
+    cut = text.rfind("\n", 0, CALIB_BYTES) + 1
+    calib, held_out = work / "calibration-part.txt", work / "evaluation-part.txt"
+    calib.write_text(text[:cut], encoding="utf-8")
+    held_out.write_text(text[cut:], encoding="utf-8")
+    return calib, held_out
+
+
+def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    calib, held_out = split_text(FIXTURES / "calib.txt", work)
+    f32 = work / "f32.gguf"
+    if not f32.is_file():
+        convert(FIXTURES / f"tiny-ernie-{variant}", f32, "f32")
+    im_path = work / "imatrix.gguf"
+    t0 = time.perf_counter()
+    if not im_path.is_file():
+        imatrix.compute_imatrix(f32, calib, im_path, ctx=512, threads=args.threads)
+    info = {"imatrix_seconds": round(time.perf_counter() - t0, 1)}
+
+    def measure(kind: str, name: str, recipe, extra: dict | None = None) -> dict:
+        key = f"{variant}/{name}"
+        if key in results:
+            return results[key]
+        out = work / f"{name.replace(':', '-')}.gguf"
+        quantize.quantize(f32, recipe, out=out, imatrix=im_path, threads=args.threads, manifest=False)
+        e = evaluate.evaluate(out, f32, held_out, ctx=512, threads=args.threads, max_chunks=args.chunks)
+        row = {"variant": variant, "kind": kind, "name": name, "bytes": out.stat().st_size, "kld": e.kld_mean,
+               "kld_se": e.kld_stderr, "kld_p99": e.kld_p99, "top1": e.top1_agreement, "ppl": e.ppl,
+               "base_ppl": e.base_ppl, "tokens": e.tokens_scored, **(extra or {})}
+        results[key] = row
+        save()
+        print(f"{key:32} {row['bytes']:>10,} B  KLD {row['kld']:.5f} ± {row['kld_se']:.5f}  top1 {row['top1']:.3f}",
+              flush=True)
+        out.unlink(missing_ok=True)
+        return row
+
+    for ft in STOCK:
+        measure("stock", f"stock:{ft}", f"stock:{ft}")
+    for r in RECIPES:
+        measure("recipe", r, r)
+    t0 = time.perf_counter()
+    m = plan.measure(f32, im_path, calib, max_chunks=args.plan_chunks, threads=args.threads,
+                     workdir=work, progress=lambda s, d, n: print(f"  plan {s} {d}/{n}", flush=True))
+    info["plan_measure_seconds"] = m.seconds
+    info["plan_gains"] = m.gains
+    info["plan_calibration_kld"] = m.calibration_kld
+    tensors, overhead = read_tensors(f32)
+    for ft in PLAN_AT:
+        size = results[f"{variant}/stock:{ft}"]["bytes"]
+        p = plan.plan_from_measurements(m, tensors, overhead, size, f"--max-size {size}", f"plan-at-{ft}")
+        recipe_path = work / f"plan-at-{ft}.toml"
+        recipe_path.write_text(p.recipe_toml)
+        measure("plan", f"plan@{ft}", recipe_path, {"budget": size, "predicted_kld": p.predicted_kld,
+                                                     "predicted_bytes": p.predicted_bytes})
+    info["plan_solve_note"] = "plan_from_measurements per budget takes well under a second once measured"
+    # how well the additive prediction ranks the stock K-quant mixes it can express (all types in its candidate set)
+    info["stock_predicted"] = {}
+    for ft in STOCK:
+        key = f"{variant}/stock:{ft}"
+        q = work / "stock-types.gguf"
+        if ft in ("IQ4_NL", "Q4_0"):
+            continue
+        quantize.quantize(f32, f"stock:{ft}", out=q, imatrix=im_path, threads=args.threads, manifest=False)
+        types = {t.name: t.type for t in read_tensors(q)[0]}
+        q.unlink()
+        try:
+            info["stock_predicted"][ft] = sum(m.predicted(n, t) for n, t in types.items() if n in m.errors)
+        except KeyError:  # a type outside the candidate set (e.g. q4_1, q5_0)
+            continue
+    return info
+
+
+def write_report(args, results: dict, infos: dict, seconds: float) -> None:
+    rows = list(results.values())
+    write_json({"rows": rows, "info": infos}, REPO / "bench" / "quality.json")
+    plt = _pyplot()
+    variants = [v for v in args.variants if any(r["variant"] == v for r in rows)]
+    fig, axes = plt.subplots(1, len(variants), figsize=(6.5 * len(variants), 4.8), squeeze=False)
+    md = ["# Quality vs size: stock llama.cpp mixes, edgemoe recipes, and `edgemoe plan`\n",
+          "Made by `.venv/bin/python bench/quality.py` (" + f"{seconds / 60:.0f} min on this machine, "
+          f"{args.threads} threads). Reference: the f32 GGUF of each fixture. Calibration (imatrix, plan's KLD gains): "
+          f"the first {CALIB_BYTES // 1000} KB of fixtures/calib.txt; evaluation: the rest of it "
+          f"({args.chunks} chunks of 512 tokens, second halves scored). All quantizations use the same imatrix. "
+          "KLD = mean KL(f32 || model) in nats/token, ± its standard error.\n"]
+    for ax, v in zip(axes[0], variants):
+        vr = sorted((r for r in rows if r["variant"] == v), key=lambda r: r["bytes"])
+        stock = [r for r in vr if r["kind"] == "stock"]
+        ks = [r for r in stock if r["name"].split(":")[1] in STOCK]
+        ax.plot([r["bytes"] / 2**20 for r in ks], [r["kld"] for r in ks], "o-", color="grey", label="stock llama.cpp")
+        for r in stock:
+            ax.annotate(r["name"].split(":")[1], (r["bytes"] / 2**20, r["kld"]), fontsize=7, color="dimgrey",
+                        textcoords="offset points", xytext=(3, 3))
+        rec = [r for r in vr if r["kind"] == "recipe"]
+        ax.plot([r["bytes"] / 2**20 for r in rec], [r["kld"] for r in rec], "s", color="tab:blue", label="edgemoe recipes")
+        for r in rec:
+            ax.annotate(r["name"], (r["bytes"] / 2**20, r["kld"]), fontsize=7, color="tab:blue",
+                        textcoords="offset points", xytext=(3, -9))
+        pl = [r for r in vr if r["kind"] == "plan"]
+        ax.plot([r["bytes"] / 2**20 for r in pl], [r["kld"] for r in pl], "D-", color="tab:red", label="edgemoe plan")
+        ax.set_yscale("log")
+        ax.set_xlabel("file size (MiB)")
+        ax.set_ylabel("mean KLD vs f32 (nats/token, log)")
+        ax.set_title(f"tiny-ernie-{v}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+
+        md.append(f"\n## tiny-ernie-{v}\n")
+        md.append(markdown_table(
+            ["model", "kind", "size", "mean KLD", "± se", "p99 KLD", "top-1", "PPL (f32: %.3f)" % vr[0]["base_ppl"]],
+            [[r["name"], r["kind"], human_bytes(r["bytes"]), round(r["kld"], 5), round(r["kld_se"], 5),
+              round(r["kld_p99"], 4), f"{r['top1']:.1%}", round(r["ppl"], 3)] for r in vr], align="llrrrrrr"))
+        by = {r["name"]: r for r in vr}
+        lines = []
+        for ft in PLAN_AT:
+            s, p = by.get(f"stock:{ft}"), by.get(f"plan@{ft}")
+            if s and p:
+                below = p["kld"] + p["kld_se"] < s["kld"] - s["kld_se"]
+                lines.append([ft, human_bytes(s["bytes"]), human_bytes(p["bytes"]), round(s["kld"], 5),
+                              round(p["kld"], 5), round(p["kld"] / s["kld"], 3), round(p["predicted_kld"], 5),
+                              "yes" if below else "no"])
+        md.append("\n`plan` at each stock mix's file size (budget = that file's size):\n\n")
+        md.append(markdown_table(["stock mix", "stock size", "plan size", "stock KLD", "plan KLD", "plan/stock",
+                                  "plan predicted KLD (calibration text)", "below beyond ±1 se"], lines,
+                                 align="lrrrrrrl"))
+        info = infos.get(v, {})
+        if info.get("stock_predicted"):
+            pred = [[ft, round(info["stock_predicted"][ft], 5), round(by[f"stock:{ft}"]["kld"], 5),
+                     round(by[f"stock:{ft}"]["kld"] / info["stock_predicted"][ft], 2)]
+                    for ft in info["stock_predicted"] if f"stock:{ft}" in by]
+            md.append("\nAdditivity check: plan's prediction (sum over tensors of gain x error, calibrated one role "
+                      "at a time on the calibration text) against the measured KLD of stock mixes it never saw:\n\n")
+            md.append(markdown_table(["stock mix", "predicted KLD", "measured KLD", "measured/predicted"], pred,
+                                     align="lrrr"))
+        if info.get("plan_gains"):
+            md.append("\nMeasured per-role KLD when only that role is Q3_K (calibration text), the basis of the gains:\n\n")
+            md.append(markdown_table(["role", "KLD with only this role at Q3_K", "gain (KLD per unit error)"],
+                                     [[k, round(info["plan_calibration_kld"][k], 5), f"{info['plan_gains'][k]:.3g}"]
+                                      for k in sorted(info["plan_gains"], key=lambda k: -info["plan_calibration_kld"][k])],
+                                     align="lrr"))
+            md.append(f"\nplan measurement time: {info['plan_measure_seconds']} (seconds)\n")
+    fig.suptitle("file size vs mean KLD (lower is better)", fontsize=11)
+    _save(fig, REPO / "bench" / "quality.png")
+    md.append("\n![size vs KLD](quality.png)\n")
+    write_text("".join(md), REPO / "bench" / "quality.md")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["thinking", "pt"], choices=("thinking", "pt"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunks", type=int, default=16, help="evaluation chunks of 512 tokens (at most)")
+    ap.add_argument("--plan-chunks", type=int, default=8, help="calibration chunks per plan gain measurement")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edgemoe-bench-quality"))
+    args = ap.parse_args()
+    t0 = time.time()
+    args.work.mkdir(parents=True, exist_ok=True)
+    store = args.work / "results.json"
+    results = json.loads(store.read_text()) if store.is_file() else {}
+
+    def save():
+        store.write_text(json.dumps(results, indent=1))
+
+    infos = {v: run_variant(v, args.work / v, args, results, save) for v in args.variants}
+    write_report(args, results, infos, time.time() - t0)
+
+
+if __name__ == "__main__":
+    main()

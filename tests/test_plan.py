@@ -1,0 +1,127 @@
+"""plan: the budget formula, the exact knapsack, choices that follow measured sensitivities, end to end."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgemoe_cli import plan
+from edgemoe_cli.errors import EdgeMoEError
+from edgemoe_cli.recipe import TensorInfo, load_recipe, resolve, tensor_bytes
+
+
+def test_parse_size():
+    assert plan.parse_size("12GiB") == 12 * 1024**3
+    assert plan.parse_size("11.5 GB") == 11_500_000_000
+    assert plan.parse_size("800MiB") == 800 * 1024**2
+    assert plan.parse_size("123456") == 123456
+    with pytest.raises(EdgeMoEError, match="cannot read the size"):
+        plan.parse_size("twelve")
+
+
+def test_knapsack_is_exact_on_small_cases():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        options = {f"g{i}": {t: (int(rng.integers(10, 100)), float(rng.random())) for t in "abc"} for i in range(5)}
+        budget = int(rng.integers(150, 400))
+        feasible = [(sum(options[g][t][1] for g, t in zip(options, combo)), combo)
+                    for combo in itertools.product("abc", repeat=5)
+                    if sum(options[g][t][0] for g, t in zip(options, combo)) <= budget]
+        if not feasible:
+            with pytest.raises(ValueError):
+                plan.solve(options, budget, bins=budget)
+            continue
+        best = min(feasible)
+        got = plan.solve(options, budget, bins=budget)  # unit = 1 byte: exact
+        assert sum(options[g][got[g]][0] for g in options) <= budget
+        assert sum(options[g][got[g]][1] for g in options) == pytest.approx(best[0])
+
+
+def _fake(names_shapes, gains):
+    tensors = [TensorInfo(n, s, "f32", int(np.prod(s))) for n, s in names_shapes]
+    types = ["q2_k", "q4_k", "q8_0"]
+    # error falls with bits the same way for every tensor; gains decide who deserves bits
+    scale = {"q2_k": 1.0, "q4_k": 0.1, "q8_0": 0.001}
+    errors = {t.name: {ty: scale[ty] * t.n_elements / 1e5 for ty in types} for t in tensors}
+    m = plan.Measurements("m.gguf", "im.gguf", "t.txt", types, "q2_k", errors, gains, {}, {})
+    return tensors, m
+
+
+def test_plan_respects_the_budget_and_follows_sensitivities():
+    shapes = [("token_embd.weight", (256, 8192)), ("blk.1.attn_q.weight", (256, 256)),
+              ("blk.1.ffn_up_exps.weight", (256, 256, 16)), ("blk.1.ffn_down_exps.weight", (256, 256, 16)),
+              ("blk.1.attn_norm.weight", (256,))]
+    tensors, m = _fake(shapes, {"token_embd": 1.0, "attn_q": 1.0, "ffn_up_exps": 0.01, "ffn_down_exps": 1.0})
+    for budget in (3_000_000, 4_000_000, 5_000_000):
+        p = plan.plan_from_measurements(m, tensors, 1000, budget)
+        assert p.predicted_bytes <= budget
+        types = {c.tensor: c.type for c in p.choices}
+        # the same shape, 100x less sensitive: never more bits than its sensitive twin
+        order = ["q2_k", "q4_k", "q8_0"]
+        assert order.index(types["blk.1.ffn_up_exps.weight"]) <= order.index(types["blk.1.ffn_down_exps.weight"])
+        # the written recipe reproduces the plan exactly
+        recipe = load_recipe_text(p.recipe_toml)
+        plans, problems = resolve(recipe, tensors)
+        assert {x.name: x.type for x in plans if x.rule != "not quantized"} == types
+        assert not [x for x in problems if x.severity == "error"]
+    with pytest.raises(EdgeMoEError, match="below the smallest mix"):
+        plan.plan_from_measurements(m, tensors, 1000, 100_000)
+    # more budget never predicts more loss
+    kl = [plan.plan_from_measurements(m, tensors, 1000, b).predicted_kld for b in (2_500_000, 3_500_000, 6_000_000)]
+    assert kl[0] >= kl[1] >= kl[2]
+
+
+def load_recipe_text(text):
+    import tomllib
+
+    from edgemoe_cli.recipe import parse_recipe
+
+    return parse_recipe(tomllib.loads(text), "plan.toml")
+
+
+def test_file_budget_formula(tiny_gguf):
+    from edgemoe_cli.board import RUNTIME_RESERVE_BYTES, kv_cache_bytes
+
+    model = tiny_gguf("thinking")
+    budget, formula = plan.file_budget(model, ram=2 * 1024**3, ctx=4096)
+    # the fixture: 4 layers, 2 KV heads, head size 256/4 = 64
+    assert budget == 2 * 1024**3 - kv_cache_bytes(4096, n_layers=4, n_kv_heads=2, head_dim=64) - RUNTIME_RESERVE_BYTES
+    assert "KV cache for 4096 tokens" in formula and "runtime reserve" in formula
+    assert plan.file_budget(model, max_size=5_000_000)[0] == 5_000_000
+
+
+def test_plan_cli_bad_input_is_one_line(tiny_gguf):
+    model = str(tiny_gguf("thinking"))
+    for args, needle in ((["plan", model], "give exactly one of --budget, --board or --max-size"),
+                         (["plan", model, "--budget", "lots"], "cannot read the size 'lots'"),
+                         (["plan", "/nope.gguf", "--max-size", "5MB", "--imatrix", "/nope.im"], "does not exist")):
+        out = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli"] + args, capture_output=True, text=True)
+        assert out.returncode == 2 and needle in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_plan_end_to_end_on_the_fixture(tiny_gguf, tmp_path):
+    """Measured gains, a plan under budget, applied; its measured KLD beats uniform Q4_0 at no larger size."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_quantize import write_imatrix
+
+    from edgemoe_cli.evaluate import evaluate
+    from edgemoe_cli.quantize import quantize
+
+    model = tiny_gguf("thinking")
+    text = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "calib" / "calibration.txt"
+    im = write_imatrix(tmp_path / "im.gguf", model)
+    q4 = quantize(model, "q4_0-uniform", out=tmp_path / "q4.gguf", imatrix=im, threads=2)
+    res = plan.plan(model, im, text, max_size=q4.bytes, out=tmp_path / "p.toml", threads=2, max_chunks=2)
+    assert res.predicted_bytes <= q4.bytes
+    assert res.gains["token_embd"] > 0 and set(res.calibration_kld) >= {"attn_q", "ffn_down_exps", "token_embd"}
+    p = quantize(model, tmp_path / "p.toml", out=tmp_path / "p.gguf", imatrix=im, threads=2)
+    assert p.bytes <= q4.bytes + 4096
+    e_p = evaluate(tmp_path / "p.gguf", model, text, ctx=256, max_chunks=4, threads=2)
+    e_q = evaluate(tmp_path / "q4.gguf", model, text, ctx=256, max_chunks=4, threads=2)
+    assert e_p.kld_mean < e_q.kld_mean
