@@ -705,6 +705,11 @@ def plan_cmd(
 
     if sum(x is not None and x is not False for x in (budget, max_size, board or None)) != 1:
         raise EdgeMoEError("give exactly one of --budget, --board or --max-size", "e.g. --budget 12GiB")
+    ram = stage.parse_size(budget) if budget else None
+    size = stage.parse_size(max_size) if max_size else None
+    reserve_bytes = stage.parse_size(reserve) if reserve else None
+    if not model.is_file():
+        raise EdgeMoEError(f"model {model} does not exist", "pass the f32/f16/bf16 GGUF `edgemoe convert` wrote")
     text = text or default_calibration_text()
     with _quantize_bar(as_json) as bar:
         if imatrix is None:
@@ -720,9 +725,8 @@ def plan_cmd(
                 tasks[step] = bar.add_task(step, total=total, name="")
             bar.update(tasks[step], completed=done, total=total)
 
-        result = stage.plan(model, imatrix, text, ram=stage.parse_size(budget) if budget else None, ctx=ctx,
-                            max_size=stage.parse_size(max_size) if max_size else None,
-                            reserve=stage.parse_size(reserve) if reserve else None, arm_fast=arm_fast, out=out,
+        result = stage.plan(model, imatrix, text, ram=ram, ctx=ctx, max_size=size, reserve=reserve_bytes,
+                            arm_fast=arm_fast, out=out,
                             threads=threads, max_chunks=chunks, progress=progress)
         if do_quantize:
             from .quantize import quantize as run_quantize
