@@ -814,7 +814,8 @@ def profile(
                       f"{u.exponential_r2:.3f}")
     console.print(table)
     console.print(f"all layers: {result.power_law['verdict']}")
-    console.print(f"wrote {result.outputs['json']} and {result.outputs['heatmap']}", highlight=False)
+    console.print(f"wrote {result.outputs['json']}, {result.outputs['heatmap']} and {result.outputs['rank_plot']}",
+                  highlight=False)
 
 
 @app.command()

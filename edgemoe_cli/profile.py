@@ -296,7 +296,8 @@ def profile(
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ProfileResult:
-    """`edgemoe profile`: route `text_file` through `model`; write profile.json and expert-usage.png to `out_dir`."""
+    """`edgemoe profile`: route `text_file` through `model`; write profile.json, expert-usage.png (heatmap) and
+    usage-vs-rank.png to `out_dir`."""
     from . import report
 
     gguf_moe_shape(model)  # fail on a wrong model before anything is created
@@ -309,7 +310,9 @@ def profile(
         trace.counts, trace.layers, heatmap,
         title=f"Expert usage: {Path(model).name} on {Path(text_file).name} ({trace.n_tokens} tokens)",
     )
-    result.outputs = {"heatmap": str(heatmap), "json": str(json_path)}
+    rank = report.rank_plot(trace.counts, trace.layers, out_dir / "usage-vs-rank.png",
+                            title=f"Usage vs rank (log-log; a power law is a line): {result.power_law['verdict']}")
+    result.outputs = {"heatmap": str(heatmap), "rank_plot": str(rank), "json": str(json_path)}
     with atomic_output(json_path) as part:
         part.write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
     return result

@@ -149,3 +149,22 @@ def bar_plot(labels: Sequence[str], groups: dict[str, Sequence[float]], path: st
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def rank_plot(counts: np.ndarray, layers: Sequence[int], path: str | Path, title: str) -> Path:
+    """Each layer's expert usage share against its rank, log-log: a power law is a straight line here."""
+    plt = _pyplot()
+    counts = np.asarray(counts, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for il, row in zip(layers, counts):
+        share = np.sort(row[row > 0])[::-1] / max(row.sum(), 1)
+        ax.plot(np.arange(1, len(share) + 1), share, marker=".", linewidth=1, label=f"layer {il}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("expert rank in its layer")
+    ax.set_ylabel("share of the layer's routed tokens")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if len(layers) <= 12:
+        ax.legend(fontsize=7)
+    return _save(fig, path)

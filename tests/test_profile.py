@@ -48,7 +48,8 @@ def test_trace_gate_weights_are_normalized_per_token(tiny_gguf):
 
 def test_statistics_and_files(profiled):
     out, result = profiled
-    assert (out / "expert-usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("expert-usage.png", "usage-vs-rank.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "profile.json").read_text())["counts"] == result["counts"]
     for layer, counts in zip(result["layers"], result["counts"]):
         p = np.array(counts) / sum(counts)
