@@ -354,3 +354,11 @@ def test_cli_convert_json(tmp_path, monkeypatch, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["out"] == str(out) and result["outtype"] == "bf16" and result["n_tensors"] == 53
     assert result["n_bytes"] == out.stat().st_size
+
+
+@pytest.mark.parametrize("nan_bits", [0x7F81, 0x7FFF, 0xFF81, 0xFFC0])
+def test_bf16_passthrough_quiets_every_nan(nan_bits):
+    bits = np.array([[0x3F80, nan_bits, 0xBF80, 0x7F80]], dtype=np.uint16)
+    f32 = (bits.astype(np.uint32) << 16).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        assert writer.encode(bits, "BF16", Q.BF16).tobytes() == gguf.quants.quantize(f32, Q.BF16).tobytes()

@@ -10,6 +10,7 @@ near one block whatever the tensor.
 from __future__ import annotations
 
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +25,7 @@ Q = gguf.GGMLQuantizationType
 
 # Rows are converted in blocks of about this many source bytes: big enough for fast sequential I/O and vectorised
 # numpy, small enough that the few reused block buffers are all the memory the data needs.
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 8 << 20
 
 Progress = Callable[[int, int, int, int, str], None]  # (bytes done, bytes total, tensors done, tensors total, name)
 
@@ -79,9 +80,9 @@ def encode(bits: np.ndarray, src_dtype: str, qtype: gguf.GGMLQuantizationType, s
     if src_dtype == "BF16":
         if qtype == Q.BF16:
             # f32 from bf16 has zero low bits, so round-to-nearest-even is the identity; only NaNs change
-            # (ggml forces them quiet). A float max propagates NaN, and is far cheaper than masking the bits.
-            wide = to_float32(bits, src_dtype, out=scratch.get("f32", bits.shape, np.float32))
-            if wide.size and np.isnan(wide.max()):
+            # (ggml forces them quiet). NaN bits are 0x7F81..0x7FFF (the largest int16 values) or 0xFF81..0xFFFF
+            # (the largest uint16 values): two max reductions find them without a temporary array.
+            if bits.size and (bits.view(np.int16).max() > 0x7F80 or bits.max() > 0xFF80):
                 return np.where((bits & 0x7FFF) > 0x7F80, bits | 0x0040, bits)
             return bits
         values = to_float32(bits, src_dtype, out=scratch.get("f32", bits.shape, np.float32))
@@ -102,31 +103,47 @@ def encode(bits: np.ndarray, src_dtype: str, qtype: gguf.GGMLQuantizationType, s
 
 def write_gguf(writer: gguf.GGUFWriter, path: Path, plan: list[PlannedTensor], reader: TensorReader,
                progress: Progress | None = None) -> None:
-    """Write the file: `writer` already holds the keys and every planned tensor's info, in plan order."""
+    """Write the file: `writer` already holds the keys and every planned tensor's info, in plan order.
+
+    Writing runs on one background thread while the next block is read and converted (two sets of buffers take
+    turns), so the conversion's CPU time and the disk's write-back overlap instead of adding up.
+    """
     total = sum(t.nbytes for t in plan)
     done = 0
-    scratch = Scratch()
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     fout = writer.fout[0]
     writer.write_padding(fout, fout.tell())
-    for i, tensor in enumerate(plan):
-        start = fout.tell()
-        for piece in tensor.pieces:
-            step = max(1, BLOCK_BYTES // max(piece.ref.row_nbytes, 1))
-            for a in range(piece.start, piece.stop, step):
-                b = min(a + step, piece.stop)
-                src = scratch.get("src", ((b - a) * piece.ref.row_nbytes,), np.uint8)
-                data = encode(reader.read_rows(piece.ref, a, b, out=src), piece.ref.dtype, tensor.qtype, scratch)
-                fout.write(np.ascontiguousarray(data).data)
-                done += data.nbytes
-                if progress is not None:
-                    progress(done, total, i, len(plan), tensor.name)
-        written = fout.tell() - start
-        if written != tensor.nbytes:  # a mismatch here would only surface as a corrupt file at load time
-            raise RuntimeError(f"tensor {tensor.name} wrote {written} bytes, expected {tensor.nbytes}")
-        writer.write_padding(fout, written)
-        if progress is not None:
-            progress(done, total, i + 1, len(plan), tensor.name)
+    fout.flush()
+    scratches, in_flight, paddings = [Scratch(), Scratch()], [None, None], []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-write") as pool:
+        turn = 0
+        for i, tensor in enumerate(plan):
+            written = 0
+            for piece in tensor.pieces:
+                step = max(1, BLOCK_BYTES // max(piece.ref.row_nbytes, 1))
+                for a in range(piece.start, piece.stop, step):
+                    b = min(a + step, piece.stop)
+                    if in_flight[turn] is not None:  # this turn's buffers may still be being written
+                        in_flight[turn].result()
+                    scratch = scratches[turn]
+                    src = scratch.get("src", ((b - a) * piece.ref.row_nbytes,), np.uint8)
+                    data = np.ascontiguousarray(
+                        encode(reader.read_rows(piece.ref, a, b, out=src), piece.ref.dtype, tensor.qtype, scratch))
+                    in_flight[turn] = pool.submit(fout.write, data.data)
+                    turn ^= 1
+                    written += data.nbytes
+                    done += data.nbytes
+                    if progress is not None:
+                        progress(done, total, i, len(plan), tensor.name)
+            if written != tensor.nbytes:  # a mismatch here would only surface as a corrupt file at load time
+                raise RuntimeError(f"tensor {tensor.name} gave {written} bytes, expected {tensor.nbytes}")
+            paddings.append(pool.submit(writer.write_padding, fout, written))
+            if progress is not None:
+                progress(done, total, i + 1, len(plan), tensor.name)
+        for future in [*in_flight, *paddings]:
+            if future is not None:
+                future.result()
+    # every write ran on the pool, in order; a failed one raised above through its future
     writer.close()
