@@ -558,6 +558,12 @@ def recipe_show(
         raise typer.Exit(2)
 
 
+def _counter(bar, label: str, unit: str = ""):
+    """A progress callback (done, total) that drives a new task of `bar`."""
+    task = bar.add_task(label, total=None, name=unit)
+    return lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def _quantize_bar(disable: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -624,9 +630,8 @@ def imatrix_cmd(
     from .imatrix import compute_imatrix
 
     with _quantize_bar(as_json) as bar:
-        task = bar.add_task("imatrix", total=None, name="chunks")
         result = compute_imatrix(model, text, out, ctx=ctx, threads=threads, chunks=chunks,
-                                 progress=lambda i, n: bar.update(task, completed=i, total=n))
+                                 progress=_counter(bar, "imatrix", "chunks"))
     if as_json:
         emit_json(result)
         return
@@ -656,9 +661,8 @@ def eval_cmd(
     from .evaluate import evaluate
 
     with _quantize_bar(as_json) as bar:
-        task = bar.add_task("eval", total=None, name="chunks")
         result = evaluate(model, base, text, ctx=ctx, threads=threads, max_chunks=chunks,
-                          progress=lambda i, n: bar.update(task, completed=i, total=n))
+                          progress=_counter(bar, "eval", "chunks"))
     if as_json:
         emit_json(result)
         return
@@ -716,9 +720,7 @@ def plan_cmd(
         if imatrix is None:
             imatrix = model.with_name(model.stem + ".imatrix.gguf")
             if not imatrix.is_file():
-                task = bar.add_task("imatrix", total=None, name="")
-                compute_imatrix(model, text, imatrix, threads=threads,
-                                progress=lambda i, n: bar.update(task, completed=i, total=n))
+                compute_imatrix(model, text, imatrix, threads=threads, progress=_counter(bar, "imatrix", "chunks"))
         tasks = {}
 
         def progress(step, done, total):
