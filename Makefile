@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EDGEMOE := $(VENV)/bin/edgemoe
-# pip's wheel cache keeps the compiled llama-cpp-python, so only the first install on a machine compiles.
 PIP := $(PY) -m pip --disable-pip-version-check -q
+# llama.cpp is compiled once per machine, by `edgemoe build` (cached in ~/.cache/edgemoe/builds): the Python
+# binding is installed without its own copy (LLAMA_BUILD=OFF) and loads that build's libllama.
+LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"\(llama-cpp-python==[0-9.]*\)".*/\1/p' pyproject.toml)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: setup demo test test-fast bench clean help
@@ -16,13 +18,18 @@ help:
 	@echo "make test-fast  tests not marked slow"
 	@echo "make setup      create $(VENV) and install edgemoe with its dependencies"
 
+# The binding skips pip's wheel cache: a library-less wheel must not be reused by other projects' installs.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PIP) install --no-cache-dir '$(LLAMA_CPP_PYTHON)'
 	$(PIP) install -e '.[test]'
 	touch $@
 
+# Idempotent: after the first time `edgemoe build` is a cache hit and returns at once.
+# EDGEMOE_BUILD_ARGS passes options to it, e.g. EDGEMOE_BUILD_ARGS="--kleidiai-src DIR" on an offline board.
 setup: $(VENV)/.installed
+	$(EDGEMOE) build --target native $(EDGEMOE_BUILD_ARGS)
 
 demo: setup
 	bash scripts/demo.sh
