@@ -273,7 +273,11 @@ def plan_build(
     compiler, gcc_major = compiler_version(cc)
 
     if arm:
-        arch = arch or (detect_arm_arch() if not cross else "armv9-a+sve2+i8mm+dotprod")
+        if arch is None and not cross:
+            arch = detect_arm_arch()
+            arch, note = avoid_wide_sve_i8mm(arch)
+            notes += [note] if note else []
+        arch = arch or "armv9-a+sve2+i8mm+dotprod"
         if not re.fullmatch(r"armv[0-9.]+-a(\+[a-z0-9]+)*", arch):
             raise EdgeMoEError(f"--arch {arch!r} is not an -march value like armv9-a+sve2+i8mm+dotprod",
                                "give armv<N>-a followed by +extension parts")
@@ -580,15 +584,39 @@ SVE512_WARNING = (
 )
 
 
+def avoid_wide_sve_i8mm(arch: str, vector_bits: Optional[int] = None) -> tuple[str, Optional[str]]:
+    """The detected arch for this CPU, minus i8mm when SVE vectors are wider than 256 bits (see SVE512_WARNING).
+
+    Only for flags edgemoe chose itself; an explicit --arch is kept and warned about instead.
+    """
+    if vector_bits is None:
+        from .board import sve_vector_bits
+
+        vector_bits = sve_vector_bits()
+    if wide_sve_warning(arch, vector_bits) is None:
+        return arch, None
+    safe = "+".join(p for p in arch.split("+") if p != "i8mm")
+    return safe, (f"SVE is {vector_bits} bits here: building {safe} without i8mm, because ggml's SVE+i8mm "
+                  "q4_K/q6_K kernels assume at most 256 bits (README 'Armv9 notes')")
+
+
+def wide_sve_warning(arch: str, vector_bits: Optional[int]) -> Optional[str]:
+    """The warning for code built with `arch` (a GGML_CPU_ARM_ARCH) running with `vector_bits`-bit SVE, or None.
+
+    Pure, for doctor too: wide_sve_warning(board.arm_arch_flags(...), board.sve_vector_bits()).
+    """
+    parts = arch.split("+")
+    if not {"sve", "sve2"} & set(parts) or "i8mm" not in parts or not vector_bits or vector_bits <= 256:
+        return None
+    return SVE512_WARNING.format(bits=vector_bits, arch_no_i8mm="+".join(p for p in parts if p != "i8mm"))
+
+
 def sve_warning(plan: BuildPlan, vector_bits: Optional[int] = None) -> Optional[str]:
-    """A warning when a native SVE+i8mm build runs on a CPU whose SVE vectors are wider than 256 bits."""
-    parts = plan.arch.split("+")
-    if plan.target != "native" or not {"sve", "sve2"} & set(parts) or "i8mm" not in parts:
+    """The wide-SVE warning for a native build on this CPU (a cross build's vector length is chosen at run time)."""
+    if plan.target != "native":
         return None
     if vector_bits is None:
         from .board import sve_vector_bits
 
         vector_bits = sve_vector_bits()
-    if not vector_bits or vector_bits <= 256:
-        return None
-    return SVE512_WARNING.format(bits=vector_bits, arch_no_i8mm="+".join(p for p in parts if p != "i8mm"))
+    return wide_sve_warning(plan.arch, vector_bits)

@@ -55,12 +55,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${EDGEMOE:-}" ]; then
-    if [ -x "$ROOT/.venv/bin/edgemoe" ]; then EDGEMOE=$ROOT/.venv/bin/edgemoe; else EDGEMOE=edgemoe; fi
-fi
-PY=$(dirname "$(command -v "$EDGEMOE")")/python
-[ -x "$PY" ] || PY=python3
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
+edgemoe_env
 OUT=${OUT:-$ROOT/bench/board-$(hostname).md}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -76,12 +73,7 @@ esac
 
 if [ -z "$MODEL" ]; then
     echo "==> edgemoe pull $NAME --format gguf --quant $QUANT"
-    "$EDGEMOE" pull "$NAME" --format gguf --quant "$QUANT" --json > "$WORK/pull.json"
-    MODEL=$("$PY" -c '
-import json, os, sys
-r = json.load(open(sys.argv[1]))
-print(os.path.join(r["path"], sorted(f["name"] for f in r["files"] if f["name"].endswith(".gguf"))[0]))
-' "$WORK/pull.json")
+    MODEL=$(pull_gguf "$NAME" "$QUANT")
 fi
 [ -f "$MODEL" ] || { echo "bench-board.sh: model $MODEL not found" >&2; exit 2; }
 

@@ -38,12 +38,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${EDGEMOE:-}" ]; then
-    if [ -x "$ROOT/.venv/bin/edgemoe" ]; then EDGEMOE=$ROOT/.venv/bin/edgemoe; else EDGEMOE=edgemoe; fi
-fi
-PY=$(dirname "$(command -v "$EDGEMOE")")/python
-[ -x "$PY" ] || PY=python3
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
+edgemoe_env
 
 RUN_ARGS=(--temp 0 --max-tokens "$MAX_TOKENS")
 [ -z "$THREADS" ] || RUN_ARGS+=(--threads "$THREADS")
@@ -51,16 +48,7 @@ RUN_ARGS=(--temp 0 --max-tokens "$MAX_TOKENS")
 for variant in $VARIANTS; do
     name="ernie-4.5-21b-a3b-$variant"
     echo "==> $name: edgemoe pull --format gguf --quant $QUANT"
-    pulled=$("$EDGEMOE" pull "$name" --format gguf --quant "$QUANT" --json)
-    # the first .gguf of the pull (a split model's first shard is the one llama.cpp opens)
-    gguf=$(printf '%s' "$pulled" | "$PY" -c '
-import json, os, sys
-r = json.load(sys.stdin)
-files = sorted(f["name"] for f in r["files"] if f["name"].endswith(".gguf"))
-if not files:
-    sys.exit("run-ernie.sh: the pull returned no .gguf file")
-print(os.path.join(r["path"], files[0]))
-')
+    gguf=$(pull_gguf "$name" "$QUANT")
     echo "==> $name ($QUANT): $gguf"
     "$EDGEMOE" run "$gguf" -p "$PROMPT" "${RUN_ARGS[@]}"
     echo

@@ -299,8 +299,8 @@ def test_board_script_help_and_strict_mode(script):
 def test_board_scripts_are_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    proc = subprocess.run(["shellcheck", *(str(REPO / "scripts" / s) for s in BOARD_SCRIPTS)],
-                          capture_output=True, text=True)
+    scripts = [f"scripts/{s}" for s in (*BOARD_SCRIPTS, "lib.sh")]
+    proc = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -313,3 +313,10 @@ def test_arm64_workflow_runs_install_doctor_build_tests_and_bench():
     for needle in ("scripts/board-setup.sh", "edgemoe doctor", "edgemoe build", "make test", "scripts/bench-board.sh"):
         assert needle in runs
     assert any(step.get("uses", "").startswith("actions/upload-artifact") for step in job["steps"])
+
+
+def test_detected_arch_drops_i8mm_on_wide_sve_only():
+    assert B.avoid_wide_sve_i8mm("armv9-a+sve2+i8mm+bf16+dotprod", 256) == ("armv9-a+sve2+i8mm+bf16+dotprod", None)
+    arch, note = B.avoid_wide_sve_i8mm("armv9-a+sve2+i8mm+bf16+dotprod", 512)
+    assert arch == "armv9-a+sve2+bf16+dotprod" and "512 bits" in note
+    assert B.avoid_wide_sve_i8mm("armv8.2-a+sve+dotprod", 512) == ("armv8.2-a+sve+dotprod", None)  # A64FX: no i8mm
