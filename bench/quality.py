@@ -33,9 +33,9 @@ from edgemoe_cli.recipe import read_tensors  # noqa: E402
 from edgemoe_cli.report import _pyplot, _save, human_bytes, markdown_table, write_json, write_text  # noqa: E402
 
 FIXTURES = Path(os.environ.get("EDGEMOE_SHARED_FIXTURES", REPO.parent / "shared" / "fixtures"))
-STOCK = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "IQ4_NL", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S",
-         "Q5_K_M", "Q6_K", "Q8_0")
-PLAN_AT = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")  # plan at these stock files' sizes
+STOCK = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_XS", "IQ4_NL", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+# plan at these files' sizes: stock mixes and our hand-written recipes
+PLAN_AT = ("stock:Q2_K", "stock:Q3_K_M", "edge-small", "stock:Q4_K_M", "stock:Q5_K_M", "arm-fast", "stock:Q6_K")
 RECIPES = ("q4_0-uniform", "edge-small", "edge-balanced", "arm-fast")
 CALIB_BYTES = 100_000
 
@@ -62,7 +62,7 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
     info = {"imatrix_seconds": round(time.perf_counter() - t0, 1)}
 
     def measure(kind: str, name: str, recipe, extra: dict | None = None) -> dict:
-        key = f"{variant}/{name}"
+        key = f"{variant}/{name}/c{args.chunks}"
         if key in results:
             return results[key]
         out = work / f"{name.replace(':', '-')}.gguf"
@@ -73,7 +73,7 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
                "base_ppl": e.base_ppl, "tokens": e.tokens_scored, **(extra or {})}
         results[key] = row
         save()
-        print(f"{key:32} {row['bytes']:>10,} B  KLD {row['kld']:.5f} ± {row['kld_se']:.5f}  top1 {row['top1']:.3f}",
+        print(f"{key:36} {row['bytes']:>10,} B  KLD {row['kld']:.5f} ± {row['kld_se']:.5f}  top1 {row['top1']:.3f}",
               flush=True)
         out.unlink(missing_ok=True)
         return row
@@ -82,6 +82,9 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         measure("stock", f"stock:{ft}", f"stock:{ft}")
     for r in RECIPES:
         measure("recipe", r, r)
+    info_key = f"{variant}/info2/c{args.plan_chunks}"
+    if info_key in results:
+        info = results[info_key]
     t0 = time.perf_counter()
     m = plan.measure(f32, im_path, calib, max_chunks=args.plan_chunks, threads=args.threads,
                      workdir=work, progress=lambda s, d, n: print(f"  plan {s} {d}/{n}", flush=True))
@@ -89,20 +92,23 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
     info["plan_gains"] = m.gains
     info["plan_calibration_kld"] = m.calibration_kld
     tensors, overhead = read_tensors(f32)
-    for ft in PLAN_AT:
-        size = results[f"{variant}/stock:{ft}"]["bytes"]
-        p = plan.plan_from_measurements(m, tensors, overhead, size, f"--max-size {size}", f"plan-at-{ft}")
-        recipe_path = work / f"plan-at-{ft}.toml"
+    info["plan_layer_factors"] = m.layer_factors
+    info["plan_layer_kld"] = m.layer_kld
+    info["plan_floor_kld"] = m.floor_kld
+    for at in PLAN_AT:
+        size = results[f"{variant}/{at}/c{args.chunks}"]["bytes"]
+        label = at.removeprefix("stock:")
+        p = plan.plan_from_measurements(m, tensors, overhead, size, f"--max-size {size}", f"plan-at-{label}")
+        recipe_path = work / f"plan-at-{label}.toml"
         recipe_path.write_text(p.recipe_toml)
-        measure("plan", f"plan@{ft}", recipe_path, {"budget": size, "predicted_kld": p.predicted_kld,
-                                                     "predicted_bytes": p.predicted_bytes})
+        measure("plan", f"plan@{label}", recipe_path, {"budget": size, "predicted_kld": p.predicted_kld,
+                                                        "predicted_bytes": p.predicted_bytes})
     info["plan_solve_note"] = "plan_from_measurements per budget takes well under a second once measured"
     # how well the additive prediction ranks the stock K-quant mixes it can express (all types in its candidate set)
-    info["stock_predicted"] = {}
+    info.setdefault("stock_predicted", {})
     for ft in STOCK:
-        key = f"{variant}/stock:{ft}"
         q = work / "stock-types.gguf"
-        if ft in ("IQ4_NL", "Q4_0"):
+        if ft in ("IQ4_NL", "Q4_0") or ft in info["stock_predicted"]:
             continue
         quantize.quantize(f32, f"stock:{ft}", out=q, imatrix=im_path, threads=args.threads, manifest=False)
         types = {t.name: t.type for t in read_tensors(q)[0]}
@@ -111,11 +117,37 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
             info["stock_predicted"][ft] = sum(m.predicted(n, t) for n, t in types.items() if n in m.errors)
         except KeyError:  # a type outside the candidate set (e.g. q4_1, q5_0)
             continue
+    tensors_active = sum(t.n_elements * (4 / 16 if "_exps" in t.name else 1) for t in tensors)
+    info.update(n_params=sum(t.n_elements for t in tensors), n_active=tensors_active,
+                plan_types=len(m.types), plan_roles=len(m.gains), plan_chunks=args.plan_chunks)
+    results[info_key] = info
+    save()
     return info
 
 
+def extrapolate(info: dict) -> str:
+    """plan's measured cost on the fixture, scaled to ERNIE-4.5-21B-A3B: quantizing and the error pass scale with all
+    weights, the KLD evaluations with the weights active per token (experts x top-k / n_experts)."""
+    from edgemoe_cli.board import ernie_tensors
+
+    big = ernie_tensors()
+    n_big = sum(n for _, n, _ in big)
+    a_big = sum(n * (6 / 64 if "_exps" in name else 1) for name, n, _ in big)
+    sec, types, roles = info["plan_measure_seconds"], info["plan_types"], info["plan_roles"]
+    q_type, e_type = sec["quantize"] / types, sec["errors"] / types
+    eval_role = max(sec["calibrate"] / roles - q_type, 0.0)
+    w, a = n_big / info["n_params"], a_big / info["n_active"]
+    est = types * (q_type + e_type) * w + roles * (q_type * w + eval_role * a)
+    return (f"\nplan's measurement on this fixture: {types} candidate types x (quantize {q_type:.1f} s + error pass "
+            f"{e_type:.1f} s), then {roles} roles x (quantize + KLD eval of {info['plan_chunks']} chunks, "
+            f"{sec['calibrate'] / roles:.1f} s); total {sum(sec.values()):.0f} s. Scaled to ERNIE-4.5-21B-A3B "
+            f"({n_big / 1e9:.1f}B weights, {w:.0f}x; {a_big / 1e9:.2f}B active per token, {a:.0f}x) on this same "
+            f"2-core machine: ~{est / 3600:.0f} h, once per model and calibration text (then every budget is "
+            "solved in under a second from the cache). The time is linear in cores and in chunks.\n")
+
+
 def write_report(args, results: dict, infos: dict, seconds: float) -> None:
-    rows = list(results.values())
+    rows = [r for k, r in results.items() if "/info" not in k and k.endswith(f"/c{args.chunks}")]
     write_json({"rows": rows, "info": infos}, REPO / "bench" / "quality.json")
     plt = _pyplot()
     variants = [v for v in args.variants if any(r["variant"] == v for r in rows)]
@@ -123,7 +155,7 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
     md = ["# Quality vs size: stock llama.cpp mixes, edgemoe recipes, and `edgemoe plan`\n",
           "Made by `.venv/bin/python bench/quality.py` (" + f"{seconds / 60:.0f} min on this machine, "
           f"{args.threads} threads). Reference: the f32 GGUF of each fixture. Calibration (imatrix, plan's KLD gains): "
-          f"the first {CALIB_BYTES // 1000} KB of fixtures/calib.txt; evaluation: the rest of it "
+          f"the first {CALIB_BYTES:,} characters of fixtures/calib.txt (cut at a line); evaluation: the rest of it "
           f"({args.chunks} chunks of 512 tokens, second halves scored). All quantizations use the same imatrix. "
           "KLD = mean KL(f32 || model) in nats/token, ± its standard error.\n"]
     for ax, v in zip(axes[0], variants):
@@ -155,15 +187,16 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
               round(r["kld_p99"], 4), f"{r['top1']:.1%}", round(r["ppl"], 3)] for r in vr], align="llrrrrrr"))
         by = {r["name"]: r for r in vr}
         lines = []
-        for ft in PLAN_AT:
-            s, p = by.get(f"stock:{ft}"), by.get(f"plan@{ft}")
+        for at in PLAN_AT:
+            ft = at.removeprefix("stock:")
+            s, p = by.get(at), by.get(f"plan@{ft}")
             if s and p:
                 below = p["kld"] + p["kld_se"] < s["kld"] - s["kld_se"]
                 lines.append([ft, human_bytes(s["bytes"]), human_bytes(p["bytes"]), round(s["kld"], 5),
                               round(p["kld"], 5), round(p["kld"] / s["kld"], 3), round(p["predicted_kld"], 5),
                               "yes" if below else "no"])
-        md.append("\n`plan` at each stock mix's file size (budget = that file's size):\n\n")
-        md.append(markdown_table(["stock mix", "stock size", "plan size", "stock KLD", "plan KLD", "plan/stock",
+        md.append("\n`plan` at each stock mix's and recipe's file size (budget = that file's size):\n\n")
+        md.append(markdown_table(["mix", "its size", "plan size", "its KLD", "plan KLD", "plan/it",
                                   "plan predicted KLD (calibration text)", "below beyond ±1 se"], lines,
                                  align="lrrrrrrl"))
         info = infos.get(v, {})
@@ -181,7 +214,7 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
                                      [[k, round(info["plan_calibration_kld"][k], 5), f"{info['plan_gains'][k]:.3g}"]
                                       for k in sorted(info["plan_gains"], key=lambda k: -info["plan_calibration_kld"][k])],
                                      align="lrr"))
-            md.append(f"\nplan measurement time: {info['plan_measure_seconds']} (seconds)\n")
+            md.append(extrapolate(info))
     fig.suptitle("file size vs mean KLD (lower is better)", fontsize=11)
     _save(fig, REPO / "bench" / "quality.png")
     md.append("\n![size vs KLD](quality.png)\n")
@@ -192,8 +225,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["thinking", "pt"], choices=("thinking", "pt"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--chunks", type=int, default=16, help="evaluation chunks of 512 tokens (at most)")
-    ap.add_argument("--plan-chunks", type=int, default=8, help="calibration chunks per plan gain measurement")
+    ap.add_argument("--chunks", type=int, default=8, help="evaluation chunks of 512 tokens (at most)")
+    ap.add_argument("--plan-chunks", type=int, default=4, help="calibration chunks per plan gain measurement")
+    ap.add_argument("--report-only", action="store_true", help="write the report from --work's results.json")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgemoe-bench-quality"))
     args = ap.parse_args()
     t0 = time.time()
@@ -204,7 +238,11 @@ def main() -> None:
     def save():
         store.write_text(json.dumps(results, indent=1))
 
-    infos = {v: run_variant(v, args.work / v, args, results, save) for v in args.variants}
+    if args.report_only:
+        infos = {v: results[f"{v}/info2/c{args.plan_chunks}"] for v in args.variants
+                 if f"{v}/info2/c{args.plan_chunks}" in results}
+    else:
+        infos = {v: run_variant(v, args.work / v, args, results, save) for v in args.variants}
     write_report(args, results, infos, time.time() - t0)
 
 

@@ -14,8 +14,11 @@ Prediction (measured, not a fixed table). For every quantizable tensor W and can
 2. calibration: KL divergence is second order in a small output perturbation, so dKLD ~ g * E. One gain g per
    tensor role (attn_q, ffn_down_exps, token_embd, ...) is measured: lower only that role's tensors, in every
    layer, to the calibration type (Q3_K), measure the KLD against the unquantized model on the calibration text,
-   g_role = KLD / sum E. The prediction for any tensor and type is g_role(W) * E(W,t), and a mix is predicted as the
-   sum over tensors (independent errors' cross terms vanish in expectation; bench/quality.md checks this).
+   g_role = KLD / sum E. One depth factor per layer is measured the same way (only that layer lowered), because an
+   absolute error matters more where the residual stream is still small. The prediction for any tensor and type is
+   g_role(W) * f_layer(W) * E(W,t); a mix is predicted as the sum over tensors (independent errors' cross terms
+   vanish in expectation; bench/quality.md checks this) plus a floor: the measured KLD of the all-Q8_0 model beyond
+   its prediction (quantized matmuls also quantize their activations), the same for every mix.
 3. choice: an exact multiple-choice knapsack (dynamic programming over bytes in 1/4000ths of the budget) picks one
    type per tensor minimising the summed prediction with total bytes <= budget.
 The measurements are cached per (model, imatrix, text) in <store>/cache/plan/, so planning again for another
@@ -46,6 +49,12 @@ ARM_FAST_CALIBRATION_TYPE = "q4_0"
 Progress = Callable[[str, int, int], None]  # (step, done, total)
 
 
+def layer(name: str) -> str:
+    """The block index of a tensor as a string ("" for token_embd and other global tensors)."""
+    m = re.match(r"^blk\.(\d+)\.", name)
+    return m.group(1) if m else ""
+
+
 def role(name: str) -> str:
     """A tensor's role without its layer: blk.3.ffn_down_exps.weight -> ffn_down_exps."""
     return re.sub(r"^blk\.\d+\.", "", name).removesuffix(".weight")
@@ -74,10 +83,13 @@ class Measurements:
     errors: dict[str, dict[str, float]]  # tensor -> type -> E(W, t)
     gains: dict[str, float]  # role -> g
     calibration_kld: dict[str, float]  # role -> measured KLD with only that role lowered
+    layer_factors: dict[str, float] = field(default_factory=dict)  # block index -> depth correction
+    layer_kld: dict[str, float] = field(default_factory=dict)  # block index -> measured KLD, only that layer lowered
+    floor_kld: float = 0.0  # measured KLD of the all-Q8_0 model beyond its prediction (activation quantization)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def predicted(self, tensor: str, type_: str) -> float:
-        return self.gains[role(tensor)] * self.errors[tensor][type_]
+        return self.gains[role(tensor)] * self.layer_factors.get(layer(tensor), 1.0) * self.errors[tensor][type_]
 
 
 def _dequantized(reader_tensor) -> np.ndarray:
@@ -110,7 +122,7 @@ def tensor_errors(source: Path, quantized: Path, imatrix, names: list[str]) -> d
 def _cache_path(model: Path, imatrix: Path, text: Path, types, cal_type, max_chunks, reference) -> Path:
     h = hashlib.sha256()
     st = model.stat()
-    h.update(f"{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|"
+    h.update(f"v2|{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|"
              f"{reference}|".encode())
     h.update(sha256_file(imatrix).encode())
     h.update(sha256_file(text).encode())
@@ -184,6 +196,28 @@ def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFA
         kld[r] = res.kld_mean
         total = sum(errors[m][calibration_type] for m in members)
         gains[r] = res.kld_mean / total if total > 0 else 0.0
+    # depth: the same absolute error matters more where the residual stream is small (early layers), which a
+    # role's single gain averages away; one more measurement per layer gives a separable role x layer model
+    factors, layer_kld = {}, {}
+    blocks = sorted({layer(t.name) for t in targets} - {""}, key=int)
+    for i, b in enumerate(blocks):
+        if progress:
+            progress("layers", i, len(blocks))
+        members = [x.name for x in targets if layer(x.name) == b and calibration_type in errors[x.name]]
+        quantize(model, _uniform(calibration_type, members, keep), out=tmp, imatrix=imatrix,
+                 threads=threads, manifest=False)
+        res = evaluate(tmp, base, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
+        layer_kld[b] = res.kld_mean
+    if progress:
+        progress("layers", len(blocks), len(blocks))
+    gains, factors = fit_role_layer(
+        {n: errors[n][calibration_type] for n in errors if calibration_type in errors[n]}, kld, layer_kld)
+    # the floor: quantized matmuls also quantize their activations (to Q8_0/Q8_K), an error no weight error shows
+    q8 = [x.name for x in targets if "q8_0" in errors[x.name]]
+    quantize(model, _uniform("q8_0", q8, None), out=tmp, imatrix=imatrix, threads=threads, manifest=False)
+    res = evaluate(tmp, base, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
+    m_partial = Measurements("", "", "", list(types), calibration_type, errors, gains, kld, factors)
+    floor = max(res.kld_mean - sum(m_partial.predicted(n, "q8_0") for n in q8), 0.0)
     seconds["calibrate"] = time.perf_counter() - t0
     if progress:
         progress("calibrate", len(roles), len(roles))
@@ -191,10 +225,26 @@ def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFA
     if base != model:
         base.unlink(missing_ok=True)
     m = Measurements(str(model), str(imatrix), str(text), list(types), calibration_type, errors, gains, kld,
-                     {k: round(v, 2) for k, v in seconds.items()})
+                     factors, layer_kld, floor, {k: round(v, 2) for k, v in seconds.items()})
     with atomic_output(cache) as part:
         part.write_text(json.dumps(asdict(m)))
     return m
+
+
+def fit_role_layer(err: dict[str, float], role_kld: dict[str, float], layer_kld: dict[str, float],
+                   iterations: int = 50) -> tuple[dict[str, float], dict[str, float]]:
+    """Gains g_role and depth factors f_layer with sum_layers g f E = the role's measured KLD and
+    sum_roles g f E = the layer's measured KLD (iterative proportional fitting; global tensors have f = 1)."""
+    g = {r: 1.0 for r in role_kld}
+    f = {b: 1.0 for b in layer_kld}
+    for _ in range(iterations):
+        for r in g:
+            s = sum(f.get(layer(n), 1.0) * e for n, e in err.items() if role(n) == r)
+            g[r] = role_kld[r] / s if s > 0 else 0.0
+        for b in f:
+            s = sum(g[role(n)] * e for n, e in err.items() if layer(n) == b)
+            f[b] = layer_kld[b] / s if s > 0 else 1.0
+    return g, f
 
 
 def _block(type_: str) -> int:
@@ -291,7 +341,7 @@ def plan_from_measurements(m: Measurements, tensors: list[TensorInfo], overhead:
     choices = [Choice(n, chosen[n], options[n][chosen[n]][0], options[n][chosen[n]][1]) for n in chosen]
     choices.sort(key=lambda c: [t.name for t in tensors].index(c.tensor))
     predicted_bytes = fixed + sum(c.bytes for c in choices)
-    predicted_kld = sum(c.predicted_kld for c in choices)
+    predicted_kld = sum(c.predicted_kld for c in choices) + m.floor_kld
     recipe = recipe_from_choices(choices, name, f"edgemoe plan: file budget {_gib(budget)} ({budget_formula}); "
                                                f"predicted {_gib(predicted_bytes)}, mean KLD {predicted_kld:.5f}")
     return PlanResult(m.model, budget, budget_formula, predicted_bytes, predicted_kld, list(m.types), choices,
