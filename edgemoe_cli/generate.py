@@ -234,7 +234,7 @@ def chat_reply(
         )
     budget = min(max_tokens, n_ctx - len(tokens))
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    stops = _stop_tokens(llm)
+    stops = dict.fromkeys(_stop_tokens(llm), True)  # grows into a cache of llama_vocab_is_eog answers
     splitter = chat.ReplySplitter(thinking)
     utf8 = codecs.getincrementaldecoder("utf-8")("replace")
     pieces: dict[int, bytes] = {}  # detokenizing through ctypes costs more than a dict lookup
@@ -257,7 +257,10 @@ def chat_reply(
         t_first = t_last = time.perf_counter()
         sampled, finish = 1, "length"
         while True:
-            if token in stops or llama_cpp.llama_vocab_is_eog(vocab, token):
+            stop = stops.get(token)
+            if stop is None:
+                stop = stops[token] = bool(llama_cpp.llama_vocab_is_eog(vocab, token))
+            if stop:
                 finish = "stop"
                 break
             piece = pieces.get(token)
