@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark `edgemoe convert` against llama.cpp's convert_hf_to_gguf.py on a real-width ERNIE-4.5 checkpoint.
 
-usage: bench/convert_bench.py [--src DIR] [--outtypes bf16,f16] [--out-dir /tmp] [--report bench/convert.md]
+usage: bench/convert_bench.py [--src DIR] [--outtypes bf16,f16] [--out-dirs /tmp,/dev/shm] [--report bench/convert.md]
 
 Without --src, a random-weight checkpoint with the real widths of ERNIE-4.5-21B-A3B and 3 layers (3.9 GB) is made
 with ../shared/tools/make_wide_ernie.py under /tmp and deleted afterwards. The reference converter runs from the
@@ -65,7 +65,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", type=Path, help="checkpoint to convert (default: make a 3-layer real-width one)")
     ap.add_argument("--outtypes", default="bf16,f16")
-    ap.add_argument("--out-dir", type=Path, default=Path("/tmp"), help="where both write their output")
+    ap.add_argument("--out-dirs", default="/tmp", help="comma-separated directories both write their output to, "
+                    "e.g. /tmp,/dev/shm to see the disk's share (tmpfs takes the disk's write-back out)")
     ap.add_argument("--report", type=Path, default=REPO / "bench" / "convert.md")
     ap.add_argument("--reference-python", type=Path, default=CACHE / "refconvert-venv" / "bin" / "python")
     ap.add_argument("--reference-script", type=Path,
@@ -86,8 +87,8 @@ def main() -> None:
     rows = []
     try:
         warm(src)
-        for outtype in args.outtypes.split(","):
-            ours_out, ref_out = args.out_dir / f"bench-ours-{outtype}.gguf", args.out_dir / f"bench-ref-{outtype}.gguf"
+        for out_dir, outtype in ((Path(d), t) for d in args.out_dirs.split(",") for t in args.outtypes.split(",")):
+            ours_out, ref_out = out_dir / f"bench-ours-{outtype}.gguf", out_dir / f"bench-ref-{outtype}.gguf"
             ours_cmd = [sys.executable, "-m", "edgemoe_cli.cli", "convert", str(src), "--out", str(ours_out),
                         "--outtype", outtype, "--json"]
             ref_cmd = [str(args.reference_python), str(args.reference_script), str(src), "--outfile", str(ref_out),
@@ -98,8 +99,8 @@ def main() -> None:
             out_size = ours_out.stat().st_size
             ours_out.unlink()
             ref_out.unlink()
-            rows.append((outtype, ours, ref, same, out_size))
-            print(outtype, ours, ref, "identical" if same else "DIFFERENT", flush=True)
+            rows.append((out_dir, outtype, ours, ref, same, out_size))
+            print(out_dir, outtype, ours, ref, "identical" if same else "DIFFERENT", flush=True)
     finally:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
@@ -112,20 +113,20 @@ def main() -> None:
         f"- Machine: {header}.",
         f"- Input: {src.name if args.src else 'make_wide_ernie.py --layers 3'} "
         f"({size / 1e9:.2f} GB bf16, real ERNIE-4.5-21B-A3B widths: 64 experts x 1536, hidden 2560, vocab 103424).",
-        f"- Output written to {args.out_dir}. Page cache warm for the input; `sync` before each run.",
+        "- Page cache warm for the input; `sync` before each run; outputs deleted after each pair.",
         "- Peak RSS: ru_maxrss of the converter process (wait4), i.e. the kernel's high-water mark of its resident",
         "  set, file-backed pages included. Wall: around the process, imports included.",
         f"- edgemoe: `{sys.executable} -m edgemoe_cli.cli convert SRC --out OUT --outtype T --json`",
         f"- llama.cpp: `{args.reference_python} convert_hf_to_gguf.py SRC --outfile OUT --outtype T` "
         "(llama-cpp-python 0.3.36's vendored copy, torch 2.13.0 CPU, transformers 4.57.6)",
         "",
-        "| outtype | output | edgemoe wall | llama.cpp wall | time ratio | edgemoe CPU | llama.cpp CPU "
+        "| output to | outtype | output | edgemoe wall | llama.cpp wall | time ratio | edgemoe CPU | llama.cpp CPU "
         "| edgemoe peak RSS | llama.cpp peak RSS | RSS ratio | same bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for outtype, ours, ref, same, out_size in rows:
+    for out_dir, outtype, ours, ref, same, out_size in rows:
         lines.append(
-            f"| {outtype} | {out_size / 1e9:.2f} GB | {ours['wall']:.1f} s | {ref['wall']:.1f} s | "
+            f"| {out_dir} | {outtype} | {out_size / 1e9:.2f} GB | {ours['wall']:.1f} s | {ref['wall']:.1f} s | "
             f"{ours['wall'] / ref['wall']:.2f} | {ours['cpu']:.1f} s | {ref['cpu']:.1f} s | "
             f"{ours['rss'] / 1e9:.3f} GB | {ref['rss'] / 1e9:.2f} GB | {ours['rss'] / ref['rss']:.3f} | "
             f"{'yes' if same else 'NO'} |"

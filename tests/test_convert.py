@@ -362,3 +362,13 @@ def test_bf16_passthrough_quiets_every_nan(nan_bits):
     f32 = (bits.astype(np.uint32) << 16).view(np.float32)
     with np.errstate(invalid="ignore"):
         assert writer.encode(bits, "BF16", Q.BF16).tobytes() == gguf.quants.quantize(f32, Q.BF16).tobytes()
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16])
+def test_every_bf16_value_encodes_like_gguf_quants(qtype):
+    # all 65536 bf16 bit patterns: normals, subnormals, zeros, infinities, NaNs, and f16 overflow/underflow
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
+    f32 = (bits.astype(np.uint32) << 16).view(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = gguf.quants.quantize(f32, qtype)
+        assert writer.encode(bits, "BF16", qtype).tobytes() == expected.tobytes()

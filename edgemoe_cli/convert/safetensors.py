@@ -2,15 +2,15 @@
 
 A checkpoint is one `model.safetensors` or shards listed by `model.safetensors.index.json`. Every header is checked
 against its file's size before anything is read, so a truncated download is a one-line error, not a crash halfway
-through a conversion. Tensors are read a block of rows at a time into reused buffers, so the resident set stays
-near one block, not the file.
+through a conversion. Tensors are read a block of rows at a time through mmap and released once written, so the
+resident set stays near a few blocks, not the file.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,49 +140,54 @@ def checkpoint_tensors(src: Path) -> list[TensorRef]:
 
 
 class TensorReader:
-    """Reads blocks of rows of checkpoint tensors into caller-provided buffers with pread.
+    """Blocks of rows of checkpoint tensors, as read-only views of one mmap per file.
 
-    Plain reads rather than an mmap: a mapping's pages count in the resident set until dropped, and faulting
-    4 KiB pages in is slower than one large read from the page cache. The process then holds only the blocks
-    being converted, however large the checkpoint.
+    Mapping costs no copy: the kernel maps the page cache's pages (64 KiB per fault), where read() would copy
+    every byte once more. Mapped pages count in the resident set, so each block is released (MADV_DONTNEED)
+    once it has been written: the process then holds only the blocks in flight, however large the checkpoint.
     """
 
     def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
-    def _fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):  # tell the kernel to read ahead: tensors are read front to back
-                os.posix_fadvise(self._fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        return self._fds[path]
+    def _map(self, path: Path) -> mmap.mmap:
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                mm = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(mmap, "MADV_SEQUENTIAL"):  # read ahead: tensors are read front to back
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+        return self._maps[path]
 
-    def read_rows(self, ref: TensorRef, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows [start, stop) of `ref`: its stored bits (uint16 for bf16), shaped like the rows.
-
-        `out` (a uint8 buffer of at least the block's size) is filled and reused instead of allocating.
-        """
+    def read_rows(self, ref: TensorRef, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of `ref`: its stored bits (uint16 for bf16), shaped like the rows, read-only."""
         np_dtype, itemsize = DTYPES[ref.dtype]
-        nbytes = (stop - start) * ref.row_nbytes
-        buf = np.empty(nbytes, np.uint8) if out is None else out[:nbytes]
-        view, offset, fd = memoryview(buf), ref.offset + start * ref.row_nbytes, self._fd(ref.file)
-        got = 0
-        while got < nbytes:
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n <= 0:  # the file shrank after its header was checked
-                raise _truncated(ref.file, offset + nbytes, offset + got)
-            got += n
-        arr = buf.view(np_dtype)
+        arr = np.frombuffer(self._map(ref.file), dtype=np_dtype, count=(stop - start) * ref.row_nbytes // itemsize,
+                            offset=ref.offset + start * ref.row_nbytes)
         return arr.reshape((stop - start, *ref.shape[1:])) if ref.shape else arr.reshape(())
 
     def rows(self, ref: TensorRef, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows of `ref` in a fresh array (the whole tensor by default)."""
+        """Rows of `ref` (the whole tensor by default)."""
         return self.read_rows(ref, start, ref.n_rows if stop is None else stop)
 
+    def release(self, ref: TensorRef, start: int, stop: int) -> None:
+        """Drop rows [start, stop)'s pages from the resident set; they stay in the page cache."""
+        mm = self._maps.get(ref.file)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin = ref.offset + start * ref.row_nbytes
+        begin -= begin % mmap.PAGESIZE
+        end = min(ref.offset + stop * ref.row_nbytes, len(mm))
+        if end > begin:
+            # clean read-only file pages: DONTNEED only unmaps them, a later read maps them again
+            mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive somewhere; the map goes when it does
+                pass
+        self._maps.clear()
 
 
 def to_float32(bits: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:

@@ -85,11 +85,9 @@ def encode(bits: np.ndarray, src_dtype: str, qtype: gguf.GGMLQuantizationType, s
             if bits.size and (bits.view(np.int16).max() > 0x7F80 or bits.max() > 0xFF80):
                 return np.where((bits & 0x7FFF) > 0x7F80, bits | 0x0040, bits)
             return bits
-        values = to_float32(bits, src_dtype, out=scratch.get("f32", bits.shape, np.float32))
         if qtype == Q.F16:
-            f16 = scratch.get("f16", bits.shape, np.float16)
-            np.copyto(f16, values, casting="same_kind")
-            return f16
+            return _bf16_to_f16(bits, scratch)
+        values = to_float32(bits, src_dtype, out=scratch.get("f32", bits.shape, np.float32))
     elif src_dtype in ("F32", "F16"):
         values = bits
     else:
@@ -99,6 +97,33 @@ def encode(bits: np.ndarray, src_dtype: str, qtype: gguf.GGMLQuantizationType, s
     if qtype == Q.F16:
         return values.astype(np.float16, copy=False)
     return gguf.quants.quantize(values, qtype)
+
+
+def _bf16_to_f16(bits: np.ndarray, scratch: Scratch) -> np.ndarray:
+    """bf16 bits -> f16 bits, the same as numpy's float32 -> float16 cast of the widened values, ~3x faster.
+
+    A bf16 with exponent 113..142 is a normal f16 exactly (7 mantissa bits fit in 10): rebias the exponent by
+    127 - 15 and shift. The rest (f16 subnormals and zero, overflow to inf, inf, NaN; ~0.2% of real weights)
+    goes through numpy's cast, one element at a time.
+    """
+    magnitude = np.bitwise_and(bits, 0x7FFF, out=scratch.get("mag", bits.shape, np.uint16))
+    out = np.subtract(magnitude, (127 - 15) << 7, out=scratch.get("f16", bits.shape, np.uint16))
+    np.left_shift(out, 3, out=out)
+    sign = np.bitwise_and(bits, 0x8000, out=scratch.get("sign", bits.shape, np.uint16))
+    np.bitwise_or(out, sign, out=out)
+    # exponent outside 113..142 is magnitude outside [0x3880, 0x477F]: one unsigned compare, as below wraps around
+    offset = np.subtract(magnitude, 0x3880, out=sign)
+    if (rare := np.flatnonzero(offset > 0x477F - 0x3880)).size:
+        wide = (bits.reshape(-1)[rare].astype(np.uint32) << 16).view(np.float32)
+        with np.errstate(over="ignore"):
+            out.reshape(-1)[rare] = wide.astype(np.float16).view(np.uint16)
+    return out.view(np.float16)
+
+
+def _write_block(fout, data: np.ndarray, reader: TensorReader, ref, start: int, stop: int) -> None:
+    fout.write(data.data)
+    # only now: a bf16 -> bf16 block is written straight from the mapped pages
+    reader.release(ref, start, stop)
 
 
 def write_gguf(writer: gguf.GGUFWriter, path: Path, plan: list[PlannedTensor], reader: TensorReader,
@@ -127,11 +152,9 @@ def write_gguf(writer: gguf.GGUFWriter, path: Path, plan: list[PlannedTensor], r
                     b = min(a + step, piece.stop)
                     if in_flight[turn] is not None:  # this turn's buffers may still be being written
                         in_flight[turn].result()
-                    scratch = scratches[turn]
-                    src = scratch.get("src", ((b - a) * piece.ref.row_nbytes,), np.uint8)
                     data = np.ascontiguousarray(
-                        encode(reader.read_rows(piece.ref, a, b, out=src), piece.ref.dtype, tensor.qtype, scratch))
-                    in_flight[turn] = pool.submit(fout.write, data.data)
+                        encode(reader.read_rows(piece.ref, a, b), piece.ref.dtype, tensor.qtype, scratches[turn]))
+                    in_flight[turn] = pool.submit(_write_block, fout, data, reader, piece.ref, a, b)
                     turn ^= 1
                     written += data.nbytes
                     done += data.nbytes
