@@ -138,10 +138,9 @@ def compute_imatrix(model: str | Path, text: str | Path | None = None, out: str 
     `progress(done, total)` is called per processed chunk when llama-imatrix reports it.
     """
     import os
-    import subprocess
     import time
 
-    from .llamacpp import find_tool
+    from .llamacpp import run_tool
     from .store import atomic_output
 
     model, text = Path(model), Path(text) if text else default_calibration_text()
@@ -150,32 +149,33 @@ def compute_imatrix(model: str | Path, text: str | Path | None = None, out: str 
     if not text.is_file():
         raise EdgeMoEError(f"calibration text {text} does not exist", "pass --text FILE with plain text")
     out = Path(out) if out else model.with_name(model.stem + ".imatrix.gguf")
-    tool = find_tool("llama-imatrix")
     threads = threads or max(1, os.cpu_count() or 1)
     t0 = time.perf_counter()
+    total = [None]
+
+    def on_line(line: str) -> None:
+        # "compute_imatrix: computing over 53 chunks ..." then "[1]... [2]..." as chunks finish
+        if m := re.search(r"computing over (\d+) chunks", line):
+            total[0] = int(m.group(1))
+        elif progress and (done := re.findall(r"\[(\d+)\]", line)):
+            progress(int(done[-1]), total[0])
+
     with atomic_output(out) as part:
         # llama-imatrix picks its output format from the file name: keep a .gguf suffix on the part file.
         tmp = part.with_name(part.name + ".gguf")
-        cmd = [str(tool), "-m", str(model), "-f", str(text), "-o", str(tmp), "-c", str(ctx), "-t", str(threads),
-               "--no-ppl", "--output-format", "gguf", "-ngl", "0"]
-        if chunks:
-            cmd += ["--chunks", str(chunks)]
-        log = []
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-        total = None
-        for line in proc.stdout:
-            log.append(line)
-            if m := re.search(r"tokenization took .*|(\d+) chunks", line):
-                if m.group(1):
-                    total = int(m.group(1))
-            if progress and (m := re.search(r"\[(\d+)\]", line)) and "compute_imatrix" not in line:
-                progress(int(m.group(1)), total)
-        rc = proc.wait()
-        if rc != 0 or not tmp.is_file():
-            tail = "".join(log[-5:]).strip().splitlines()
-            raise EdgeMoEError(f"llama-imatrix failed on {model} (exit {rc}): {tail[-1] if tail else ''}",
-                               "a text shorter than 2 x ctx tokens gives no chunk: pass a longer --text or lower --ctx")
-        os.replace(tmp, part)
+        args = ["-m", model, "-f", text, "-o", tmp, "-c", ctx, "-t", threads, "--no-ppl", "--output-format", "gguf",
+                "-ngl", "0"] + (["--chunks", chunks] if chunks else [])
+        try:
+            try:
+                run_tool("llama-imatrix", args, on_line=on_line)
+            except EdgeMoEError as e:
+                raise EdgeMoEError(e.message, "the text needs at least 2 x --ctx tokens; " + e.hint) from e
+            if not tmp.is_file():
+                raise EdgeMoEError(f"llama-imatrix wrote no imatrix for {model}",
+                                   "a text shorter than 2 x ctx tokens gives no chunk: pass a longer --text or a lower --ctx")
+            os.replace(tmp, part)
+        finally:
+            tmp.unlink(missing_ok=True)
     im = read_imatrix(out)
     return ImatrixResult(str(model), str(text), str(out), len(im.entries), im.chunk_count, im.chunk_size,
                          round(time.perf_counter() - t0, 2))
