@@ -11,6 +11,7 @@ import pytest
 
 from conftest import SHARED_FIXTURES
 from edgemoe_cli import profile
+from test_bench import native_build  # noqa: F401  (the cached `edgemoe build`, for llama-imatrix)
 
 CALIB = SHARED_FIXTURES / "calib.txt"
 
@@ -81,3 +82,18 @@ def test_errors(tmp_path, tiny_gguf):
         proc = edgemoe("profile", *args, "--out", str(out))
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_routing_agrees_with_llama_imatrix_expert_counts(native_build, tiny_gguf, tmp_path):
+    """llama-imatrix counts the tokens each expert's matmul received: an independent reading of the same routing."""
+    from edgemoe_cli.imatrix import compute_imatrix, expert_usage
+
+    text = tmp_path / "text.txt"
+    text.write_text(CALIB.read_text(encoding="utf-8")[:12000], encoding="utf-8")
+    model = tiny_gguf("thinking", "f16")
+    im = compute_imatrix(model, text, tmp_path / "t.imatrix.gguf", ctx=256, threads=2)
+    theirs = expert_usage(im.out)[1:]  # row = block index; block 0 is dense
+    trace = profile.trace_routing(model, text, max_tokens=im.chunks * 256, ctx=256, threads=2)
+    ours = trace.counts / trace.counts.sum(axis=1, keepdims=True)
+    assert np.abs(ours - theirs).max() < 0.01
