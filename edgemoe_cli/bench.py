@@ -323,7 +323,7 @@ def to_markdown(result: BenchResult) -> str:
             ["build", "model", "recipe", "size", "test", "threads", "tok/s", "± sd"],
             [[r.build, Path(r.model).name, r.recipe, human_bytes(r.model_bytes), r.test, r.threads, r.mean_tps,
               r.stddev_tps] for r in result.rows],
-            align="llllrrrr"),
+            align="lllrlrrr"),
     ]
     if result.ceilings:
         lines += [
@@ -357,28 +357,31 @@ def write_reports(result: BenchResult, out_dir: Path) -> None:
     from . import report
 
     outputs = {"json": str(out_dir / "bench.json"), "markdown": str(out_dir / "bench.md")}
-    # tok/s vs threads: one line per (build, model, test)
-    series = {}
+    tests = list(dict.fromkeys(r.test for r in result.rows))
+    # tok/s vs threads: a panel per test, a line per (build, model)
+    by_threads: dict = {t: {} for t in tests}
     for r in result.rows:
-        key = f"{r.build} · {Path(r.model).stem} · {r.test}"
-        x, y, e = series.setdefault(key, ([], [], []))
+        x, y, e = by_threads[r.test].setdefault(f"{r.build} · {Path(r.model).stem}", ([], [], []))
         x.append(r.threads), y.append(r.mean_tps), e.append(r.stddev_tps)
+    tg = next((t for t in tests if t.startswith("tg")), None)
+    ceilings = {tg: {f"tg ceiling, {Path(c.model).stem}": c.tg_ceiling_tps for c in result.ceilings}} if tg else {}
     if len(result.threads) > 1 or len(result.builds) > 1:
-        ceilings = {f"tg ceiling {Path(c.model).stem}": c.tg_ceiling_tps for c in result.ceilings}
         outputs["tok/s vs threads"] = str(report.line_plot(
-            series, out_dir / "tps-vs-threads.png", "tokens/s vs threads, per build (measured here)",
-            "threads", "tokens/s", hlines=ceilings))
-    # tok/s vs file size at the most threads: one point per recipe, one line per (build, test)
+            by_threads, out_dir / "tps-vs-threads.png", "tokens/s vs threads, per build (measured here)",
+            "threads", "tokens/s", xticks=result.threads, hlines=ceilings))
+    # tok/s vs file size at the most threads: a panel per test, a line per build, a point per recipe
     top = max(result.threads)
-    by_size = {}
+    by_size: dict = {t: {} for t in tests}
+    recipes: dict = {t: {} for t in tests}
     for r in sorted(result.rows, key=lambda r: r.model_bytes):
         if r.threads == top:
-            x, y, e = by_size.setdefault(f"{r.build} · {r.test}", ([], [], []))
+            x, y, e = by_size[r.test].setdefault(r.build, ([], [], []))
             x.append(r.model_bytes / 2**20), y.append(r.mean_tps), e.append(r.stddev_tps)
+            recipes[r.test].setdefault(r.build, []).append(r.recipe)
     if len({r.model for r in result.rows}) > 1:
         outputs["tok/s vs size"] = str(report.line_plot(
-            by_size, out_dir / "tps-vs-size.png", f"tokens/s vs model file size, {top} threads (one point per recipe)",
-            "file size (MiB)", "tokens/s"))
+            by_size, out_dir / "tps-vs-size.png", f"tokens/s vs model file size at {top} threads (one point per recipe)",
+            "file size (MiB)", "tokens/s", point_labels=recipes))
     result.outputs = outputs
     report.write_json(result, outputs["json"])
     report.write_text(to_markdown(result), outputs["markdown"])

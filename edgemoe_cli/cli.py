@@ -970,7 +970,8 @@ def compare(
 
 @app.command()
 def bench(
-    models: list[Path] = typer.Argument(..., help="GGUF models to measure (e.g. one per recipe)."),
+    models: Optional[list[Path]] = typer.Argument(None, help="GGUF models to measure (e.g. one per recipe)."),
+    models_opt: Optional[str] = typer.Option(None, "--models", help="The models as one comma-separated list (instead of, or with, the arguments)."),
     builds: Optional[str] = typer.Option(None, "--builds", help="Comma-separated build directories or names in the build cache (default: the current build)."),
     threads: str = typer.Option("1,2,4,8", "--threads", "-t", help="Comma-separated thread counts."),
     reps: int = typer.Option(3, "--reps", "-r", min=1, help="Repetitions of each test (mean and stddev over them)."),
@@ -1015,7 +1016,8 @@ def bench(
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
-        result = stage.bench(models, builds=[b for b in (builds or "").split(",") if b.strip()] or None,
+        listed = [Path(m) for m in (models_opt or "").split(",") if m.strip()]
+        result = stage.bench([*(models or []), *listed], builds=[b for b in (builds or "").split(",") if b.strip()] or None,
                              threads=stage.parse_threads(threads), reps=reps, n_prompt=n_prompt, n_gen=n_gen,
                              pg=(pp, tg), out_dir=out, bandwidth=not no_bandwidth, progress=progress)
     if as_json:
@@ -1025,7 +1027,8 @@ def bench(
 
     table = Table(title="llama-bench (measured here)")
     for col in ("build", "model", "recipe", "size", "test", "threads", "tok/s", "± sd"):
-        table.add_column(col, justify="right" if col in ("size", "threads", "tok/s", "± sd") else "left")
+        table.add_column(col, justify="right" if col in ("size", "threads", "tok/s", "± sd") else "left",
+                         no_wrap=col in ("size", "test"))
     for r in result.rows:
         table.add_row(r.build, Path(r.model).name, r.recipe, human_bytes(r.model_bytes), r.test, str(r.threads),
                       f"{r.mean_tps:.2f}", f"{r.stddev_tps:.2f}")

@@ -108,30 +108,45 @@ def usage_heatmap(counts: np.ndarray, layers: Sequence[int], path: str | Path, t
     return _save(fig, path)
 
 
+Series = dict[str, tuple[Sequence[float], Sequence[float], "Sequence[float] | None"]]  # name -> (x, y, yerr)
+
+
 def line_plot(
-    series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]],
+    panels: dict[str, Series],
     path: str | Path,
     title: str,
     xlabel: str,
     ylabel: str,
-    xlog: bool = False,
-    hlines: dict[str, float] | None = None,
+    xticks: Sequence[float] | None = None,
+    hlines: dict[str, dict[str, float]] | None = None,
+    point_labels: dict[str, dict[str, Sequence[str]]] | None = None,
 ) -> Path:
-    """One line per series: name -> (x, y, yerr or None); `hlines` draws labelled horizontal references."""
+    """Side-by-side panels (panel title -> series), one line with error bars per series.
+
+    `hlines` (panel -> label -> y) draws dashed references, named in the legend; `point_labels` (panel -> series ->
+    one text per point) names the points, e.g. by recipe; `xticks` puts ticks exactly there (e.g. thread counts).
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (x, y, err) in series.items():
-        ax.errorbar(list(x), list(y), yerr=None if err is None else list(err), marker="o", capsize=3, label=name)
-    for name, y in (hlines or {}).items():
-        ax.axhline(y, linestyle="--", linewidth=1, color="grey")
-        ax.annotate(name, xy=(0.01, y), xycoords=("axes fraction", "data"), fontsize=8, va="bottom", color="dimgrey")
-    if xlog:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels.items()):
+        for name, (x, y, err) in series.items():
+            ax.errorbar(list(x), list(y), yerr=None if err is None else list(err), marker="o", capsize=3, label=name)
+            for px, py, text in zip(x, y, (point_labels or {}).get(panel, {}).get(name, [])):
+                ax.annotate(text, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7, color="dimgrey")
+        for i, (name, y) in enumerate((hlines or {}).get(panel, {}).items()):
+            ax.axhline(y, linestyle="--", linewidth=1, color=f"C{(i + len(series)) % 10}", label=name)
+        if xticks is not None:
+            ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
+        else:
+            ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -101,7 +101,7 @@ def test_errors_are_one_line_and_write_nothing(tiny_gguf, tmp_path):
     cases = [
         (["--pt", pt], "no Thinking model given"),
         (["--thinking", thinking], "no PT model given"),
-        (["--pt", pt, "--thinking", str(tmp_path / "missing.gguf")], "no such file"),
+        (["--pt", pt, "--thinking", str(tmp_path / "missing.gguf")], "missing.gguf does not exist"),
         (["--pt", other, "--thinking", thinking], "not ERNIE-4.5"),
         (["--pt", thinking, "--thinking", pt], "has a Thinking chat template"),
         (["--pt", pt, "--thinking", thinking, "--prompts", str(bad_toml)], "is not valid TOML"),
