@@ -264,12 +264,11 @@ def bench(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> BenchResult:
     """Benchmark every model with every build at every thread count; write JSON, Markdown and PNGs to `out_dir`."""
-    from .generate import check_gguf
-    from .profile import gguf_moe_shape
+    from .profile import find_gguf, gguf_moe_shape
 
     if not models:
         raise EdgeMoEError("no model given", "pass one or more GGUF files: edgemoe bench a.gguf b.gguf")
-    paths = [check_gguf(m) for m in models]
+    paths = [find_gguf(m) for m in models]
     for p in paths:
         gguf_moe_shape(p)
     if reps < 1:

@@ -197,19 +197,13 @@ def _template(path: Path) -> str | None:
 def check_variant(variant: str, model: str | Path | None) -> Path:
     """The GGUF for one variant (a path or a registry name), checked to be ERNIE with that variant's chat template."""
     from . import chat
-    from .generate import check_gguf
-    from .profile import gguf_moe_shape
+    from .profile import find_gguf, gguf_moe_shape
 
     flag = f"--{variant}"
     if model is None:
         raise EdgeMoEError(f"no {variant.capitalize() if variant == 'thinking' else 'PT'} model given",
                            f"pass {flag} MODEL.gguf (compare needs both --pt and --thinking)")
-    path = Path(model).expanduser()
-    if not path.exists():  # a registry name: the GGUF `edgemoe pull --format gguf` fetched
-        from .registry import resolve
-
-        path = resolve(model, fmt="gguf")
-    path = check_gguf(path)
+    path = find_gguf(model)
     try:
         gguf_moe_shape(path)
     except EdgeMoEError as e:

@@ -77,6 +77,18 @@ class RoutingTrace:
         return np.divide(self.reap_sum, self.counts, out=np.zeros_like(self.reap_sum), where=self.counts > 0)
 
 
+def find_gguf(model: str | Path) -> Path:
+    """A GGUF path as given, or a registry name resolved to the GGUF `edgemoe pull --format gguf` fetched."""
+    from .generate import check_gguf
+
+    path = Path(model).expanduser()
+    if not path.exists():
+        from .registry import resolve
+
+        path = resolve(model, fmt="gguf")
+    return check_gguf(path)
+
+
 def gguf_moe_shape(path: str | Path) -> tuple[str, int, int, list[int]]:
     """(architecture, expert count, used count, MoE block indices) of a GGUF; EdgeMoEError if it is not ERNIE MoE."""
     from .generate import check_gguf

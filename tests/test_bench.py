@@ -50,7 +50,7 @@ def test_errors_are_one_line_and_write_nothing(tiny_gguf, tmp_path):
     for args, message in [
         ([model, "--builds", str(tmp_path / "no-such-build")], "has no bin/llama-bench"),
         ([str(other)], "not ERNIE-4.5 MoE"),
-        ([str(tmp_path / "missing.gguf")], "no such file"),
+        ([str(tmp_path / "missing.gguf")], "missing.gguf does not exist"),
         ([model, "--threads", "2,x"], "is not a list of numbers"),
         ([model, "--pg", "128"], "is not PP,TG"),
     ]:
