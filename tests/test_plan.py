@@ -125,3 +125,15 @@ def test_plan_end_to_end_on_the_fixture(tiny_gguf, tmp_path):
     e_p = evaluate(tmp_path / "p.gguf", model, text, ctx=256, max_chunks=4, threads=2)
     e_q = evaluate(tmp_path / "q4.gguf", model, text, ctx=256, max_chunks=4, threads=2)
     assert e_p.kld_mean < e_q.kld_mean
+
+
+def test_tensors_every_token_uses_keep_at_least_the_floor():
+    shapes = [("token_embd.weight", (256, 8192)), ("blk.1.attn_q.weight", (256, 256)),
+              ("blk.1.ffn_up_exps.weight", (256, 256, 16))]
+    # attn_q made insensitive: without the floor the cheapest type wins, with it never below q4_k
+    tensors, m = _fake(shapes, {"token_embd": 1.0, "attn_q": 1e-9, "ffn_up_exps": 1e-9})
+    # token_embd q4_k + experts q2_k + attn_q q2_k = 1,545,216 bytes; attn_q at q4_k adds 15,360
+    free = {c.tensor: c.type for c in plan.plan_from_measurements(m, tensors, 0, 1_550_000, min_every_token=None).choices}
+    floored = {c.tensor: c.type for c in plan.plan_from_measurements(m, tensors, 0, 1_600_000).choices}
+    assert free["blk.1.attn_q.weight"] == "q2_k" and floored["blk.1.attn_q.weight"] in ("q4_k", "q8_0")
+    assert floored["blk.1.ffn_up_exps.weight"] == "q2_k"  # routed experts are not floored
