@@ -695,6 +695,7 @@ def plan_cmd(
     do_quantize: bool = typer.Option(False, "--quantize", help="Apply the plan: quantize MODEL with it."),
     gguf_out: Optional[Path] = typer.Option(None, "--gguf-out", help="With --quantize: the output GGUF."),
     chunks: int = typer.Option(16, "--chunks", min=1, help="Chunks of --text per KLD calibration measurement."),
+    min_every_token: str = typer.Option("q4_k", "--min-every-token", help="Lowest type for tensors every token uses (attention, shared experts, dense FFN, embedding); `none` for no floor."),
     reference: str = typer.Option("source", "--reference", help="Measure gains against the model as given (source) or at Q8_0 (q8_0: half the RAM, for 21B on a 32 GB machine)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
@@ -736,7 +737,8 @@ def plan_cmd(
 
         result = stage.plan(model, imatrix, text, ram=ram, ctx=ctx, max_size=size, reserve=reserve_bytes,
                             arm_fast=arm_fast, out=out,
-                            threads=threads, max_chunks=chunks, progress=progress, reference=reference)
+                            threads=threads, max_chunks=chunks, progress=progress, reference=reference,
+                            min_every_token=None if min_every_token.lower() == "none" else min_every_token)
         if do_quantize:
             from .quantize import quantize as run_quantize
             from .recipe import load_recipe, parse_recipe
