@@ -36,6 +36,7 @@ FIXTURES = Path(os.environ.get("EDGEMOE_SHARED_FIXTURES", REPO.parent / "shared"
 STOCK = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_XS", "IQ4_NL", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 # plan at these files' sizes: stock mixes and our hand-written recipes
 PLAN_AT = ("stock:Q2_K", "stock:Q3_K_M", "edge-small", "stock:Q4_K_M", "stock:Q5_K_M", "arm-fast", "stock:Q6_K")
+NO_FLOOR_AT = ("edge-small", "stock:Q4_K_M")  # the ablation: plan with min_every_token=None
 RECIPES = ("q4_0-uniform", "edge-small", "edge-balanced", "arm-fast")
 CALIB_BYTES = 100_000
 
@@ -115,6 +116,16 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         recipe_path.write_text(p.recipe_toml)
         measure("plan", f"plan@{label}", recipe_path, {"budget": size, "predicted_kld": p.predicted_kld,
                                                         "predicted_bytes": p.predicted_bytes})
+    # ablation: the same plans without the floor for tensors every token uses (plan.MIN_EVERY_TOKEN)
+    for at in NO_FLOOR_AT:
+        size = results[f"{variant}/{at}/c{args.chunks}"]["bytes"]
+        label = at.removeprefix("stock:")
+        p = plan.plan_from_measurements(m, tensors, overhead, size, f"--max-size {size}", f"plan-nofloor-at-{label}",
+                                        min_every_token=None)
+        recipe_path = work / f"plan-nofloor-at-{label}.toml"
+        recipe_path.write_text(p.recipe_toml)
+        measure("plan-nofloor", f"plan-nofloor@{label}", recipe_path,
+                {"budget": size, "predicted_kld": p.predicted_kld, "predicted_bytes": p.predicted_bytes})
     info["plan_solve_note"] = "plan_from_measurements per budget takes well under a second once measured"
     # how well the additive prediction ranks the stock K-quant mixes it can express (all types in its candidate set)
     info.setdefault("stock_predicted", {})
@@ -214,6 +225,13 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
                 lines.append([ft, human_bytes(s["bytes"]), human_bytes(p["bytes"]), f"{s['kld']:.5f}",
                               f"{p['kld']:.5f}", f"{p['kld'] / s['kld']:.2f}", f"{p['predicted_kld']:.5f}",
                               "yes" if below else "no"])
+        for at in NO_FLOOR_AT:
+            ft = at.removeprefix("stock:")
+            s, p = by.get(at), by.get(f"plan-nofloor@{ft}")
+            if s and p:
+                lines.append([f"{ft} (plan without the >= Q4_K floor)", human_bytes(s["bytes"]), human_bytes(p["bytes"]),
+                              f"{s['kld']:.5f}", f"{p['kld']:.5f}", f"{p['kld'] / s['kld']:.2f}",
+                              f"{p['predicted_kld']:.5f}", "yes" if p["kld"] + p["kld_se"] < s["kld"] - s["kld_se"] else "no"])
         md.append("\n`plan` at each stock mix's and recipe's file size (budget = that file's size):\n\n")
         md.append(markdown_table(["mix", "its size", "plan size", "its KLD", "plan KLD", "plan/it",
                                   "plan predicted KLD (calibration text)", "below beyond ±1 se"], lines,
