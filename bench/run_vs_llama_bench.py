@@ -4,9 +4,11 @@ text-generation test on the same GGUF, the same libllama build and the same thre
     .venv/bin/python bench/run_vs_llama_bench.py MODEL.gguf [--threads N] [--reps R] [--out bench/run-vs-llama-bench.md]
 
 The two are interleaved rep by rep so that load from other processes hits both alike; the table reports medians.
-llama-bench generates `-n` tokens from an empty context; `run` answers a question (its prompt is processed first),
-and its gen_tps counts decode steps after the first token, as llama-bench's tg does. llama-bench runs with flash
-attention set as `run` sets it (off), so the two do the same arithmetic.
+llama-bench's tg test decodes one token over and over from an empty context; `run` decodes its real reply after
+the prompt (its gen_tps counts decode steps after the first token, as tg does). A second table, measured in one
+process with paired ratios, splits the difference into what run's Python loop adds to libllama's decode time and
+what the workload itself changes (on a MoE, a repeated token keeps hitting the same experts). llama-bench runs
+with flash attention off, as `run` does, so both do the same arithmetic.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +44,49 @@ def edgemoe_run(model: Path, threads: int, question: str, max_tokens: int) -> di
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
+def inside_run(model: Path, threads: int, question: str, max_tokens: int, reps: int) -> dict[str, list[float]]:
+    """Per rep, in one process, so that load from other processes cancels out of the ratios:
+
+    - gen_tps of run's loop, and libllama's own decode tokens/s for the same generation (llama_perf_context):
+      what the Python loop (sampling, detokenizing) adds to decoding;
+    - pure decode of the reply's real tokens after its prompt, against pure decode of one token repeated from an
+      empty context, which is what llama-bench's tg test decodes: how much the workload itself differs.
+    """
+    from edgemoe_cli.generate import chat_prompt, chat_reply, import_binding, load_model, tokenize_prompt
+
+    llama_cpp = import_binding()
+    llm = load_model(model, ctx=4096, threads=threads)
+    prompt = tokenize_prompt(llm, chat_prompt(llm, question)[0])
+    reply = chat_reply(llm, question, max_tokens=max_tokens, temp=0)
+    generated = llm.tokenize(reply.raw.encode(), add_bos=False, special=True)
+    repeated = [llm.token_bos()] * len(generated)
+
+    def decode_tps(prefix: list[int], tokens: list[int]) -> float:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+        if prefix:
+            batch = (llama_cpp.llama_token * len(prefix))(*prefix)
+            llama_cpp.llama_decode(llm.ctx, llama_cpp.llama_batch_get_one(batch, len(prefix)))
+        one = (llama_cpp.llama_token * 1)()
+        start = time.perf_counter()
+        for t in tokens:
+            one[0] = t
+            llama_cpp.llama_decode(llm.ctx, llama_cpp.llama_batch_get_one(one, 1))
+        llama_cpp.llama_synchronize(llm.ctx)
+        return len(tokens) / (time.perf_counter() - start)
+
+    out: dict[str, list[float]] = {"loop": [], "decode": [], "real": [], "repeated": []}
+    for _ in range(reps):
+        llama_cpp.llama_perf_context_reset(llm.ctx)
+        r = chat_reply(llm, question, max_tokens=max_tokens, temp=0)
+        perf = llama_cpp.llama_perf_context(llm.ctx)
+        out["loop"].append(r.gen_tps)
+        out["decode"].append(perf.n_eval / perf.t_eval_ms * 1000)
+        out["repeated"].append(decode_tps([], repeated))
+        out["real"].append(decode_tps(prompt, generated))
+    llm.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
@@ -61,6 +107,14 @@ def main() -> None:
         run_tps.append(r["gen_tps"])
         run_tokens.append(r["completion_tokens"])
     b_med, r_med = statistics.median(bench_tps), statistics.median(run_tps)
+    inside = inside_run(args.model, args.threads, args.question, args.tokens, args.reps)
+
+    def row(label: str, key: str) -> str:
+        values = inside[key]
+        return f"| {label} | {statistics.median(values):.1f} | {', '.join(f'{x:.0f}' for x in values)} |"
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(inside[a], inside[b]))
     lines = [
         f"### {args.model.name}, {args.threads} threads, {platform.machine()}",
         "",
@@ -77,6 +131,17 @@ def main() -> None:
         f"| llama-bench tg{args.tokens} | {b_med:.1f} | {', '.join(f'{x:.0f}' for x in bench_tps)} |",
         f"| edgemoe run gen_tps | {r_med:.1f} | {', '.join(f'{x:.0f}' for x in run_tps)} |",
         f"| ratio run / llama-bench | **{r_med / b_med:.3f}** | target >= 0.95 |",
+        "",
+        "Where the difference comes from (one process, reps interleaved, ratios paired per rep):",
+        "",
+        "| | median tok/s | all reps (tok/s) |",
+        "|---|---|---|",
+        row("run's loop: decode + sample + detokenize (gen_tps)", "loop"),
+        row("libllama's decode time in the same generations (llama_perf_context)", "decode"),
+        row("pure decode: the reply's real tokens after its prompt", "real"),
+        row("pure decode: one token repeated from an empty context (llama-bench's tg workload)", "repeated"),
+        f"| ratio run's loop / its own decode time | **{paired('loop', 'decode'):.3f}** | Python's share |",
+        f"| ratio real tokens / repeated token | **{paired('real', 'repeated'):.3f}** | the workload's share |",
         "",
     ]
     text = "\n".join(lines)

@@ -147,6 +147,18 @@ def test_greedy_is_deterministic(models, tiny_gguf):
     assert first.completion_tokens == again.completion_tokens == fresh.completion_tokens
 
 
+def test_greedy_picks_what_llama_cpp_greedy_sampler_picks(models):
+    llm = models["thinking"]
+    ours = generate.chat_reply(llm, QUESTION, max_tokens=40, temp=0)
+    text, _ = generate.chat_prompt(llm, QUESTION)
+    reference = []
+    for token in llm.generate(generate.tokenize_prompt(llm, text), temp=0.0, reset=True):  # llama.cpp's greedy
+        if len(reference) == ours.completion_tokens:
+            break
+        reference.append(token)
+    assert llm.detokenize(reference).decode() == ours.raw
+
+
 def test_seeded_sampling_repeats(models):
     a = generate.chat_reply(models["pt"], "The Debian", max_tokens=24, temp=1.0, seed=7)
     b = generate.chat_reply(models["pt"], "The Debian", max_tokens=24, temp=1.0, seed=7)
