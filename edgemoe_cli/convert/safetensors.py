@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,8 +150,13 @@ class TensorReader:
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
+        self._lock = threading.Lock()  # blocks are read from several threads
 
     def _map(self, path: Path) -> mmap.mmap:
+        with self._lock:
+            return self._maps.get(path) or self._open(path)
+
+    def _open(self, path: Path) -> mmap.mmap:
         if path not in self._maps:
             with open(path, "rb") as f:
                 mm = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

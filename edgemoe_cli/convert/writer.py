@@ -24,8 +24,10 @@ from .safetensors import TensorReader, to_float32
 Q = gguf.GGMLQuantizationType
 
 # Rows are converted in blocks of about this many source bytes: big enough for fast sequential I/O and vectorised
-# numpy, small enough that the few reused block buffers are all the memory the data needs.
-BLOCK_BYTES = 8 << 20
+# numpy, small enough that the buffers of the few blocks in flight are all the memory the data needs.
+BLOCK_BYTES = 4 << 20
+# Threads converting blocks while one more writes them (numpy and write() release the GIL).
+ENCODE_THREADS = 2
 
 Progress = Callable[[int, int, int, int, str], None]  # (bytes done, bytes total, tensors done, tensors total, name)
 
@@ -120,53 +122,62 @@ def _bf16_to_f16(bits: np.ndarray, scratch: Scratch) -> np.ndarray:
     return out.view(np.float16)
 
 
-def _write_block(fout, data: np.ndarray, reader: TensorReader, ref, start: int, stop: int) -> None:
-    fout.write(data.data)
-    # only now: a bf16 -> bf16 block is written straight from the mapped pages
-    reader.release(ref, start, stop)
-
-
 def write_gguf(writer: gguf.GGUFWriter, path: Path, plan: list[PlannedTensor], reader: TensorReader,
                progress: Progress | None = None) -> None:
     """Write the file: `writer` already holds the keys and every planned tensor's info, in plan order.
 
-    Writing runs on one background thread while the next block is read and converted (two sets of buffers take
-    turns), so the conversion's CPU time and the disk's write-back overlap instead of adding up.
+    Blocks are converted on ENCODE_THREADS threads (numpy releases the GIL) and written in order by one writer
+    thread, so conversion, the page-cache copy and the disk's write-back overlap instead of adding up. Each
+    block in flight has its own set of buffers; a set is reused only once its block has been written.
     """
     total = sum(t.nbytes for t in plan)
-    done = 0
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     fout = writer.fout[0]
     writer.write_padding(fout, fout.tell())
     fout.flush()
-    scratches, in_flight, paddings = [Scratch(), Scratch()], [None, None], []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-write") as pool:
-        turn = 0
+    written = [0] * len(plan)
+    done = 0
+
+    def write_block(i: int, encoded, piece, a: int, b: int) -> None:
+        nonlocal done
+        data = encoded.result()
+        fout.write(data.data)
+        # only now: a bf16 -> bf16 block is written straight from the mapped pages
+        reader.release(piece.ref, a, b)
+        written[i] += data.nbytes
+        done += data.nbytes
+        if progress is not None:
+            progress(done, total, i, len(plan), plan[i].name)
+
+    def finish_tensor(i: int) -> None:
+        if written[i] != plan[i].nbytes:  # a mismatch here would only surface as a corrupt file at load time
+            raise RuntimeError(f"tensor {plan[i].name} gave {written[i]} bytes, expected {plan[i].nbytes}")
+        writer.write_padding(fout, written[i])
+        if progress is not None:
+            progress(done, total, i + 1, len(plan), plan[i].name)
+
+    n_slots = ENCODE_THREADS + 2
+    scratches, slot_writes, finished = [Scratch() for _ in range(n_slots)], [None] * n_slots, []
+    with ThreadPoolExecutor(ENCODE_THREADS, "gguf-encode") as encoders, ThreadPoolExecutor(1, "gguf-write") as out:
+        slot = 0
         for i, tensor in enumerate(plan):
-            written = 0
             for piece in tensor.pieces:
                 step = max(1, BLOCK_BYTES // max(piece.ref.row_nbytes, 1))
                 for a in range(piece.start, piece.stop, step):
                     b = min(a + step, piece.stop)
-                    if in_flight[turn] is not None:  # this turn's buffers may still be being written
-                        in_flight[turn].result()
-                    data = np.ascontiguousarray(
-                        encode(reader.read_rows(piece.ref, a, b), piece.ref.dtype, tensor.qtype, scratches[turn]))
-                    in_flight[turn] = pool.submit(_write_block, fout, data, reader, piece.ref, a, b)
-                    turn ^= 1
-                    written += data.nbytes
-                    done += data.nbytes
-                    if progress is not None:
-                        progress(done, total, i, len(plan), tensor.name)
-            if written != tensor.nbytes:  # a mismatch here would only surface as a corrupt file at load time
-                raise RuntimeError(f"tensor {tensor.name} gave {written} bytes, expected {tensor.nbytes}")
-            paddings.append(pool.submit(writer.write_padding, fout, written))
-            if progress is not None:
-                progress(done, total, i + 1, len(plan), tensor.name)
-        for future in [*in_flight, *paddings]:
+                    if slot_writes[slot] is not None:  # this slot's buffers are free once its block is written
+                        slot_writes[slot].result()
+                    encoded = encoders.submit(_encode_block, reader, piece.ref, a, b, tensor.qtype, scratches[slot])
+                    slot_writes[slot] = out.submit(write_block, i, encoded, piece, a, b)
+                    slot = (slot + 1) % n_slots
+            finished.append(out.submit(finish_tensor, i))
+        for future in [*slot_writes, *finished]:
             if future is not None:
                 future.result()
-    # every write ran on the pool, in order; a failed one raised above through its future
     writer.close()
+
+
+def _encode_block(reader: TensorReader, ref, a: int, b: int, qtype, scratch: Scratch) -> np.ndarray:
+    return np.ascontiguousarray(encode(reader.read_rows(ref, a, b), ref.dtype, qtype, scratch))
