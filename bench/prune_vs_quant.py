@@ -15,6 +15,7 @@ Every number in the report is produced by this script.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -74,6 +75,7 @@ def main() -> None:
             rows.append({"what": what, "recipe": recipe, "bytes": path.stat().st_size, "ppl": e.ppl,
                          "base_ppl": e.base_ppl, "kld": e.kld_mean, "kld_p99": e.kld_p99, "top1": e.top1_agreement,
                          "tokens": e.tokens_scored})
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     write_report(args, rows, time.time() - t0)
 
 

@@ -56,8 +56,8 @@ def write_text(text: str, path: str | Path) -> Path:
 def _cell(value: Any) -> str:
     if value is None:
         return "–"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e-3 and value else f"{value:,.2f}"
+    if isinstance(value, float):  # tokens/s to two decimals, small quantities (KLD) to four significant digits
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}" if abs(value) >= 1 else f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
