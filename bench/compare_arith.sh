@@ -5,7 +5,7 @@
 # Converts both tiny fixtures to f16 GGUF in a scratch directory and runs `edgemoe compare` greedily on them.
 # One thread: greedy answers do not depend on it, and on a busy 2-core machine 2-thread decoding crawls.
 set -euo pipefail
-case "${1:-}" in -h|--help) sed -n 2,5p "$0"; exit 0;; esac
+case "${1:-}" in -h|--help) sed -n 2,6p "$0"; exit 0;; esac
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 fixtures="${EDGEMOE_SHARED_FIXTURES:-$repo/../shared/fixtures}"
 edgemoe="$repo/.venv/bin/edgemoe"
