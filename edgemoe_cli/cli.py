@@ -957,11 +957,14 @@ def compare(
     if len(result.items) > show:
         console.print(f"[dim]… {len(result.items) - show} more prompts" + (" in the report" if out else "") + "[/]")
     headers, rows = stage.metrics_rows(result)
-    table = Table(title="PT vs Thinking (means per prompt; wall is the sum)")
-    for h in headers:
-        table.add_column(h, justify="left" if h in ("variant", "accuracy") else "right")
+    # metrics down, variants across: two value columns fit any terminal width
+    table = Table(title="PT vs Thinking (means per prompt; wall and load are totals)")
+    table.add_column("metric")
     for row in rows:
-        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else ("–" if v is None else str(v)) for v in row])
+        table.add_column("PT" if row[0] == "pt" else "Thinking", justify="right")
+    for i, h in enumerate(headers[1:], 1):
+        table.add_row(h, *[f"{row[i]:.2f}" if isinstance(row[i], float) else ("–" if row[i] is None else str(row[i]))
+                           for row in rows])
     console.print(table)
     if result.outputs:
         console.print(f"wrote {result.outputs['markdown']} and {result.outputs['json']}", highlight=False)
