@@ -183,8 +183,8 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
     variants = [v for v in args.variants if any(r["variant"] == v for r in rows)]
     fig, axes = plt.subplots(1, len(variants), figsize=(6.5 * len(variants), 4.8), squeeze=False)
     md = ["# Quality vs size: stock llama.cpp mixes, edgemoe recipes, and `edgemoe plan`\n",
-          "Made by `.venv/bin/python bench/quality.py` (" + f"{seconds / 60:.0f} min on this machine, "
-          f"{args.threads} threads). Reference: the f32 GGUF of each fixture. Calibration (imatrix, plan's KLD gains): "
+          "Made by `.venv/bin/python bench/quality.py` (" + f"{args.threads} threads; finished evaluations are "
+          "reused from --work, so reruns only add what is missing). Reference: the f32 GGUF of each fixture. Calibration (imatrix, plan's KLD gains): "
           f"the first {CALIB_BYTES:,} characters of fixtures/calib.txt (cut at a line); evaluation: the rest of it "
           f"({args.chunks} chunks of 512 tokens, second halves scored). All quantizations use the same imatrix. "
           "KLD = mean KL(f32 || model) in nats/token, ± its standard error.\n"]
@@ -238,8 +238,9 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
                                  align="lrrrrrrl"))
         info = infos.get(v, {})
         if info.get("stock_predicted"):
-            pred = [[ft, f"{info['stock_predicted'][ft]:.5f}", f"{by[f'stock:{ft}']['kld']:.5f}",
-                     f"{by[f'stock:{ft}']['kld'] / info['stock_predicted'][ft]:.2f}"]
+            floor = info.get("plan_floor_kld", 0.0)
+            pred = [[ft, f"{info['stock_predicted'][ft] + floor:.5f}", f"{by[f'stock:{ft}']['kld']:.5f}",
+                     f"{by[f'stock:{ft}']['kld'] / (info['stock_predicted'][ft] + floor):.2f}"]
                     for ft in info["stock_predicted"] if f"stock:{ft}" in by]
             md.append("\nAdditivity check: plan's prediction (sum over tensors of role gain x layer factor x error, "
                       "plus the Q8_0 floor, all fitted on the calibration text) against the measured KLD of stock "
