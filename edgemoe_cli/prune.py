@@ -25,7 +25,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import EdgeMoEError
-from .store import atomic_output, write_manifest
+from .ggufcopy import OutTensor, write_gguf
+from .store import write_manifest
 
 _EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.(ffn_(?:gate|up|down)_exps\.weight|ffn_gate_inp\.weight|exp_probs_b\.bias)$")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -164,46 +165,22 @@ def write_pruned(reader, out: Path, kept: dict[int, list[int]], keep: int, n_exp
     import gguf
 
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    writer = gguf.GGUFWriter(path=None, arch=arch)
-    expert_count_key = gguf.Keys.LLM.EXPERT_COUNT.format(arch=arch)
-    for f in reader.fields.values():
-        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
-            continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        value = keep if f.name == expert_count_key else f.contents()
-        if f.name == gguf.Keys.General.SIZE_LABEL:
-            value = re.sub(rf"^{n_expert}x", f"{keep}x", str(value))
-        writer.add_key_value(f.name, value, vtype, sub_type=sub)
-
-    def data(t) -> np.ndarray:
-        m = _EXPERT_TENSOR.match(t.name)
-        return _slice(t, kept[int(m.group(1))]) if m and int(m.group(1)) in kept else t.data
-
+    values = {gguf.Keys.LLM.EXPERT_COUNT.format(arch=arch): keep}
+    label = reader.get_field(gguf.Keys.General.SIZE_LABEL)
+    if label is not None:
+        values[gguf.Keys.General.SIZE_LABEL] = re.sub(rf"^{n_expert}x", f"{keep}x", str(label.contents()))
+    tensors = []
     for t in reader.tensors:
         m = _EXPERT_TENSOR.match(t.name)
         if m and int(m.group(1)) in kept:
             # shapes only: the sliced copy itself is made when the tensor is written
             shape = list(t.data.shape)
-            axis = len(shape) - 1 if t.name.endswith("exp_probs_b.bias") else 0
-            shape[axis] = keep
-            nbytes = int(t.n_bytes) // n_expert * keep
+            shape[len(shape) - 1 if t.name.endswith("exp_probs_b.bias") else 0] = keep
+            tensors.append(OutTensor(t, tuple(shape), int(t.n_bytes) // n_expert * keep,
+                                     lambda t=t, ids=kept[int(m.group(1))]: _slice(t, ids)))
         else:
-            shape, nbytes = list(t.data.shape), int(t.n_bytes)
-        writer.add_tensor_info(t.name, shape, t.data.dtype, nbytes, raw_dtype=t.tensor_type)
-    total = sum(ti.nbytes for ti in writer.tensors[0].values())
-    with atomic_output(out) as part:
-        writer.write_header_to_file(path=part)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        done = 0
-        for t in reader.tensors:
-            arr = data(t)
-            writer.write_tensor_data(arr, tensor_endianess=reader.endianess)
-            done += arr.nbytes
-            if progress is not None:
-                progress(done, total)
-        writer.close()
+            tensors.append(OutTensor(t))
+    write_gguf(reader, out, tensors, values, progress)
 
 
 def default_out(model: Path, keep: int) -> Path:
