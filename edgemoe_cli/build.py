@@ -214,8 +214,8 @@ set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)
 
 # GCC 12.2 (Debian 12's native and cross gcc) ICEs on this KleidiAI file at -O3: "internal compiler error: in
 # vect_transform_reduction, at tree-vect-loop.cc" (loop vectorizer). -O2 or -fno-tree-loop-vectorize avoid it, so
-# only this file loses loop vectorization (it is an LHS quantize-pack routine, not a matmul kernel); ggml's own
-# kernels and every other KleidiAI file keep -O3.
+# only this file loses loop vectorization; ggml's own kernels and every other KleidiAI file keep -O3. It costs
+# nothing at run time: ggml's KleidiAI integration never calls this bf16 pack routine.
 KLEIDIAI_GCC12_FILES = ("kai/ukernels/matmul/pack/kai_lhs_quant_pack_qai8dxp_bf16_neon.c",)
 
 
