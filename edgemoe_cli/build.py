@@ -51,6 +51,8 @@ KLEIDIAI_HOST = ("github.com", 443)
 # What ggml-cpu/CMakeLists.txt fetches (FetchContent name `kleidiai`, tag KLEIDIAI_COMMIT_TAG).
 KLEIDIAI_DEFAULT_TAG = "v1.24.0"
 CROSS_PREFIX = "aarch64-linux-gnu-"
+# What Neoverse N2/V2 and Cortex-A720/X4 report (doctor's arm_arch_flags on their /proc/cpuinfo).
+CROSS_DEFAULT_ARCH = "armv9-a+sve2+i8mm+bf16+dotprod"
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -277,7 +279,7 @@ def plan_build(
             arch = detect_arm_arch()
             arch, note = avoid_wide_sve_i8mm(arch)
             notes += [note] if note else []
-        arch = arch or "armv9-a+sve2+i8mm+dotprod"
+        arch = arch or CROSS_DEFAULT_ARCH
         if not re.fullmatch(r"armv[0-9.]+-a(\+[a-z0-9]+)*", arch):
             raise EdgeMoEError(f"--arch {arch!r} is not an -march value like armv9-a+sve2+i8mm+dotprod",
                                "give armv<N>-a followed by +extension parts")

@@ -278,7 +278,7 @@ def build(
                                "with aarch64-linux-gnu-gcc from an x86 host)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="GGML_CPU_ARM_ARCH (-march), e.g. "
                                        "armv9-a+sve2+i8mm+dotprod. Default: from this CPU's features (native) or "
-                                       "armv9-a+sve2+i8mm+dotprod (aarch64)."),
+                                       "armv9-a+sve2+i8mm+bf16+dotprod (aarch64)."),
     kleidiai: Optional[bool] = typer.Option(None, "--kleidiai/--no-kleidiai", help="Arm's KleidiAI matmul "
                                             "kernels (default: on for Arm targets)."),
     kleidiai_src: Optional[Path] = typer.Option(None, "--kleidiai-src", help="Extracted KleidiAI source for "
