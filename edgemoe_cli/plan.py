@@ -90,7 +90,8 @@ class Measurements:
     layer_factors: dict[str, float] = field(default_factory=dict)  # block index -> depth correction
     layer_kld: dict[str, float] = field(default_factory=dict)  # block index -> measured KLD, only that layer lowered
     floor_kld: float = 0.0  # measured KLD of the all-Q8_0 model beyond its prediction (activation quantization)
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # quantize, errors, assemble, eval
+    work: dict[str, int] = field(default_factory=dict)  # assembled_bytes, eval_tokens, runs: what the seconds bought
 
     def predicted(self, tensor: str, type_: str) -> float:
         return self.gains[role(tensor)] * self.layer_factors.get(layer(tensor), 1.0) * self.errors[tensor][type_]
@@ -126,11 +127,48 @@ def tensor_errors(source: Path, quantized: Path, imatrix, names: list[str]) -> d
 def _cache_path(model: Path, imatrix: Path, text: Path, types, cal_type, max_chunks, reference) -> Path:
     h = hashlib.sha256()
     st = model.stat()
-    h.update(f"v2|{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|"
+    h.update(f"v3|{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|"
              f"{reference}|".encode())
     h.update(sha256_file(imatrix).encode())
     h.update(sha256_file(text).encode())
     return home() / "cache" / "plan" / f"{h.hexdigest()[:20]}.json"
+
+
+def assemble(base: str | Path, swaps: dict[str, Path], out: str | Path) -> int:
+    """Write `out`: `base`'s keys and tensors, except the tensors named in `swaps`, whose bytes are copied from the
+    file given for each (a whole-model quantization). The result is byte for byte, tensor for tensor, what
+    llama.cpp would write for that mix with the same imatrix: quantization is per tensor. general.file_type is that
+    of the file supplying the most quantized tensors (llama.cpp names a mixed file after its most common type).
+    Returns the bytes of tensor data written."""
+    import gguf
+
+    from .ggufcopy import OutTensor, write_gguf
+
+    base_reader = gguf.GGUFReader(base)
+    readers = {p: gguf.GGUFReader(p) for p in sorted(set(map(Path, swaps.values())))}
+    by_name = {p: {t.name: t for t in r.tensors} for p, r in readers.items()}
+    tensors, quantized = [], {}
+    for t in base_reader.tensors:
+        src = t
+        if t.name in swaps:
+            src = by_name[Path(swaps[t.name])].get(t.name)
+            if src is None or list(src.shape) != list(t.shape):
+                raise EdgeMoEError(f"{swaps[t.name]} has no tensor {t.name} of shape {list(t.shape)}",
+                                   "assemble only whole-model quantizations of the same model")
+        if src.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                                   gguf.GGMLQuantizationType.BF16):
+            origin = Path(swaps[t.name]) if t.name in swaps else Path(base)
+            quantized[origin] = quantized.get(origin, 0) + 1
+        tensors.append(OutTensor(src))
+    values = {}
+    if quantized:
+        main = max(quantized, key=quantized.get)
+        reader = readers.get(main, base_reader)
+        field_ = reader.get_field(gguf.Keys.General.FILE_TYPE)
+        if field_ is not None and base_reader.get_field(gguf.Keys.General.FILE_TYPE) is not None:
+            values[gguf.Keys.General.FILE_TYPE] = field_.contents()
+    write_gguf(base_reader, out, tensors, values)
+    return sum(int(t.source.n_bytes) for t in tensors)
 
 
 def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFAULT_TYPES,
@@ -142,6 +180,10 @@ def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFA
     reference="source": gains are measured against the input model, everything else kept in its source type
     (needs RAM for the whole bf16 model: ~44 GB at 21B). reference="q8_0": against the model at Q8_0, everything
     else Q8_0 (half the RAM; Q8_0's own KLD is two orders of magnitude below the types being chosen).
+
+    llama.cpp quantizes the model once per candidate type; the calibration-type and Q8_0 files are kept while
+    measuring, and every calibration model is assembled from them (plan.assemble: raw bytes copied, no
+    re-quantization). Disk: the source, those two files, one more candidate and one calibration model.
     """
     from .evaluate import evaluate
     from .imatrix import read_imatrix
@@ -163,73 +205,83 @@ def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFA
     im = read_imatrix(imatrix)
     work = Path(workdir) if workdir else home() / "cache" / "plan" / "work"
     work.mkdir(parents=True, exist_ok=True)
-    tmp = work / f"{model.stem}.candidate.gguf"
-    base = model
-    if reference == "q8_0":
-        base = work / f"{model.stem}.reference-q8_0.gguf"
-        quantize(model, _uniform("q8_0", [x.name for x in targets if x.shape[0] % 32 == 0]), out=base,
-                 imatrix=imatrix, threads=threads, manifest=False)
-    keep = None if reference == "q8_0" else targets
+    tmp = work / f"{model.stem}.calibration.gguf"
+    kept = {t: work / f"{model.stem}.{t}.gguf" for t in (calibration_type, "q8_0")}
     errors: dict[str, dict[str, float]] = {t.name: {} for t in targets}
-    seconds = {"quantize": 0.0, "errors": 0.0, "calibrate": 0.0}
-    for i, t in enumerate(types):
+    seconds = {"quantize": 0.0, "errors": 0.0, "assemble": 0.0, "eval": 0.0}
+    stats = {"assembled_bytes": 0, "eval_tokens": 0, "runs": 0}
+    to_quantize = list(types) + [k for k in kept if k not in types]
+    for i, t in enumerate(to_quantize):
         if progress:
-            progress("errors", i, len(types))
+            progress("errors", i, len(to_quantize))
         fits = [x.name for x in targets if x.shape[0] % _block(t) == 0]
+        out = kept.get(t, work / f"{model.stem}.candidate.gguf")
         t0 = time.perf_counter()
-        quantize(model, _uniform(t, fits), out=tmp, imatrix=imatrix, threads=threads, manifest=False)
+        quantize(model, _uniform(t, fits), out=out, imatrix=imatrix, threads=threads, manifest=False)
         t1 = time.perf_counter()
-        for name, e in tensor_errors(model, tmp, im, fits).items():
-            errors[name][t] = e
+        if t in types:
+            for name, e in tensor_errors(model, out, im, fits).items():
+                errors[name][t] = e
         seconds["quantize"] += t1 - t0
         seconds["errors"] += time.perf_counter() - t1
+    (work / f"{model.stem}.candidate.gguf").unlink(missing_ok=True)
     if progress:
-        progress("errors", len(types), len(types))
+        progress("errors", len(to_quantize), len(to_quantize))
+    # everything not lowered comes from here: the source, or its Q8_0 quantization (llama.cpp's recipe for both:
+    # plan._uniform(cal, members, keep) — the test checks the assembly is byte-identical to it)
+    base = model if reference == "source" else kept["q8_0"]
+
+    def run(members: list[str]) -> float:
+        t0 = time.perf_counter()
+        stats["assembled_bytes"] += assemble(base, {n: kept[calibration_type] for n in members}, tmp)
+        t1 = time.perf_counter()
+        res = evaluate(tmp, base, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
+        seconds["assemble"] += t1 - t0
+        seconds["eval"] += time.perf_counter() - t1
+        stats["eval_tokens"] += res.chunks * ctx
+        stats["runs"] += 1
+        return res.kld_mean
+
     roles = sorted({role(t.name) for t in targets})
-    gains, kld = {}, {}
-    t0 = time.perf_counter()
+    kld = {}
     for i, r in enumerate(roles):
         if progress:
             progress("calibrate", i, len(roles))
         members = [x.name for x in targets if role(x.name) == r and calibration_type in errors[x.name]]
         if not members:
             raise EdgeMoEError(f"no {r} tensor can be {calibration_type}", "choose another calibration type")
-        quantize(model, _uniform(calibration_type, members, keep), out=tmp, imatrix=imatrix,
-                 threads=threads, manifest=False)
-        res = evaluate(tmp, base, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
-        kld[r] = res.kld_mean
-        total = sum(errors[m][calibration_type] for m in members)
-        gains[r] = res.kld_mean / total if total > 0 else 0.0
+        kld[r] = run(members)
+    if progress:
+        progress("calibrate", len(roles), len(roles))
     # depth: the same absolute error matters more where the residual stream is small (early layers), which a
     # role's single gain averages away; one more measurement per layer gives a separable role x layer model
-    factors, layer_kld = {}, {}
+    layer_kld = {}
     blocks = sorted({layer(t.name) for t in targets} - {""}, key=int)
     for i, b in enumerate(blocks):
         if progress:
             progress("layers", i, len(blocks))
-        members = [x.name for x in targets if layer(x.name) == b and calibration_type in errors[x.name]]
-        quantize(model, _uniform(calibration_type, members, keep), out=tmp, imatrix=imatrix,
-                 threads=threads, manifest=False)
-        res = evaluate(tmp, base, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
-        layer_kld[b] = res.kld_mean
+        layer_kld[b] = run([x.name for x in targets if layer(x.name) == b and calibration_type in errors[x.name]])
     if progress:
         progress("layers", len(blocks), len(blocks))
     gains, factors = fit_role_layer(
         {n: errors[n][calibration_type] for n in errors if calibration_type in errors[n]}, kld, layer_kld)
-    # the floor: quantized matmuls also quantize their activations (to Q8_0/Q8_K), an error no weight error shows
-    q8 = [x.name for x in targets if "q8_0" in errors[x.name]]
-    quantize(model, _uniform("q8_0", q8, None), out=tmp, imatrix=imatrix, threads=threads, manifest=False)
-    res = evaluate(tmp, base, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
-    m_partial = Measurements("", "", "", list(types), calibration_type, errors, gains, kld, factors)
-    floor = max(res.kld_mean - sum(m_partial.predicted(n, "q8_0") for n in q8), 0.0)
-    seconds["calibrate"] = time.perf_counter() - t0
-    if progress:
-        progress("calibrate", len(roles), len(roles))
+    # the floor: quantized matmuls also quantize their activations (to Q8_0/Q8_K), an error no weight error shows;
+    # the all-Q8_0 model is the kept Q8_0 quantization itself (against a Q8_0 reference there is no floor)
+    floor = 0.0
+    if reference == "source":
+        q8 = [x.name for x in targets if "q8_0" in errors[x.name]]
+        t0 = time.perf_counter()
+        res = evaluate(kept["q8_0"], base, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
+        seconds["eval"] += time.perf_counter() - t0
+        stats["eval_tokens"] += res.chunks * ctx
+        stats["runs"] += 1
+        m_partial = Measurements("", "", "", list(types), calibration_type, errors, gains, kld, factors)
+        floor = max(res.kld_mean - sum(m_partial.predicted(n, "q8_0") for n in q8), 0.0)
     tmp.unlink(missing_ok=True)
-    if base != model:
-        base.unlink(missing_ok=True)
+    for p in kept.values():
+        p.unlink(missing_ok=True)
     m = Measurements(str(model), str(imatrix), str(text), list(types), calibration_type, errors, gains, kld,
-                     factors, layer_kld, floor, {k: round(v, 2) for k, v in seconds.items()})
+                     factors, layer_kld, floor, {k: round(v, 2) for k, v in seconds.items()}, stats)
     with atomic_output(cache) as part:
         part.write_text(json.dumps(asdict(m)))
     return m

@@ -137,3 +137,60 @@ def test_tensors_every_token_uses_keep_at_least_the_floor():
     floored = {c.tensor: c.type for c in plan.plan_from_measurements(m, tensors, 0, 1_600_000).choices}
     assert free["blk.1.attn_q.weight"] == "q2_k" and floored["blk.1.attn_q.weight"] in ("q4_k", "q8_0")
     assert floored["blk.1.ffn_up_exps.weight"] == "q2_k"  # routed experts are not floored
+
+
+@pytest.mark.parametrize("reference", ["source", "q8_0"])
+def test_assembled_calibration_model_is_what_llama_cpp_writes(tiny_gguf, tmp_path, reference):
+    """A calibration model assembled from whole-model quantizations (one role from the Q3_K file, the rest from the
+    reference) has, tensor for tensor, the types and bytes llama.cpp writes when it quantizes that mix itself."""
+    import gguf
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_quantize import write_imatrix
+
+    from edgemoe_cli.quantize import quantize
+    from edgemoe_cli.recipe import quantizable, read_tensors
+
+    model = tiny_gguf("thinking")
+    im = write_imatrix(tmp_path / "im.gguf", model)
+    targets = [t for t in read_tensors(model)[0] if quantizable(t)]
+    members = [t.name for t in targets if plan.role(t.name) == "ffn_down_exps"] + ["blk.0.attn_q.weight"]
+    whole = {}
+    for ty in ("q3_k", "q8_0"):
+        fits = [t.name for t in targets if t.shape[0] % plan._block(ty) == 0]
+        whole[ty] = quantize(model, plan._uniform(ty, fits), out=tmp_path / f"{ty}.gguf", imatrix=im,
+                             manifest=False).out
+    base = model if reference == "source" else whole["q8_0"]
+    keep = targets if reference == "source" else None
+    direct = quantize(model, plan._uniform("q3_k", members, keep), out=tmp_path / "direct.gguf", imatrix=im,
+                      manifest=False).out
+    n = plan.assemble(base, {m: whole["q3_k"] for m in members}, tmp_path / "assembled.gguf")
+
+    a, d = gguf.GGUFReader(tmp_path / "assembled.gguf"), gguf.GGUFReader(direct)
+    # the same tensors (llama.cpp may order them differently; names are what it loads by)
+    by_name = {t.name: t for t in d.tensors}
+    assert sorted(t.name for t in a.tensors) == sorted(by_name)
+    for x in a.tensors:
+        y = by_name[x.name]
+        assert x.tensor_type == y.tensor_type, x.name
+        # shapes agree but for trailing 1s (llama.cpp writes n_dims without them: [16, 1] -> [16])
+        assert np.trim_zeros(np.asarray(x.shape) - 1, "b").tolist() == np.trim_zeros(np.asarray(y.shape) - 1, "b").tolist()
+        assert np.array_equal(np.asarray(x.data).view(np.uint8).ravel(), np.asarray(y.data).view(np.uint8).ravel())
+    assert n == sum(int(t.n_bytes) for t in d.tensors)
+    assert a.get_field("general.file_type").contents() == d.get_field("general.file_type").contents()
+    assert {t.name for t in a.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q3_K} == set(members)
+
+
+def test_assemble_refuses_a_file_of_another_model(tiny_gguf, tmp_path):
+    import gguf
+
+    other = tmp_path / "other.gguf"
+    w = gguf.GGUFWriter(other, "ernie4_5-moe")
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(EdgeMoEError, match="has no tensor blk.0.attn_q.weight of shape"):
+        plan.assemble(tiny_gguf("thinking"), {"blk.0.attn_q.weight": other}, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
