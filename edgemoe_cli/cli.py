@@ -320,7 +320,7 @@ def build(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .build import command_lines, plan_build, run_build, sve_warning
+    from .build import command_lines, load_manifest, plan_build, run_build, sve_warning
 
     plan = plan_build(source=source, target=target, arch=arch, kleidiai=kleidiai,
                       kleidiai_src=str(kleidiai_src) if kleidiai_src else None, jobs=jobs)
@@ -337,7 +337,7 @@ def build(
         for note in plan.notes + ([warning] if warning else []):
             err_console.print(f"[yellow]note:[/] {note}", highlight=False)
         return
-    if not as_json:
+    if not as_json and load_manifest(plan.out_dir) is None:
         err_console.print(f"building llama.cpp [bold]{plan.key}[/] ({plan.target}, arch {plan.arch}, "
                           f"KleidiAI {'on' if plan.kleidiai else 'off'}, -j{plan.jobs}) - log in {plan.work_dir}/build.log",
                           highlight=False)
@@ -359,7 +359,7 @@ def build(
     if result.system_info:
         console.print(f"system_info: {result.system_info}", highlight=False, markup=False)
     if result.current:
-        console.print("the Python binding and `edgemoe` tools now use this build (builds/native-current)")
+        console.print("the Python binding and the llama.cpp tools use this build (builds/native-current)")
     for note in result.notes + ([warning] if warning else []):
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
 
