@@ -21,8 +21,13 @@ Prediction (measured, not a fixed table). For every quantizable tensor W and can
    its prediction (quantized matmuls also quantize their activations), the same for every mix.
 3. choice: an exact multiple-choice knapsack (dynamic programming over bytes in 1/4000ths of the budget) picks one
    type per tensor minimising the summed prediction with total bytes <= budget.
+Cost. llama.cpp quantizes the whole model once per candidate type (step 1); every calibration model of step 2 is
+then assembled, not re-quantized: its tensors are copied byte for byte from the kept Q3_K quantization (the
+lowered ones) and from the reference (the rest) — quantization is per tensor, so this is exactly the file
+llama.cpp would write for that mix (tests/test_plan.py checks it), at the cost of a file copy. What remains is
+one KLD eval per role, per layer and for the floor.
 The measurements are cached per (model, imatrix, text) in <store>/cache/plan/, so planning again for another
-budget takes seconds. Cost on ERNIE-4.5-21B-A3B: README `### quantize and plan`.
+budget takes seconds. Cost on ERNIE-4.5-21B-A3B: README `### quantize and plan`, bench/quality.md.
 """
 
 from __future__ import annotations
