@@ -139,19 +139,23 @@ def _cache_path(model: Path, imatrix: Path, text: Path, types, cal_type, max_chu
     return home() / "cache" / "plan" / f"{h.hexdigest()[:20]}.json"
 
 
-def assemble(base: str | Path, swaps: dict[str, Path], out: str | Path) -> int:
+def assemble(base: str | Path, swaps: dict[str, Path], out: str | Path, readers: dict | None = None) -> int:
     """Write `out`: `base`'s keys and tensors, except the tensors named in `swaps`, whose bytes are copied from the
     file given for each (a whole-model quantization). The result is byte for byte, tensor for tensor, what
     llama.cpp would write for that mix with the same imatrix: quantization is per tensor. general.file_type is that
     of the file supplying the most quantized tensors (llama.cpp names a mixed file after its most common type).
-    Returns the bytes of tensor data written."""
+    Returns the bytes of tensor data written. `readers` (path -> GGUFReader, filled as needed) lets many
+    assemblies share the parsed files: parsing a 100k-token vocabulary costs more than copying a tiny model."""
     import gguf
 
     from .ggufcopy import OutTensor, write_gguf
 
-    base_reader = gguf.GGUFReader(base)
-    readers = {p: gguf.GGUFReader(p) for p in sorted(set(map(Path, swaps.values())))}
-    by_name = {p: {t.name: t for t in r.tensors} for p, r in readers.items()}
+    readers = {} if readers is None else readers
+    for p in {Path(base), *map(Path, swaps.values())}:
+        if p not in readers:
+            readers[p] = gguf.GGUFReader(p)
+    base_reader = readers[Path(base)]
+    by_name = {p: {t.name: t for t in readers[p].tensors} for p in set(map(Path, swaps.values()))}
     tensors, quantized = [], {}
     for t in base_reader.tensors:
         src = t
@@ -168,8 +172,7 @@ def assemble(base: str | Path, swaps: dict[str, Path], out: str | Path) -> int:
     values = {}
     if quantized:
         main = max(quantized, key=quantized.get)
-        reader = readers.get(main, base_reader)
-        field_ = reader.get_field(gguf.Keys.General.FILE_TYPE)
+        field_ = readers[main].get_field(gguf.Keys.General.FILE_TYPE)
         if field_ is not None and base_reader.get_field(gguf.Keys.General.FILE_TYPE) is not None:
             values[gguf.Keys.General.FILE_TYPE] = field_.contents()
     write_gguf(base_reader, out, tensors, values)
@@ -236,9 +239,11 @@ def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFA
     # plan._uniform(cal, members, keep) — the test checks the assembly is byte-identical to it)
     base = model if reference == "source" else kept["q8_0"]
 
+    readers: dict = {}
+
     def run(members: list[str]) -> float:
         t0 = time.perf_counter()
-        stats["assembled_bytes"] += assemble(base, {n: kept[calibration_type] for n in members}, tmp)
+        stats["assembled_bytes"] += assemble(base, {n: kept[calibration_type] for n in members}, tmp, readers)
         t1 = time.perf_counter()
         res = evaluate(tmp, base, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
         seconds["assemble"] += t1 - t0
