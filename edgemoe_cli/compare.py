@@ -377,7 +377,7 @@ def metrics_rows(result: CompareResult) -> tuple[list[str], list[list]]:
 
 
 def to_markdown(result: CompareResult) -> str:
-    from .report import fenced, markdown_table
+    from .report import fenced, human_bytes, markdown_table
 
     s = result.settings
     lines = [
@@ -386,7 +386,8 @@ def to_markdown(result: CompareResult) -> str:
         f"max tokens {s['max_tokens']}, threads {s['threads'] or 'default'}, ctx {s['ctx']}. Each variant ran alone "
         "in its own process (peak RSS is that process's).\n",
         markdown_table(["variant", "model", "size", "libllama"],
-                       [[v, f"`{result.summary[v].model}`", result.summary[v].model_bytes, f"`{result.summary[v].library}`"]
+                       [[v, f"`{result.summary[v].model}`", human_bytes(result.summary[v].model_bytes),
+                         f"`{result.summary[v].library}`"]
                         for v in VARIANTS], align="llrl"),
         "## Metrics (means per prompt; wall is the sum)\n",
         markdown_table(*metrics_rows(result)),
