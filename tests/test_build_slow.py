@@ -53,7 +53,7 @@ N_PREDICT = 24
 KL_BOUND = {"Q4_0": 5e-4, "Q8_0": 3e-3}
 SAME_TOP_MIN = 95.0  # % of positions where both builds pick the same top token (measured 99.2 and 96.8)
 # Debian 12's qemu 7.2 enables SME in `-cpu max`; KleidiAI then runs its SME kernels and the logits are garbage
-# (mean KLD 2.9, same top token 7%; fine with GGML_KLEIDIAI_SME=0). The boards in scope (Neoverse N2/V2,
+# (mean KLD 2.9-3.5 and same top token 2-7%, varying run to run; fine with GGML_KLEIDIAI_SME=0: test_qemu_sme_...). The boards in scope (Neoverse N2/V2,
 # Cortex-A720/X4) have no SME, so the emulated CPU leaves it out.
 QEMU_CPU = "max,sve-default-vector-length={vl},sme=off"
 
@@ -252,26 +252,75 @@ def perplexity_text(tmp_path: Path) -> Path:
     return path
 
 
+PPL_ARGS = ["-c", "128", "--chunks", "4", "-t", "2", "-b", "128"]
+
+
+def x86_logits(native_build, model: Path, tmp_path: Path) -> Path:
+    """The x86 build's logits on the eval text (llama-perplexity --kl-divergence-base)."""
+    base = tmp_path / f"x86-{model.stem}.kld"
+    proc = subprocess.run([str(Path(native_build["bin_dir"]) / "llama-perplexity"), "-m", str(model), *PPL_ARGS,
+                           "-f", str(perplexity_text(tmp_path)), "--kl-divergence-base", str(base)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return base
+
+
+def kl_stats(run) -> tuple[float, float]:
+    """(mean KLD, same-top-token %) of a llama-perplexity --kl-divergence run; `run()` returns its process.
+
+    Retried: this llama-perplexity now and then stops after the first chunk with exit 0 and no statistics (seen
+    on x86 too, same files, about one run in three here), which is the tool's flakiness, not a numeric result.
+    """
+    for _ in range(3):
+        proc = run()
+        out = proc.stdout + proc.stderr
+        mean, same = re.search(r"Mean\s+KLD:\s+(-?[\d.e+-]+)", out), re.search(r"Same top p:\s+([\d.]+)", out)
+        assert proc.returncode == 0, out[-3000:]
+        if mean and same:
+            return float(mean.group(1)), float(same.group(1))
+    raise AssertionError(f"no KL statistics in three runs: {out[-3000:]}")
+
+
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
 @pytest.mark.parametrize("vl_bytes", [16, 32])
 def test_qemu_armv9_logits_match_x86_within_kl_bound(cross_build, native_build, fixture_models, quant, vl_bytes,
                                                      tmp_path):
     _, result = cross_build
     model = fixture_models[quant]
-    base = tmp_path / "x86-logits.bin"
-    common = ["-m", str(model), "-c", "128", "--chunks", "4", "-t", "2", "-b", "128"]
-    x86 = subprocess.run([str(Path(native_build["bin_dir"]) / "llama-perplexity"), *common,
-                          "-f", str(perplexity_text(tmp_path)), "--kl-divergence-base", str(base)],
-                         capture_output=True, text=True, timeout=600)
-    assert x86.returncode == 0, x86.stderr[-2000:]
-    arm = qemu(vl_bytes, Path(result.bin_dir) / "llama-perplexity", *common, "--kl-divergence-base", str(base),
-               "--kl-divergence")
-    assert arm.returncode == 0, arm.stderr[-2000:]
-    out = arm.stdout + arm.stderr
-    mean_kld = float(re.search(r"Mean\s+KLD:\s+(-?[\d.e+-]+)", out).group(1))
-    same_top = float(re.search(r"Same top p:\s+([\d.]+)", out).group(1))
+    base = x86_logits(native_build, model, tmp_path)
+    mean_kld, same_top = kl_stats(lambda: qemu(vl_bytes, Path(result.bin_dir) / "llama-perplexity", "-m", str(model),
+                                               *PPL_ARGS, "--kl-divergence-base", str(base), "--kl-divergence"))
     print(f"{quant}: mean KLD(x86 || aarch64, {vl_bytes * 8}-bit SVE) = {mean_kld:.3g}, same top token {same_top}%")
     assert mean_kld < KL_BOUND[quant] and same_top >= SAME_TOP_MIN
+
+
+def test_kl_scale_of_quantization_itself(native_build, fixture_models, tiny_gguf, tmp_path):
+    """For scale: what Q8_0 and Q4_0 cost against f32 on the x86 build, on the same text."""
+    base = x86_logits(native_build, tiny_gguf("thinking", "f32"), tmp_path)
+    kld = {}
+    for quant, model in fixture_models.items():
+        cmd = [str(Path(native_build["bin_dir"]) / "llama-perplexity"), "-m", str(model), *PPL_ARGS,
+               "--kl-divergence-base", str(base), "--kl-divergence"]
+        kld[quant], _ = kl_stats(lambda: subprocess.run(cmd, capture_output=True, text=True, timeout=600))
+        print(f"x86 f32 -> {quant}: mean KLD {kld[quant]:.3g}")
+    assert 0 < kld["Q8_0"] < kld["Q4_0"]
+
+
+def test_qemu_sme_with_kleidiai(cross_build, native_build, fixture_models, tmp_path):
+    """qemu's SME with KleidiAI's SME kernels: measured, not trusted (see QEMU_CPU). With GGML_KLEIDIAI_SME=0 the
+    same emulated CPU must agree with x86 again, which pins the garbage on the SME kernels' path."""
+    _, result = cross_build
+    model = fixture_models["Q8_0"]
+    base = x86_logits(native_build, model, tmp_path)
+    exe = str(Path(result.bin_dir) / "llama-perplexity")
+    args = [exe, "-m", str(model), *PPL_ARGS, "--kl-divergence-base", str(base), "--kl-divergence"]
+    stats = {}
+    for label, extra_env in (("SME kernels", {}), ("GGML_KLEIDIAI_SME=0", {"GGML_KLEIDIAI_SME": "0"})):
+        env = {**os.environ, "QEMU_LD_PREFIX": SYSROOT, **extra_env}
+        stats[label] = kl_stats(lambda: subprocess.run(["qemu-aarch64", "-cpu", "max,sve-default-vector-length=32",
+                                                        *args], capture_output=True, text=True, env=env, timeout=1800))
+        print(f"qemu -cpu max (SME on), {label}: mean KLD {stats[label][0]:.3g}, same top {stats[label][1]}%")
+    assert stats["GGML_KLEIDIAI_SME=0"][0] < KL_BOUND["Q8_0"]
 
 
 @pytest.mark.parametrize("vl_bytes", [16, 32, 64])
