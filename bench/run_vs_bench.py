@@ -158,17 +158,21 @@ than 1-thread decoding, so the 1-thread rows are the ones to read on this machin
 ## Where run's time per token goes besides the decode
 
 Measured through the binding on `{models[0].name}` (1 thread, best of 5 x 2000 calls): one decode step
-{costs['decode_us']:.0f} µs; greedy sampling through `llama_sampler_sample` {costs['sampler_us']:.1f} µs
-({costs['sampler_us'] / costs['decode_us']:.1%} of a decode) — it copies all {costs['n_vocab']} logits into a
-candidate array before picking the largest — against {costs['argmax_us']:.1f} µs for numpy's argmax over the same
-logits (`llama_get_logits_ith`). The sampler's cost grows with the vocabulary: ERNIE-4.5-21B-A3B has 103424 tokens,
-{103424 / costs['n_vocab']:.1f}x this fixture's. The rest of the gap is the Python loop itself (a few ctypes calls
-and a dict lookup per token), which should not grow with the model: the column "run's extra µs/token" gives it
-per file at 1 thread ({" and ".join(f"{g:.0f}" for g in gaps)} µs for {" and ".join(m.name for m in models)}), whose
-decode steps take different times.
-Extrapolated (an estimate, not a measurement): the 21B model decodes at tens of milliseconds a token on a board
-(the Learning Path's 16 tok/s is 62 ms), so a fixed {statistics.median(gaps):.0f} µs plus the sampler's share at
-103424 tokens (~{costs['sampler_us'] * 103424 / costs['n_vocab']:.0f} µs if it scales linearly) is under 1% there.
+{costs['decode_us']:.0f} µs. Picking the greedy token: `run` takes numpy's argmax of the logits in place
+(`llama_get_logits_ith`, {costs['argmax_us']:.1f} µs a token here) rather than `llama_sampler_sample`
+({costs['sampler_us']:.1f} µs, {costs['sampler_us'] / costs['decode_us']:.1%} of a decode: it copies all
+{costs['n_vocab']} logits into a candidate array first); both grow with the vocabulary, which is
+{103424 / costs['n_vocab']:.1f}x larger on ERNIE-4.5-21B-A3B. What remains between `run` and llama-bench is the
+Python loop itself (per token: ctypes calls to decode, read logits and detokenize, stop checks), which should not
+grow with the model: the column "run's extra µs/token" gives it per file at 1 thread
+({" and ".join(f"{g:.0f}" for g in gaps)} µs for {" and ".join(m.name for m in models)}), whose decode steps take
+different times. Extrapolated (an estimate, not a measurement): the 21B model decodes at tens of milliseconds a
+token on a board (the Learning Path's 16 tok/s is 62 ms), so a fixed {statistics.median(gaps):.0f} µs plus an
+argmax over 103424 logits (~{costs['argmax_us'] * 103424 / costs['n_vocab']:.0f} µs if it scales linearly) is
+under 1% there.
+
+llama-bench's tg (tools/llama-bench/llama-bench.cpp, `test_gen`) feeds a new `std::rand() % n_vocab` token every
+step (BOS first when the vocabulary adds one), so its experts vary from step to step as a real reply's do.
 """
     args.out.write_text(text, encoding="utf-8")
     print(f"wrote {args.out}")
