@@ -497,10 +497,14 @@ def doctor(ctx: int = 4096) -> DoctorReport:
     fits = [fit(ft, ctx, total) for ft in STOCK_FTYPES]
     rec = []
     if is_arm:
-        rec.append(f"build llama.cpp with -DGGML_CPU_ARM_ARCH={arch_flags} (`edgemoe build` does)")
-        if cpu.sve_vector_bits == 512:
-            rec.append("512-bit SVE: llama.cpp's q4_K/q6_K SVE dot products are suspect at this width; "
-                       "prefer Q4_0/Q8_0 recipes until `edgemoe build` clears it")
+        from .build import avoid_wide_sve_i8mm, wide_sve_warning
+
+        # Recommend exactly what `edgemoe build` would use: on SVE wider than 256 bits it drops i8mm (ggml bug).
+        safe_flags, _ = avoid_wide_sve_i8mm(arch_flags, cpu.sve_vector_bits)
+        rec.append(f"build llama.cpp with -DGGML_CPU_ARM_ARCH={safe_flags} (`edgemoe build` does)")
+        if warning := wide_sve_warning(arch_flags, cpu.sve_vector_bits):
+            rec.append(warning)
+        arch_flags = safe_flags
     else:
         rec.append(f"{cpu.arch} is a development host: build and tests run here, speed numbers belong to the board")
     if build is None:

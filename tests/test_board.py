@@ -254,3 +254,23 @@ def test_stock_types_match_llama_quantize(tiny_gguf, tmp_path, ftype, code):
     expected = {name: board.stock_tensor_type(name, ftype, TINY.n_layers) for name, _, _ in board.ernie_tensors(TINY)}
     assert {n: tensors[n].tensor_type.name for n in tensors} == expected
     assert board.model_bytes(ftype, TINY) == sum(int(t.n_bytes) for t in tensors.values())
+
+
+def test_doctor_on_wide_sve_recommends_what_build_uses(monkeypatch):
+    """At 512-bit SVE doctor must recommend build's i8mm-free flags and say why (ggml's 2-row q4_K/q6_K bug)."""
+    wide = cpu("cpuinfo-neoverse-v2-graviton4.txt")
+    wide.sve_vector_bits = 512
+    monkeypatch.setattr(board, "read_cpu", lambda: wide)
+    monkeypatch.setattr(board, "sve_vector_bits", lambda: 512)
+    rec = "\n".join(board.doctor().recommendations)
+    assert "-DGGML_CPU_ARM_ARCH=armv9-a+sve2+bf16+dotprod " in rec
+    assert "512 bits" in rec and "i8mm" in rec
+    assert board.doctor().ggml_cpu_arm_arch == "armv9-a+sve2+bf16+dotprod"
+
+    narrow = cpu("cpuinfo-neoverse-v2-graviton4.txt")
+    narrow.sve_vector_bits = 128
+    monkeypatch.setattr(board, "read_cpu", lambda: narrow)
+    monkeypatch.setattr(board, "sve_vector_bits", lambda: 128)
+    rec = "\n".join(board.doctor().recommendations)
+    assert "-DGGML_CPU_ARM_ARCH=armv9-a+sve2+i8mm+bf16+dotprod " in rec
+    assert "512" not in rec
