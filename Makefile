@@ -8,6 +8,8 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # llama.cpp is compiled once per machine, by `edgemoe build` (cached in ~/.cache/edgemoe/builds): the Python
 # binding is installed without its own copy (LLAMA_BUILD=OFF) and loads that build's libllama.
 LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"\(llama-cpp-python==[0-9.]*\)".*/\1/p' pyproject.toml)
+# The venv's tools first (edgemoe, and cmake/ninja where the machine has none) for setup and the tests alike.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: setup demo test test-fast bench clean help
@@ -24,6 +26,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --upgrade pip
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PIP) install --no-cache-dir '$(LLAMA_CPP_PYTHON)'
 	$(PIP) install -e '.[test]'
+	# edgemoe build drives CMake + Ninja; a machine without them gets PyPI's into the venv.
+	command -v cmake >/dev/null && command -v ninja >/dev/null || $(PIP) install cmake ninja
 	touch $@
 
 # Idempotent: after the first time `edgemoe build` is a cache hit and returns at once.
