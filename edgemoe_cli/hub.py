@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import __version__, registry, store
 from .errors import EdgeMoEError
-from .report import human_bytes as human
+from .report import human_bytes as human, parse_size
 
 DEFAULT_RESERVE = 512 << 20
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -105,10 +105,7 @@ def disk_reserve() -> int:
     raw = os.environ.get("EDGEMOE_DISK_RESERVE", "").strip()
     if not raw:
         return DEFAULT_RESERVE
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", raw, re.IGNORECASE)
-    if not m:
-        raise EdgeMoEError(f"EDGEMOE_DISK_RESERVE={raw} is not a size", "use bytes or a size like 512M or 2G")
-    return int(float(m[1]) * 1024 ** " KMGT".index(m[2].upper() or " "))
+    return parse_size(raw, "EDGEMOE_DISK_RESERVE")
 
 
 def _storage_folder(cache_dir: Path, repo: str) -> Path:

@@ -44,6 +44,7 @@ import numpy as np
 
 from .errors import EdgeMoEError
 from .recipe import Recipe, Rule, TensorInfo, quantizable, read_tensors, tensor_bytes
+from .report import parse_size  # noqa: F401  (plan.parse_size: the CLI reads --budget/--max-size with it)
 from .store import atomic_output, home, sha256_file
 
 DEFAULT_TYPES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
@@ -67,16 +68,6 @@ def layer(name: str) -> str:
 def role(name: str) -> str:
     """A tensor's role without its layer: blk.3.ffn_down_exps.weight -> ffn_down_exps."""
     return re.sub(r"^blk\.\d+\.", "", name).removesuffix(".weight")
-
-
-def parse_size(text: str) -> int:
-    """'12GiB', '11.5 GB', '800MiB', '123456' -> bytes."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise EdgeMoEError(f"cannot read the size {text!r}", "write e.g. 12GiB, 11.5GB or 800MiB")
-    unit = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2).upper()]
-    base = 1024 if m.group(3) or not m.group(2) else 1000
-    return int(float(m.group(1)) * (base ** unit if m.group(2) else 1))
 
 
 # ---- measurements ----

@@ -26,10 +26,10 @@ import numpy as np
 
 from .errors import EdgeMoEError
 from .ggufcopy import OutTensor, write_gguf
+from .report import parse_size
 from .store import write_manifest
 
 _EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.(ffn_(?:gate|up|down)_exps\.weight|ffn_gate_inp\.weight|exp_probs_b\.bias)$")
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 @dataclass
@@ -48,15 +48,6 @@ class PruneResult:
     budget_bytes: int | None = None
     manifest: str = ""
     score_share_kept: dict[str, float] = field(default_factory=dict)  # per layer: share of total score kept
-
-
-def parse_size(text: str) -> int:
-    """'12G', '12GiB', '900M', '1.5T' (binary units) or a plain byte count -> bytes."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise EdgeMoEError(f"cannot read {text!r} as a size", "write it like 12G, 11.5GiB, 900M or a byte count")
-    scale = 1024 ** " kmgt".index(m.group(2).lower() or " ")
-    return int(float(m.group(1)) * scale)
 
 
 def parse_keep(text: str, n_expert: int) -> int:
