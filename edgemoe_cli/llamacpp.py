@@ -185,9 +185,9 @@ def build_info(live: bool = False) -> BuildInfo:
     library = select_binding_library()
     system_info = manifest.get("system_info")
     if live or (library and build and Path(library).resolve() != (build / "lib").resolve()):
-        from .board import llama_system_info
+        from .generate import binding_info  # the one place that asks the loaded library
 
-        system_info, _, _ = llama_system_info()
+        system_info = binding_info().system_info
     return BuildInfo(
         build_dir=str(build) if build else None, key=manifest.get("key"), target=manifest.get("target"),
         arch=manifest.get("arch"), kleidiai=manifest.get("kleidiai"), source_id=manifest.get("source_id"),

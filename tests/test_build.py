@@ -219,6 +219,8 @@ def test_cache_hit_is_instant_and_current_needs_a_loadable_binding(fake_tree, bu
     assert res.cached and res.current and res.system_info == "CPU : X = 1"
     assert (builds / "native-current").resolve() == out.resolve()
     assert llamacpp.native_build_dir() == out.resolve()
+    # Earlier tests in the session may have pointed the binding elsewhere; this one is about the fake build.
+    monkeypatch.delenv("LLAMA_CPP_LIB_PATH", raising=False)
     info = llamacpp.build_info()
     assert info.key == plan.key and info.system_info == "CPU : X = 1"
 
@@ -320,3 +322,19 @@ def test_detected_arch_drops_i8mm_on_wide_sve_only():
     arch, note = B.avoid_wide_sve_i8mm("armv9-a+sve2+i8mm+bf16+dotprod", 512)
     assert arch == "armv9-a+sve2+bf16+dotprod" and "512 bits" in note
     assert B.avoid_wide_sve_i8mm("armv8.2-a+sve+dotprod", 512) == ("armv8.2-a+sve+dotprod", None)  # A64FX: no i8mm
+
+
+def test_build_info_asks_the_loaded_library_when_the_binding_is_elsewhere(fake_tree, builds, monkeypatch):
+    """With LLAMA_CPP_LIB_PATH naming another library, build_info reports that library's own system_info."""
+    plan = B.plan_build(source=str(fake_tree), target="native", kleidiai=None)
+    _fake_installed_build(plan)
+    monkeypatch.setattr(B, "check_binding", lambda lib: {"version": llamacpp.LLAMA_CPP_PYTHON_VERSION,
+                                                         "library": f"{lib}/libllama.so", "system_info": "CPU : X = 1"})
+    B.run_build(plan)
+    from edgemoe_cli import generate
+
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "/elsewhere/lib")
+    monkeypatch.setattr(generate, "binding_info", lambda: generate.BindingInfo(
+        library="/elsewhere/lib/libllama.so", source="LLAMA_CPP_LIB_PATH", llama_cpp_python="0", system_info="CPU : Y = 1"))
+    info = llamacpp.build_info()
+    assert info.binding_library == "/elsewhere/lib" and info.system_info == "CPU : Y = 1"
