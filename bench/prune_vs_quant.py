@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from edgemoe_cli import evaluate, prune, quantize  # noqa: E402
 from edgemoe_cli.convert import convert  # noqa: E402
-from edgemoe_cli.report import human_bytes, markdown_table  # noqa: E402
+from edgemoe_cli.report import markdown_table  # noqa: E402
+from edgemoe_cli.units import human_bytes  # noqa: E402
 
 FIXTURES = Path(os.environ.get("EDGEMOE_SHARED_FIXTURES", REPO.parent / "shared" / "fixtures"))
 LOWER = ("stock:Q6_K", "stock:Q5_K_M", "stock:Q5_0", "stock:Q4_K_M", "stock:Q4_0", "stock:Q3_K_M", "stock:Q2_K")

@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 from edgemoe_cli import evaluate, imatrix, plan, quantize  # noqa: E402
 from edgemoe_cli.convert import convert  # noqa: E402
 from edgemoe_cli.recipe import read_tensors  # noqa: E402
-from edgemoe_cli.report import _pyplot, _save, human_bytes, markdown_table, write_json, write_text  # noqa: E402
+from edgemoe_cli.report import _pyplot, _save, markdown_table, write_json, write_text  # noqa: E402
+from edgemoe_cli.units import human_bytes  # noqa: E402
 
 FIXTURES = Path(os.environ.get("EDGEMOE_SHARED_FIXTURES", REPO.parent / "shared" / "fixtures"))
 STOCK = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_XS", "IQ4_NL", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")

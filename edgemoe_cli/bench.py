@@ -307,7 +307,8 @@ def bench(
 
 
 def to_markdown(result: BenchResult) -> str:
-    from .report import human_bytes, markdown_table
+    from .report import markdown_table
+    from .units import human_bytes
 
     m = result.machine
     lines = [

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import EdgeMoEError
+from .units import human_bytes
 
 app = typer.Typer(
     name="edgemoe",
@@ -397,7 +398,6 @@ def pull(
                                TransferSpeedColumn)
 
     from .hub import PullProgress
-    from .report import human_bytes as human
     from .hub import pull as run_pull
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -424,7 +424,7 @@ def pull(
     fresh = sum(f.status != "cached" for f in result.files)
     state = "from the cache (offline)" if result.offline else f"{fresh} downloaded, {len(result.files) - fresh} cached"
     console.print(f"[bold]{result.name}[/]: {result.repo}@{result.commit[:12]}, {len(result.files)} files "
-                  f"({human(result.total_bytes)}; {state}), sha256 verified", highlight=False)
+                  f"({human_bytes(result.total_bytes)}; {state}), sha256 verified", highlight=False)
     console.print(f"  files:    {result.path}\n  manifest: {result.manifest}", highlight=False)
 
 
@@ -461,7 +461,6 @@ def list_store(as_json: bool = typer.Option(False, "--json", help="Print the sto
     from rich.table import Table
 
     from .registry import store_items
-    from .report import human_bytes as human
 
     items = store_items()
     if as_json:
@@ -472,7 +471,7 @@ def list_store(as_json: bool = typer.Option(False, "--json", help="Print the sto
         return
     table = Table("name", "state", "size", "detail", "path", box=None, header_style="bold")
     for it in items:
-        table.add_row(it.name, it.state, human(it.size), it.detail, it.path)
+        table.add_row(it.name, it.state, human_bytes(it.size), it.detail, it.path)
     console.print(table)
 
 
@@ -481,10 +480,6 @@ def list_store(as_json: bool = typer.Option(False, "--json", help="Print the sto
 recipe_app = typer.Typer(help="Quantization recipes: ordered `pattern -> type` rules over GGUF tensor names.",
                          no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
-
-
-def _size(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.2f} MiB"
 
 
 def _print_problems(problems) -> None:
@@ -556,8 +551,8 @@ def recipe_show(
         for col in ("group", "tensors", "params", "size", "bpw"):
             groups.add_column(col, justify="right")
         for g in ex.groups:
-            groups.add_row(g.group, str(g.tensors), f"{g.params:,}", _size(g.bytes), f"{g.bpw:.2f}")
-        groups.add_row("total (file)", "", "", _size(ex.total_bytes), f"{ex.bpw:.2f}")
+            groups.add_row(g.group, str(g.tensors), f"{g.params:,}", human_bytes(g.bytes), f"{g.bpw:.2f}")
+        groups.add_row("total (file)", "", "", human_bytes(ex.total_bytes), f"{ex.bpw:.2f}")
         console.print(groups)
     _print_problems(ex.problems)
     if ex.errors:
@@ -607,7 +602,7 @@ def quantize(
         emit_json(result)
         return
     types = ", ".join(f"{n} {t}" for t, n in sorted(result.types.items(), key=lambda kv: -kv[1]))
-    console.print(f"wrote [bold]{result.out}[/] ({_size(result.bytes)}, {result.bpw:.2f} bpw; {types}) "
+    console.print(f"wrote [bold]{result.out}[/] ({human_bytes(result.bytes)}, {result.bpw:.2f} bpw; {types}) "
                   f"in {result.seconds:.1f} s; verified every tensor's type", highlight=False)
     for w in result.warnings:
         err_console.print(f"[yellow]llama.cpp:[/] {w}", highlight=False)
@@ -757,8 +752,8 @@ def plan_cmd(
         return
     from collections import Counter
 
-    console.print(f"file budget {_size(result.budget_bytes)} = {result.budget_formula}", highlight=False)
-    console.print(f"plan: {_size(result.predicted_bytes)}, predicted mean KLD {result.predicted_kld:.5f}; types: "
+    console.print(f"file budget {human_bytes(result.budget_bytes)} = {result.budget_formula}", highlight=False)
+    console.print(f"plan: {human_bytes(result.predicted_bytes)}, predicted mean KLD {result.predicted_kld:.5f}; types: "
                   + ", ".join(f"{n} {t}" for t, n in Counter(c.type for c in result.choices).most_common()),
                   highlight=False)
     if not out:
@@ -1012,8 +1007,6 @@ def bench(
         edgemoe bench q4_0.gguf q4_k_m.gguf q8_0.gguf --builds plain-key,kleidiai-key --threads 1,2,4,8
     """
     from . import bench as stage
-    from .report import human_bytes
-
     try:
         pp, tg = (int(v) for v in pg.split(","))
     except ValueError:

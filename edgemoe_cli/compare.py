@@ -362,7 +362,7 @@ def compare(
 
 def metrics_rows(result: CompareResult) -> tuple[list[str], list[list]]:
     """The summary metrics table (one row per variant), shared by the terminal and the Markdown report."""
-    from .report import human_bytes
+    from .units import human_bytes
 
     headers = ["variant", "accuracy", "prompt tok", "completion tok", "reasoning tok", "answer tok", "TTFT s",
                "gen tok/s", "wall s", "load s", "peak RSS"]
@@ -377,7 +377,8 @@ def metrics_rows(result: CompareResult) -> tuple[list[str], list[list]]:
 
 
 def to_markdown(result: CompareResult) -> str:
-    from .report import fenced, human_bytes, markdown_table
+    from .report import fenced, markdown_table
+    from .units import human_bytes
 
     s = result.settings
     lines = [

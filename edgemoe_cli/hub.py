@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import __version__, registry, store
 from .errors import EdgeMoEError
-from .report import human_bytes as human, parse_size
+from .units import human_bytes as human, parse_size
 
 DEFAULT_RESERVE = 512 << 20
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")

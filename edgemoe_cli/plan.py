@@ -44,7 +44,7 @@ import numpy as np
 
 from .errors import EdgeMoEError
 from .recipe import Recipe, Rule, TensorInfo, quantizable, read_tensors, tensor_bytes
-from .report import parse_size  # noqa: F401  (plan.parse_size: the CLI reads --budget/--max-size with it)
+from .units import human_bytes, parse_size  # noqa: F401  (plan.parse_size: the CLI reads --budget with it)
 from .store import atomic_output, home, sha256_file
 
 DEFAULT_TYPES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
@@ -405,15 +405,15 @@ def plan_from_measurements(m: Measurements, tensors: list[TensorInfo], overhead:
         raise EdgeMoEError(f"no candidate type is at least {min_every_token} for some tensor", "lower --min-every-token")
     smallest = fixed + sum(min(b for b, _ in o.values()) for o in options.values())
     if budget < smallest:
-        raise EdgeMoEError(f"the file budget {_gib(budget)} is below the smallest mix of {', '.join(m.types)} "
-                           f"({_gib(smallest)})", "raise --budget, lower --ctx, or allow lower types")
+        raise EdgeMoEError(f"the file budget {human_bytes(budget)} is below the smallest mix of {', '.join(m.types)} "
+                           f"({human_bytes(smallest)})", "raise --budget, lower --ctx, or allow lower types")
     chosen = solve(options, budget - fixed)
     choices = [Choice(n, chosen[n], options[n][chosen[n]][0], options[n][chosen[n]][1]) for n in chosen]
     choices.sort(key=lambda c: [t.name for t in tensors].index(c.tensor))
     predicted_bytes = fixed + sum(c.bytes for c in choices)
     predicted_kld = sum(c.predicted_kld for c in choices) + m.floor_kld
-    recipe = recipe_from_choices(choices, name, f"edgemoe plan: file budget {_gib(budget)} ({budget_formula}); "
-                                               f"predicted {_gib(predicted_bytes)}, mean KLD {predicted_kld:.5f}")
+    recipe = recipe_from_choices(choices, name, f"edgemoe plan: file budget {human_bytes(budget)} ({budget_formula}); "
+                                               f"predicted {human_bytes(predicted_bytes)}, mean KLD {predicted_kld:.5f}")
     return PlanResult(m.model, budget, budget_formula, predicted_bytes, predicted_kld, list(m.types), choices,
                       m.gains, m.calibration_kld, recipe.to_toml())
 
@@ -441,10 +441,6 @@ def recipe_from_choices(choices: list[Choice], name: str, description: str) -> R
     return Recipe(name, description, default="q8_0", token_embedding=embedding, output=embedding, rules=rules)
 
 
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.2f} MiB"
-
-
 def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_size: int | None = None,
                 reserve: int | None = None) -> tuple[int, str]:
     """(bytes the GGUF may occupy, the formula with numbers)."""
@@ -453,7 +449,7 @@ def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_
     from .board import RUNTIME_RESERVE_BYTES, kv_cache_bytes, memory
 
     if max_size is not None:
-        return max_size, f"--max-size {_gib(max_size)}"
+        return max_size, f"--max-size {human_bytes(max_size)}"
     reader = gguf.GGUFReader(model)
     arch = reader.fields["general.architecture"].contents()
 
@@ -469,7 +465,7 @@ def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_
     kv = kv_cache_bytes(ctx, n_layers=n_layers, n_kv_heads=n_kv, head_dim=head_dim)
     reserve = RUNTIME_RESERVE_BYTES if reserve is None else reserve
     budget = ram - kv - reserve
-    return budget, f"{source} {_gib(ram)} - KV cache for {ctx} tokens {_gib(kv)} - runtime reserve {_gib(reserve)}"
+    return budget, f"{source} {human_bytes(ram)} - KV cache for {ctx} tokens {human_bytes(kv)} - runtime reserve {human_bytes(reserve)}"
 
 
 def plan(model: str | Path, imatrix: str | Path, text: str | Path, ram: int | None = None, ctx: int = 4096,

@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import EdgeMoEError
 from .ggufcopy import OutTensor, write_gguf
-from .report import parse_size
+from .units import parse_size
 from .store import write_manifest
 
 _EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.(ffn_(?:gate|up|down)_exps\.weight|ffn_gate_inp\.weight|exp_probs_b\.bias)$")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import EdgeMoEError
-from .recipe import Recipe, TensorPlan, explain, ggml_type, load_recipe, read_tensors, type_name
+from .recipe import Recipe, TensorPlan, explain, ggml_type, load_recipe, read_tensors
 from .store import atomic_output, home, sha256_file, write_manifest
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors total, tensor name)

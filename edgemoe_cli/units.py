@@ -1,0 +1,31 @@
+"""Sizes in bytes, read and written the same way by every command (no heavy imports: cli.py loads this at start)."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import EdgeMoEError
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([KMGT]?)(i?)(B?)\s*", re.IGNORECASE)
+
+
+def parse_size(text: str, what: str = "the size") -> int:
+    """Bytes from '123456', '900M' / '12G' / '12GiB' (binary) or '11.5GB' (decimal, as disks are sold).
+
+    One reading for every option and variable that takes a size (plan --budget, prune --budget,
+    EDGEMOE_DISK_RESERVE), so the same text never means two sizes.
+    """
+    m = _SIZE.fullmatch(str(text))
+    if not m:
+        raise EdgeMoEError(f"cannot read {what} {text!r}", "write bytes or a size like 12GiB, 11.5GB or 800M")
+    power = " KMGT".index(m.group(2).upper() or " ")
+    decimal = m.group(4) and not m.group(3)  # "GB" is 10^9; "G" and "GiB" are 2^30
+    return int(float(m.group(1)) * (1000 if decimal else 1024) ** power)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
