@@ -150,12 +150,10 @@ def parse_threads(text: str) -> list[int]:
 
 def active_bytes_per_token(model: str | Path) -> int:
     """Bytes of weights one generated token reads: routed experts count top-k/n, the embedding one row if untied."""
-    from gguf import GGUFReader
+    from .profile import moe_shape, open_gguf
 
-    from .profile import gguf_moe_shape
-
-    _, n_expert, n_used, _ = gguf_moe_shape(model)
-    reader = GGUFReader(model)
+    reader = open_gguf(model)
+    _, n_expert, n_used, _ = moe_shape(reader, model)
     names = {t.name for t in reader.tensors}
     total = 0.0
     for t in reader.tensors:

@@ -187,35 +187,23 @@ def is_correct(prompt: Prompt, answer: str) -> bool | None:
 # ---- models ----
 
 
-def _template(path: Path) -> str | None:
-    from gguf import GGUFReader
-
-    f = GGUFReader(path).get_field("tokenizer.chat_template")
-    return f.contents() if f is not None else None
-
-
 def check_variant(variant: str, model: str | Path | None) -> Path:
     """The GGUF for one variant (a path or a registry name), checked to be ERNIE with that variant's chat template."""
     from . import chat
-    from .profile import find_gguf, gguf_moe_shape
+    from .profile import ERNIE_MOE_ARCH, find_gguf, moe_shape, open_gguf
 
     flag = f"--{variant}"
     if model is None:
         raise EdgeMoEError(f"no {variant.capitalize() if variant == 'thinking' else 'PT'} model given",
                            f"pass {flag} MODEL.gguf (compare needs both --pt and --thinking)")
     path = find_gguf(model)
-    try:
-        gguf_moe_shape(path)
-    except EdgeMoEError as e:
-        if "not ERNIE" not in e.message:
-            raise
-        # dense ERNIE-4.5 models compare as well; anything else does not
-        from gguf import GGUFReader
-
-        arch = GGUFReader(path).get_field("general.architecture")
-        if arch is None or not str(arch.contents()).startswith("ernie4_5"):
-            raise
-    thinking = chat.is_thinking_template(_template(path))
+    reader = open_gguf(path)
+    field = reader.get_field("general.architecture")
+    arch = str(field.contents()) if field is not None else ""
+    if arch == ERNIE_MOE_ARCH or not arch.startswith("ernie4_5"):
+        moe_shape(reader, path)  # MoE: its expert keys; not ERNIE: the error. Dense ERNIE-4.5 compares as is.
+    template = reader.get_field("tokenizer.chat_template")
+    thinking = chat.is_thinking_template(template.contents() if template is not None else None)
     if thinking != (variant == "thinking"):
         kind = "Thinking" if thinking else "PT"
         raise EdgeMoEError(f"{flag} {path} has a {kind} chat template",

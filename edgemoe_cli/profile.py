@@ -89,16 +89,20 @@ def find_gguf(model: str | Path) -> Path:
     return check_gguf(path)
 
 
-def gguf_moe_shape(path: str | Path) -> tuple[str, int, int, list[int]]:
-    """(architecture, expert count, used count, MoE block indices) of a GGUF; EdgeMoEError if it is not ERNIE MoE."""
+def open_gguf(path: str | Path):
+    """A GGUFReader over `path`, or an EdgeMoEError saying what is wrong with the file (one parse per command)."""
     from .generate import check_gguf
     from gguf import GGUFReader
 
     path = check_gguf(path)
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except Exception as e:  # the reader raises bare ValueError/struct errors on a damaged file
         raise EdgeMoEError(f"{path}: unreadable GGUF ({e})", "convert or quantize the model again") from e
+
+
+def moe_shape(reader, path: str | Path) -> tuple[str, int, int, list[int]]:
+    """(architecture, expert count, used count, MoE block indices) of an open GGUF; EdgeMoEError if not ERNIE MoE."""
     arch_field = reader.get_field("general.architecture")
     arch = arch_field.contents() if arch_field is not None else None
     if arch != ERNIE_MOE_ARCH:
@@ -115,6 +119,11 @@ def gguf_moe_shape(path: str | Path) -> tuple[str, int, int, list[int]]:
 
     layers = sorted({int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.ffn_gate_exps\.", t.name))})
     return arch, key("expert_count"), key("expert_used_count"), layers
+
+
+def gguf_moe_shape(path: str | Path) -> tuple[str, int, int, list[int]]:
+    """moe_shape of the GGUF at `path`, for callers that need nothing else from the file."""
+    return moe_shape(open_gguf(path), path)
 
 
 def read_text(path: str | Path, hint: str = "give a UTF-8 text file with --text") -> str:

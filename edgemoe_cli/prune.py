@@ -59,12 +59,6 @@ def parse_keep(text: str, n_expert: int) -> int:
         raise EdgeMoEError(f"--keep {text!r} is not a number of experts", "give a count like 48 or a share like 75%") from None
 
 
-def _reader(path: Path):
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
-
-
 def _expert_tensors(reader) -> dict[int, dict[str, object]]:
     layers: dict[int, dict[str, object]] = {}
     for t in reader.tensors:
@@ -193,16 +187,16 @@ def prune(
 
     `progress(phase, done, total)` reports the routing pass ("route", tokens) and the write ("write", bytes).
     """
-    from .profile import gguf_moe_shape, load_usage, read_text, trace_routing
+    from .profile import load_usage, moe_shape, open_gguf, read_text, trace_routing
 
     t0 = time.perf_counter()
     model = Path(model)
-    _, n_expert, n_used, layers = gguf_moe_shape(model)
+    reader = open_gguf(model)
+    _, n_expert, n_used, layers = moe_shape(reader, model)
     if (keep is None) == (budget is None):
         raise EdgeMoEError("give exactly one of --keep and --budget", "e.g. --keep 75% or --budget 10G")
     if text is not None and usage is not None:
         raise EdgeMoEError("give --text or --usage, not both", "--text measures REAP scores; --usage reuses a profile")
-    reader = _reader(model)
     budget_bytes = parse_size(budget) if budget is not None else None
     if keep is not None:
         n_keep = parse_keep(keep, n_expert)
