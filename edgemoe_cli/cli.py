@@ -17,7 +17,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import EdgeMoEError
-from .units import human_bytes
+from .units import human_bytes, parse_size
 
 app = typer.Typer(
     name="edgemoe",
@@ -715,9 +715,9 @@ def plan_cmd(
 
     if sum(x is not None and x is not False for x in (budget, max_size, board or None)) != 1:
         raise EdgeMoEError("give exactly one of --budget, --board or --max-size", "e.g. --budget 12GiB")
-    ram = stage.parse_size(budget) if budget else None
-    size = stage.parse_size(max_size) if max_size else None
-    reserve_bytes = stage.parse_size(reserve) if reserve else None
+    ram = parse_size(budget) if budget else None
+    size = parse_size(max_size) if max_size else None
+    reserve_bytes = parse_size(reserve) if reserve else None
     if not model.is_file():
         raise EdgeMoEError(f"model {model} does not exist", "pass the f32/f16/bf16 GGUF `edgemoe convert` wrote")
     text = text or default_calibration_text()

@@ -44,7 +44,7 @@ import numpy as np
 
 from .errors import EdgeMoEError
 from .recipe import Recipe, Rule, TensorInfo, quantizable, read_tensors, tensor_bytes
-from .units import human_bytes, parse_size  # noqa: F401  (plan.parse_size: the CLI reads --budget with it)
+from .units import human_bytes
 from .store import atomic_output, home, sha256_file
 
 DEFAULT_TYPES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")

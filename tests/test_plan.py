@@ -9,18 +9,20 @@ import sys
 import numpy as np
 import pytest
 
+from edgemoe_cli.units import parse_size
+
 from edgemoe_cli import plan
 from edgemoe_cli.errors import EdgeMoEError
-from edgemoe_cli.recipe import TensorInfo, load_recipe, resolve, tensor_bytes
+from edgemoe_cli.recipe import TensorInfo, resolve
 
 
 def test_parse_size():
-    assert plan.parse_size("12GiB") == 12 * 1024**3
-    assert plan.parse_size("11.5 GB") == 11_500_000_000
-    assert plan.parse_size("800MiB") == 800 * 1024**2
-    assert plan.parse_size("123456") == 123456
+    assert parse_size("12GiB") == 12 * 1024**3
+    assert parse_size("11.5 GB") == 11_500_000_000
+    assert parse_size("800MiB") == 800 * 1024**2
+    assert parse_size("123456") == 123456
     with pytest.raises(EdgeMoEError, match="cannot read the size"):
-        plan.parse_size("twelve")
+        parse_size("twelve")
 
 
 def test_knapsack_is_exact_on_small_cases():

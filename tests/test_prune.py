@@ -11,6 +11,8 @@ import gguf
 import numpy as np
 import pytest
 
+from edgemoe_cli.units import parse_size
+
 from conftest import SHARED_FIXTURES
 from edgemoe_cli import generate, prune
 from edgemoe_cli.errors import EdgeMoEError
@@ -116,7 +118,7 @@ def test_usage_scores_from_a_profile(tiny_gguf, tmp_path):
 @pytest.mark.parametrize("text, expected", [("12G", 12 * 2**30), ("900M", 900 * 2**20), ("1.5GiB", int(1.5 * 2**30)),
                                             ("4096", 4096)])
 def test_parse_size(text, expected):
-    assert prune.parse_size(text) == expected
+    assert parse_size(text) == expected
 
 
 def other_arch_gguf(path: Path) -> Path:
