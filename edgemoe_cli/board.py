@@ -9,17 +9,13 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EdgeMoEError
 from .store import configs_dir, home
+from .tomlfile import load_toml
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 GIB = 1024**3
 
@@ -387,12 +383,12 @@ def load_board(name: str) -> Board:
     if not path.is_file():
         raise EdgeMoEError(f"unknown board {name!r}", f"choose one of: {', '.join(list_boards())} (or a .toml path)")
     try:
-        d = tomllib.loads(path.read_text())
+        d = load_toml(path.read_text(), f"board file {path}")
         return Board(name=d.get("name", path.stem), description=d.get("description", ""), arch=d["arch"],
                      ram_bytes=int(float(d["ram_gib"]) * GIB), n_cpus=int(d["cpus"]), cores=list(d.get("cores", [])),
                      features=list(d.get("features", [])), sve_vector_bits=d.get("sve_vector_bits"),
                      ggml_cpu_arm_arch=d.get("ggml_cpu_arm_arch"), source=d.get("source", ""))
-    except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise EdgeMoEError(f"malformed board file {path}: {e}", "fix it after configs/boards/*.toml's example") from e
 
 

@@ -740,9 +740,9 @@ def plan_cmd(
         if do_quantize:
             from .quantize import quantize as run_quantize
             from .recipe import load_recipe, parse_recipe
-            import tomllib
+            from .tomlfile import load_toml
 
-            recipe = load_recipe(out) if out else parse_recipe(tomllib.loads(result.recipe_toml), "plan")
+            recipe = load_recipe(out) if out else parse_recipe(load_toml(result.recipe_toml, "plan's recipe"), "plan")
             task = bar.add_task("quantize", total=None, name="")
             q = run_quantize(model, recipe, out=gguf_out, imatrix=imatrix, threads=threads,
                              progress=lambda i, n, name: bar.update(task, completed=i, total=n, name=name))

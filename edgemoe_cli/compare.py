@@ -16,11 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import EdgeMoEError
+from .tomlfile import load_toml
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 VARIANTS = ("pt", "thinking")
 CHECKS = ("number", "contains", "regex", "python")
@@ -145,10 +142,7 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
                      "check": entry.get("check")}
             prompts.append(_prompt(entry, f"{path}:{n}"))
     else:
-        try:
-            data = tomllib.loads(raw)
-        except tomllib.TOMLDecodeError as e:
-            raise EdgeMoEError(f"prompt file {path} is not valid TOML ({e})", "fix the file; see configs/prompts/compare.toml") from e
+        data = load_toml(raw, f"prompt file {path}", "fix the file; see configs/prompts/compare.toml")
         entries = data.get("prompt")
         if not isinstance(entries, list) or not entries:
             raise EdgeMoEError(f"prompt file {path} has no [[prompt]] tables", "see configs/prompts/compare.toml")

@@ -22,11 +22,11 @@ model into one explicit type per tensor, which is what quantize.py hands to llam
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EdgeMoEError
+from .tomlfile import load_toml
 from .store import configs_dir
 
 # Types a user may name in a recipe. Lower-case names as llama.cpp prints them (ggml_type_name).
@@ -119,9 +119,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if not path.is_file():
         raise EdgeMoEError(f"recipe file {path} does not exist", "check the path")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
         raise EdgeMoEError(f"recipe {path} is not valid TOML: {e}", "fix the file's syntax") from e
+    data = load_toml(text, f"recipe {path}")
     return parse_recipe(data, source=str(path))
 
 

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import difflib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import store
 from .errors import EdgeMoEError
+from .tomlfile import load_toml
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 FORMATS = ("safetensors", "gguf")
 
@@ -92,11 +88,10 @@ def load(path: str | Path | None = None) -> dict[str, ModelEntry]:
     """All registry entries by name, in file order."""
     path = Path(path) if path else registry_file()
     try:
-        raw = tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError as e:
         raise EdgeMoEError(f"model registry {path} is missing", "reinstall edgemoe") from e
-    except tomllib.TOMLDecodeError as e:
-        raise EdgeMoEError(f"model registry {path} is not valid TOML: {e}", "fix the file") from e
+    raw = load_toml(text, f"model registry {path}", "fix the file")
     return {name: _entry(name, body, path) for name, body in raw.items()}
 
 
