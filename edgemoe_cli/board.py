@@ -472,6 +472,7 @@ class DoctorReport:
     binding: object | None  # generate.BindingInfo: library, source, llama_cpp_python, system_info
     llama_error: str | None
     native_build: str | None
+    build_smoke: dict | None  # the active build's smoke test as recorded by `edgemoe build` (smoke.SmokeResult)
     ggml_cpu_arm_arch: str | None
     recommendations: list[str]
     ctx: int
@@ -487,6 +488,7 @@ def doctor(ctx: int = 4096) -> DoctorReport:
     store_path, free = free_disk(home())
     binding, err = binding_report()
     build = llamacpp.native_build_dir()
+    build_smoke = llamacpp.build_info().smoke if build is not None else None
     is_arm = cpu.arch in ("aarch64", "arm64")
     key = ARM_KEY_FEATURES if is_arm else X86_KEY_FEATURES
     arch_flags = arm_arch_flags(cpu.features, cpu.parts) if is_arm else None
@@ -505,6 +507,8 @@ def doctor(ctx: int = 4096) -> DoctorReport:
         rec.append(f"{cpu.arch} is a development host: build and tests run here, speed numbers belong to the board")
     if build is None:
         rec.append("no native llama.cpp build yet: run `edgemoe build`")
+    elif not build_smoke or build_smoke.get("version") is None:
+        rec.append("the active llama.cpp build has no smoke-test record: run `edgemoe build` to prove it")
     best = [f.ftype for f in fits if f.fits]
     rec.append(f"ERNIE-4.5-21B-A3B at ctx {ctx}: " + (f"fits at {', '.join(best)}" if best else
                f"does not fit in {total / GIB:.1f} GiB even at Q4_0; use `edgemoe plan` for a smaller mix"))
@@ -517,5 +521,5 @@ def doctor(ctx: int = 4096) -> DoctorReport:
         cores=cpu.cores, features=[f for f in key if f in cpu.features], all_features=cpu.features,
         sve_vector_bits=cpu.sve_vector_bits, ram_total_bytes=total, ram_available_bytes=avail, store=store_path,
         disk_free_bytes=free, binding=binding, llama_error=err,
-        native_build=str(build) if build else None, ggml_cpu_arm_arch=arch_flags, recommendations=rec, ctx=ctx,
+        native_build=str(build) if build else None, build_smoke=build_smoke, ggml_cpu_arm_arch=arch_flags, recommendations=rec, ctx=ctx,
         fits=fits)

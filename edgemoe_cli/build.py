@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .binding_path import install_pth
 from .errors import EdgeMoEError
 from .llamacpp import LLAMA_CPP_PYTHON_VERSION, last_error
 from .store import builds_dir, sha256_file
@@ -78,6 +79,7 @@ class BuildPlan:
     compiler: str = ""
     targets: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    request: dict = field(default_factory=dict)  # plan_build's arguments: a rebuild without a bad feature re-plans
 
 
 @dataclass
@@ -97,6 +99,7 @@ class BuildResult:
     system_info: str = ""  # from the Python binding loading this libllama (native builds only)
     current: bool = False  # builds_dir()/native-current points here
     notes: list[str] = field(default_factory=list)
+    smoke: Optional[dict] = None  # smoke.SmokeResult.to_dict() of this build (see verify_build)
 
 
 # ---- source -------------------------------------------------------------------------------------------------
@@ -258,6 +261,8 @@ def plan_build(
     extra_cmake: tuple[str, ...] = (),
 ) -> BuildPlan:
     """Decide everything about a build without running it (this is what --dry-run prints)."""
+    request = dict(source=source, target=target, arch=arch, kleidiai=kleidiai, kleidiai_src=kleidiai_src, jobs=jobs,
+                   extra_targets=tuple(extra_targets), extra_cmake=tuple(extra_cmake))
     if target not in ("native", "aarch64"):
         raise EdgeMoEError(f"unknown --target {target!r}", "use native (this machine) or aarch64 (cross-compile)")
     tree, source_id = vendored_source() if source == "vendored" else checkout_source(source)
@@ -362,6 +367,7 @@ def plan_build(
         kleidiai_src=kleidiai_src, jobs=jobs, key=key, out_dir=str(out_dir), work_dir=str(work_dir),
         configure=configure, build=build, toolchain_file=toolchain_file, toolchain_text=toolchain,
         kleidiai_fix_file=fix_file, kleidiai_fix_text=fix, compiler=compiler, targets=targets, notes=notes,
+        request=request,
     )
 
 
@@ -391,11 +397,14 @@ def load_manifest(path: str | Path) -> Optional[dict]:
 
 
 def run_build(plan: BuildPlan, progress: Optional[ProgressFn] = None, keep_work: bool = False,
-              make_current: bool = True) -> BuildResult:
-    """Configure, compile, install into builds_dir()/<key>/{bin,lib}; a cache hit returns at once.
+              make_current: bool = True, verify: bool = True) -> BuildResult:
+    """Configure, compile, install into builds_dir()/<key>/{bin,lib}, then prove it; a cache hit returns at once.
 
-    For native builds, builds_dir()/native-current is switched to this build only after llama-cpp-python has
-    loaded its libllama in a child process.
+    `verify` runs the smoke test (smoke.py) once per build and records it in build.json. A build that fails it is
+    never activated: where a known-bad CPU feature explains the failure (KNOWN_BAD_FEATURES) it is rebuilt without
+    that feature, once, and the rebuild is what is returned; otherwise EdgeMoEError names the failing types and
+    the log. For native builds, builds_dir()/native-current is switched to the build only after that, and after
+    llama-cpp-python has loaded its libllama in a child process.
     """
     out = Path(plan.out_dir)
     builds_dir().mkdir(parents=True, exist_ok=True)
@@ -406,9 +415,131 @@ def run_build(plan: BuildPlan, progress: Optional[ProgressFn] = None, keep_work:
             result = _compile_and_install(plan, progress)
             if not keep_work:
                 shutil.rmtree(plan.work_dir, ignore_errors=True)
+        if verify:
+            result.smoke = verify_build(plan, result, progress).to_dict()
+    if verify and not result.smoke["passed"]:
+        return _after_failed_smoke(plan, result, progress, keep_work, make_current)
     if plan.target == "native" and make_current:
         result.current = _maybe_make_current(result)
+        # a bare `import llama_cpp` in this venv finds the active build too (binding_path.py)
+        if result.current and install_pth() is None and sys.prefix != sys.base_prefix:
+            result.notes.append("could not write the .pth hook into this venv: `import llama_cpp` outside edgemoe "
+                                "needs LLAMA_CPP_LIB_PATH=" + result.lib_dir)
     return result
+
+
+# ---- proving a build ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BadFeature:
+    """A CPU feature ggml compiles in from the host that has crashed or miscomputed with the pinned llama.cpp."""
+
+    name: str
+    cpu_flags: tuple[str, ...]  # /proc/cpuinfo flags with which -march=native compiles it in
+    cmake: tuple[str, ...]  # configure arguments that leave it out
+    why: str
+
+
+# -march=native expands to explicit -mamx-* flags on an AMX host, which would win over -mno-amx-* given earlier on
+# the command line (CMAKE_<LANG>_FLAGS come before ggml's own -march=native); -U removes the macros ggml tests
+# (`__AMX_INT8__`, ...) whatever the order, so its AMX code is compiled out either way.
+_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16 -U__AMX_TILE__ -U__AMX_INT8__ -U__AMX_BF16__"
+KNOWN_BAD_FEATURES = (
+    BadFeature(
+        name="AMX",
+        cpu_flags=("amx_tile", "amx_int8", "amx_bf16"),
+        cmake=(f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}"),
+        why="this llama.cpp's AMX kernels (ggml_backend_amx_mul_mat, tinygemm_kernel_amx) crash on quantized "
+            "models on x86 hosts that report AMX",
+    ),
+)
+
+
+def host_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def feature_to_drop(plan: BuildPlan, smoke: dict, cpu_flags: set[str]) -> Optional[BadFeature]:
+    """The known-bad feature that explains a failed smoke test of `plan`, if it is still compiled in.
+
+    Only -march=native builds take features from the host; a feature already left out is not blamed twice.
+    """
+    if smoke.get("passed") or plan.arch != "native":
+        return None
+    for feature in KNOWN_BAD_FEATURES:
+        if cpu_flags & set(feature.cpu_flags) and not set(feature.cmake) <= set(plan.configure):
+            return feature
+    return None
+
+
+def _after_failed_smoke(plan: BuildPlan, result: BuildResult, progress: Optional[ProgressFn], keep_work: bool,
+                        make_current: bool) -> BuildResult:
+    from .smoke import SmokeResult
+
+    smoke = SmokeResult.from_dict(result.smoke or {})
+    feature = feature_to_drop(plan, result.smoke or {}, host_cpu_flags())
+    if feature is not None:
+        request = dict(plan.request, extra_cmake=(*plan.request.get("extra_cmake", ()), *feature.cmake))
+        retry = run_build(plan_build(**request), progress, keep_work, make_current)
+        retry.notes.insert(0, f"build {plan.key} failed its smoke test ({smoke.summary()}); {feature.why}: "
+                              f"rebuilt without {feature.name} as {retry.key}")
+        return retry
+    raise EdgeMoEError(
+        f"llama.cpp build {plan.key} failed its smoke test, so it was not activated: {smoke.summary()}",
+        f"log: {smoke.log or result.path}; build log: {result.log}",
+    )
+
+
+def smoke_runner(plan: BuildPlan) -> tuple[Optional[list[str]], dict, bool, str]:
+    """How to run a build's tools here: (command prefix, its environment, test the binding?, why skipped or "")."""
+    host = platform.machine().lower()
+    if plan.target == "aarch64" and host not in ("aarch64", "arm64"):
+        if shutil.which("qemu-aarch64") is None:
+            return None, {}, False, "qemu-aarch64 not found: apt-get install qemu-user to test a cross build here"
+        # 128-bit SVE as on Neoverse N2 / the Orion O6; SME off: no board in scope has it, and qemu 7.2's SME with
+        # KleidiAI's SME kernels gives garbage (README "Armv9 notes")
+        return (["qemu-aarch64", "-cpu", QEMU_CPU.format(vl=16)], {"QEMU_LD_PREFIX": CROSS_SYSROOT}, False, "")
+    return None, {}, True, ""
+
+
+QEMU_CPU = "max,sve-default-vector-length={vl},sme=off"
+CROSS_SYSROOT = "/usr/aarch64-linux-gnu"
+
+
+def verify_build(plan: BuildPlan, result: BuildResult, progress: Optional[ProgressFn] = None):
+    """The build's smoke test (smoke.SmokeResult), run once and recorded in its build.json."""
+    from .smoke import SMOKE_VERSION, SmokeResult, run_smoke
+
+    out = Path(result.path)
+    recorded = (load_manifest(out) or {}).get("smoke")
+    if recorded and recorded.get("version") == SMOKE_VERSION:
+        return SmokeResult.from_dict(recorded)
+    runner, env, binding, skipped = smoke_runner(plan)
+    if skipped:
+        smoke = SmokeResult(passed=True, skipped=skipped, runner="none")
+    else:
+        if progress:
+            progress(0, 0, "smoke test")
+        timeout = 900.0 if runner else 120.0
+        smoke = run_smoke(result.bin_dir, result.lib_dir, runner=runner, runner_env=env, binding=binding,
+                          log_path=out / "smoke.log", timeout=timeout)
+    _update_manifest(out, smoke=smoke.to_dict())
+    return smoke
+
+
+def _update_manifest(out: Path, **fields) -> None:
+    manifest = load_manifest(out) or {}
+    manifest.update(fields)
+    tmp = out / f"build.json.{os.getpid()}.part"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / "build.json")
 
 
 @contextlib.contextmanager
@@ -524,7 +655,7 @@ def _result_from_manifest(out: Path, m: dict, cached: bool) -> BuildResult:
         key=m["key"], path=str(out), cached=cached, target=m["target"], arch=m["arch"], kleidiai=m["kleidiai"],
         source_id=m["source_id"], seconds=0.0 if cached else m["seconds"], bin_dir=str(out / "bin"),
         lib_dir=str(out / "lib"), tools=m["tools"], log=str(out / "build.log"),
-        system_info=m.get("system_info", ""), notes=list(m.get("notes", [])),
+        system_info=m.get("system_info", ""), notes=list(m.get("notes", [])), smoke=m.get("smoke"),
     )
 
 
@@ -562,12 +693,8 @@ def _maybe_make_current(result: BuildResult) -> bool:
     result.system_info = info["system_info"]
     if info["version"] != LLAMA_CPP_PYTHON_VERSION:
         result.notes.append(f"llama-cpp-python {info['version']} installed, edgemoe pins {LLAMA_CPP_PYTHON_VERSION}")
-    manifest = load_manifest(out) or {}
-    if manifest.get("system_info") != info["system_info"]:
-        manifest["system_info"] = info["system_info"]
-        tmp = out / "build.json.part"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, out / "build.json")
+    if (load_manifest(out) or {}).get("system_info") != info["system_info"]:
+        _update_manifest(out, system_info=info["system_info"])
     tmp_link = builds_dir() / f".native-current.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         tmp_link.unlink()

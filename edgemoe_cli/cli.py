@@ -158,6 +158,8 @@ def doctor(
     else:
         t.add_row("llama.cpp", f"[red]binding not loaded:[/] {rep.llama_error}")
     t.add_row("native build", rep.native_build or "none (run `edgemoe build`)")
+    if rep.build_smoke:
+        t.add_row("  smoke test", rep.build_smoke.get("summary", ""))
     if rep.ggml_cpu_arm_arch:
         t.add_row("GGML_CPU_ARM_ARCH", rep.ggml_cpu_arm_arch)
     console.print(t)
@@ -302,9 +304,19 @@ def build(
     `edgemoe doctor` recommends (only extensions every core has),
     GGML_NATIVE off, KleidiAI on. On x86 it is a -march=native build.
 
-    A native build becomes builds/native-current once llama-cpp-python has
-    loaded its libllama; from then on `edgemoe run`, the other commands and
-    the C++ tools all use this one build.
+    Every build proves itself before it is used: a smoke test quantizes the
+    shipped tiny ERNIE fixture with the build's own llama-quantize to F16,
+    Q8_0, Q4_0, Q4_K_M, Q6_K and IQ4_NL and runs each in a child process
+    (the tools, and for native builds the Python binding), comparing with
+    the F16 run; cross builds run it under qemu-aarch64 when it is
+    installed. A build that crashes or computes wrong is not activated;
+    where a known-bad CPU feature explains it (AMX on some x86 hosts) it is
+    rebuilt without that feature, and the output says so. The result is in
+    build.json, `build --json` and `edgemoe doctor`.
+
+    A native build becomes builds/native-current once it has passed and
+    llama-cpp-python has loaded its libllama; from then on `edgemoe run`,
+    the other commands and the C++ tools all use this one build.
 
     KleidiAI is downloaded by CMake at configure time; offline, pass
     --kleidiai-src DIR (an extracted kleidiai-<tag>-src.tar.gz). With GCC 12
@@ -359,6 +371,10 @@ def build(
     console.print(f"llama.cpp [bold]{result.key}[/] {state}: {result.path}", highlight=False)
     if result.system_info:
         console.print(f"system_info: {result.system_info}", highlight=False, markup=False)
+    if result.smoke:
+        from .smoke import SmokeResult
+
+        console.print(f"smoke test: {SmokeResult.from_dict(result.smoke).summary()}", highlight=False, markup=False)
     if result.current:
         console.print("the Python binding and the llama.cpp tools use this build (builds/native-current)")
     for note in result.notes + ([warning] if warning else []):

@@ -166,6 +166,7 @@ class BuildInfo:
     binding_library: str | None  # directory llama-cpp-python loads libllama from (None: its own wheel's)
     system_info: str | None  # llama.cpp's system_info line (recorded at build time, or live)
     tools: list[str] = field(default_factory=list)
+    smoke: dict | None = None  # the build's smoke test (smoke.SmokeResult.to_dict()), None before it ran
 
 
 def build_info(live: bool = False) -> BuildInfo:
@@ -192,4 +193,5 @@ def build_info(live: bool = False) -> BuildInfo:
         build_dir=str(build) if build else None, key=manifest.get("key"), target=manifest.get("target"),
         arch=manifest.get("arch"), kleidiai=manifest.get("kleidiai"), source_id=manifest.get("source_id"),
         binding_library=library, system_info=system_info, tools=list(manifest.get("tools", [])),
+        smoke=manifest.get("smoke"),
     )

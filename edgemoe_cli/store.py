@@ -9,15 +9,13 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from . import binding_path
 from .errors import EdgeMoEError
 
 
 def home() -> Path:
     """Root of the store: $EDGEMOE_HOME, else $XDG_CACHE_HOME/edgemoe, else ~/.cache/edgemoe."""
-    if env := os.environ.get("EDGEMOE_HOME"):
-        return Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "edgemoe"
+    return Path(binding_path.home())
 
 
 def configs_dir() -> Path:
@@ -74,6 +72,4 @@ def builds_dir() -> Path:
 
     Separate from the store so tests can give each test its own store yet share one build per machine.
     """
-    if env := os.environ.get("EDGEMOE_BUILDS"):
-        return Path(env).expanduser()
-    return home() / "builds"
+    return Path(binding_path.builds_dir())

@@ -1,4 +1,5 @@
-"""Shared test fixtures. The tiny trained ERNIE checkpoints live in ../shared/fixtures (see its README.md)."""
+"""Shared test fixtures. The tiny trained ERNIE checkpoints live in ../shared/fixtures beside the repo on the
+project's machines, and a byte-identical copy ships in data/fixtures, which a user's clone tests with."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ if "EDGEMOE_BUILDS" not in os.environ:
     os.environ["EDGEMOE_BUILDS"] = str(builds_dir())
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = Path(os.environ.get("EDGEMOE_SHARED_FIXTURES", REPO.parent / "shared" / "fixtures"))
+SHARED_SOURCE = REPO.parent / "shared" / "fixtures"  # the project's originals (CI has them beside the clone)
+SHIPPED_FIXTURES = REPO / "data" / "fixtures"  # the copies in the repo (tests/test_run.py checks they match)
+SHARED_FIXTURES = Path(os.environ.get("EDGEMOE_SHARED_FIXTURES") or
+                       (SHARED_SOURCE if SHARED_SOURCE.is_dir() else SHIPPED_FIXTURES))
 VARIANTS = ("pt", "thinking")
 
 
 def fixture_dir(variant: str) -> Path:
     path = SHARED_FIXTURES / f"tiny-ernie-{variant}"
     if not path.is_dir():
-        pytest.skip(f"fixture {path} not present (../shared/fixtures is beside the repo in CI)")
+        pytest.skip(f"fixture {path} not present (data/fixtures ships it; EDGEMOE_SHARED_FIXTURES points elsewhere)")
     return path
 
 

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import SHARED_FIXTURES
 
 from edgemoe_cli import quantize as quantize_mod
 from edgemoe_cli.errors import EdgeMoEError
@@ -116,11 +117,7 @@ def test_eval_model_against_itself_and_a_quantization(tiny_gguf, tmp_path):
     from edgemoe_cli.evaluate import evaluate
 
     model = tiny_gguf("thinking")
-    text = "/work/shared/fixtures/calib.txt"
-    import os
-
-    if not os.path.exists(text):
-        text = str(quantize_mod.Path(__file__).resolve().parents[1] / "data" / "calib" / "calibration.txt")
+    text = str(SHARED_FIXTURES / "calib.txt")
     same = evaluate(model, model, text, ctx=256, max_chunks=2, threads=2)
     assert same.kld_mean < 1e-3 and same.top1_agreement == 1.0
     assert same.ppl == pytest.approx(same.base_ppl, rel=1e-3) and 1.0 < same.ppl < 8192

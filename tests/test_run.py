@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED_FIXTURES
+from conftest import SHARED_SOURCE, SHIPPED_FIXTURES
 from edgemoe_cli import generate
 from edgemoe_cli.cli import main
 from edgemoe_cli.errors import EdgeMoEError
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "data" / "fixtures"
+SHIPPED = SHIPPED_FIXTURES
 DEMO_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
-    "special_tokens_map.json",
+    "special_tokens_map.json", "reference/logits.npz", "reference/README.txt",
 )
 JSON_KEYS = {
     "reasoning", "answer", "raw", "prompt_tokens", "completion_tokens", "ttft_s", "prompt_tps", "gen_tps",
@@ -57,11 +57,14 @@ def edgemoe(monkeypatch, capsys):
 
 @pytest.mark.parametrize("variant", ["pt", "thinking"])
 def test_shipped_fixture_copies_match_shared(variant):
-    shared = SHARED_FIXTURES / f"tiny-ernie-{variant}"
+    """data/fixtures is what a user's clone tests with: it must be the project's fixtures, byte for byte."""
+    shared = SHARED_SOURCE / f"tiny-ernie-{variant}"
     if not shared.is_dir():
         pytest.skip(f"{shared} not present (it sits beside the repo only on the project's machines)")
     for name in DEMO_FILES:
         assert filecmp.cmp(SHIPPED / f"tiny-ernie-{variant}" / name, shared / name, shallow=False), name
+    for name in ("calib.txt", "arith-dev.jsonl"):
+        assert filecmp.cmp(SHIPPED / name, SHARED_SOURCE / name, shallow=False), name
 
 
 @pytest.mark.parametrize("variant, first", [("pt", "<|begin_of_sentence|>"), ("thinking", "<|im_start|>")])
