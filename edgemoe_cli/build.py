@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,40 +109,64 @@ class BuildResult:
 def vendored_source(version: str = LLAMA_CPP_PYTHON_VERSION) -> tuple[Path, str]:
     """The llama.cpp tree vendored in the pinned llama-cpp-python sdist: (path, source id).
 
-    Downloaded once into builds_dir()/src with pip (PyPI is reachable where pip works) and extracted there.
+    Downloaded once into builds_dir()/src with pip (PyPI is reachable where pip works), checked against the
+    pinned sha256 (SDIST_SHA256) and extracted there. Under a lock, into a private directory renamed when complete:
+    two first-time builds at once must not see (or stamp as good) each other's half-extracted tree.
     """
     src = builds_dir() / "src"
     name = f"llama_cpp_python-{version}"
     tree = src / name / "vendor" / "llama.cpp"
     sdist = src / f"{name}.tar.gz"
-    if not sdist.is_file():
-        src.mkdir(parents=True, exist_ok=True)
+    src.mkdir(parents=True, exist_ok=True)
+    with _lock(src / f".{name}.lock"):
+        if not sdist.is_file():
+            _download_sdist(version, sdist)
+        digest = sha256_file(sdist)
+        if (pinned := SDIST_SHA256.get(version)) and digest != pinned:
+            sdist.unlink()
+            raise EdgeMoEError(f"{sdist.name} has sha256 {digest[:16]}..., edgemoe pins {pinned[:16]}... (deleted)",
+                               "run the command again to download it afresh; if it repeats, your PyPI mirror "
+                               "serves a different file")
+        stamp = src / name / ".edgemoe-extracted"
+        if not (tree / "CMakeLists.txt").is_file() or not stamp.is_file() or stamp.read_text() != digest:
+            _extract(sdist, src, name, digest)
+    return tree, f"llama-cpp-python-{version}+sha256:{digest[:16]}"
+
+
+# sha256 of the sdists edgemoe builds from (PyPI's file): a mirror serving other bytes is refused.
+SDIST_SHA256 = {"0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"}
+
+
+def _download_sdist(version: str, sdist: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=sdist.parent))
+    try:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", str(src), "--disable-pip-version-check", "-q"]
+               f"llama-cpp-python=={version}", "-d", str(tmp), "--disable-pip-version-check", "-q"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not sdist.is_file():
+        got = tmp / sdist.name
+        if proc.returncode != 0 or not got.is_file():
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise EdgeMoEError(
                 f"cannot download the llama-cpp-python {version} sdist ({last})",
-                f"check network access to PyPI, or put {sdist.name} into {src}, or pass --source DIR",
+                f"check network access to PyPI, or put {sdist.name} into {sdist.parent}, or pass --source DIR",
             )
-    digest = sha256_file(sdist)
-    stamp = src / name / ".edgemoe-extracted"
-    if not (tree / "CMakeLists.txt").is_file() or not stamp.is_file() or stamp.read_text() != digest:
-        tmp = src / f"{name}.extracting"
+        os.replace(got, sdist)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            with tarfile.open(sdist) as tf:
-                tf.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tf.extractall(tmp)
-        except (tarfile.TarError, OSError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise EdgeMoEError(f"cannot extract {sdist} ({e})", f"delete {sdist} and run the command again") from e
+
+
+def _extract(sdist: Path, src: Path, name: str, digest: str) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.extracting-", dir=src))
+    try:
+        with tarfile.open(sdist) as tf:
+            tf.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tf.extractall(tmp)
+        (tmp / name / ".edgemoe-extracted").write_text(digest)
         shutil.rmtree(src / name, ignore_errors=True)
         os.replace(tmp / name, src / name)
+    except (tarfile.TarError, OSError) as e:
+        raise EdgeMoEError(f"cannot extract {sdist} ({e})", f"delete {sdist} and run the command again") from e
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        stamp.write_text(digest)
-    return tree, f"llama-cpp-python-{version}+sha256:{digest[:16]}"
 
 
 def checkout_source(path: str | Path) -> tuple[Path, str]:

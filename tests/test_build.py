@@ -21,9 +21,11 @@ from edgemoe_cli import build as B
 from edgemoe_cli import llamacpp
 from edgemoe_cli.cli import app
 from edgemoe_cli.errors import EdgeMoEError
+from edgemoe_cli.smoke import SMOKE_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 EDGEMOE = Path(sys.executable).with_name("edgemoe")
+MACHINE_BUILDS = Path(os.environ["EDGEMOE_BUILDS"])  # conftest: the machine's real build cache
 
 
 @pytest.fixture
@@ -199,6 +201,8 @@ def _fake_installed_build(plan: B.BuildPlan) -> Path:
     (out / "build.json").write_text(json.dumps({
         "key": plan.key, "target": plan.target, "arch": plan.arch, "kleidiai": plan.kleidiai,
         "source_id": plan.source_id, "tools": ["llama-quantize"], "seconds": 1.0, "notes": [],
+        # proven earlier (a recorded smoke test is not run again); test_smoke.py runs real ones
+        "smoke": {"passed": True, "version": SMOKE_VERSION, "cases": []},
     }))
     return out
 
@@ -338,3 +342,32 @@ def test_build_info_asks_the_loaded_library_when_the_binding_is_elsewhere(fake_t
         library="/elsewhere/lib/libllama.so", source="LLAMA_CPP_LIB_PATH", llama_cpp_python="0", system_info="CPU : Y = 1"))
     info = llamacpp.build_info()
     assert info.binding_library == "/elsewhere/lib" and info.system_info == "CPU : Y = 1"
+
+
+def test_vendored_source_is_pinned_and_extracted_once_under_concurrency(builds):
+    """Two first-time builds at once: one extracts (privately, then renames), the other waits and finds it; a
+    sdist whose bytes differ from the pin is refused and deleted."""
+    sdist = MACHINE_BUILDS / "src" / f"llama_cpp_python-{llamacpp.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if not sdist.is_file():
+        pytest.skip("no cached llama-cpp-python sdist (make setup downloads it)")
+    src = builds / "src"
+    src.mkdir(parents=True)
+    shutil.copy2(sdist, src / sdist.name)
+    code = "from edgemoe_cli.build import vendored_source; print(vendored_source()[0])"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-800:] for o in outs]
+    assert outs[0][0] == outs[1][0]
+    import tarfile
+
+    with tarfile.open(src / sdist.name) as tf:
+        n_files = sum(1 for m in tf.getmembers() if m.isfile())
+    tree = src / sdist.name.removesuffix(".tar.gz")
+    assert sum(1 for p in tree.rglob("*") if p.is_file()) == n_files + 1  # + the stamp
+    assert not [p for p in src.iterdir() if "extracting" in p.name]
+
+    (src / sdist.name).write_bytes(b"not the pinned sdist")
+    with pytest.raises(EdgeMoEError, match="edgemoe pins"):
+        B.vendored_source()
+    assert not (src / sdist.name).exists()

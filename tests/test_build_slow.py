@@ -31,6 +31,7 @@ import pytest
 
 from edgemoe_cli.errors import EdgeMoEError
 from edgemoe_cli import build as B
+from edgemoe_cli import smoke
 from edgemoe_cli import llamacpp
 from edgemoe_cli.store import builds_dir
 
@@ -42,7 +43,7 @@ IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
 CROSS_ARCH = B.CROSS_DEFAULT_ARCH  # armv9-a+sve2+i8mm+bf16+dotprod
 CROSS_PACKAGES = ("gcc-aarch64-linux-gnu", "g++-aarch64-linux-gnu", "qemu-user", "binutils-aarch64-linux-gnu")
 CROSS_TOOLS = ("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++", "aarch64-linux-gnu-objdump", "qemu-aarch64")
-SYSROOT = "/usr/aarch64-linux-gnu"
+SYSROOT = B.CROSS_SYSROOT
 KLEIDIAI_MIRROR = Path(os.environ.get("EDGEMOE_KLEIDIAI_MIRROR", "/work/.mirror/ARM-software+kleidiai/repo"))
 PROMPT = "The Debian package manager"
 N_PREDICT = 24
@@ -56,7 +57,7 @@ SAME_TOP_MIN = 95.0  # % of positions where both builds pick the same top token 
 # Debian 12's qemu 7.2 enables SME in `-cpu max`; KleidiAI then runs its SME kernels and the logits are garbage
 # (mean KLD 2.9-3.5 and same top token 2-7%, varying run to run; fine with GGML_KLEIDIAI_SME=0: test_qemu_sme_...). The boards in scope (Neoverse N2/V2,
 # Cortex-A720/X4) have no SME, so the emulated CPU leaves it out.
-QEMU_CPU = "max,sve-default-vector-length={vl},sme=off"
+QEMU_CPU = B.QEMU_CPU  # max,sve-default-vector-length={vl},sme=off: what build.py smoke-tests cross builds with
 
 
 # ---- native ----
@@ -184,6 +185,15 @@ def qemu(vl_bytes: int, exe: str | Path, *args: str, timeout: int = 1800) -> sub
 
 def objdump(lib: Path) -> str:
     return subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(lib)], capture_output=True, text=True).stdout
+
+
+def test_cross_build_passed_its_smoke_test_under_qemu(cross_build):
+    """run_build proved the cross build before returning it: every type, through its tools, under qemu."""
+    _, result = cross_build
+    assert result.smoke["passed"] and not result.smoke["skipped"], result.smoke["summary"]
+    assert result.smoke["runner"].startswith("qemu-aarch64 -cpu max,sve-default-vector-length=16")
+    assert {c["ftype"] for c in result.smoke["cases"]} == set(smoke.SMOKE_FTYPES)
+    assert "SVE = 1" in result.smoke["system_info"] and "MATMUL_INT8 = 1" in result.smoke["system_info"]
 
 
 def test_cross_build_has_sve_i8mm_and_kleidiai_code(cross_build):
