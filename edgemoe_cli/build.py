@@ -46,6 +46,7 @@ TOOLS = (
     "llama-completion",
     "llama-simple",
     "llama-tokenize",
+    "ggml-rpc-server",  # llama.cpp's RPC worker: several boards as one (`edgemoe worker`, `--workers`)
 )
 # Bump when the way we configure changes, so old cache entries are not mistaken for new ones.
 RECIPE_VERSION = 1
@@ -363,6 +364,7 @@ def plan_build(
         "-DLLAMA_USE_PREBUILT_UI=OFF",  # else configure downloads the web UI
         "-DLLAMA_BUILD_UI=OFF",
         "-DGGML_BACKEND_DL=OFF",
+        "-DGGML_RPC=ON",  # the RPC backend and its server: a model split across boards over the network
         *flags,
     ]
     if cross:
