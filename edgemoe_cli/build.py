@@ -49,7 +49,7 @@ TOOLS = (
     "ggml-rpc-server",  # llama.cpp's RPC worker: several boards as one (`edgemoe worker`, `--workers`)
 )
 # Bump when the way we configure changes, so old cache entries are not mistaken for new ones.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: GGML_RPC=ON and ggml-rpc-server
 KLEIDIAI_HOST = ("github.com", 443)
 # What ggml-cpu/CMakeLists.txt fetches (FetchContent name `kleidiai`, tag KLEIDIAI_COMMIT_TAG).
 KLEIDIAI_DEFAULT_TAG = "v1.24.0"
