@@ -169,20 +169,25 @@ class BuildInfo:
     smoke: dict | None = None  # the build's smoke test (smoke.SmokeResult.to_dict()), None before it ran
 
 
+def native_build_manifest() -> dict:
+    """The active native build's build.json ({} without one, or when it cannot be read): no library is loaded."""
+    import json
+
+    build = native_build_dir()
+    try:
+        manifest = json.loads((build / "build.json").read_text()) if build is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
 def build_info(live: bool = False) -> BuildInfo:
     """Which llama.cpp build edgemoe uses (tools and binding) and its system_info.
 
     Cheap by default (reads the build's build.json); `live=True` loads the binding and asks the library itself.
     """
-    import json
-
     build = native_build_dir()
-    manifest = {}
-    if build is not None:
-        try:
-            manifest = json.loads((build / "build.json").read_text())
-        except (OSError, ValueError):
-            manifest = {}
+    manifest = native_build_manifest()
     library = select_binding_library()
     system_info = manifest.get("system_info")
     if live or (library and build and Path(library).resolve() != (build / "lib").resolve()):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED_SOURCE, SHIPPED_FIXTURES
+from conftest import SHARED_FIXTURES, SHARED_SOURCE, SHIPPED_FIXTURES
 from edgemoe_cli import generate
 from edgemoe_cli.cli import main
 from edgemoe_cli.errors import EdgeMoEError
