@@ -171,6 +171,12 @@ def _hub_error(e: Exception, t: Target, endpoint: str) -> EdgeMoEError:
         return EdgeMoEError(f"{endpoint} refused the token for {where}", "check --token / HF_TOKEN")
     if isinstance(e, errors.OfflineModeIsEnabled):
         return EdgeMoEError(f"HF_HUB_OFFLINE is set and {where} is not fully cached", "unset HF_HUB_OFFLINE")
+    if isinstance(e, errors.RemoteEntryNotFoundError):
+        return EdgeMoEError(f"{endpoint} lists a file of {where} that it then does not serve "
+                            f"({str(e).splitlines()[0]})", "try again later; if it repeats, the repo or mirror is broken")
+    if isinstance(e, errors.HfHubHTTPError) and e.response is not None:
+        return EdgeMoEError(f"{endpoint} answered HTTP {e.response.status_code} for {where}: "
+                            f"{str(e).splitlines()[0]}", "try again later; check HF_ENDPOINT if it repeats")
     if isinstance(e, (httpx2.TransportError, OSError)):
         return EdgeMoEError(f"cannot reach {endpoint} for {where}: {e.__class__.__name__}: {str(e).splitlines()[0]}",
                             "check the network (or set HF_HUB_OFFLINE=1 to use the cache)")
@@ -198,7 +204,36 @@ def remote_files(t: Target, token: str | None = None) -> tuple[str, list[RemoteF
         raise EdgeMoEError(f"nothing to pull from {t.repo}@{t.revision}", hint)
     files = [RemoteFile(n, siblings[n].lfs.size if siblings[n].lfs else (siblings[n].size or 0), siblings[n].blob_id,
                         siblings[n].lfs.sha256 if siblings[n].lfs else None) for n in wanted]
-    return info.sha, files
+    return _checked_commit(info.sha, t, endpoint), [_checked_file(f, t, endpoint) for f in files]
+
+
+# What the endpoint says becomes cache paths (blobs/<sha256 or git id>, snapshots/<commit>/<name>) and byte counts:
+# HF_ENDPOINT may be any mirror or proxy, so each value is checked for its shape before it is used at all.
+_FILE_NAME_PART = re.compile(r"[A-Za-z0-9._+=@,-]+")
+
+
+def _untrusted(t: Target, endpoint: str, what: str) -> EdgeMoEError:
+    return EdgeMoEError(f"{endpoint} sent an invalid {what} for {t.repo}@{t.revision}",
+                        "HF_ENDPOINT points at a broken or hostile mirror: unset it or use another")
+
+
+def _checked_commit(commit, t: Target, endpoint: str) -> str:
+    if not (isinstance(commit, str) and _HEX40.match(commit)):
+        raise _untrusted(t, endpoint, f"commit id {str(commit)[:80]!r}")
+    return commit
+
+
+def _checked_file(f: RemoteFile, t: Target, endpoint: str) -> RemoteFile:
+    parts = f.name.split("/") if isinstance(f.name, str) else [""]
+    if any(p in ("", ".", "..") or not _FILE_NAME_PART.fullmatch(p) for p in parts):
+        raise _untrusted(t, endpoint, f"file name {str(f.name)[:80]!r}")
+    if not (isinstance(f.git_oid, str) and _HEX40.match(f.git_oid)):
+        raise _untrusted(t, endpoint, f"git id {str(f.git_oid)[:80]!r} of {f.name}")
+    if f.sha256 is not None and not (isinstance(f.sha256, str) and _SHA256.match(f.sha256)):
+        raise _untrusted(t, endpoint, f"sha256 {str(f.sha256)[:80]!r} of {f.name}")
+    if type(f.size) is not int or not 0 <= f.size < 1 << 50:
+        raise _untrusted(t, endpoint, f"size {str(f.size)[:40]!r} of {f.name}")
+    return f
 
 
 # ---- download, resume, verify ----
@@ -209,10 +244,20 @@ def _partial(storage: Path, f: RemoteFile) -> Path:
 
 
 def _local_state(storage: Path, f: RemoteFile) -> tuple[Path | None, int]:
-    """(complete blob or None, bytes of a partial download already on disk)."""
+    """(complete blob or None, bytes of a partial download already on disk).
+
+    A cached blob of the wrong size (truncated, or grown) is not complete: it goes back to being a partial
+    download, resumed when shorter and fetched again when longer, and verified either way."""
     blob = storage / "blobs" / f.blob
     if blob.is_file():
-        return blob, f.size
+        have = blob.stat().st_size
+        if have == f.size:
+            return blob, f.size
+        part = _partial(storage, f)
+        if not part.exists() or part.stat().st_size < have <= f.size:
+            os.replace(blob, part)
+        else:
+            blob.unlink()
     part = _partial(storage, f)
     return None, part.stat().st_size if part.is_file() else 0
 
@@ -222,9 +267,18 @@ def _verify(path: Path, f: RemoteFile) -> tuple[bool, str]:
     sha = store.sha256_file(path)
     if f.sha256:
         return sha == f.sha256, sha
-    from huggingface_hub.utils.sha import git_hash
+    return _git_blob_id(path) == f.git_oid, sha
 
-    return git_hash(path.read_bytes()) == f.git_oid, sha
+
+def _git_blob_id(path: Path, chunk: int = 1 << 22) -> str:
+    """git's id of a file's content (sha1 of "blob <size>\\0" + content), streamed: the size is the mirror's word."""
+    import hashlib
+
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 class _Bar:
@@ -402,6 +456,7 @@ def _pull_offline(t: Target, cache_dir: Path, storage: Path) -> PullResult:
     ref = storage / "refs" / t.revision
     if commit is None and ref.is_file():
         commit = ref.read_text().strip()
+        commit = commit if _HEX40.match(commit) else None  # a damaged ref names no snapshot
     try:
         tree = get_cached_repo_tree(t.repo, revision=commit or t.revision, cache_dir=str(cache_dir)) if commit else None
     except CachedRepoTreeNotFoundError:

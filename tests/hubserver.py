@@ -84,6 +84,7 @@ class HubServer:
         self.drop_at: dict[str, int] = {}
         self.corrupt: dict[str, int] = {}
         self.fake_size: dict[str, int] = {}
+        self.gone: set[str] = set()  # files listed in model info whose download answers 404 EntryNotFound
         self.bytes_served: Counter = Counter()
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -223,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized(repo):
             return self._error(401, "GatedRepo", "Access to this model is restricted; accept its terms first", head)
         f = repo.files.get(name)
-        if f is None:
+        if f is None or name in self.hub.gone:
             return self._error(404, "EntryNotFound", f"{name} does not exist at {commit}", head)
         size = self.hub.size_of(f)
         headers = {"X-Repo-Commit": commit, "ETag": f'"{f.etag}"', "Accept-Ranges": "bytes",

@@ -6,6 +6,7 @@ HF_HUB_CACHE, as a user's shell would.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -202,3 +203,58 @@ def test_dest_and_hf_home_choose_the_cache(repos, hf_cache, tmp_path):
         result = pulled(edgemoe(hub, hf_cache, "pull", PT, "--json", HF_HUB_CACHE="", HF_HOME=str(home)))
         assert Path(result["path"]).is_relative_to(home / "hub")
         assert registry.resolve(PT) == Path(result["path"])  # the latest pull is what the name means
+
+
+# ---- a hostile or broken endpoint (issue 13) ----
+
+
+@pytest.mark.parametrize("field, value", [
+    ("sha256", "/ABSOLUTE"),  # the proven attack: an absolute path as the LFS sha256 was "cached", failed, unlinked
+    ("sha256", "../../../victim"),
+    ("oid", "/ABSOLUTE"),
+    ("path", "../../../victim.safetensors"),
+    ("commit", "../../../victim"),
+])
+def test_ids_from_the_endpoint_are_checked_before_any_use(repos, hf_cache, tmp_path, field, value):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "victim.safetensors").write_bytes(b"precious")
+    value = value.replace("/ABSOLUTE", str(victim))
+    good = repos[PT]
+    files = dict(good.files)
+    if field == "commit":
+        hostile = dataclasses.replace(good, commit=value, branches={"main": value})
+    elif field == "path":
+        files[value] = dataclasses.replace(files.pop(MODEL), path=value)
+        hostile = dataclasses.replace(good, files=files)
+    else:
+        files[MODEL] = dataclasses.replace(files[MODEL], **{field: value})
+        hostile = dataclasses.replace(good, files=files)
+    with HubServer([hostile]) as hub:
+        err = one_line_error(edgemoe(hub, hf_cache, "pull", PT, "--json",
+                                     *(["--revision", "main"] if field == "commit" else [])), "invalid", "HF_ENDPOINT")
+        assert hub.content_bytes() == 0, err
+    assert victim.read_bytes() == b"precious" and (tmp_path / "victim.safetensors").read_bytes() == b"precious"
+    assert not (registry.store_entry(PT) / "manifest.json").exists()
+
+
+def test_a_truncated_cached_blob_is_resumed_and_verified_not_trusted(repos, hf_cache):
+    with HubServer([repos[PT]]) as hub:
+        pulled(edgemoe(hub, hf_cache, "pull", PT, "--json"))
+        blob = hf_cache / "models--baidu--ERNIE-4.5-21B-A3B-PT" / "blobs" / repos[PT].files[MODEL].sha256
+        size = blob.stat().st_size
+        with open(blob, "r+b") as f:
+            f.truncate(1000)
+        before = hub.content_bytes(MODEL)
+        result = pulled(edgemoe(hub, hf_cache, "pull", PT, "--json"))
+        model = next(f for f in result["files"] if f["name"] == MODEL)
+        assert model["status"] == "resumed" and model["sha256"] == repos[PT].files[MODEL].sha256
+        assert hub.content_bytes(MODEL) - before == size - 1000
+        assert blob.stat().st_size == size
+
+
+def test_a_listed_file_the_endpoint_does_not_serve_is_not_called_a_network_problem(repos, hf_cache):
+    with HubServer([repos[PT]]) as hub:
+        hub.gone.add(MODEL)
+        err = one_line_error(edgemoe(hub, hf_cache, "pull", PT), "does not serve")
+        assert "network" not in err
