@@ -8,12 +8,15 @@ is ever held in memory and the bytes land unchanged (quantized blocks are never 
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from .errors import EdgeMoEError
 from .store import atomic_output
 
 
@@ -52,15 +55,23 @@ def write_gguf(reader, out: str | Path, tensors: list[OutTensor], values: dict[s
         nbytes = int(t.nbytes if t.nbytes is not None else src.n_bytes)
         writer.add_tensor_info(src.name, shape, src.data.dtype, nbytes, raw_dtype=src.tensor_type)
     total = sum(ti.nbytes for ti in writer.tensors[0].values())
-    with atomic_output(out) as part:
-        writer.write_header_to_file(path=part)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        done = 0
-        for t in tensors:
-            arr = t.array()
-            writer.write_tensor_data(arr, tensor_endianess=reader.endianess)
-            done += arr.nbytes
-            if progress is not None:
-                progress(done, total)
-        writer.close()
+    try:
+        with atomic_output(out) as part:
+            writer.write_header_to_file(path=part)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            done = 0
+            for t in tensors:
+                arr = t.array()
+                writer.write_tensor_data(arr, tensor_endianess=reader.endianess)
+                done += arr.nbytes
+                if progress is not None:
+                    progress(done, total)
+            writer.close()
+    except OSError as e:  # ENOSPC, EDQUOT, EIO while writing: the partial file is gone, the output untouched
+        with contextlib.suppress(OSError):
+            writer.close()
+        # numpy's tofile reports a short write ("N requested and M written") without an errno: a full disk too
+        reason = os.strerror(e.errno) if e.errno else f"the disk took only part of a write ({e})"
+        raise EdgeMoEError(f"cannot write {out}: {reason}",
+                           f"free {total:,} bytes or more on its disk, or write elsewhere with --out") from e
