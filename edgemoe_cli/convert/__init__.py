@@ -15,10 +15,11 @@ from pathlib import Path
 import gguf
 
 from ..errors import EdgeMoEError
-from ..store import atomic_output
-from .arch import OUTTYPES, add_hparams, hparams, model_arch, plan_tensors
+from ..store import atomic_output, refuse_input_as_output
+from .arch import (OUTTYPES, add_hparams, check_against_tensors, check_config, hparams, model_arch,
+                   plan_tensors)
 from .safetensors import TensorReader, checkpoint_tensors
-from .vocab import build_vocab
+from .vocab import build_vocab, read_json_object
 from .writer import Progress, StreamingGGUFWriter, write_gguf
 
 __all__ = ["ConvertResult", "convert", "OUTTYPES"]
@@ -47,7 +48,12 @@ def read_config(src: Path) -> dict:
         raise EdgeMoEError(f"{path} is not valid JSON ({e})", "download config.json again") from e
     if not isinstance(config, dict):
         raise EdgeMoEError(f"{path} is not a JSON object", "download config.json again")
-    return {**config, **config.get("text_config", {})}
+    text_config = config.get("text_config", {})
+    if not isinstance(text_config, dict):
+        raise EdgeMoEError(f"{path}: text_config is not an object", "download config.json again")
+    merged = {**config, **text_config}
+    check_config(merged, path)
+    return merged
 
 
 def _metadata(writer: gguf.GGUFWriter, src: Path) -> None:
@@ -62,6 +68,12 @@ def _metadata(writer: gguf.GGUFWriter, src: Path) -> None:
     meta.set_gguf_meta_model(writer)
 
 
+def _tokenizer_files(src: Path) -> list[Path]:
+    names = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",
+             "generation_config.json", "tokenizer.json", "model.safetensors.index.json")
+    return [src / n for n in names if (src / n).exists()]
+
+
 def _vocab(writer: gguf.GGUFWriter, src: Path, vocab_size: int | None) -> None:
     tokens, scores, types = build_vocab(src, vocab_size)
     writer.add_tokenizer_model("llama")
@@ -73,8 +85,11 @@ def _vocab(writer: gguf.GGUFWriter, src: Path, vocab_size: int | None) -> None:
     gguf.SpecialVocab(src, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
     config = src / "tokenizer_config.json"
     if config.is_file():
-        tok_config = json.loads(config.read_text(encoding="utf-8"))
+        tok_config = read_json_object(config)
         if "add_prefix_space" in tok_config:
+            if not isinstance(tok_config["add_prefix_space"], bool):
+                raise EdgeMoEError(f"{config}: add_prefix_space is {tok_config['add_prefix_space']!r}, not true/false",
+                                   "fix or re-download tokenizer_config.json")
             writer.add_add_space_prefix(tok_config["add_prefix_space"])
 
 
@@ -99,6 +114,8 @@ def convert(src: str | Path, out: str | Path, outtype: str = "f16", progress: Pr
         raise EdgeMoEError(f"tokenizer {src / 'tokenizer.model'} is missing",
                            "download tokenizer.model with the checkpoint")
     refs = checkpoint_tensors(src)
+    check_against_tensors(arch, config, refs, src / "config.json")
+    refuse_input_as_output(out, [src / "config.json", *{r.file for r in refs}, *_tokenizer_files(src)])
     plan = plan_tensors(arch, config, refs, outtype)
 
     writer = StreamingGGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])

@@ -78,6 +78,92 @@ TRANSFORMERS_DEFAULTS = {
 }
 
 
+# config.json keys that size or shape the model: whole numbers, at least the bound given
+_INT_KEYS = {
+    "num_hidden_layers": 1, "hidden_size": 1, "num_attention_heads": 1, "vocab_size": 1, "num_key_value_heads": 1,
+    "intermediate_size": 1, "head_dim": 1, "max_position_embeddings": 1, "moe_num_experts": 1, "moe_k": 1,
+    "moe_intermediate_size": 1, "moe_num_shared_experts": 0, "moe_layer_start_index": 0, "moe_layer_interval": 1,
+    "prefix_dense_intermediate_size": 1, "dense_intermediate_size": 1, "n_ctx": 1, "n_positions": 1,
+}
+_FLOAT_KEYS = ("rms_norm_eps", "rope_theta")
+_UINT32_MAX = 2**32 - 1
+_FLOAT32_MAX = 3.4e38
+_LAYER = re.compile(r"^(?:model|ernie)\.layers\.(\d+)\.")
+
+
+def check_config(config: dict, config_path) -> None:
+    """config.json's structure and numbers, before anything is derived from them: the file may come from anywhere.
+
+    `config` is the merged view read_config makes (text_config already checked to be an object)."""
+    def bad(what: str) -> EdgeMoEError:
+        return EdgeMoEError(f"{config_path}: {what}", "download config.json again, or fix it")
+
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise bad(f"architectures is {archs!r}, not a list of names")
+    for key, least in _INT_KEYS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if type(value) is not int:  # bool is an int subclass, and 4.0 is not a count
+            raise bad(f"{key} is {value!r}, not a whole number")
+        if not least <= value <= _UINT32_MAX:  # GGUF stores them as uint32
+            raise bad(f"{key} is {value}, outside {least}..{_UINT32_MAX}")
+    for key in _FLOAT_KEYS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if type(value) not in (int, float) or not 0 < value <= _FLOAT32_MAX:  # also nan and inf; GGUF: float32
+            raise bad(f"{key} is {value!r}, not a positive number")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise bad(f"{key} is {rope!r}, not an object")
+        for name in ("rope_type", "type"):
+            if rope.get(name) is not None and not isinstance(rope[name], str):
+                raise bad(f"{key}.{name} is {rope[name]!r}, not a name")
+        theta = rope.get("rope_theta")
+        if theta is not None and (type(theta) not in (int, float) or not 0 < theta <= _FLOAT32_MAX):
+            raise bad(f"{key}.rope_theta is {theta!r}, not a positive number")
+
+
+def check_against_tensors(arch: gguf.MODEL_ARCH, hp: dict, refs: list[TensorRef], config_path) -> None:
+    """The counts config.json gives (layers, vocabulary, experts) must be those of the tensors present: they size
+    tables and loops later, so a wrong one would allocate or iterate for a model that is not there."""
+    def bad(what: str) -> EdgeMoEError:
+        return EdgeMoEError(f"{config_path}: {what}", "the config does not belong to these safetensors; "
+                            "download the checkpoint again")
+
+    layers = {int(m[1]) for r in refs if (m := _LAYER.match(r.name))}
+    n_layers = hp["num_hidden_layers"]
+    if layers != set(range(n_layers)):
+        have = f"layers 0-{max(layers)} ({len(layers)} present)" if layers else "no layers"
+        raise bad(f"num_hidden_layers is {n_layers} but the checkpoint's tensors hold {have}")
+    by_name = {r.name.replace("ernie.", "model."): r for r in refs}
+    embed = by_name.get("model.embed_tokens.weight")
+    if embed is not None:
+        if len(embed.shape) != 2:
+            raise bad(f"model.embed_tokens.weight has shape {list(embed.shape)}, not [vocab, hidden]")
+        if embed.shape[0] != hp["vocab_size"]:
+            raise bad(f"vocab_size is {hp['vocab_size']} but model.embed_tokens.weight has {embed.shape[0]} rows")
+        if embed.shape[1] != hp["hidden_size"]:
+            raise bad(f"hidden_size is {hp['hidden_size']} but model.embed_tokens.weight rows are {embed.shape[1]} wide")
+    elif hp["vocab_size"] > 1 << 22:
+        raise bad(f"vocab_size is {hp['vocab_size']}, and no embedding tensor says otherwise")
+    if arch == gguf.MODEL_ARCH.ERNIE4_5_MOE:
+        experts = {int(m[2]) for r in refs if (m := _EXPERT.match(r.name.replace("ernie.", "model.")))}
+        if experts and experts != set(range(hp["moe_num_experts"])):
+            raise bad(f"moe_num_experts is {hp['moe_num_experts']} but the checkpoint holds experts "
+                      f"0-{max(experts)} ({len(experts)} distinct)")
+        if hp["moe_k"] > hp["moe_num_experts"]:
+            raise bad(f"moe_k is {hp['moe_k']}, more than the {hp['moe_num_experts']} experts")
+    if hp["hidden_size"] % hp["num_attention_heads"] and hp.get("head_dim") is None:
+        raise bad(f"hidden_size {hp['hidden_size']} is not a multiple of num_attention_heads "
+                  f"{hp['num_attention_heads']}")
+
+
 def hparams(config: dict) -> dict:
     """config.json as transformers' config class would see it: class defaults filled in."""
     hp = {**TRANSFORMERS_DEFAULTS.get(config.get("model_type"), {}), **config}
@@ -188,6 +274,10 @@ def plan_tensors(arch: gguf.MODEL_ARCH, hp: dict, refs: list[TensorRef], outtype
             if len(layer) >= n_experts * 3:
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     experts = [layer.pop((x, proj)) for x in range(n_experts)]
+                    if len(experts[0].shape) != 2:
+                        raise EdgeMoEError(f"{experts[0].file}: expert tensor {experts[0].name} has shape "
+                                           f"{list(experts[0].shape)}, not [rows, columns]",
+                                           "the checkpoint is inconsistent; download it again")
                     rows, cols = experts[0].shape
                     if any(e.shape != (rows, cols) for e in experts):
                         raise EdgeMoEError(f"layer {bid}: experts' {proj} shapes differ", "the checkpoint is inconsistent")
@@ -201,10 +291,16 @@ def plan_tensors(arch: gguf.MODEL_ARCH, hp: dict, refs: list[TensorRef], outtype
             n_head, n_kv = hp["num_attention_heads"], hp["num_key_value_heads"]
             head_dim = hp.get("head_dim") or hp["hidden_size"] // n_head
             bounds = [0, n_head * head_dim, (n_head + n_kv) * head_dim, (n_head + 2 * n_kv) * head_dim]
+            if len(ref.shape) != 2 or ref.shape[0] != bounds[-1]:
+                raise EdgeMoEError(f"{ref.file}: {ref.name} has shape {list(ref.shape)}, config.json's heads need "
+                                   f"[{bounds[-1]}, hidden]", "the checkpoint is inconsistent; download it again")
             for part, a, b in zip(("q_proj", "k_proj", "v_proj"), bounds, bounds[1:]):
                 emit(name.replace("qkv_proj", part), (b - a, *ref.shape[1:]), [Piece(ref, a, b)])
             continue
         if arch == gguf.MODEL_ARCH.ERNIE4_5 and "up_gate_proj" in name:
+            if len(ref.shape) != 2 or ref.shape[0] % 2:
+                raise EdgeMoEError(f"{ref.file}: {ref.name} has shape {list(ref.shape)}, not [2 x rows, hidden]",
+                                   "the checkpoint is inconsistent; download it again")
             half = ref.shape[0] // 2  # the first half is the gate, despite the name
             emit(name.replace("up_gate_proj", "gate_proj"), (half, *ref.shape[1:]), [Piece(ref, 0, half)])
             emit(name.replace("up_gate_proj", "up_proj"), (half, *ref.shape[1:]), [Piece(ref, half, ref.shape[0])])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ DTYPES = {
 }
 
 INDEX_NAME = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors")
 SINGLE_NAME = "model.safetensors"
 
 
@@ -58,6 +60,11 @@ class TensorRef:
         return self.nbytes // self.n_rows if self.n_rows else 0
 
 
+# The safetensors format's own bound on the JSON header (the safetensors library refuses larger ones): without it a
+# length field equal to the file size would read the whole checkpoint into memory as "header".
+MAX_HEADER_BYTES = 100_000_000
+
+
 def read_header(path: Path) -> list[TensorRef]:
     """The tensors of one safetensors file, in the file's name order, validated against the file size."""
     try:
@@ -67,6 +74,9 @@ def read_header(path: Path) -> list[TensorRef]:
             if len(head) < 8:
                 raise _truncated(path, 8, size)
             n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES:
+                raise EdgeMoEError(f"{path}: the safetensors header claims {n:,} bytes, more than the format's "
+                                   f"{MAX_HEADER_BYTES:,}", "this is not a safetensors file; download it again")
             if 8 + n > size:
                 raise _truncated(path, 8 + n, size)
             raw = f.read(n)
@@ -74,29 +84,51 @@ def read_header(path: Path) -> list[TensorRef]:
         raise EdgeMoEError(f"cannot read {path}: {e.strerror}", "check the file exists and is readable") from e
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError) as e:
         raise EdgeMoEError(f"{path} has a malformed safetensors header ({e})", "download the file again") from e
     if not isinstance(header, dict):
-        raise EdgeMoEError(f"{path} has a malformed safetensors header", "download the file again")
+        raise EdgeMoEError(f"{path} has a malformed safetensors header (not a JSON object)", "download the file again")
     base = 8 + n
     refs = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise EdgeMoEError(f"{path}: bad header entry for tensor {name}", "download the file again") from e
-        if dtype not in DTYPES:
-            raise EdgeMoEError(f"{path}: tensor {name} has unsupported dtype {dtype}", "convert from a bf16/f16/f32 checkpoint")
-        if end - start != math.prod(shape) * DTYPES[dtype][1] or start < 0:
-            raise EdgeMoEError(f"{path}: tensor {name} has inconsistent offsets", "download the file again")
-        if base + end > size:
-            raise _truncated(path, base + end, size)
-        refs.append(TensorRef(name, path, dtype, shape, base + start, end - start))
+        refs.append(_entry(path, name, meta, base, size))
+    if not refs:
+        raise EdgeMoEError(f"{path} holds no tensors (its header lists none)", "download the file again")
+    # data_offsets are where the bytes are: two tensors sharing bytes is a forged or damaged header
+    spans = sorted((r.offset, r.offset + r.nbytes, r.name) for r in refs)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise EdgeMoEError(f"{path}: tensors {first} and {second} overlap in the file", "download the file again")
     # the reference converter (and the safetensors library) iterate a file's tensors in name order
     refs.sort(key=lambda r: r.name)
     return refs
+
+
+def _entry(path: Path, name: str, meta, base: int, size: int) -> TensorRef:
+    """One header entry, every field's type and value checked: the header is data from the file."""
+    def bad(what: str) -> EdgeMoEError:
+        return EdgeMoEError(f"{path}: tensor {name} {what}", "download the file again")
+
+    if not isinstance(meta, dict):
+        raise bad("has a header entry that is not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad(f"has dtype {dtype!r}, not a name")
+    if dtype not in DTYPES:
+        raise EdgeMoEError(f"{path}: tensor {name} has unsupported dtype {dtype}", "convert from a bf16/f16/f32 checkpoint")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has shape {shape!r}, not a list of non-negative whole numbers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has data_offsets {offsets!r}, not [start, end] in bytes")
+    start, end = offsets
+    if end - start != math.prod(shape) * DTYPES[dtype][1]:
+        raise bad(f"has inconsistent offsets: {end - start} bytes for shape {shape} of {dtype}")
+    if base + end > size:
+        raise _truncated(path, base + end, size)
+    return TensorRef(name, path, dtype, tuple(shape), base + start, end - start)
 
 
 def _truncated(path: Path, need: int, have: int) -> EdgeMoEError:
@@ -116,6 +148,11 @@ def checkpoint_tensors(src: Path) -> list[TensorRef]:
                 raise TypeError("weight_map is not an object")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise EdgeMoEError(f"{index} is malformed ({e})", "download the checkpoint's index again") from e
+        for tensor, shard in weight_map.items():
+            # a shard name from the index is opened as src/NAME: a plain file name in the checkpoint, nothing else
+            if not isinstance(shard, str) or not _SHARD_NAME.fullmatch(shard):
+                raise EdgeMoEError(f"{index}: tensor {tensor} is in shard {shard!r}, not a .safetensors file name "
+                                   "in the checkpoint directory", "download the checkpoint's index again")
         shards = sorted(set(weight_map.values()))
         for shard in shards:
             if not (src / shard).is_file():
@@ -124,6 +161,11 @@ def checkpoint_tensors(src: Path) -> list[TensorRef]:
                     "download the missing shard (e.g. `edgemoe pull` again)",
                 )
         refs = [r for shard in shards for r in read_header(src / shard)]
+        seen: dict[str, Path] = {}
+        for r in refs:
+            if (other := seen.setdefault(r.name, r.file)) != r.file:
+                raise EdgeMoEError(f"tensor {r.name} is in two shards, {other.name} and {r.file.name}",
+                                   "the checkpoint is inconsistent; download it again")
         have = {r.name for r in refs}
         if missing := sorted(set(weight_map) - have):
             raise EdgeMoEError(
