@@ -32,6 +32,34 @@ def build_messages(prompt: str, system: str | None = None) -> list[dict]:
     return messages + [{"role": "user", "content": prompt}]
 
 
+# A chat template is code from the model file. The sandbox keeps it from reaching Python; these keep it from
+# running or growing without end: ERNIE's templates render in milliseconds to a few KB.
+TEMPLATE_SECONDS = 5.0
+MAX_TEMPLATE_VALUE = 1 << 24  # characters (or items) one expression may build
+MAX_PROMPT_CHARS = 1 << 24
+TEMPLATE_MEMORY = 1 << 30  # bytes of address space rendering may add
+
+
+def _bounded_environment(**options):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """The sandbox, with `*` and `**` refusing results too large to build ('a' * 10**10, 9**9**9)."""
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_VALUE:
+                        raise SecurityError(f"the template builds a value of {len(seq) * n:,} items")
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(right) > 64 and abs(left) > 1:
+                raise SecurityError(f"the template computes {left} ** {right}")
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedEnvironment(**options)
+
+
 def render_prompt(template: str, messages: list[dict], special_tokens: dict[str, str] | None = None) -> str:
     """Render a Hugging Face chat template (jinja2) with the generation prompt appended.
 
@@ -39,7 +67,8 @@ def render_prompt(template: str, messages: list[dict], special_tokens: dict[str,
     ERNIE templates write their own `<|begin_of_sentence|>` / `<|im_start|>` text, so BOS never comes from here.
     """
     import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from .limits import TimeLimitExceeded, memory_limit, time_limit
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -47,18 +76,28 @@ def render_prompt(template: str, messages: list[dict], special_tokens: dict[str,
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
+    hint = "re-convert the model from a checkpoint whose tokenizer_config.json has a working chat_template"
     # the same environment settings as transformers' chat-template renderer
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = _bounded_environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=True, **(special_tokens or {})
-        )
+        with time_limit(TEMPLATE_SECONDS), memory_limit(TEMPLATE_MEMORY):
+            prompt = env.from_string(template).render(
+                messages=messages, add_generation_prompt=True, **(special_tokens or {})
+            )
     except jinja2.exceptions.TemplateError as e:
-        raise EdgeMoEError(
-            f"the model's chat template (tokenizer.chat_template) failed to render: {e}",
-            "re-convert the model from a checkpoint whose tokenizer_config.json has a working chat_template",
-        ) from e
+        raise EdgeMoEError(f"the model's chat template (tokenizer.chat_template) failed to render: {e}", hint) from e
+    except TimeLimitExceeded:
+        raise EdgeMoEError(f"the model's chat template (tokenizer.chat_template) ran longer than "
+                           f"{TEMPLATE_SECONDS:g} s", hint) from None
+    except Exception as e:  # noqa: BLE001 - the template is code from the model file: whatever it raises
+        # (ZeroDivisionError from {{1/0}}, MemoryError, RecursionError, TypeError...) is the file's fault
+        raise EdgeMoEError(f"the model's chat template (tokenizer.chat_template) failed to render: "
+                           f"{type(e).__name__}: {str(e)[:200]}", hint) from e
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise EdgeMoEError(f"the model's chat template (tokenizer.chat_template) rendered {len(prompt):,} "
+                           "characters for one prompt", hint)
+    return prompt
 
 
 def is_thinking_template(template: str | None) -> bool:

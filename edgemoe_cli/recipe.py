@@ -90,12 +90,28 @@ class Recipe:
         if self.output:
             lines.append(f"output = {_q(self.output)}")
         for r in self.rules:
-            lines += ["", "[[rules]]", f"pattern = '{r.pattern}'", f"type = {_q(r.type)}"]
+            lines += ["", "[[rules]]", f"pattern = {_q_pattern(r.pattern)}", f"type = {_q(r.type)}"]
         return "\n".join(lines) + "\n"
 
 
 def _q(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A TOML basic string: backslash, quote and every control character escaped."""
+    out = []
+    for ch in s:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch, f"\\u{ord(ch):04X}"))
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _q_pattern(pattern: str) -> str:
+    # a literal string keeps a regex readable (no doubled backslashes); it cannot hold ' or control characters
+    if "'" in pattern or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in pattern):
+        return _q(pattern)
+    return f"'{pattern}'"
 
 
 def recipes_dir() -> Path:
@@ -126,28 +142,50 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return parse_recipe(data, source=str(path))
 
 
+# A recipe's name becomes a file name (quantize's default output <store>/gguf/<model>/<name>.gguf and its manifest)
+NAME = re.compile(r"[A-Za-z0-9._-]+")
+# Longest time all of a recipe's patterns may take over all of a model's tensor names: real recipes take
+# milliseconds; a pattern that backtracks catastrophically, like (.|.)*Z, would take hours.
+MATCH_SECONDS = 10.0
+
+
 def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
-    """Check a recipe's structure, type names and regular expressions; return it."""
+    """Check a recipe's structure, value types, name, type names and regular expressions; return it."""
     known = {"name", "description", "default", "token_embedding", "output", "rules"}
     if extra := set(data) - known:
         raise EdgeMoEError(f"{source}: unknown key(s) {', '.join(sorted(extra))}", "allowed: " + ", ".join(sorted(known)))
+    for key in known - {"rules"}:
+        if key in data and not isinstance(data[key], str):
+            raise EdgeMoEError(f"{source}: `{key}` is {data[key]!r}, not a string", "quote it")
+    if not isinstance(data.get("rules", []), list):
+        raise EdgeMoEError(f"{source}: `rules` must be an array of [[rules]] tables", "see configs/recipes/")
     rules = []
     for i, r in enumerate(data.get("rules", [])):
         if not isinstance(r, dict) or set(r) != {"pattern", "type"}:
             raise EdgeMoEError(f"{source}: rule {i + 1} must have exactly `pattern` and `type`", "see configs/recipes/")
+        for key in ("pattern", "type"):
+            if not isinstance(r[key], str):
+                raise EdgeMoEError(f"{source}: rule {i + 1} {key} is {r[key]!r}, not a string", "quote it")
         try:
             re.compile(r["pattern"])
-        except re.error as e:
+        except (re.error, RecursionError, OverflowError) as e:
             raise EdgeMoEError(f"{source}: rule {i + 1} pattern {r['pattern']!r} is not a valid regex ({e})",
                                "escape dots as \\. and check brackets") from e
         ggml_type(r["type"])
         rules.append(Rule(r["pattern"], r["type"].lower()))
+    if "name" in data:
+        name = data["name"]
+        if not NAME.fullmatch(name):
+            raise EdgeMoEError(f"{source}: name {name!r} may only hold letters, digits, '.', '_' and '-'",
+                               "it names the output file; e.g. name = \"edge-16gb\"")
+    else:  # a file's own name, made safe the same way
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).stem) or "recipe"
     recipe = Recipe(
-        name=str(data.get("name") or Path(source).stem),
-        description=str(data.get("description", "")),
-        default=str(data.get("default", "q4_0")).lower(),
-        token_embedding=(str(data["token_embedding"]).lower() if data.get("token_embedding") else None),
-        output=(str(data["output"]).lower() if data.get("output") else None),
+        name=name,
+        description=data.get("description", ""),
+        default=data.get("default", "q4_0").lower(),
+        token_embedding=(data["token_embedding"].lower() if data.get("token_embedding") else None),
+        output=(data["output"].lower() if data.get("output") else None),
         rules=rules,
         source=source,
     )
@@ -262,15 +300,15 @@ class Explanation:
 def resolve(recipe: Recipe, tensors: list[TensorInfo], have_imatrix: bool = True) -> tuple[list[TensorPlan], list[Problem]]:
     """One explicit type per tensor, and everything llama.cpp would refuse or silently change."""
     problems: list[Problem] = []
-    compiled = [re.compile(r.pattern) for r in recipe.rules]
+    matches = _match_table(recipe, tensors)
     hits = [0] * len(recipe.rules)
     reached_quantizable = [0] * len(recipe.rules)
     has_output = any(t.name == "output.weight" for t in tensors)
     plans = []
-    for t in tensors:
-        matched = next((i for i, rx in enumerate(compiled) if rx.search(t.name)), None)
-        for i, rx in enumerate(compiled):
-            if rx.search(t.name):
+    for t, row in zip(tensors, matches):
+        matched = next((i for i, hit in enumerate(row) if hit), None)
+        for i, hit in enumerate(row):
+            if hit:
                 hits[i] += 1
         if not quantizable(t):
             type_, why = t.type, "not quantized"
@@ -308,6 +346,28 @@ def resolve(recipe: Recipe, tensors: list[TensorInfo], have_imatrix: bool = True
     if not has_output and recipe.output and not any(t.name == "token_embd.weight" for t in tensors):
         problems.append(Problem("warning", "the model has no output.weight; `output` is unused"))
     return plans, problems
+
+
+def _match_table(recipe: Recipe, tensors: list[TensorInfo]) -> list[list[bool]]:
+    """[tensor][rule]: whether the rule's pattern is found in the tensor's name, within MATCH_SECONDS in all."""
+    from .limits import TimeLimitExceeded, time_limit
+
+    compiled = [re.compile(r.pattern) for r in recipe.rules]
+    rule = 0
+    table = []
+    try:
+        with time_limit(MATCH_SECONDS):
+            for t in tensors:
+                row = []
+                for rule, rx in enumerate(compiled):
+                    row.append(rx.search(t.name) is not None)
+                table.append(row)
+    except TimeLimitExceeded:
+        r = recipe.rules[rule]
+        raise EdgeMoEError(f"{recipe.source or recipe.name}: rule {rule + 1} pattern {r.pattern!r} takes more than "
+                           f"{MATCH_SECONDS:g} s to match the tensor names (it backtracks without end)",
+                           "simplify it: no nested or alternated repeats like (.|.)* or (a+)+") from None
+    return table
 
 
 def explain(recipe: Recipe, model: str | Path, have_imatrix: bool = True) -> Explanation:
