@@ -92,10 +92,25 @@ def _forward(llm, chunks: list[list[int]], ctx: int, progress=None):
             progress(i + 1, len(chunks))
 
 
+# content hash of each file version this process has hashed: (device, inode, size, mtime) -> sha256
+_CONTENT: dict[tuple[int, int, int, int], str] = {}
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, hashed once per file version per process (plan evaluates against one base dozens
+    of times)."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _CONTENT:
+        _CONTENT[key] = sha256_file(path)
+    return _CONTENT[key]
+
+
 def _cache_key(base: Path, text: Path, ctx: int, max_chunks: int | None) -> str:
-    st = base.stat()
+    # keyed by what the base holds, not where it is: plan's Q8_0 reference is a new temporary file every run, and a
+    # path+mtime key cached its log-probs (~0.8 GB at 21B) anew each time, never to be read again
     h = hashlib.sha256()
-    h.update(f"{base.resolve()}|{st.st_size}|{st.st_mtime_ns}|{ctx}|{max_chunks}|".encode())
+    h.update(f"v2|{content_sha256(base)}|{ctx}|{max_chunks}|".encode())
     h.update(sha256_file(text).encode())
     return h.hexdigest()[:20]
 

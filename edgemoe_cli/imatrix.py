@@ -141,14 +141,18 @@ def compute_imatrix(model: str | Path, text: str | Path | None = None, out: str 
     import time
 
     from .llamacpp import run_tool
-    from .store import atomic_output
+    from .store import atomic_output, refuse_input_as_output
 
     model, text = Path(model), Path(text) if text else default_calibration_text()
+    from .profile import open_gguf
+
     if not model.is_file():
         raise EdgeMoEError(f"model {model} does not exist", "pass a .gguf file (see `edgemoe convert`)")
+    open_gguf(model)  # a damaged file is one line here, not a llama.cpp failure later
     if not text.is_file():
         raise EdgeMoEError(f"calibration text {text} does not exist", "pass --text FILE with plain text")
     out = Path(out) if out else model.with_name(model.stem + ".imatrix.gguf")
+    refuse_input_as_output(out, [model, text])
     threads = threads or max(1, os.cpu_count() or 1)
     t0 = time.perf_counter()
     total = [None]

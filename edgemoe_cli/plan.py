@@ -35,6 +35,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +47,7 @@ import numpy as np
 from .errors import EdgeMoEError
 from .recipe import Recipe, Rule, TensorInfo, quantizable, read_tensors, tensor_bytes
 from .units import human_bytes
-from .store import atomic_output, home, sha256_file
+from .store import atomic_output, home, refuse_input_as_output, sha256_file
 
 DEFAULT_TYPES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
 ARM_FAST_TYPES = ("q4_0", "iq4_nl", "q8_0")
@@ -184,9 +186,7 @@ def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFA
     measuring, and every calibration model is assembled from them (plan.assemble: raw bytes copied, no
     re-quantization). Disk: the source, those two files, one more candidate and one calibration model.
     """
-    from .evaluate import evaluate
     from .imatrix import read_imatrix
-    from .quantize import quantize
 
     model, imatrix, text = Path(model), Path(imatrix), Path(text)
     for p, what in ((model, "model"), (imatrix, "imatrix"), (text, "text")):
@@ -196,14 +196,35 @@ def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFA
         raise EdgeMoEError(f"unknown reference {reference!r}", "use source or q8_0")
     cache = _cache_path(model, imatrix, text, types, calibration_type, max_chunks, reference)
     if use_cache and cache.is_file():
-        return Measurements(**json.loads(cache.read_text()))
+        try:
+            return Measurements(**json.loads(cache.read_text()))
+        except (OSError, ValueError, TypeError):  # a damaged cache entry is measured again and replaced
+            pass
     tensors, _ = read_tensors(model)
     if any(t.type not in ("f32", "f16", "bf16") for t in tensors if quantizable(t)):
         raise EdgeMoEError(f"{model} is already quantized", "plan from the f32/f16/bf16 GGUF `edgemoe convert` wrote")
-    targets = [t for t in tensors if quantizable(t)]
     im = read_imatrix(imatrix)
-    work = Path(workdir) if workdir else home() / "cache" / "plan" / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    # a private work directory per run: two plans of one model at once must not quantize into, assemble or
+    # evaluate each other's files (their measurements would be cached for good)
+    parent = Path(workdir) if workdir else home() / "cache" / "plan" / "work"
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{model.stem}.", dir=parent))
+    try:
+        m = _measure(model, imatrix, text, types, calibration_type, ctx, max_chunks, threads, progress, reference,
+                     tensors, im, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with atomic_output(cache) as part:
+        part.write_text(json.dumps(asdict(m)))
+    return m
+
+
+def _measure(model: Path, imatrix: Path, text: Path, types, calibration_type: str, ctx: int, max_chunks, threads,
+             progress, reference: str, tensors: list[TensorInfo], im, work: Path) -> Measurements:
+    from .evaluate import evaluate
+    from .quantize import quantize
+
+    targets = [t for t in tensors if quantizable(t)]
     tmp = work / f"{model.stem}.calibration.gguf"
     kept = {t: work / f"{model.stem}.{t}.gguf" for t in (calibration_type, "q8_0")}
     errors: dict[str, dict[str, float]] = {t.name: {} for t in targets}
@@ -281,11 +302,8 @@ def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFA
     tmp.unlink(missing_ok=True)
     for p in kept.values():
         p.unlink(missing_ok=True)
-    m = Measurements(str(model), str(imatrix), str(text), list(types), calibration_type, errors, gains, kld,
-                     factors, layer_kld, floor, {k: round(v, 2) for k, v in seconds.items()}, stats)
-    with atomic_output(cache) as part:
-        part.write_text(json.dumps(asdict(m)))
-    return m
+    return Measurements(str(model), str(imatrix), str(text), list(types), calibration_type, errors, gains, kld,
+                        factors, layer_kld, floor, {k: round(v, 2) for k, v in seconds.items()}, stats)
 
 
 def fit_role_layer(err: dict[str, float], role_kld: dict[str, float], layer_kld: dict[str, float],
@@ -444,21 +462,20 @@ def recipe_from_choices(choices: list[Choice], name: str, description: str) -> R
 def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_size: int | None = None,
                 reserve: int | None = None) -> tuple[int, str]:
     """(bytes the GGUF may occupy, the formula with numbers)."""
-    import gguf
-
     from .board import RUNTIME_RESERVE_BYTES, kv_cache_bytes, memory
+    from .profile import open_gguf
 
+    # the model is parsed (and a damaged one refused in one line) even when --max-size needs no key from it
+    reader = open_gguf(model)
     if max_size is not None:
         return max_size, f"--max-size {human_bytes(max_size)}"
-    reader = gguf.GGUFReader(model)
-    arch = reader.fields["general.architecture"].contents()
+    arch = _key(reader, model, "general.architecture", str)
 
-    def f(key):
-        fld = reader.fields.get(f"{arch}.{key}")
-        return fld.contents() if fld is not None else None
+    def f(key, required=True):
+        return _key(reader, model, f"{arch}.{key}", int, required)
 
     n_layers, n_kv = f("block_count"), f("attention.head_count_kv")
-    head_dim = f("attention.key_length") or f("embedding_length") // f("attention.head_count")
+    head_dim = f("attention.key_length", required=False) or f("embedding_length") // f("attention.head_count")
     source = "--budget"
     if ram is None:
         ram, source = memory()[0], "this board's RAM"
@@ -468,6 +485,23 @@ def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_
     return budget, f"{source} {human_bytes(ram)} - KV cache for {ctx} tokens {human_bytes(kv)} - runtime reserve {human_bytes(reserve)}"
 
 
+def _key(reader, path: Path, key: str, kind: type, required: bool = True):
+    """One metadata value of an open GGUF, of the type the budget needs (a positive int or a string)."""
+    import gguf
+
+    field_ = reader.get_field(key)
+    value = None
+    if field_ is not None and field_.types and field_.types[0] != gguf.GGUFValueType.ARRAY:
+        value = field_.contents()
+    if value is None and not required:
+        return None
+    if type(value) is not kind or (kind is int and value <= 0):
+        raise EdgeMoEError(f"{path}: {key} is {'missing' if field_ is None else repr(value)[:40]}, not a "
+                           f"{'positive whole number' if kind is int else 'name'}",
+                           "convert the model again with `edgemoe convert`")
+    return value
+
+
 def plan(model: str | Path, imatrix: str | Path, text: str | Path, ram: int | None = None, ctx: int = 4096,
          max_size: int | None = None, reserve: int | None = None, arm_fast: bool = False, out: str | Path | None = None,
          name: str = "plan", threads: int | None = None, max_chunks: int | None = 16,
@@ -475,6 +509,8 @@ def plan(model: str | Path, imatrix: str | Path, text: str | Path, ram: int | No
          min_every_token: str | None = MIN_EVERY_TOKEN) -> PlanResult:
     """Measure (or reuse cached measurements), solve for the budget, write the recipe TOML to `out`."""
     model = Path(model)
+    if out:
+        refuse_input_as_output(out, [model, imatrix, text])
     budget, formula = file_budget(model, ram, ctx, max_size, reserve)
     if budget <= 0:
         raise EdgeMoEError(f"nothing is left for the model: {formula}", "raise --budget or lower --ctx")

@@ -96,9 +96,18 @@ def open_gguf(path: str | Path):
 
     path = check_gguf(path)
     try:
-        return GGUFReader(path)
+        reader = GGUFReader(path)
     except Exception as e:  # the reader raises bare ValueError/struct errors on a damaged file
-        raise EdgeMoEError(f"{path}: unreadable GGUF ({e})", "convert or quantize the model again") from e
+        raise EdgeMoEError(f"{path}: unreadable GGUF ({str(e)[:200]})", "convert or quantize the model again") from e
+    # the reader decodes values only when asked: decode every one now, so a damaged key (a string that is not
+    # UTF-8) is this one error here rather than a crash wherever a command first reads it
+    for f in reader.fields.values():
+        try:
+            f.contents()
+        except Exception as e:  # noqa: BLE001 - UnicodeDecodeError, IndexError, ValueError from damaged parts
+            raise EdgeMoEError(f"{path}: key {f.name[:80]!r} is damaged ({type(e).__name__})",
+                               "convert or quantize the model again") from e
+    return reader
 
 
 def moe_shape(reader, path: str | Path) -> tuple[str, int, int, list[int]]:
@@ -115,7 +124,11 @@ def moe_shape(reader, path: str | Path) -> tuple[str, int, int, list[int]]:
         f = reader.get_field(f"{arch}.{name}")
         if f is None:
             raise EdgeMoEError(f"{path} lacks {arch}.{name}", "convert the model again with `edgemoe convert`")
-        return int(f.contents())
+        value = f.contents()
+        if type(value) is not int or value <= 0:
+            raise EdgeMoEError(f"{path}: {arch}.{name} is {str(value)[:40]!r}, not a positive whole number",
+                               "convert the model again with `edgemoe convert`")
+        return value
 
     layers = sorted({int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.ffn_gate_exps\.", t.name))})
     return arch, key("expert_count"), key("expert_used_count"), layers

@@ -27,7 +27,7 @@ import numpy as np
 from .errors import EdgeMoEError
 from .ggufcopy import OutTensor, write_gguf
 from .units import parse_size
-from .store import write_manifest
+from .store import refuse_input_as_output, write_manifest
 
 _EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.(ffn_(?:gate|up|down)_exps\.weight|ffn_gate_inp\.weight|exp_probs_b\.bias)$")
 
@@ -54,9 +54,15 @@ def parse_keep(text: str, n_expert: int) -> int:
     """'12' experts, or '75%' of `n_expert` (rounded to the nearest whole expert)."""
     s = str(text).strip()
     try:
-        return round(float(s[:-1]) / 100 * n_expert) if s.endswith("%") else int(s)
+        if s.endswith("%"):
+            share = float(s[:-1])
+            if not 0 <= share <= 100:  # also inf and nan, which round() cannot take
+                raise ValueError(s)
+            return round(share / 100 * n_expert)
+        return int(s)
     except ValueError:
-        raise EdgeMoEError(f"--keep {text!r} is not a number of experts", "give a count like 48 or a share like 75%") from None
+        raise EdgeMoEError(f"--keep {str(text)[:40]!r} is not a number of experts or a share of 0-100%",
+                           "give a count like 48 or a share like 75%") from None
 
 
 def _expert_tensors(reader) -> dict[int, dict[str, object]]:
@@ -65,6 +71,27 @@ def _expert_tensors(reader) -> dict[int, dict[str, object]]:
         if m := _EXPERT_TENSOR.match(t.name):
             layers.setdefault(int(m.group(1)), {})[m.group(2).split(".")[0]] = t
     return layers
+
+
+def check_expert_tensors(reader, path: Path, layers: list[int], n_expert: int) -> None:
+    """Every MoE layer has the three stacked expert tensors and the router, each with `n_expert` experts on the
+    axis pruning slices: the file's metadata and tensors are data, and a damaged one must not crash the slicing."""
+    if not layers:
+        raise EdgeMoEError(f"{path} has no routed-expert tensors (blk.N.ffn_gate_exps)", "prune an ERNIE-4.5 MoE GGUF")
+    found = _expert_tensors(reader)
+    for il in layers:
+        for part in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_inp"):
+            t = found.get(il, {}).get(part)
+            if t is None:
+                raise EdgeMoEError(f"{path}: layer {il} has no {part} tensor", "convert the model again")
+            shape = t.data.shape
+            if len(shape) < 2 or shape[0] != n_expert:
+                raise EdgeMoEError(f"{path}: blk.{il}.{part} has shape {list(shape)}, not {n_expert} experts first",
+                                   "convert the model again")
+        bias = found[il].get("exp_probs_b")
+        if bias is not None and bias.data.shape[-1:] != (n_expert,):
+            raise EdgeMoEError(f"{path}: blk.{il}.exp_probs_b has shape {list(bias.data.shape)}, not {n_expert} "
+                               "experts", "convert the model again")
 
 
 def _dense(t) -> np.ndarray:
@@ -193,6 +220,7 @@ def prune(
     model = Path(model)
     reader = open_gguf(model)
     _, n_expert, n_used, layers = moe_shape(reader, model)
+    check_expert_tensors(reader, model, layers, n_expert)
     if (keep is None) == (budget is None):
         raise EdgeMoEError("give exactly one of --keep and --budget", "e.g. --keep 75% or --budget 10G")
     if text is not None and usage is not None:
@@ -212,8 +240,7 @@ def prune(
     else:
         n_keep = keep_for_budget(reader, model, n_expert, n_used, budget_bytes)
     out = Path(out) if out is not None else default_out(model, n_keep)
-    if out.resolve() == model.resolve():
-        raise EdgeMoEError(f"--out {out} is the input model", "write the pruned model to a new file")
+    refuse_input_as_output(out, [model, text, usage])
 
     if text is not None:
         read_text(text)

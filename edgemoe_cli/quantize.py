@@ -30,7 +30,7 @@ from typing import Callable
 
 from .errors import EdgeMoEError
 from .recipe import Recipe, TensorPlan, explain, ggml_type, load_recipe, read_tensors
-from .store import atomic_output, home, sha256_file, write_manifest
+from .store import atomic_output, home, refuse_input_as_output, sha256_file, write_manifest
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors total, tensor name)
 
@@ -55,12 +55,17 @@ class QuantizeResult:
 
 def default_output(model: Path, recipe_name: str) -> Path:
     """<store>/gguf/<name>/<recipe>.gguf, where <name> is the model's store directory or its file stem."""
+    from .recipe import NAME
+
+    file_name = recipe_name.replace(":", "-")
+    if not NAME.fullmatch(file_name):  # parse_recipe checks names; this guards recipes built in code too
+        raise EdgeMoEError(f"recipe name {recipe_name!r} cannot name a file", "pass --out, or rename the recipe")
     store_gguf = home() / "gguf"
     try:
         name = model.resolve().relative_to(store_gguf.resolve()).parts[0]
     except ValueError:
         name = model.stem
-    return store_gguf / name / f"{recipe_name.replace(':', '-')}.gguf"
+    return store_gguf / name / f"{file_name}.gguf"
 
 
 def _ftype(name: str) -> int:
@@ -199,8 +204,7 @@ def quantize(model: str | Path, recipe: str | Path | Recipe, out: str | Path | N
         main = counts.most_common(1)[0][0] if counts else "q8_0"
         ftype = _ftype(_FTYPE_OF_TYPE.get(main, main if hasattr(_binding(), f"LLAMA_FTYPE_MOSTLY_{main.upper()}") else "q8_0"))
     out = Path(out) if out else default_output(model, recipe_name)
-    if out.resolve() == model.resolve():
-        raise EdgeMoEError(f"output {out} is the input file", "pass a different --out")
+    refuse_input_as_output(out, [model, imatrix])
     im_arr = None
     if imatrix is not None:
         im_arr, _keep_alive, _n = imatrix_array(imatrix, plans)
