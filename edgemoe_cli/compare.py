@@ -111,6 +111,10 @@ def _prompt(entry: dict, where: str) -> Prompt:
         check = "number" if _NUMBER.fullmatch(expected.strip()) else "contains"
     if expected is None:
         check = None
+    if check == "number" and not _NUMBER.fullmatch(expected.strip()):
+        # checked here, not when scoring: scoring comes after both models have answered every prompt
+        raise EdgeMoEError(f"{where}: expected {expected!r} is not a number, as check = \"number\" needs",
+                           'write a number like 42 or -3.5, or use check = "contains"')
     if check == "regex":
         try:
             re.compile(expected)
@@ -290,6 +294,9 @@ def compare(
 
     `progress(variant, done, total)` is called as prompts complete.
     """
+    if out is not None and Path(out).suffix.lower() == ".json":
+        raise EdgeMoEError(f"--out {out} is where the Markdown report goes, and its JSON twin would be the same file",
+                           f"pass --out {Path(out).with_suffix('.md')}: the JSON is written beside it")
     models = {"pt": check_variant("pt", pt), "thinking": check_variant("thinking", thinking)}
     if prompt is not None and prompts_file is not None:
         raise EdgeMoEError("give -p PROMPT or --prompts FILE, not both", "drop one of them")

@@ -113,10 +113,21 @@ def store_entry(name: str, fmt: str = "safetensors", quant: str | None = None) -
 
 
 def read_manifest(entry_dir: Path) -> dict | None:
+    """A pull manifest as a dict, or None when there is none or it is damaged (not JSON, not a pull manifest)."""
     try:
-        return json.loads((entry_dir / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        m = json.loads((entry_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return m if _is_pull_manifest(m) else None
+
+
+def _is_pull_manifest(m) -> bool:
+    """The fields `list` and name resolution read, with their types: manifests live in a store anyone may edit."""
+    strings = ("name", "repo", "commit", "path", "format")
+    return (isinstance(m, dict) and m.get("kind") == "pull" and all(isinstance(m.get(k), str) for k in strings)
+            and isinstance(m.get("files"), list)
+            and all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in m["files"])
+            and isinstance(m.get("total_bytes", 0), int) and isinstance(m.get("quant"), (str, type(None))))
 
 
 def resolve(name_or_path: str | Path, fmt: str = "safetensors", quant: str | None = None) -> Path:
@@ -142,7 +153,11 @@ def resolve(name_or_path: str | Path, fmt: str = "safetensors", quant: str | Non
         return entry.path
     if fmt == "gguf":
         quant = quant or (entry.gguf.default_quant if entry.gguf else None)
-    manifest = read_manifest(store_entry(entry.name, fmt, quant))
+    entry_dir = store_entry(entry.name, fmt, quant)
+    manifest = read_manifest(entry_dir)
+    if manifest is None and (entry_dir / "manifest.json").exists():
+        raise EdgeMoEError(f"the pull manifest {entry_dir / 'manifest.json'} is damaged",
+                           f"run `edgemoe pull {entry.name}` again to rewrite it")
     if manifest is None:
         extra = f" --format gguf --quant {quant}" if fmt == "gguf" else ""
         raise EdgeMoEError(f"'{entry.name}' has not been pulled{' as ' + quant if fmt == 'gguf' else ''}",
@@ -174,8 +189,10 @@ def store_items() -> list[StoreItem]:
     items: list[StoreItem] = []
     for manifest_path in sorted((root / "models").glob("*/manifest.json")) + sorted(
             (root / "models").glob("*/gguf-*/manifest.json")):
-        m = read_manifest(manifest_path.parent) or {}
-        if m.get("kind") != "pull":
+        m = read_manifest(manifest_path.parent)
+        if m is None:
+            items.append(StoreItem(manifest_path.parent.relative_to(root / "models").as_posix(),
+                                   "damaged manifest", 0, "run `edgemoe pull` for it again", str(manifest_path)))
             continue
         present = all((Path(m["path"]) / f["name"]).is_file() for f in m.get("files", []))
         what = f"gguf {m['quant']} " if m.get("format") == "gguf" else ""
@@ -184,10 +201,13 @@ def store_items() -> list[StoreItem]:
     for gguf_path in sorted((root / "gguf").glob("*/*.gguf")):
         side = gguf_path.with_name(gguf_path.name + ".manifest.json")
         try:
-            m = json.loads(side.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            m = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             m = {}
-        state = "pruned" if m.get("stage") == "prune" else "quantized" if m.get("recipe") else "converted"
-        detail = f"recipe {m['recipe']}" if m.get("recipe") else gguf_path.stem
+        if not isinstance(m, dict):
+            m = {}
+        recipe = m.get("recipe") if isinstance(m.get("recipe"), str) else None
+        state = "pruned" if m.get("stage") == "prune" else "quantized" if recipe else "converted"
+        detail = f"recipe {recipe}" if recipe else gguf_path.stem
         items.append(StoreItem(gguf_path.parent.name, state, gguf_path.stat().st_size, detail, str(gguf_path)))
     return items

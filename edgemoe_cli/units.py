@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from .errors import EdgeMoEError
+
+MAX_SIZE = 1 << 60  # 1 EiB: no size edgemoe reads is near it, and every size fits an int64 (ctypes, numpy)
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([KMGT]?)(i?)(B?)\s*", re.IGNORECASE)
 
@@ -20,7 +23,12 @@ def parse_size(text: str, what: str = "the size") -> int:
         raise EdgeMoEError(f"cannot read {what} {text!r}", "write bytes or a size like 12GiB, 11.5GB or 800M")
     power = " KMGT".index(m.group(2).upper() or " ")
     decimal = m.group(4) and not m.group(3)  # "GB" is 10^9; "G" and "GiB" are 2^30
-    return int(float(m.group(1)) * (1000 if decimal else 1024) ** power)
+    # exact arithmetic, bounded: a float overflows on "9" * 400 and an int of thousands of digits is refused
+    number = m.group(1)
+    value = Fraction(number) * (1000 if decimal else 1024) ** power if len(number) <= 32 else None
+    if value is None or value > MAX_SIZE:
+        raise EdgeMoEError(f"{what} {str(text)[:40]!r} is larger than any disk or memory", f"give at most {human_bytes(MAX_SIZE)}")
+    return int(value)
 
 
 def human_bytes(n: float) -> str:
