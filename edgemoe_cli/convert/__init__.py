@@ -2,7 +2,7 @@
 
 The output is the same file llama.cpp's own convert_hf_to_gguf.py writes (tensor for tensor, key for key), made in
 one streaming pass: checkpoint tensors are read through mmap, converted a block of rows at a time and written
-straight to their place in `OUT.part`, which is renamed to OUT when complete.
+straight to their place in a private temp file beside OUT, which is renamed to OUT when complete.
 """
 
 from __future__ import annotations
