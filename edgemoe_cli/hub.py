@@ -394,7 +394,7 @@ def _pull(name, fmt, quant, revision, dest, token, progress) -> PullResult:
     headers["Accept-Encoding"] = "identity"  # byte counts and Range offsets must be of the stored file
 
     previous = registry.read_manifest(registry.store_entry(t.name, t.format, t.quant)) or {}
-    trusted = {(x["name"], x["sha256"]) for x in previous.get("files", []) if previous.get("commit") == commit}
+    trusted = {(x["name"], x.get("sha256")) for x in previous.get("files", []) if previous.get("commit") == commit}
     progress.begin(files, sum(f.size for f in files), sum(_local_state(storage, f)[1] for f in files))
 
     counter, pulled, bad = [0], [], []
