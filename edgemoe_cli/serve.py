@@ -857,7 +857,7 @@ UNIT_NAME = "edgemoe-serve.service"
 @dataclass
 class SystemdUnit:
     path: str
-    unit: str  # the file's text
+    unit: str  # the file's text (the API key masked)
     enable: list[str]  # the commands that would start it (not run by edgemoe)
 
 
@@ -926,5 +926,7 @@ def install_systemd(opts: ServeOptions, path: Path | None = None) -> SystemdUnit
         f.write(unit)
     os.replace(tmp, path)
     systemctl = "systemctl" if system_wide else "systemctl --user"
+    if opts.api_key:  # what is shown or printed as JSON must not carry the key
+        unit = unit.replace(_systemd_word(f"EDGEMOE_API_KEY={opts.api_key}"), '"EDGEMOE_API_KEY=(in the file)"')
     return SystemdUnit(path=str(path), unit=unit, enable=[f"{systemctl} daemon-reload",
                                                           f"{systemctl} enable --now {path.name}"])
