@@ -8,9 +8,9 @@ Needs `edgemoe build` (llama-server, llama-bench and the binding's libllama from
 1. Output format: llama-server --jinja with --reasoning-format auto|deepseek|none on the tiny Thinking fixture,
    greedy, one arithmetic question, non-streamed and streamed: what lands in message.content and
    message.reasoning_content (or their deltas), tags included or not.
-2. Speed for one client, same GGUF, build and threads: llama-bench tg (-n N at the chat's depth), llama-server
-   (its own `timings.predicted_per_second`, and tokens over wall time seen by the client), and edgemoe's generator
-   (generate.chat_reply's gen_tps), alternated --rounds times; medians reported.
+2. Speed for one client, same GGUF, build and threads: llama-bench tg (-n 128 at the chat prompt's depth) against
+   one streamed chat of 128 tokens (ignore_eos) through `edgemoe serve` and through llama-server, timed by the
+   client; alternated --rounds times, medians reported.
 """
 
 from __future__ import annotations
@@ -117,15 +117,17 @@ def bench_tg(model: Path, threads: int, n_gen: int, depth: int) -> float:
     return float(json.loads(proc.stdout[proc.stdout.find("["):])[0]["avg_ts"])
 
 
-def server_tg(server: LlamaServer, n_gen: int) -> tuple[float, float]:
-    """One streamed chat of exactly n_gen tokens (ignore_eos): (server's own tokens/s, client-side tokens/s
-    after the first token)."""
+def stream_tg(url: str, n_gen: int, headers: dict | None = None) -> tuple[float, float]:
+    """One streamed chat of exactly n_gen tokens (ignore_eos, greedy) as the client sees it: tokens/s from the first
+    streamed piece to the closing events (llama-bench's tg also leaves out the first token's prompt processing).
+    After an end-of-sequence token the model may write tokens without visible text, so the end is the last event,
+    not the last piece of text."""
     body = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": n_gen,
-            "ignore_eos": True, "stream": True, "timings_per_token": False}
-    req = urllib.request.Request(server.url + "/v1/chat/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json", **(headers or {})})
     first = last = None
-    timings = None
+    generated = server_tps = None
     with urllib.request.urlopen(req, timeout=300) as r:
         for line in r:
             line = line.decode().strip()
@@ -133,28 +135,35 @@ def server_tg(server: LlamaServer, n_gen: int) -> tuple[float, float]:
                 continue
             event = json.loads(line[6:])
             now = time.perf_counter()
-            first = first or now
-            last = now
-            timings = event.get("timings", timings)
-    n = timings["predicted_n"]
-    return timings["predicted_per_second"], (n - 1) / (last - first)
+            if event.get("usage"):
+                generated = event["usage"]["completion_tokens"]
+            if event.get("timings"):  # llama-server's own count
+                server_tps = event["timings"]["predicted_per_second"]
+            delta = (event.get("choices") or [{}])[0].get("delta", {})
+            if first is None and (delta.get("content") or delta.get("reasoning_content")):
+                first = now
+            last = now  # the closing events come right after the last token, whether or not it had visible text
+    if generated != n_gen:
+        raise RuntimeError(f"{url} generated {generated} tokens, not {n_gen}: ignore_eos not honoured?")
+    if server_tps is None:  # edgemoe serve's own count: decode steps/s of the last request, in /metrics
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+            server_tps = next(float(line.split()[1]) for line in r.read().decode().splitlines()
+                              if line.startswith("edgemoe_tokens_per_second "))
+    return (n_gen - 1) / (last - first), server_tps
 
 
-def own_tg(model: Path, threads: int, n_gen: int) -> list[float]:
-    """generate.chat_reply's gen_tps in a child process, for n_gen tokens of plain continuation (no EOS stop is
-    possible before n_gen on this prompt? not guaranteed, so the tokens actually generated are returned too)."""
-    code = (
-        "import json,sys\n"
-        "from edgemoe_cli import generate\n"
-        f"llm = generate.load_model({str(model)!r}, ctx=2048, threads={threads})\n"
-        "out = []\n"
-        "for _ in range(2):\n"
-        f"    r = generate.chat_reply(llm, {QUESTION!r}, max_tokens={n_gen})\n"
-        "    out.append([r.gen_tps, r.completion_tokens, r.prompt_tokens])\n"
-        "print(json.dumps(out[-1]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class EdgemoeServe:
+    def __init__(self, model: Path, threads: int):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("edgemoe")), "serve", str(model), "--port", str(self.port),
+             "--threads", str(threads), "--ctx", "2048"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.proc.stdout.readline()  # the ready line
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
 def main() -> None:
@@ -172,32 +181,38 @@ def main() -> None:
     for r in rows:
         print(json.dumps(r, ensure_ascii=False))
 
-    own, server_own, server_client, bench = [], [], [], []
-    server = LlamaServer(model, args.threads, ["--jinja", "--reasoning-format", "none"])
+    n_gen, depth = 128, 22  # depth: the chat prompt's tokens (the same template for both servers)
+    ours, theirs, bench, ours_own, theirs_own = [], [], [], [], []
+    llama_server = LlamaServer(model, args.threads, ["--jinja", "--reasoning-format", "none"])
+    edgemoe_serve = EdgemoeServe(model, args.threads)
     try:
-        for _ in range(args.rounds):
-            gen_tps, n_gen, depth = own_tg(model, args.threads, 128)
-            own.append(gen_tps)
-            s_own, s_client = server_tg(server, n_gen)
-            server_own.append(s_own)
-            server_client.append(s_client)
+        for _ in range(args.rounds):  # alternated, so both see the same background load
+            client, own = stream_tg(edgemoe_serve.url, n_gen)
+            ours.append(client)
+            ours_own.append(own)
+            client, own = stream_tg(llama_server.url, n_gen)
+            theirs.append(client)
+            theirs_own.append(own)
             bench.append(bench_tg(model, args.threads, n_gen, depth))
-            print(f"round: own {gen_tps:.1f} ({n_gen} tok at depth {depth}), llama-server {s_own:.1f} / client "
-                  f"{s_client:.1f}, llama-bench {bench[-1]:.1f}", flush=True)
+            print(f"round: edgemoe serve {ours[-1]:.1f} (own {ours_own[-1]:.1f}), llama-server {theirs[-1]:.1f} "
+                  f"(own {theirs_own[-1]:.1f}), llama-bench {bench[-1]:.1f}", flush=True)
     finally:
-        server.close()
+        llama_server.close()
+        edgemoe_serve.close()
 
     def cell(v: str | None) -> str:
         return "`" + (v or "").replace("\n", "\\n").replace("|", "\\|") + "`" if v is not None else "(absent)"
 
     tb = statistics.median(bench)
     speed = [
-        ["llama-bench tg (same N and depth, fa off)", f"{tb:.1f}", "1.00"],
-        ["llama-server, its own timings", f"{statistics.median(server_own):.1f}",
-         f"{statistics.median(server_own) / tb:.2f}"],
-        ["llama-server, client-side SSE", f"{statistics.median(server_client):.1f}",
-         f"{statistics.median(server_client) / tb:.2f}"],
-        ["edgemoe generator (chat_reply)", f"{statistics.median(own):.1f}", f"{statistics.median(own) / tb:.2f}"],
+        [f"llama-bench tg{n_gen} at depth {depth} (fa off)", f"{tb:.1f}", "1.00"],
+        ["edgemoe serve, client-side SSE", f"{statistics.median(ours):.1f}", f"{statistics.median(ours) / tb:.2f}"],
+        ["edgemoe serve, its own count (/metrics)", f"{statistics.median(ours_own):.1f}",
+         f"{statistics.median(ours_own) / tb:.2f}"],
+        ["llama-server, client-side SSE", f"{statistics.median(theirs):.1f}",
+         f"{statistics.median(theirs) / tb:.2f}"],
+        ["llama-server, its own count (timings)", f"{statistics.median(theirs_own):.1f}",
+         f"{statistics.median(theirs_own) / tb:.2f}"],
     ]
     text = [
         "# llama-server vs edgemoe's generator for `edgemoe serve`",
@@ -216,8 +231,13 @@ def main() -> None:
         "",
         markdown_table(["engine", "tokens/s", "vs llama-bench"], speed),
         "",
-        "Per round: " + "; ".join(f"bench {b:.0f}, server {s:.0f}/{c:.0f}, own {o:.0f}"
-                                  for b, s, c, o in zip(bench, server_own, server_client, own)),
+        f"One streamed chat request of {n_gen} tokens (ignore_eos), greedy, {args.threads} threads; tokens/s after "
+        "the first streamed piece, as the client sees them, and each server's own decode rate. Per round "
+        "(llama-bench / edgemoe serve client, own / llama-server client, own): "
+        + "; ".join(f"{b:.0f} / {o:.0f}, {oo:.0f} / {t:.0f}, {to:.0f}"
+                    for b, o, oo, t, to in zip(bench, ours, ours_own, theirs, theirs_own)),
+        "",
+        f"Load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
         "",
     ]
     args.out.write_text("\n".join(text))
