@@ -206,6 +206,8 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed, for repeatable runs at --temp > 0."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the library loaded and its system_info."),
     as_json: bool = typer.Option(False, "--json", help="No streaming; one JSON document with the reply and timings."),
+    workers: Optional[str] = typer.Option(None, "--workers", help="HOST:PORT,... of `edgemoe worker`s: split the "
+                                          "model's layers across them and this machine by free memory."),
 ) -> None:
     """Ask a GGUF model one question, with its own chat template, and stream the reply.
 
@@ -229,9 +231,12 @@ def run(
     Examples: edgemoe run model.gguf -p "What is 51 - 29?" --temp 0
               edgemoe run model.gguf -f question.txt --system "Be brief." --json
     """
-    from . import generate
+    from . import cluster, generate
 
     text = _read_prompt(prompt, prompt_file)
+    worker_list = cluster.parse_workers(workers) if workers is not None else None
+    if worker_list and not cluster.supervised():  # the child does the run; this process names a worker that dies
+        raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))
     on_text = None
     if not as_json:
         out = sys.stdout
@@ -251,12 +256,17 @@ def run(
         err_console.print(
             f"[dim]libllama: {info.library} ({info.source})\n{info.system_info}[/]", highlight=False, soft_wrap=True
         )
-    result = generate.run(
-        model, text, system=system, max_tokens=max_tokens, threads=threads, ctx=ctx, temp=temp, seed=seed,
-        on_text=on_text,
-    )
+    split = None
+    if worker_list:
+        result, split = cluster.run_split(model, text, worker_list, system=system, max_tokens=max_tokens,
+                                          threads=threads, ctx=ctx, temp=temp, seed=seed, on_text=on_text)
+    else:
+        result = generate.run(
+            model, text, system=system, max_tokens=max_tokens, threads=threads, ctx=ctx, temp=temp, seed=seed,
+            on_text=on_text,
+        )
     if as_json:
-        emit_json(result)
+        emit_json({**asdict(result), "split": asdict(split)} if split else result)
         return
     sys.stdout.write("\n")
     gen = f"{result.gen_tps:.1f} tok/s" if result.gen_tps is not None else "-"
@@ -268,6 +278,9 @@ def run(
         highlight=False,
         soft_wrap=True,
     )
+    if split:
+        err_console.print("[dim]layers: " + ", ".join(f"{p.device} {p.layers}" for p in split.parts) + "[/]",
+                          highlight=False)
 
 
 # ---- serve ----
@@ -294,6 +307,8 @@ def serve(
     unit_path: Optional[Path] = typer.Option(None, "--unit-path", help="Where --install-systemd writes (default: "
                                              "/etc/systemd/system as root, else ~/.config/systemd/user)."),
     as_json: bool = typer.Option(False, "--json", help="Print the ready line (or the unit) as JSON."),
+    workers: Optional[str] = typer.Option(None, "--workers", help="HOST:PORT,... of `edgemoe worker`s: split the "
+                                          "model's layers across them and this machine by free memory (one slot)."),
 ) -> None:
     """Serve a GGUF over an OpenAI-compatible HTTP API, ERNIE Thinking parsed right.
 
@@ -316,10 +331,14 @@ def serve(
               edgemoe serve model.gguf --host 0.0.0.0 --api-key "$KEY" --parallel 2
               edgemoe serve model.gguf --install-systemd
     """
+    from . import cluster
     from . import serve as serving
 
+    worker_list = cluster.parse_workers(workers) if workers is not None else None
     opts = serving.ServeOptions(model=model, host=host, port=port, api_key=api_key, ctx=ctx, parallel=parallel,
-                                threads=threads, queue=queue, model_id=model_id)
+                                threads=threads, queue=queue, model_id=model_id, workers=worker_list)
+    if worker_list and not install_systemd and not cluster.supervised():
+        raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))
     if install_systemd:
         unit = serving.install_systemd(opts, unit_path)
         if as_json:
@@ -338,6 +357,9 @@ def serve(
             console.print(f"serving {info.model_id} ({kind}) on {info.url}/v1 · {info.slots} slot(s) x "
                           f"{info.threads_per_slot} thread(s) · ctx {info.ctx} · queue {info.queue}"
                           f"{' · API key required' if info.api_key else ''}", highlight=False)
+            if info.split:
+                console.print("layers: " + ", ".join(f"{p['device']} {p['layers']}" for p in info.split),
+                              highlight=False)
         sys.stdout.flush()
 
     def log(line: str) -> None:
@@ -347,6 +369,51 @@ def serve(
     summary = serving.serve(opts, on_ready, log)
     err_console.print(f"[dim]stopped: {summary.requests} requests, {summary.errors} errors, {summary.cancelled} "
                       f"cancelled, {summary.completion_tokens} tokens generated[/]", highlight=False)
+
+
+# ---- worker ----
+
+
+@app.command()
+def worker(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. WARNING: ggml-rpc-server has NO "
+                             "authentication; give a private-network address only, never a public one."),
+    port: int = typer.Option(50052, "--port", help="TCP port."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory this worker offers (e.g. 6GiB); "
+                                         "default: what is free. Printed into the address the others use."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: the "
+                                          "physical cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the ready line as JSON."),
+) -> None:
+    """Lend this board's CPU and memory to a model run elsewhere (llama.cpp's RPC backend).
+
+    Starts the build's ggml-rpc-server and prints the address to give to
+    `edgemoe run/serve --workers`; runs until SIGTERM or Ctrl-C.
+
+    SECURITY: ggml-rpc-server has NO authentication and no encryption. Anyone
+    who can reach the port can use this machine's memory and CPU through it.
+    It binds to 127.0.0.1 unless --host says otherwise: give the board's
+    address on a private network you trust, never a public one.
+
+    Examples: edgemoe worker                          # this machine only
+              edgemoe worker --host 192.168.1.21 --memory 6GiB
+    """
+    from . import cluster
+
+    w = cluster.Worker(host=host, port=port, memory=memory, threads=threads)
+    if w.info.public:
+        err_console.print(f"[bold yellow]warning:[/] listening on {w.info.listen}: {cluster.NO_AUTH_WARNING}",
+                          highlight=False, soft_wrap=True)
+    if as_json:
+        emit_json(w.info)
+    else:
+        console.print(f"worker ready on {w.info.listen} ({w.info.threads} threads, "
+                      f"{human_bytes(w.info.memory_bytes or w.info.free_bytes)} offered); on the other board:\n"
+                      f"  edgemoe run MODEL --workers {w.info.address} ...", highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    code = w.wait()
+    if code not in (0, -15, 143):  # killed by our own SIGTERM is the normal end
+        raise EdgeMoEError(f"ggml-rpc-server exited with {code}", "run it again; its output is above")
 
 
 # ---- build ----

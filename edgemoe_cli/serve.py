@@ -54,6 +54,7 @@ class ServeOptions:
     threads: int | None = None  # CPU threads in all; each slot gets threads // parallel (at least 1)
     queue: int = 16  # requests waiting for a slot beyond those being generated; more get 503
     model_id: str | None = None  # the name /v1/models reports and requests must use (default: the file's stem)
+    workers: list | None = None  # cluster.WorkerAddress list: the layers split across `edgemoe worker`s
 
 
 @dataclass
@@ -160,7 +161,18 @@ class Engine:
         self.llama_cpp = llama_cpp = import_binding()
         total_threads = opts.threads or generate.default_threads()
         self.slot_threads = max(1, total_threads // opts.parallel)
-        self.llm = llm = generate.load_model(opts.model, ctx=opts.ctx, threads=self.slot_threads)
+        self.split = None
+        if opts.workers:
+            from . import cluster
+
+            if opts.parallel != 1:  # the slots would share each worker's one RPC connection from several threads
+                raise EdgeMoEError("--workers serves one request at a time", "drop --parallel, or serve without "
+                                   "--workers")
+            llm, self.split = cluster.load_split_model(opts.model, opts.workers, ctx=opts.ctx,
+                                                       threads=self.slot_threads)
+            self.llm = llm
+        else:
+            self.llm = llm = generate.load_model(opts.model, ctx=opts.ctx, threads=self.slot_threads)
         self.model_id = opts.model_id or Path(opts.model).stem
         self.n_ctx = llm.n_ctx()
         self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
@@ -793,6 +805,7 @@ class ServeInfo:
     queue: int
     api_key: bool
     library: str
+    split: list | None = None  # with --workers: [{device, memory_bytes, layers}]
 
 
 @dataclass
@@ -829,7 +842,8 @@ def serve(opts: ServeOptions, on_ready: Callable[[ServeInfo], None], log: Callab
         on_ready(ServeInfo(
             url=f"http://{host}:{port}", model=str(opts.model), model_id=engine.model_id, thinking=engine.thinking,
             slots=len(engine.contexts), threads_per_slot=engine.slot_threads, ctx=engine.n_ctx, queue=opts.queue,
-            api_key=opts.api_key is not None, library=engine.generate.binding_info().library))
+            api_key=opts.api_key is not None, library=engine.generate.binding_info().library,
+            split=[vars(p) for p in engine.split.parts] if engine.split else None))
         httpd.serve_forever(poll_interval=0.2)
     finally:
         httpd.stopping.set()
@@ -890,6 +904,9 @@ def install_systemd(opts: ServeOptions, path: Path | None = None) -> SystemdUnit
     program = [str(console_script)] if console_script.exists() else [sys.executable, "-m", "edgemoe_cli.cli"]
     argv = [*program, "serve", str(model), "--host", opts.host, "--port", str(opts.port), "--ctx", str(opts.ctx),
             "--parallel", str(opts.parallel), "--threads", str(threads), "--queue", str(opts.queue)]
+    if opts.workers:
+        argv += ["--workers", ",".join(w.endpoint + (f"={w.memory_bytes}" if w.memory_bytes else "")
+                                       for w in opts.workers)]
     if opts.model_id:
         argv += ["--model-id", opts.model_id]
     env = {}
