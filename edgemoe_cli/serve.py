@@ -184,6 +184,7 @@ class Engine:
         }
         self.stop_tokens = dict.fromkeys(generate._stop_tokens(llm), True)
         self.eog_cache = dict(self.stop_tokens)
+        self.pieces: dict[int, bytes] = {}  # token -> its bytes, shared by the slots (a dict is safe under the GIL)
         # slot 0 is the Llama's own context; the others share its model (weights loaded once) with their own KV
         self.contexts = [llm.ctx]
         self._own_contexts = []
@@ -287,7 +288,10 @@ class Engine:
                 if eog and not job.ignore_eos:
                     finish, eog_stop = "stop", True
                     break
-                if decoded := utf8.decode(g._piece(llama_cpp, self.vocab, token)):
+                piece = self.pieces.get(token)
+                if piece is None:  # detokenizing through ctypes costs more than a dict lookup
+                    piece = self.pieces[token] = g._piece(llama_cpp, self.vocab, token)
+                if decoded := utf8.decode(piece):
                     if job.stop:  # hold back what could be the start of a stop string
                         held += decoded
                         hit = min((at for at in (held.find(s) for s in job.stop) if at >= 0), default=-1)
