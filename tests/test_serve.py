@@ -373,3 +373,33 @@ def test_install_systemd_writes_a_unit_and_does_not_enable_it(tiny_gguf, tmp_pat
     assert "s3cret" not in proc.stdout  # the key is in the 0600 file, not on the terminal
     assert unit_path.stat().st_mode & 0o777 == 0o600
     assert not list(unit_path.parent.glob("*.part"))
+
+
+def test_queue_is_first_come_first_served(tiny_gguf, tmp_path):
+    """One slot busy, B then C queued: B is answered before C starts (a FIFO, not whichever thread wakes first)."""
+    server = Server(tiny_gguf("pt"), tmp_path, "--threads", "1", "--queue", "4")
+    try:
+        client = server.client()
+        model = tiny_gguf("pt").stem
+        stream = _hold_the_slot(client, model)
+        finished: list[str] = []
+
+        def ask_in_turn(name: str) -> None:
+            client.completions.create(model=model, prompt="The", max_tokens=8, temperature=0)
+            finished.append(name)
+
+        threads = []
+        for depth, name in enumerate(["B", "C"], start=1):
+            threads.append(threading.Thread(target=ask_in_turn, args=(name,)))
+            threads[-1].start()
+            for _ in range(300):  # wait until it is queued before sending the next
+                if server.metrics()["edgemoe_queue_depth"] == depth:
+                    break
+                time.sleep(0.1)
+            assert server.metrics()["edgemoe_queue_depth"] == depth
+        stream.close()  # frees the slot
+        for t in threads:
+            t.join(timeout=120)
+        assert finished == ["B", "C"]
+    finally:
+        assert server.stop() == 0
