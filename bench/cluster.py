@@ -37,6 +37,27 @@ FIXTURES = Path(os.environ.get("EDGEMOE_SHARED_FIXTURES", REPO.parent / "shared"
 WIDE = Path("/work/bench-models/wide-uniform-q4_0.gguf")
 QUESTION = "What is 51 - 29?"
 EDGEMOE = [sys.executable, "-m", "edgemoe_cli.cli"]
+READING = """## Reading it
+
+What RPC costs per token. llama.cpp splits by layers, so one token still runs the layers one after another:
+the local process runs its layers, then, per worker in order, sends the worker what its part needs (the
+`set_tensor` calls: the hidden state plus positions, mask and KV-cache indices — 8 calls, 5 KB at hidden 256,
+36 KB at hidden 2560), asks it to re-run the graph it already holds (`graph_recompute`, 1 call) and reads back
+its output (`get_tensor`, 1 call, 32 KB here). Every one of those is a TCP exchange that the next step waits for,
+so the cost is latency x exchanges x workers, plus bytes / bandwidth, on top of the same compute — nothing runs
+in parallel for one sequence. On loopback that is a fraction of a millisecond per worker per token, inside this
+shared machine's noise (the tiny rows vary 2-5x between rounds; its +ms column is noise-dominated). Between
+boards on gigabit Ethernet, ~36 KB is ~0.3 ms on the wire plus ~0.1-0.3 ms of round trips per worker per token:
+a few percent of a 21B-A3B token on a board (tens of ms). RPC buys memory (a model no single board holds), not
+speed.
+
+Why the wide model is faster with workers than alone here (most likely; not isolated): `run` is a fresh process per
+question, and alone it
+maps the 1.8 GB GGUF and faults its pages in during the first tokens it generates (llama-bench, which warms up
+first, gives 50-70 tokens/s on this file at 1 thread); a worker receives its layers by copy while the model loads,
+before any token is timed. So the wide rows compare a cold local run with pre-loaded workers — do not read them as
+RPC being free. The text was the single-process greedy text in every configuration.
+"""
 
 
 def run(model: Path, workers: list[str], max_tokens: int = 64) -> dict:
@@ -133,6 +154,7 @@ def main() -> None:
                  + ", ".join(f"{k} {v:.1f}x" for k, v in traffic["calls"].items())
                  + "; payload " + (", ".join(f"{k} {v:.0f} B" for k, v in traffic["bytes"].items()) or "n/a"), ""]
     text.append(f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.")
+    text += ["", READING]
     args.out.write_text("\n".join(text) + "\n")
     print(f"wrote {args.out}")
 
