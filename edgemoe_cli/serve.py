@@ -940,12 +940,12 @@ def install_systemd(opts: ServeOptions, path: Path | None = None) -> SystemdUnit
         "",
     ]
     unit = "\n".join(lines)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if opts.api_key else 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(unit)
-    os.replace(tmp, path)
+    from .store import atomic_output
+
+    with atomic_output(path) as part:
+        if opts.api_key:  # made private before the key is written into it
+            os.chmod(part, 0o600)
+        part.write_text(unit)
     systemctl = "systemctl" if system_wide else "systemctl --user"
     if opts.api_key:  # what is shown or printed as JSON must not carry the key
         unit = unit.replace(_systemd_word(f"EDGEMOE_API_KEY={opts.api_key}"), '"EDGEMOE_API_KEY=(in the file)"')
