@@ -18,7 +18,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -82,6 +82,7 @@ class BenchResult:
     ceilings: list[Ceiling]
     external: list[dict] = field(default_factory=lambda: [dict(r) for r in EXTERNAL_ORION_O6])
     outputs: dict[str, str] = field(default_factory=dict)
+    splits: dict[str, list] = field(default_factory=dict)  # with --workers: model -> [{device, memory_bytes, layers}]
 
 
 # ---- inputs ----
@@ -246,7 +247,8 @@ def machine_info() -> dict:
     except OSError:
         pass
     return {"machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(),
-            "physical_cpus": psutil.cpu_count(logical=False), "ram_bytes": psutil.virtual_memory().total}
+            "physical_cpus": psutil.cpu_count(logical=False), "ram_bytes": psutil.virtual_memory().total,
+            "available_bytes": psutil.virtual_memory().available}
 
 
 def bench(
@@ -260,8 +262,13 @@ def bench(
     out_dir: str | Path | None = None,
     bandwidth: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    workers: list | None = None,
 ) -> BenchResult:
-    """Benchmark every model with every build at every thread count; write JSON, Markdown and PNGs to `out_dir`."""
+    """Benchmark every model with every build at every thread count; write JSON, Markdown and PNGs to `out_dir`.
+
+    `workers` (cluster.WorkerAddress list): each model's layers split across them and this machine by memory, as
+    `run --workers` does, passed to llama-bench as -rpc/-ngl/-ts.
+    """
     from .profile import find_gguf, gguf_moe_shape
 
     if not models:
@@ -275,10 +282,19 @@ def bench(
     threads = sorted(set(threads))
     cells = [(b, p) for b in resolved for p in paths]
     rows: list[BenchRow] = []
+    splits: dict[str, list] = {}
     for i, (b, p) in enumerate(cells):
         if progress:
             progress(f"{b.label} · {p.name}", i, len(cells))
-        text = run_llama_bench(b, p, llama_bench_args(p, threads, reps, n_prompt, n_gen, pg))
+        args = llama_bench_args(p, threads, reps, n_prompt, n_gen, pg)
+        if workers:
+            from . import cluster
+
+            split = cluster.plan_split(cluster.gguf_layers(p), machine_info()["available_bytes"],
+                                       cluster.worker_memory(workers))
+            splits[str(p)] = [asdict(part) for part in split.parts]
+            args += cluster.llama_tool_args(split, workers)
+        text = run_llama_bench(b, p, args)
         rows += parse_llama_bench(text, b.label, p, recipe_of(p))
     if progress:
         progress("memory bandwidth", len(cells), len(cells))
@@ -295,7 +311,8 @@ def bench(
                                     copy_threads=copy_threads, tg_ceiling_tps=round(ceiling, 2),
                                     best_tg_tps=best, share_of_ceiling=round(best / ceiling, 4) if best else None))
     result = BenchResult(machine=machine_info(), builds=resolved, threads=threads, reps=reps,
-                         tests=[f"pp{n_prompt}", f"tg{n_gen}", test_name(*pg)], rows=rows, ceilings=ceilings)
+                         tests=[f"pp{n_prompt}", f"tg{n_gen}", test_name(*pg)], rows=rows, ceilings=ceilings,
+                         splits=splits)
     if out_dir is not None:
         write_reports(result, Path(out_dir))
     return result

@@ -1146,6 +1146,8 @@ def bench(
     out: Optional[Path] = typer.Option(Path("bench"), "--out", "-o", help="Directory for bench.json, bench.md and the PNG plots."),
     no_bandwidth: bool = typer.Option(False, "--no-bandwidth", help="Skip the copy-bandwidth measurement and the tg ceiling."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    workers: Optional[str] = typer.Option(None, "--workers", help="HOST:PORT,... of `edgemoe worker`s: split each "
+                                          "model across them and this machine by memory, as run does."),
 ) -> None:
     """Measure prompt and generation speed with llama-bench over models x builds x thread counts.
 
@@ -1169,6 +1171,9 @@ def bench(
         edgemoe bench q4_0.gguf q4_k_m.gguf q8_0.gguf --builds plain-key,kleidiai-key --threads 1,2,4,8
     """
     from . import bench as stage
+    from . import cluster
+
+    worker_list = cluster.parse_workers(workers) if workers is not None else None
     try:
         pp, tg = (int(v) for v in pg.split(","))
     except ValueError:
@@ -1182,7 +1187,8 @@ def bench(
         listed = [Path(m) for m in (models_opt or "").split(",") if m.strip()]
         result = stage.bench([*(models or []), *listed], builds=[b for b in (builds or "").split(",") if b.strip()] or None,
                              threads=stage.parse_threads(threads), reps=reps, n_prompt=n_prompt, n_gen=n_gen,
-                             pg=(pp, tg), out_dir=out, bandwidth=not no_bandwidth, progress=progress)
+                             pg=(pp, tg), out_dir=out, bandwidth=not no_bandwidth, progress=progress,
+                             workers=worker_list)
     if as_json:
         emit_json(result)
         return
@@ -1203,6 +1209,9 @@ def bench(
     ext = "; ".join(f"{e['build']}: pp512 {e['pp512_tps']}, tg128 {e['tg128_tps']}" for e in result.external)
     console.print(f"[dim]external reference, not measured here — Arm Learning Path, Orion O6, ERNIE-4.5-21B-A3B-"
                   f"Thinking Q4_0, 8 threads: {ext}[/]", highlight=False)
+    for model, parts in result.splits.items():
+        console.print(f"{Path(model).name} layers: " + ", ".join(f"{p['device']} {p['layers']}" for p in parts),
+                      highlight=False)
     if result.outputs:
         console.print(f"wrote {result.outputs['markdown']}, {result.outputs['json']} and the plots", highlight=False)
 

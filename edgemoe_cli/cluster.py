@@ -268,34 +268,52 @@ def attach_workers(workers: list[WorkerAddress], n_layers: int) -> Split:
 
     check_workers(workers)
     rpc, base = _rpc_library()
-    reported = []
     for w in workers:
-        endpoint = w.endpoint.encode()
-        reg = rpc.ggml_backend_rpc_add_server(endpoint)
+        reg = rpc.ggml_backend_rpc_add_server(w.endpoint.encode())
         if not reg:
             raise EdgeMoEError(f"worker {w.endpoint} offers no device", "restart it with `edgemoe worker`")
         base.ggml_backend_register(reg)
+    return plan_split(n_layers, psutil.virtual_memory().available, worker_memory(workers, rpc))
+
+
+def worker_memory(workers: list[WorkerAddress], rpc=None) -> list[tuple[str, int]]:
+    """(HOST:PORT, bytes) per worker: what it offered (`=SIZE`), else the free memory its rpc-server reports."""
+    check_workers(workers)  # llama.cpp aborts the process on a worker it cannot connect to
+    rpc = rpc or _rpc_library()[0]
+    out = []
+    for w in workers:
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        rpc.ggml_backend_rpc_get_device_memory(endpoint, 0, ctypes.byref(free), ctypes.byref(total))
-        reported.append((w.endpoint, w.memory_bytes if w.memory_bytes is not None else free.value))
-    return plan_split(n_layers, psutil.virtual_memory().available, reported)
+        rpc.ggml_backend_rpc_get_device_memory(w.endpoint.encode(), 0, ctypes.byref(free), ctypes.byref(total))
+        out.append((w.endpoint, w.memory_bytes if w.memory_bytes is not None else free.value))
+    return out
 
 
-def load_split_model(path: str | Path, workers: list[WorkerAddress], ctx: int = 4096, threads: int | None = None):
-    """generate.load_model with the layers spread over `workers`: (llama_cpp.Llama, Split)."""
+def gguf_layers(path: str | Path) -> int:
+    """The model's block count (what a split divides), from its GGUF header."""
     from gguf import GGUFReader
 
-    from . import generate
-    from .llamacpp import import_binding
-
-    path = generate.check_gguf(path)
     reader = GGUFReader(path)
     arch = reader.get_field("general.architecture")
     blocks = reader.get_field(f"{arch.contents()}.block_count") if arch is not None else None
     if blocks is None:
         raise EdgeMoEError(f"{path}: no block_count in the GGUF, cannot split it", "give a model GGUF")
+    return int(blocks.contents())
+
+
+def llama_tool_args(split: Split, workers: list[WorkerAddress]) -> list[str]:
+    """The same split for llama.cpp's own tools (llama-bench, llama-server): --rpc, -ngl and -ts."""
+    return ["-rpc", ",".join(w.endpoint for w in workers), "-ngl", str(split.n_gpu_layers),
+            "-ts", "/".join(f"{t:g}" for t in split.tensor_split)]
+
+
+def load_split_model(path: str | Path, workers: list[WorkerAddress], ctx: int = 4096, threads: int | None = None):
+    """generate.load_model with the layers spread over `workers`: (llama_cpp.Llama, Split)."""
+    from . import generate
+    from .llamacpp import import_binding
+
+    path = generate.check_gguf(path)
     llama_cpp = import_binding()
-    split = attach_workers(workers, int(blocks.contents()))
+    split = attach_workers(workers, gguf_layers(path))
     threads = threads or generate.default_threads()
     try:
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_threads=threads, n_threads_batch=threads,

@@ -185,3 +185,16 @@ def test_worker_killed_mid_generation_is_one_line_exit_2(tiny_gguf, two_workers,
     assert error == [f"error: worker {victim.info['address']} stopped answering mid-run (connection refused) — "
                      "restart `edgemoe worker` there, then run again"]
     assert not any("GGML_ABORT" in line or "Traceback" in line for line in lines)
+
+
+@needs_rpc
+def test_bench_with_workers(tiny_gguf, two_workers, tmp_path):
+    from edgemoe_cli import bench
+
+    model = tiny_gguf("thinking")
+    result = bench.bench([model], threads=[1], reps=1, n_prompt=16, n_gen=8, pg=(8, 8), bandwidth=False,
+                         workers=cluster.parse_workers(",".join(w.info["address"] for w in two_workers)))
+    assert {r.test for r in result.rows} == {"pp16", "tg8", "pp8+tg8"} and all(r.mean_tps > 0 for r in result.rows)
+    parts = result.splits[str(model)]
+    assert [p["device"] for p in parts] == ["local", *(w.info["address"] for w in two_workers)]
+    assert sum(p["layers"] for p in parts) == 4 and min(p["layers"] for p in parts) >= 1
