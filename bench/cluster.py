@@ -148,7 +148,7 @@ def main() -> None:
         text += [f"## {model.name} ({model.stat().st_size / 2**20:.0f} MiB)", "",
                  markdown_table(["workers", "layers (local, w1..)", "gen tok/s", "vs local", "ms/token added",
                                  "prompt tok/s", "same text"], table), "",
-                 f"Rounds (gen tok/s): " + "; ".join(f"{r['workers']} workers: "
+                 "Rounds (gen tok/s): " + "; ".join(f"{r['workers']} workers: "
                                                      + ", ".join(f"{t:.0f}" for t in r["all"]) for r in rows), "",
                  f"RPC traffic per generated token with one worker ({traffic['tokens']} tokens counted): "
                  + ", ".join(f"{k} {v:.1f}x" for k, v in traffic["calls"].items())

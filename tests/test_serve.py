@@ -7,7 +7,6 @@ threads per sequence, so "answered correctly" means: the same greedy tokens, spl
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
