@@ -520,6 +520,9 @@ class Server(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "edgemoe"
+    # a socket timeout on every connection: a client that promises a body and never sends it, or stops reading a
+    # stream, or idles on keep-alive, frees its thread (and a stream's slot) instead of holding it forever
+    timeout = 120
     server: Server
 
     # -- plumbing --
@@ -626,7 +629,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send_error(e)
         except ClientGone:
             self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client went away or went silent
             self.close_connection = True
         except Exception as e:  # one request's bug must not take the server down: answer 500 and log it
             self.close_connection = True
