@@ -45,8 +45,13 @@ def memory_limit(extra_bytes: int) -> Iterator[None]:
     """Let the process's address space grow by at most `extra_bytes` inside the block (MemoryError beyond).
 
     For short pure-Python work on untrusted input (rendering a chat template), where no time limit stops one
-    huge allocation in time. Linux only; elsewhere the block runs unbounded.
+    huge allocation in time. Linux only; elsewhere the block runs unbounded. Main thread only, like time_limit:
+    RLIMIT_AS is the whole process's, so in a threaded server two overlapping blocks could restore each other's
+    limit and leave the process capped for good (serve relies on the bounded environment's size checks instead).
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     try:
         import resource
 
