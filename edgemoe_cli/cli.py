@@ -37,6 +37,21 @@ def emit_json(result) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def say_choice(choice) -> None:
+    """Tell on stderr which store GGUF a model name resolved to, and why that one (nothing for a path)."""
+    if choice.by_name:
+        err_console.print(f"[dim]model {choice.ref} ({choice.path}): {choice.why}[/]", highlight=False, soft_wrap=True)
+
+
+def run_model(text: str) -> Path:
+    """The GGUF a command runs or measures: a path, NAME or NAME:TAG (models.resolve_gguf), said on stderr."""
+    from .models import resolve_gguf
+
+    choice = resolve_gguf(text)
+    say_choice(choice)
+    return choice.path
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"edgemoe {__version__}")
@@ -82,7 +97,7 @@ def convert(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     from .convert import convert as run_convert
-    from .registry import resolve
+    from .models import checkpoint_dir
 
     with Progress(
         TextColumn("[bold]convert[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -94,7 +109,7 @@ def convert(
         def progress(done: int, total: int, n_done: int, n_total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, tensors=f"{n_done}/{n_total} tensors {name}")
 
-        result = run_convert(resolve(src), out, outtype, progress=progress)
+        result = run_convert(checkpoint_dir(src), out, outtype, progress=progress)
     if as_json:
         emit_json(result)
         return
@@ -195,8 +210,8 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
 
 @app.command()
 def run(
-    model: Path = typer.Argument(..., help="The GGUF model file (from `edgemoe convert` or `edgemoe quantize`)."),
-    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="The user message."),
+    model: str = typer.Argument(..., help="A GGUF file, or NAME[:TAG] from `edgemoe list` (NAME alone: the GGUF you made last, else the pulled one)."),
+    prompt: Optional[list[str]] = typer.Option(None, "-p", "--prompt", help="The user message."),
     prompt_file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the user message from FILE (- = stdin)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message, placed as the chat template says."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop after this many generated tokens."),
@@ -233,10 +248,14 @@ def run(
     """
     from . import cluster, generate
 
-    text = _read_prompt(prompt, prompt_file)
+    if prompt and len(prompt) > 1:
+        raise EdgeMoEError(f"run asks one question, and -p was given {len(prompt)} times",
+                           "ask them one run at a time, or all at once with `edgemoe compare -p A -p B`")
+    text = _read_prompt(prompt[0] if prompt else None, prompt_file)
     worker_list = cluster.parse_workers(workers) if workers is not None else None
     if worker_list and not cluster.supervised():  # the child does the run; this process names a worker that dies
         raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))
+    model_path = run_model(model)
     on_text = None
     if not as_json:
         out = sys.stdout
@@ -258,11 +277,11 @@ def run(
         )
     split = None
     if worker_list:
-        result, split = cluster.run_split(model, text, worker_list, system=system, max_tokens=max_tokens,
+        result, split = cluster.run_split(model_path, text, worker_list, system=system, max_tokens=max_tokens,
                                           threads=threads, ctx=ctx, temp=temp, seed=seed, on_text=on_text)
     else:
         result = generate.run(
-            model, text, system=system, max_tokens=max_tokens, threads=threads, ctx=ctx, temp=temp, seed=seed,
+            model_path, text, system=system, max_tokens=max_tokens, threads=threads, ctx=ctx, temp=temp, seed=seed,
             on_text=on_text,
         )
     if as_json:
@@ -288,7 +307,7 @@ def run(
 
 @app.command()
 def serve(
-    model: Path = typer.Argument(..., help="The GGUF model file to serve (loaded once)."),
+    model: str = typer.Argument(..., help="The GGUF model to serve (loaded once): a file, or NAME[:TAG] from `edgemoe list`."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 opens it to the network "
                              "(then give --api-key)."),
     port: int = typer.Option(8080, "--port", help="TCP port."),
@@ -335,10 +354,14 @@ def serve(
     from . import serve as serving
 
     worker_list = cluster.parse_workers(workers) if workers is not None else None
-    opts = serving.ServeOptions(model=model, host=host, port=port, api_key=api_key, ctx=ctx, parallel=parallel,
-                                threads=threads, queue=queue, model_id=model_id, workers=worker_list)
     if worker_list and not install_systemd and not cluster.supervised():
         raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))
+    from .models import resolve_gguf
+
+    choice = resolve_gguf(model)  # a name serves as NAME:TAG unless --model-id says otherwise
+    say_choice(choice)
+    opts = serving.ServeOptions(model=choice.path, host=host, port=port, api_key=api_key, ctx=ctx, parallel=parallel,
+                                threads=threads, queue=queue, model_id=model_id or choice.ref, workers=worker_list)
     if install_systemd:
         unit = serving.install_systemd(opts, unit_path)
         if as_json:
@@ -614,15 +637,13 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print the registr
 
 @app.command("list")
 def list_store(as_json: bool = typer.Option(False, "--json", help="Print the store contents as JSON.")) -> None:
-    """List what the local store holds: pulled models, converted and quantized GGUFs, with sizes and states.
+    """List what the local store holds, as you type it: NAME for a pulled checkpoint, NAME:TAG for each GGUF.
 
-    States: pulled (a verified pull manifest; files in the Hugging Face cache), converted (gguf/NAME/*.gguf from
-    `edgemoe convert`), quantized (a GGUF whose manifest names a recipe), pruned (from `edgemoe prune`). The store
-    is $EDGEMOE_HOME (default ~/.cache/edgemoe).
+    Every command that takes a model accepts these: `edgemoe run NAME:edge-balanced`, `edgemoe quantize NAME`. States: pulled (a verified pull manifest; files in the Hugging Face cache), converted (gguf/NAME/*.gguf from `edgemoe convert`), quantized (a GGUF whose manifest names a recipe), pruned (from `edgemoe prune`). The store is $EDGEMOE_HOME (default ~/.cache/edgemoe).
     """
     from rich.table import Table
 
-    from .registry import store_items
+    from .models import store_items
 
     items = store_items()
     if as_json:
@@ -631,10 +652,41 @@ def list_store(as_json: bool = typer.Option(False, "--json", help="Print the sto
     if not items:
         console.print("the store is empty — try `edgemoe pull NAME` (see `edgemoe models`)")
         return
-    table = Table("name", "state", "size", "detail", "path", box=None, header_style="bold")
+    table = Table("model", "state", "size", "detail", "path", box=None, header_style="bold")
+    table.columns[0].no_wrap = True
     for it in items:
-        table.add_row(it.name, it.state, human_bytes(it.size), it.detail, it.path)
+        table.add_row(it.ref, it.state, human_bytes(it.size), it.detail, it.path)
     console.print(table)
+
+
+@app.command("rm")
+def rm(
+    model: str = typer.Argument(..., help="NAME (everything the store holds for it) or NAME:TAG (one GGUF), as `edgemoe list` shows."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was deleted as JSON (needs --yes)."),
+) -> None:
+    """Free disk: delete a model (or one of its GGUFs) from the store.
+
+    Only files inside the store are deleted. A pulled checkpoint's files live in the Hugging Face cache, which other tools share: rm forgets the pull (its manifest) and names those files; `hf cache delete` removes them.
+    """
+    from .models import plan_removal, remove
+
+    removal = plan_removal(model)
+    if not yes:
+        if as_json or not sys.stdin.isatty():
+            raise EdgeMoEError(f"rm {model} would delete {len(removal.paths)} path(s); not asking without a terminal",
+                               "add --yes")
+        for path in removal.paths:
+            console.print(f"  {path}", highlight=False)
+        if not typer.confirm(f"delete these ({human_bytes(removal.bytes)})?", default=False):
+            raise typer.Exit(1)
+    remove(removal)
+    if as_json:
+        emit_json(removal)
+        return
+    console.print(f"removed {removal.ref} ({human_bytes(removal.bytes)} freed)", highlight=False)
+    for path in removal.kept:
+        console.print(f"[dim]kept (outside the store): {path}[/]", highlight=False)
 
 
 # ---- recipe / quantize / imatrix / eval / plan ----
@@ -727,6 +779,28 @@ def _counter(bar, label: str, unit: str = ""):
     return lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def step_progress(bar):
+    """The rich side of progress.Progress: one task of `bar` per step, moved as the stage reports."""
+    tasks: dict[str, int] = {}
+
+    def progress(step: str, done: int, total: int | None, detail: str = "") -> None:
+        if step not in tasks:
+            tasks[step] = bar.add_task(step, total=total, name=detail)
+        bar.update(tasks[step], completed=done, total=total, name=detail)
+
+    return progress
+
+
+def source_model(text: str, bar) -> Path:
+    """The unquantized GGUF quantize/plan/imatrix start from (models.source_gguf), said on stderr; a name whose
+    store has only the pulled checkpoint is converted first, as a step of `bar`."""
+    from .models import source_gguf
+
+    choice = source_gguf(text, progress=step_progress(bar))
+    say_choice(choice)
+    return choice.path
+
+
 def _quantize_bar(disable: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -737,7 +811,7 @@ def _quantize_bar(disable: bool):
 
 @app.command()
 def quantize(
-    model: Path = typer.Argument(..., help="The f32/f16/bf16 GGUF to quantize (`edgemoe convert` wrote it)."),
+    model: str = typer.Argument(..., help="The f32/f16/bf16 GGUF to quantize, or a model NAME (its pulled checkpoint is converted into the store first when needed)."),
     recipe: str = typer.Option("edge-balanced", "--recipe", "-r", help="Recipe name, recipe .toml file, or stock:FTYPE (llama.cpp's own mix, e.g. stock:Q4_K_M)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix from `edgemoe imatrix` (strongly advised below 5 bits)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output GGUF (default: <store>/gguf/<model>/<recipe>.gguf)."),
@@ -752,13 +826,16 @@ def quantize(
     gguf's GGUFReader and any tensor whose type differs from the recipe fails the command — no silent fallback.
     A manifest (OUT.manifest.json: source, recipe, imatrix, sha256, types, versions) is written beside the file.
 
+    MODEL may be a name: `edgemoe quantize ernie-4.5-21b-a3b-thinking --recipe edge-balanced` converts the pulled checkpoint into the store (gguf/NAME/bf16.gguf) when it is not there yet, then writes gguf/NAME/edge-balanced.gguf, which `edgemoe run NAME` then takes.
+
     Example: edgemoe quantize ernie-thinking-bf16.gguf --recipe edge-balanced --imatrix ernie.imatrix.gguf
     """
     from .quantize import quantize as run_quantize
 
     with _quantize_bar(as_json) as bar:
+        source = source_model(model, bar)
         task = bar.add_task("quantize", total=None, name="")
-        result = run_quantize(model, recipe, out=out, imatrix=imatrix, threads=threads,
+        result = run_quantize(source, recipe, out=out, imatrix=imatrix, threads=threads,
                               progress=lambda i, n, name: bar.update(task, completed=i, total=n, name=name))
     if as_json:
         emit_json(result)
@@ -772,7 +849,7 @@ def quantize(
 
 @app.command("imatrix")
 def imatrix_cmd(
-    model: Path = typer.Argument(..., help="The GGUF to measure (f32/f16/bf16 or Q8_0)."),
+    model: str = typer.Argument(..., help="The GGUF to measure (f32/f16/bf16 or Q8_0), or a model NAME[:TAG]."),
     text: Optional[Path] = typer.Option(None, "--text", help="Calibration text (default: edgemoe's own data/calib/calibration.txt)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output imatrix (default: MODEL.imatrix.gguf beside the model)."),
     ctx: int = typer.Option(512, "--ctx", min=32, help="Tokens per chunk."),
@@ -793,7 +870,7 @@ def imatrix_cmd(
     from .imatrix import compute_imatrix
 
     with _quantize_bar(as_json) as bar:
-        result = compute_imatrix(model, text, out, ctx=ctx, threads=threads, chunks=chunks,
+        result = compute_imatrix(source_model(model, bar), text, out, ctx=ctx, threads=threads, chunks=chunks,
                                  progress=_counter(bar, "imatrix", "chunks"))
     if as_json:
         emit_json(result)
@@ -804,8 +881,8 @@ def imatrix_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: Path = typer.Argument(..., help="The GGUF to judge (e.g. a quantization)."),
-    base: Path = typer.Option(..., "--base", help="The reference GGUF (the unquantized model)."),
+    model: str = typer.Argument(..., help="The GGUF to judge (e.g. a quantization), or NAME[:TAG]."),
+    base: str = typer.Option(..., "--base", help="The reference GGUF (the unquantized model), or a model NAME (its unquantized GGUF)."),
     text: Path = typer.Option(..., "--text", help="Evaluation text; keep it disjoint from the imatrix's calibration text."),
     ctx: int = typer.Option(512, "--ctx", min=16, help="Chunk length in tokens; the second half of each chunk is scored."),
     chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Use at most this many chunks."),
@@ -824,13 +901,14 @@ def eval_cmd(
     from .evaluate import evaluate
 
     with _quantize_bar(as_json) as bar:
-        result = evaluate(model, base, text, ctx=ctx, threads=threads, max_chunks=chunks,
+        model_path, base_path = run_model(model), source_model(base, bar)
+        result = evaluate(model_path, base_path, text, ctx=ctx, threads=threads, max_chunks=chunks,
                           progress=_counter(bar, "eval", "chunks"))
     if as_json:
         emit_json(result)
         return
     console.print(
-        f"{model.name} vs {base.name} on {result.tokens_scored} tokens ({result.chunks} chunks of {ctx}):\n"
+        f"{model_path.name} vs {base_path.name} on {result.tokens_scored} tokens ({result.chunks} chunks of {ctx}):\n"
         f"  PPL {result.ppl:.4f} (base {result.base_ppl:.4f})\n"
         f"  KLD mean {result.kld_mean:.6f} ± {result.kld_stderr:.6f}, median {result.kld_median:.6f}, "
         f"p99 {result.kld_p99:.6f}, max {result.kld_max:.4f}\n"
@@ -839,7 +917,7 @@ def eval_cmd(
 
 @app.command("plan")
 def plan_cmd(
-    model: Path = typer.Argument(..., help="The f32/f16/bf16 GGUF to plan for."),
+    model: str = typer.Argument(..., help="The f32/f16/bf16 GGUF to plan for, or a model NAME."),
     budget: Optional[str] = typer.Option(None, "--budget", help="RAM budget, e.g. 12GiB (KV cache and reserve are subtracted)."),
     board: bool = typer.Option(False, "--board", help="Use this machine's RAM (as `edgemoe doctor` detects it) as the budget."),
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Budget the file size directly (no KV/reserve subtracted)."),
@@ -880,10 +958,9 @@ def plan_cmd(
     ram = parse_size(budget) if budget else None
     size = parse_size(max_size) if max_size else None
     reserve_bytes = parse_size(reserve) if reserve else None
-    if not model.is_file():
-        raise EdgeMoEError(f"model {model} does not exist", "pass the f32/f16/bf16 GGUF `edgemoe convert` wrote")
     text = text or default_calibration_text()
     with _quantize_bar(as_json) as bar:
+        model = source_model(model, bar)
         if imatrix is None:
             imatrix = model.with_name(model.stem + ".imatrix.gguf")
             if not imatrix.is_file():
@@ -938,7 +1015,7 @@ def _bar_progress():
 
 @app.command()
 def profile(
-    model: Path = typer.Argument(..., help="An ERNIE-4.5 MoE GGUF (any quantization)."),
+    model: str = typer.Argument(..., help="An ERNIE-4.5 MoE GGUF (any quantization), or NAME[:TAG]."),
     text: Path = typer.Option(..., "--text", help="UTF-8 text to route through the model (your workload)."),
     out: Path = typer.Option(Path("profile"), "--out", "-o", help="Directory for profile.json and expert-usage.png."),
     max_tokens: int = typer.Option(8192, "--max-tokens", "-n", min=1, help="Route at most this many tokens of the text."),
@@ -968,7 +1045,7 @@ def profile(
 
     with _bar_progress() as bar:
         task = bar.add_task("routing", total=None)
-        result = stage.profile(model, text, out, max_tokens=max_tokens, ctx=ctx, threads=threads,
+        result = stage.profile(run_model(model), text, out, max_tokens=max_tokens, ctx=ctx, threads=threads,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         emit_json(result)
@@ -991,7 +1068,7 @@ def profile(
 
 @app.command()
 def prune(
-    model: Path = typer.Argument(..., help="An ERNIE-4.5 MoE GGUF (any quantization)."),
+    model: str = typer.Argument(..., help="An ERNIE-4.5 MoE GGUF (any quantization), or NAME[:TAG]."),
     keep: Optional[str] = typer.Option(None, "--keep", help="Experts to keep per MoE layer: a count (48) or a share (75%)."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Keep as many experts as fit this file size (12G, 900M)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Score experts by REAP on this text (recommended)."),
@@ -1030,7 +1107,7 @@ def prune(
                 tasks[phase] = bar.add_task("routing text" if phase == "route" else "writing", total=total)
             bar.update(tasks[phase], completed=done, total=total)
 
-        result = stage.prune(model, keep=keep, budget=budget, text=text, usage=usage, out=out,
+        result = stage.prune(run_model(model), keep=keep, budget=budget, text=text, usage=usage, out=out,
                              max_tokens=max_tokens, threads=threads, progress=progress)
     if as_json:
         emit_json(result)
@@ -1047,10 +1124,10 @@ def prune(
 
 @app.command()
 def compare(
-    thinking: Optional[Path] = typer.Option(None, "--thinking", help="The Thinking model GGUF."),
-    pt: Optional[Path] = typer.Option(None, "--pt", help="The PT model GGUF."),
+    thinking: Optional[str] = typer.Option(None, "--thinking", help="The Thinking model: a GGUF or NAME[:TAG]."),
+    pt: Optional[str] = typer.Option(None, "--pt", help="The PT model: a GGUF or NAME[:TAG]."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file: TOML [[prompt]] tables or JSON Lines {q, answer} (default: configs/prompts/compare.toml)."),
-    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="One prompt instead of a file."),
+    prompt: Optional[list[str]] = typer.Option(None, "-p", "--prompt", help="A prompt instead of a file; repeat -p to ask several."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N prompts of the file."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop each reply after this many tokens."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (default 0: greedy, deterministic)."),
@@ -1094,7 +1171,9 @@ def compare(
                 tasks[variant] = bar.add_task("Thinking" if variant == "thinking" else "PT", total=total)
             bar.update(tasks[variant], completed=done)
 
-        result = stage.compare(thinking, pt, prompts_file=prompts, prompt=prompt, limit=limit, max_tokens=max_tokens,
+        thinking_path = run_model(thinking) if thinking is not None else None
+        pt_path = run_model(pt) if pt is not None else None
+        result = stage.compare(thinking_path, pt_path, prompts_file=prompts, prompt=prompt or None, limit=limit, max_tokens=max_tokens,
                                temp=temp, seed=seed, system=system, threads=threads, ctx=ctx, out=out,
                                progress=progress)
     if as_json:
@@ -1135,7 +1214,7 @@ def compare(
 
 @app.command()
 def bench(
-    models: Optional[list[Path]] = typer.Argument(None, help="GGUF models to measure (e.g. one per recipe)."),
+    models: Optional[list[str]] = typer.Argument(None, help="GGUF models to measure (e.g. one per recipe): paths or NAME[:TAG]."),
     models_opt: Optional[str] = typer.Option(None, "--models", help="The models as one comma-separated list (instead of, or with, the arguments)."),
     builds: Optional[str] = typer.Option(None, "--builds", help="Comma-separated build directories or names in the build cache (default: the current build)."),
     threads: str = typer.Option("1,2,4,8", "--threads", "-t", help="Comma-separated thread counts."),
@@ -1184,8 +1263,8 @@ def bench(
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
-        listed = [Path(m) for m in (models_opt or "").split(",") if m.strip()]
-        result = stage.bench([*(models or []), *listed], builds=[b for b in (builds or "").split(",") if b.strip()] or None,
+        listed = [m.strip() for m in (models_opt or "").split(",") if m.strip()]
+        result = stage.bench([run_model(m) for m in (*(models or []), *listed)], builds=[b for b in (builds or "").split(",") if b.strip()] or None,
                              threads=stage.parse_threads(threads), reps=reps, n_prompt=n_prompt, n_gen=n_gen,
                              pg=(pp, tg), out_dir=out, bandwidth=not no_bandwidth, progress=progress,
                              workers=worker_list)

@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .errors import EdgeMoEError
 from .tomlfile import load_toml
@@ -279,7 +279,7 @@ def compare(
     thinking: str | Path | None,
     pt: str | Path | None,
     prompts_file: str | Path | None = None,
-    prompt: str | None = None,
+    prompt: str | Sequence[str] | None = None,
     limit: int | None = None,
     max_tokens: int = 512,
     temp: float = 0.0,
@@ -301,9 +301,11 @@ def compare(
     if prompt is not None and prompts_file is not None:
         raise EdgeMoEError("give -p PROMPT or --prompts FILE, not both", "drop one of them")
     if prompt is not None:
-        if not prompt.strip():
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not texts or not all(t.strip() for t in texts):
             raise EdgeMoEError("the prompt is empty", "give a question with -p TEXT")
-        prompts, source = [Prompt(id="prompt", text=prompt)], "-p"
+        ids = ["prompt"] if len(texts) == 1 else [f"prompt-{i}" for i in range(1, len(texts) + 1)]
+        prompts, source = [Prompt(id=i, text=t) for i, t in zip(ids, texts)], "-p"
     else:
         prompts = load_prompts(prompts_file, limit)
         source = str(prompts_file or default_prompts_file())

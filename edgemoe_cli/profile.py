@@ -78,15 +78,11 @@ class RoutingTrace:
 
 
 def find_gguf(model: str | Path) -> Path:
-    """A GGUF path as given, or a registry name resolved to the GGUF `edgemoe pull --format gguf` fetched."""
+    """A GGUF path as given, or NAME[:TAG] resolved to a store GGUF (models.resolve_gguf), checked to be a GGUF."""
     from .generate import check_gguf
+    from .models import resolve_gguf
 
-    path = Path(model).expanduser()
-    if not path.exists():
-        from .registry import resolve
-
-        path = resolve(model, fmt="gguf")
-    return check_gguf(path)
+    return check_gguf(resolve_gguf(model).path)
 
 
 def open_gguf(path: str | Path):

@@ -130,8 +130,16 @@ def _is_pull_manifest(m) -> bool:
             and isinstance(m.get("total_bytes", 0), int) and isinstance(m.get("quant"), (str, type(None))))
 
 
+def pulled_gguf_file(manifest: dict) -> Path | None:
+    """The .gguf a ready-made pull holds (the first shard of a split GGUF: llama.cpp finds the rest beside it)."""
+    ggufs = sorted(Path(manifest["path"]) / f["name"] for f in manifest.get("files", []) if f["name"].endswith(".gguf"))
+    return ggufs[0] if ggufs else None
+
+
 def resolve(name_or_path: str | Path, fmt: str = "safetensors", quant: str | None = None) -> Path:
-    """A path the user typed, or a registry name -> the local directory (safetensors) or .gguf file to use.
+    """A path the user typed, or a registry name -> the local directory (safetensors) or .gguf file a pull fetched.
+
+    The pulled side of names only: models.py resolves what a user types for a model (NAME:TAG, the store's GGUFs).
 
     Existing paths win over names. Hub names resolve to what `edgemoe pull` fetched (its manifest records where);
     local names to their directory. Nothing is downloaded here.
@@ -164,50 +172,10 @@ def resolve(name_or_path: str | Path, fmt: str = "safetensors", quant: str | Non
                            f"run `edgemoe pull {entry.name}{extra}` first")
     target = Path(manifest["path"])
     if fmt == "gguf":
-        ggufs = sorted(target / f["name"] for f in manifest["files"] if f["name"].endswith(".gguf"))
-        if not ggufs:
+        target = pulled_gguf_file(manifest)
+        if target is None:
             raise EdgeMoEError(f"pull of '{entry.name}' {quant} holds no .gguf file", "re-run the pull")
-        target = ggufs[0]  # the first shard of a split GGUF: llama.cpp finds the rest beside it
     if not target.exists():
         raise EdgeMoEError(f"'{entry.name}' was pulled to {target}, which is gone",
                            f"run `edgemoe pull {entry.name}` again")
     return target
-
-
-@dataclass
-class StoreItem:
-    name: str
-    state: str  # pulled | converted | quantized | pruned; "pulled (files missing)" when the files went away
-    size: int
-    detail: str
-    path: str
-
-
-def store_items() -> list[StoreItem]:
-    """What the store holds: pull manifests under models/, GGUFs under gguf/ (quantized when a recipe made them)."""
-    root = store.home()
-    items: list[StoreItem] = []
-    for manifest_path in sorted((root / "models").glob("*/manifest.json")) + sorted(
-            (root / "models").glob("*/gguf-*/manifest.json")):
-        m = read_manifest(manifest_path.parent)
-        if m is None:
-            items.append(StoreItem(manifest_path.parent.relative_to(root / "models").as_posix(),
-                                   "damaged manifest", 0, "run `edgemoe pull` for it again", str(manifest_path)))
-            continue
-        present = all((Path(m["path"]) / f["name"]).is_file() for f in m.get("files", []))
-        what = f"gguf {m['quant']} " if m.get("format") == "gguf" else ""
-        items.append(StoreItem(m["name"], "pulled" if present else "pulled (files missing)", m.get("total_bytes", 0),
-                               f"{what}{m['repo']}@{m['commit'][:12]}", m["path"]))
-    for gguf_path in sorted((root / "gguf").glob("*/*.gguf")):
-        side = gguf_path.with_name(gguf_path.name + ".manifest.json")
-        try:
-            m = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            m = {}
-        if not isinstance(m, dict):
-            m = {}
-        recipe = m.get("recipe") if isinstance(m.get("recipe"), str) else None
-        state = "pruned" if m.get("stage") == "prune" else "quantized" if recipe else "converted"
-        detail = f"recipe {recipe}" if recipe else gguf_path.stem
-        items.append(StoreItem(gguf_path.parent.name, state, gguf_path.stat().st_size, detail, str(gguf_path)))
-    return items

@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from edgemoe_cli import registry, store
+from edgemoe_cli import models, registry, store
 from edgemoe_cli.cli import app
 from edgemoe_cli.errors import EdgeMoEError
 
@@ -93,7 +93,7 @@ def test_list_reads_manifests_and_ggufs(tmp_path):
     assert items == {("ernie-4.5-21b-a3b-pt", "pulled", 2), ("tiny-ernie-pt", "converted", 64),
                      ("tiny-ernie-pt", "quantized", 32)}
     (snapshot / "config.json").unlink()
-    assert registry.store_items()[0].state == "pulled (files missing)"
+    assert models.store_items()[0].state == "pulled (files missing)"
 
 
 def test_convert_takes_a_registry_name(tmp_path):

@@ -1,0 +1,16 @@
+"""The one shape of progress every stage reports in, so the CLI needs one display for all of them.
+
+A stage takes `progress: Progress | None` and calls `progress(step, done, total, detail)`:
+- step: what is going on, as the user should read it ("convert to bf16", "quantize", "Thinking", ...); a new
+  step is a new line of the display, the same step again moves its bar;
+- done / total: units completed and expected (total None while unknown);
+- detail: a short note that changes as it goes (the tensor being written, the file being fetched).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Progress(Protocol):
+    def __call__(self, step: str, done: int, total: int | None, detail: str = "") -> None: ...
