@@ -1,0 +1,143 @@
+"""The `edgemoe` command line: parse, call one stage function, render its result. No logic lives here.
+
+Here: the app, `main`, and what every command shares (JSON output, model names, progress bars). Each command is a
+module of this package named after the stage module it calls (`run` in generate.py, `doctor` in board.py, `list`
+and `rm` in models.py, ...); a stage's logic lives in that stage module. User mistakes arrive as EdgeMoEError and
+leave as one red line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from .. import __version__
+from ..errors import EdgeMoEError
+
+app = typer.Typer(
+    name="edgemoe",
+    help="ERNIE-4.5-21B-A3B (Thinking and PT) from the Hugging Face Hub onto Armv9 boards with llama.cpp.\n\n"
+    "pull -> convert -> plan -> quantize -> build -> run / compare / bench; doctor tells what the board can do.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def emit_json(result) -> None:
+    """Machine output for --json: a dataclass (or dict) as one JSON document on stdout."""
+    data = asdict(result) if is_dataclass(result) else result
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def say_choice(choice) -> None:
+    """Tell on stderr which store GGUF a model name resolved to, and why that one (nothing for a path)."""
+    if choice.by_name:
+        err_console.print(f"[dim]model {choice.ref} ({choice.path}): {choice.why}[/]", highlight=False, soft_wrap=True)
+
+
+def run_model(text: str) -> Path:
+    """The GGUF a command runs or measures: a path, NAME or NAME:TAG (models.resolve_gguf), said on stderr."""
+    from ..models import resolve_gguf
+
+    choice = resolve_gguf(text)
+    say_choice(choice)
+    return choice.path
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"edgemoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    pass
+
+
+def counter_progress(bar, label: str, unit: str = ""):
+    """A progress callback (done, total) that drives a new task of `bar`."""
+    task = bar.add_task(label, total=None, name=unit)
+    return lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def step_progress(bar):
+    """The rich side of progress.Progress: one task of `bar` per step, moved as the stage reports."""
+    tasks: dict[str, int] = {}
+
+    def progress(step: str, done: int, total: int | None, detail: str = "") -> None:
+        if step not in tasks:
+            tasks[step] = bar.add_task(step, total=total, name=detail)
+        bar.update(tasks[step], completed=done, total=total, name=detail)
+
+    return progress
+
+
+def source_model(text: str, bar) -> Path:
+    """The unquantized GGUF quantize/plan/imatrix start from (models.source_gguf), said on stderr; a name whose
+    store has only the pulled checkpoint is converted first, as a step of `bar`."""
+    from ..models import source_gguf
+
+    choice = source_gguf(text, progress=step_progress(bar))
+    say_choice(choice)
+    return choice.path
+
+
+def quantize_bar(disable: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[name]}"), TimeElapsedColumn(), console=err_console, transient=True,
+                    disable=disable)
+
+
+
+def bar_progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err_console, transient=True)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except EdgeMoEError as e:
+        hint = f" — {e.hint}" if e.hint else ""
+        err_console.print(f"[bold red]error:[/] {e.message}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err_console.print("[red]aborted[/]")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/]")
+        sys.exit(130)
+    except Exception as e:  # click usage errors come here in non-standalone mode
+        import click
+
+        # typer >= 0.2x raises its own vendored copy of click's exceptions (typer._click), not click's
+        typer_click = getattr(getattr(typer, "_click", None), "exceptions", click.exceptions)
+        if isinstance(e, (click.exceptions.UsageError, typer_click.UsageError)):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, (click.exceptions.ClickException, typer_click.ClickException)):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+# The commands, one module each, named after the stage module it calls; importing one registers it on `app`
+# (the order here is the order of `edgemoe --help`).
+from . import convert, board, generate, serve, cluster, build, hub, registry, models, recipe, quantize, imatrix, evaluate, plan, profile, prune, compare, bench  # noqa: E402, F401

@@ -1,0 +1,54 @@
+"""`edgemoe worker`: lend this board to a model run elsewhere, over llama.cpp's RPC (stage: cluster.py)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from ..errors import EdgeMoEError
+from ..units import human_bytes
+from . import app, console, emit_json, err_console
+
+
+@app.command()
+def worker(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. WARNING: ggml-rpc-server has NO "
+                             "authentication; give a private-network address only, never a public one."),
+    port: int = typer.Option(50052, "--port", help="TCP port."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory this worker offers (e.g. 6GiB); "
+                                         "default: what is free. Printed into the address the others use."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: the "
+                                          "physical cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the ready line as JSON."),
+) -> None:
+    """Lend this board's CPU and memory to a model run elsewhere (llama.cpp's RPC backend).
+
+    Starts the build's ggml-rpc-server and prints the address to give to
+    `edgemoe run/serve --workers`; runs until SIGTERM or Ctrl-C.
+
+    SECURITY: ggml-rpc-server has NO authentication and no encryption. Anyone
+    who can reach the port can use this machine's memory and CPU through it.
+    It binds to 127.0.0.1 unless --host says otherwise: give the board's
+    address on a private network you trust, never a public one.
+
+    Examples: edgemoe worker                          # this machine only
+              edgemoe worker --host 192.168.1.21 --memory 6GiB
+    """
+    from .. import cluster
+
+    w = cluster.Worker(host=host, port=port, memory=memory, threads=threads)
+    if w.info.public:
+        err_console.print(f"[bold yellow]warning:[/] listening on {w.info.listen}: {cluster.NO_AUTH_WARNING}",
+                          highlight=False, soft_wrap=True)
+    if as_json:
+        emit_json(w.info)
+    else:
+        console.print(f"worker ready on {w.info.listen} ({w.info.threads} threads, "
+                      f"{human_bytes(w.info.memory_bytes or w.info.free_bytes)} offered); on the other board:\n"
+                      f"  edgemoe run MODEL --workers {w.info.address} ...", highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    code = w.wait()
+    if code not in (0, -15, 143):  # killed by our own SIGTERM is the normal end
+        raise EdgeMoEError(f"ggml-rpc-server exited with {code}", "run it again; its output is above")

@@ -1,0 +1,97 @@
+"""`edgemoe compare`: PT and Thinking side by side (stage: compare.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app, bar_progress, console, emit_json, run_model
+
+
+@app.command()
+def compare(
+    thinking: Optional[str] = typer.Option(None, "--thinking", help="The Thinking model: a GGUF or NAME[:TAG]."),
+    pt: Optional[str] = typer.Option(None, "--pt", help="The PT model: a GGUF or NAME[:TAG]."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file: TOML [[prompt]] tables or JSON Lines {q, answer} (default: configs/prompts/compare.toml)."),
+    prompt: Optional[list[str]] = typer.Option(None, "-p", "--prompt", help="A prompt instead of a file; repeat -p to ask several."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N prompts of the file."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop each reply after this many tokens."),
+    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (default 0: greedy, deterministic)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed, for repeatable runs at --temp > 0."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message for both variants."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: physical cores)."),
+    ctx: int = typer.Option(4096, "--ctx", "-c", min=0, help="Context length in tokens."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write a Markdown report here (and its .json twin)."),
+    show: int = typer.Option(8, "--show", min=0, help="Side-by-side panels for at most this many prompts."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole comparison as JSON."),
+) -> None:
+    """Ask ERNIE-4.5 PT and Thinking the same prompts and put the answers, timings and accuracy side by side.
+
+    The variants run one after the other, each in its own process, so only one model is in memory at a time and
+    each peak RSS is that model's own. Replies come from the same generator as `edgemoe run` (greedy by default).
+
+    The terminal shows, per prompt, a PT panel (the answer) beside a Thinking panel (the reasoning folded to one
+    line, then the answer), then a metrics table: prompt and completion tokens, reasoning vs answer tokens, time to
+    first token, generation tokens/s, wall time, load time, peak RSS and accuracy where prompts have expected
+    answers (see configs/prompts/compare.toml for the format and the checks). --out writes everything, both
+    replies in full, as Markdown plus JSON.
+
+    Examples:
+
+        edgemoe compare --pt ernie-pt-q4_0.gguf --thinking ernie-thinking-q4_0.gguf --out compare.md
+
+        edgemoe compare --pt pt.gguf --thinking thinking.gguf --prompts arith-dev.jsonl --limit 50 --max-tokens 256
+    """
+    from rich.columns import Columns
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    from .. import compare as stage
+
+    with bar_progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(variant: str, done: int, total: int) -> None:
+            if variant not in tasks:
+                tasks[variant] = bar.add_task("Thinking" if variant == "thinking" else "PT", total=total)
+            bar.update(tasks[variant], completed=done)
+
+        thinking_path = run_model(thinking) if thinking is not None else None
+        pt_path = run_model(pt) if pt is not None else None
+        result = stage.compare(thinking_path, pt_path, prompts_file=prompts, prompt=prompt or None, limit=limit, max_tokens=max_tokens,
+                               temp=temp, seed=seed, system=system, threads=threads, ctx=ctx, out=out,
+                               progress=progress)
+    if as_json:
+        emit_json(result)
+        return
+    mark = {True: " [green]✓[/]", False: " [red]✗[/]", None: ""}
+    width = max(30, (console.width - 4) // 2)
+    for n, it in enumerate(result.items[:show], 1):
+        console.rule(f"{n}. {it.prompt.text.splitlines()[0][:console.width - 10]}", align="left", style="dim")
+        folded = Text()
+        if it.thinking.reasoning:
+            first = " ".join(it.thinking.reasoning.split())
+            cut = first if len(first) <= width - 20 else first[: width - 21] + "…"
+            folded.append(f"▸ {cut} ({it.thinking.reasoning_tokens} tok)\n", style="dim")
+        folded.append(it.thinking.answer or "(no answer)")
+        console.print(Columns([
+            Panel(Text(it.pt.answer or "(no answer)"), title="PT" + mark[it.pt.correct], width=width),
+            Panel(folded, title="Thinking" + mark[it.thinking.correct], width=width),
+        ]))
+    if len(result.items) > show:
+        console.print(f"[dim]… {len(result.items) - show} more prompts" + (" in the report" if out else "") + "[/]")
+    headers, rows = stage.metrics_rows(result)
+    # metrics down, variants across: two value columns fit any terminal width
+    table = Table(title="PT vs Thinking (means per prompt; wall and load are totals)")
+    table.add_column("metric")
+    for row in rows:
+        table.add_column("PT" if row[0] == "pt" else "Thinking", justify="right")
+    for i, h in enumerate(headers[1:], 1):
+        table.add_row(h, *[f"{row[i]:.2f}" if isinstance(row[i], float) else ("–" if row[i] is None else str(row[i]))
+                           for row in rows])
+    console.print(table)
+    if result.outputs:
+        console.print(f"wrote {result.outputs['markdown']} and {result.outputs['json']}", highlight=False)

@@ -1,0 +1,57 @@
+"""`edgemoe convert`: a Hugging Face checkpoint to GGUF (stage: convert/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app, console, emit_json, err_console
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model), or a model name from `edgemoe models` (pulled or local)."),
+    out: Path = typer.Option(..., "--out", "-o", help="GGUF file to write (written as OUT.part, renamed when complete)."),
+    outtype: str = typer.Option("f16", "--outtype", help="Weight type: f32, f16, bf16 or q8_0."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a summary."),
+) -> None:
+    """Convert an ERNIE-4.5 checkpoint (MoE or dense) from Hugging Face layout to GGUF, without torch.
+
+    SRC is a checkpoint directory or the name of a pulled model. Reads
+    config.json, model.safetensors or its shards (with
+    model.safetensors.index.json), tokenizer.model, tokenizer_config.json and
+    generation_config.json, and writes the same file llama.cpp's
+    convert_hf_to_gguf.py would, byte for byte: a layer's experts stacked into
+    blk.N.ffn_{gate,up,down}_exps, norms, router and score bias in f32, the
+    SentencePiece vocabulary, special tokens and the chat template.
+
+    The conversion streams a block of rows at a time, so memory stays around
+    100-200 MB whatever the model. OUT is written as OUT.part and renamed
+    when complete; on any error nothing is left under OUT.
+
+    Example: edgemoe convert ernie-4.5-21b-a3b-pt --out pt.gguf --outtype bf16
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from ..convert import convert as run_convert
+    from ..models import checkpoint_dir
+
+    with Progress(
+        TextColumn("[bold]convert[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TextColumn("{task.fields[tensors]}"), TimeRemainingColumn(),
+        console=err_console, transient=True, disable=as_json,
+    ) as bar:
+        task = bar.add_task("convert", total=None, tensors="")
+
+        def progress(done: int, total: int, n_done: int, n_total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, tensors=f"{n_done}/{n_total} tensors {name}")
+
+        result = run_convert(checkpoint_dir(src), out, outtype, progress=progress)
+    if as_json:
+        emit_json(result)
+        return
+    console.print(
+        f"wrote [bold]{result.out}[/] ({result.arch}, {result.outtype}, {result.n_tensors} tensors, "
+        f"{result.n_params / 1e6:.1f}M params, {result.n_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s"
+    )

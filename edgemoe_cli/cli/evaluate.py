@@ -1,0 +1,46 @@
+"""`edgemoe eval`: PPL, KLD and top-1 agreement against a base model (stage: evaluate.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app, console, counter_progress, emit_json, quantize_bar, run_model, source_model
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="The GGUF to judge (e.g. a quantization), or NAME[:TAG]."),
+    base: str = typer.Option(..., "--base", help="The reference GGUF (the unquantized model), or a model NAME (its unquantized GGUF)."),
+    text: Path = typer.Option(..., "--text", help="Evaluation text; keep it disjoint from the imatrix's calibration text."),
+    ctx: int = typer.Option(512, "--ctx", min=16, help="Chunk length in tokens; the second half of each chunk is scored."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Use at most this many chunks."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Perplexity, KL divergence to the base model (mean, median, p99, max) and top-1 agreement.
+
+    Both models read the same chunks of the text (llama-perplexity's protocol: chunks of --ctx tokens starting with
+    BOS, second half scored). The base model's log-probabilities are cached in the store, so comparing many
+    quantizations against one base runs the base once. KLD is in nats per token; top-1 agreement is the share of
+    positions where both models' most likely next token is the same.
+
+    Example: edgemoe eval ernie-q4.gguf --base ernie-bf16.gguf --text data/calib/evaluation.txt
+    """
+    from ..evaluate import evaluate
+
+    with quantize_bar(as_json) as bar:
+        model_path, base_path = run_model(model), source_model(base, bar)
+        result = evaluate(model_path, base_path, text, ctx=ctx, threads=threads, max_chunks=chunks,
+                          progress=counter_progress(bar, "eval", "chunks"))
+    if as_json:
+        emit_json(result)
+        return
+    console.print(
+        f"{model_path.name} vs {base_path.name} on {result.tokens_scored} tokens ({result.chunks} chunks of {ctx}):\n"
+        f"  PPL {result.ppl:.4f} (base {result.base_ppl:.4f})\n"
+        f"  KLD mean {result.kld_mean:.6f} ± {result.kld_stderr:.6f}, median {result.kld_median:.6f}, "
+        f"p99 {result.kld_p99:.6f}, max {result.kld_max:.4f}\n"
+        f"  top-1 agreement {result.top1_agreement:.2%}", highlight=False)

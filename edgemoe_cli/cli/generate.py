@@ -1,0 +1,123 @@
+"""`edgemoe run`: ask a GGUF one question and stream the reply (stage: generate.py)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import EdgeMoEError
+from . import app, console, emit_json, err_console, run_model
+
+
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise EdgeMoEError("give the prompt once: -p TEXT or -f FILE, not both", "drop one of -p / -f")
+    if prompt_file is not None:
+        try:
+            text = sys.stdin.read() if str(prompt_file) == "-" else prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgeMoEError(f"cannot read prompt file {prompt_file}: {e}", "give a readable UTF-8 text file") from e
+        if not text.strip():
+            raise EdgeMoEError(f"prompt file {prompt_file} is empty", "write the question into it, or use -p TEXT")
+        return text.strip("\n")
+    if prompt is None or not prompt.strip():
+        raise EdgeMoEError("no prompt given", "ask with -p 'What is 51 - 29?' or -f question.txt")
+    return prompt
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(..., help="A GGUF file, or NAME[:TAG] from `edgemoe list` (NAME alone: the GGUF you made last, else the pulled one)."),
+    prompt: Optional[list[str]] = typer.Option(None, "-p", "--prompt", help="The user message."),
+    prompt_file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the user message from FILE (- = stdin)."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message, placed as the chat template says."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop after this many generated tokens."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: the physical cores this process may use)."),
+    ctx: int = typer.Option(4096, "--ctx", "-c", min=0, help="Context length in tokens (0 = the model's own)."),
+    temp: float = typer.Option(0.8, "--temp", min=0.0, help="Sampling temperature; 0 = greedy and deterministic."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed, for repeatable runs at --temp > 0."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the library loaded and its system_info."),
+    as_json: bool = typer.Option(False, "--json", help="No streaming; one JSON document with the reply and timings."),
+    workers: Optional[str] = typer.Option(None, "--workers", help="HOST:PORT,... of `edgemoe worker`s: split the "
+                                          "model's layers across them and this machine by free memory."),
+) -> None:
+    """Ask a GGUF model one question, with its own chat template, and stream the reply.
+
+    The prompt is rendered with the chat template stored in the GGUF
+    (tokenizer.chat_template): a PT model gets `User: ...\\nAssistant: `, a
+    Thinking model `<|im_start|>user ... <|im_start|>assistant\\n<think>\\n`.
+    A Thinking reply is split into its reasoning (shown dimmed) and its
+    answer (shown plain); the `</think>` and `<response>` tags are not shown.
+    Generation stops at end-of-sequence (`</s>`, `<|end_of_sentence|>`,
+    `<|im_end|>`) or after --max-tokens.
+
+    The reply goes to stdout, one line of timings to stderr: prompt tokens
+    and prompt tokens/s, generated tokens and generation tokens/s (decode
+    steps after the first token, as llama-bench counts them), time to first
+    token, and peak resident memory.
+
+    --json prints {reasoning, answer, raw, prompt_tokens, completion_tokens,
+    ttft_s, prompt_tps, gen_tps, peak_rss_bytes, tool_call, finish_reason,
+    library} instead of streaming.
+
+    Examples: edgemoe run model.gguf -p "What is 51 - 29?" --temp 0
+              edgemoe run model.gguf -f question.txt --system "Be brief." --json
+    """
+    from .. import cluster, generate
+
+    if prompt and len(prompt) > 1:
+        raise EdgeMoEError(f"run asks one question, and -p was given {len(prompt)} times",
+                           "ask them one run at a time, or all at once with `edgemoe compare -p A -p B`")
+    text = _read_prompt(prompt[0] if prompt else None, prompt_file)
+    worker_list = cluster.parse_workers(workers) if workers is not None else None
+    if worker_list and not cluster.supervised():  # the child does the run; this process names a worker that dies
+        raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))
+    model_path = run_model(model)
+    on_text = None
+    if not as_json:
+        out = sys.stdout
+        styled = console.is_terminal and not console.no_color
+        last_kind = [None]
+
+        # plain writes, not rich: a console.print per token would cost a visible share of tokens/s
+        def on_text(kind: str, piece: str) -> None:
+            if last_kind[0] == "reasoning" and kind == "answer":
+                out.write("\n\n")
+            last_kind[0] = kind
+            out.write(f"\x1b[2m{piece}\x1b[0m" if styled and kind == "reasoning" else piece)
+            out.flush()
+
+    if verbose and not as_json:
+        info = generate.binding_info()
+        err_console.print(
+            f"[dim]libllama: {info.library} ({info.source})\n{info.system_info}[/]", highlight=False, soft_wrap=True
+        )
+    split = None
+    if worker_list:
+        result, split = cluster.run_split(model_path, text, worker_list, system=system, max_tokens=max_tokens,
+                                          threads=threads, ctx=ctx, temp=temp, seed=seed, on_text=on_text)
+    else:
+        result = generate.run(
+            model_path, text, system=system, max_tokens=max_tokens, threads=threads, ctx=ctx, temp=temp, seed=seed,
+            on_text=on_text,
+        )
+    if as_json:
+        emit_json({**asdict(result), "split": asdict(split)} if split else result)
+        return
+    sys.stdout.write("\n")
+    gen = f"{result.gen_tps:.1f} tok/s" if result.gen_tps is not None else "-"
+    cut = " [yellow](stopped at --max-tokens)[/]" if result.finish_reason == "length" else ""
+    err_console.print(
+        f"[dim]prompt {result.prompt_tokens} tok @ {result.prompt_tps:.1f} tok/s · "
+        f"generated {result.completion_tokens} tok @ {gen} · TTFT {result.ttft_s:.3f} s · "
+        f"peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB[/]{cut}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if split:
+        err_console.print("[dim]layers: " + ", ".join(f"{p.device} {p.layers}" for p in split.parts) + "[/]",
+                          highlight=False)

@@ -1,0 +1,71 @@
+"""`edgemoe pull`: download a model from the Hugging Face Hub (stage: hub.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..units import human_bytes
+from . import app, console, emit_json, err_console
+
+
+@app.command()
+def pull(
+    name: str = typer.Argument(..., help="A model name from `edgemoe models`, e.g. ernie-4.5-21b-a3b-thinking."),
+    revision: Optional[str] = typer.Option(None, "--revision", "-r", help="Branch, tag or commit (default: the registry's pin)."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors (to convert yourself) or gguf (ready-made)."),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="With --format gguf: which quant, e.g. Q4_0, Q4_K_M."),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Hugging Face cache directory to use instead of $HF_HOME/hub."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hub token for gated/private repos (default: $HF_TOKEN)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result (commit, files, sizes, sha256) as JSON."),
+) -> None:
+    """Download a model from the Hugging Face Hub, resumably, and verify every byte.
+
+    The files land in huggingface_hub's cache ($HF_HOME/hub, or --dest) in its usual layout, so other tools share
+    them; a manifest (repo, resolved commit, files, sizes, sha256) goes to the edgemoe store
+    (models/NAME/manifest.json), and later commands accept NAME instead of a path.
+
+    Before the first byte, the sizes from the Hub are checked against free disk (keeping EDGEMOE_DISK_RESERVE,
+    default 512M, free). An interrupted pull resumes where it stopped when you run the same command again.
+    Every LFS file's sha256 (and every small file's git id) is checked against the Hub; a mismatching file is
+    deleted and named. With HF_HUB_OFFLINE=1 the pull resolves from the cache and lists what is missing.
+    Honours HF_ENDPOINT, HF_TOKEN, HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE.
+
+    Examples:
+      edgemoe pull ernie-4.5-21b-a3b-thinking
+      edgemoe pull ernie-4.5-21b-a3b-pt --format gguf --quant Q4_0     # one ~12 GB file instead of ~44 GB
+    """
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from ..hub import PullProgress
+    from ..hub import pull as run_pull
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True, disable=as_json) as bars:
+
+        class Bars(PullProgress):
+            def begin(self, files, total, done):
+                self.all = bars.add_task(f"[bold]{name}[/] ({len(files)} files)", total=total, completed=done)
+
+            def file_begin(self, fname, size, initial):
+                self.one = bars.add_task(f"  {fname}", total=size, completed=initial)
+
+            def advance(self, n):
+                bars.advance(self.all, n)
+                bars.advance(self.one, n)
+
+            def file_end(self, fname):
+                bars.remove_task(self.one)
+
+        result = run_pull(name, fmt=fmt, quant=quant, revision=revision, dest=dest, token=token, progress=Bars())
+    if as_json:
+        emit_json(result)
+        return
+    fresh = sum(f.status != "cached" for f in result.files)
+    state = "from the cache (offline)" if result.offline else f"{fresh} downloaded, {len(result.files) - fresh} cached"
+    console.print(f"[bold]{result.name}[/]: {result.repo}@{result.commit[:12]}, {len(result.files)} files "
+                  f"({human_bytes(result.total_bytes)}; {state}), sha256 verified", highlight=False)
+    console.print(f"  files:    {result.path}\n  manifest: {result.manifest}", highlight=False)

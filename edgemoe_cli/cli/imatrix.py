@@ -1,0 +1,42 @@
+"""`edgemoe imatrix`: an importance matrix with llama-imatrix (stage: imatrix.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app, console, counter_progress, emit_json, quantize_bar, source_model
+
+
+@app.command("imatrix")
+def imatrix_cmd(
+    model: str = typer.Argument(..., help="The GGUF to measure (f32/f16/bf16 or Q8_0), or a model NAME[:TAG]."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Calibration text (default: edgemoe's own data/calib/calibration.txt)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output imatrix (default: MODEL.imatrix.gguf beside the model)."),
+    ctx: int = typer.Option(512, "--ctx", min=32, help="Tokens per chunk."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Use at most this many chunks of the text."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Compute an importance matrix with llama-imatrix (GGUF format, per-expert token counts kept).
+
+    For every weight matrix the sum of squared input activations per column is accumulated over the text, per
+    routed expert, with the number of tokens routed to each expert. `quantize --imatrix` uses it to spend
+    precision where activations are large; `plan` uses it to weight quantization errors; the per-expert counts
+    are a routing profile (imatrix.expert_usage). The default text mixes English and Chinese prose, Python and shell,
+    and step-by-step arithmetic. Needs `edgemoe build` (for llama-imatrix).
+
+    Example: edgemoe imatrix ernie-thinking-bf16.gguf --out ernie.imatrix.gguf
+    """
+    from ..imatrix import compute_imatrix
+
+    with quantize_bar(as_json) as bar:
+        result = compute_imatrix(source_model(model, bar), text, out, ctx=ctx, threads=threads, chunks=chunks,
+                                 progress=counter_progress(bar, "imatrix", "chunks"))
+    if as_json:
+        emit_json(result)
+        return
+    console.print(f"wrote [bold]{result.out}[/] ({result.tensors} tensors, {result.chunks} chunks of "
+                  f"{result.chunk_size} tokens) in {result.seconds:.1f} s", highlight=False)

@@ -1,0 +1,100 @@
+"""`edgemoe plan`: a per-tensor quantization that fits a memory budget (stage: plan.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import EdgeMoEError
+from ..units import human_bytes, parse_size
+from . import app, console, counter_progress, emit_json, quantize_bar, source_model
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Argument(..., help="The f32/f16/bf16 GGUF to plan for, or a model NAME."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="RAM budget, e.g. 12GiB (KV cache and reserve are subtracted)."),
+    board: bool = typer.Option(False, "--board", help="Use this machine's RAM (as `edgemoe doctor` detects it) as the budget."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Budget the file size directly (no KV/reserve subtracted)."),
+    ctx: int = typer.Option(4096, "--ctx", min=1, help="Context length to keep KV cache room for."),
+    reserve: Optional[str] = typer.Option(None, "--reserve", help="Runtime reserve (default: doctor's, 1 GiB)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (default: computed with `edgemoe imatrix` on --text)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Calibration text for the imatrix and the KLD measurements (default: data/calib/calibration.txt)."),
+    arm_fast: bool = typer.Option(False, "--arm-fast", help="Only Q4_0, IQ4_NL and Q8_0 (fast Arm kernels)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan as a recipe TOML here."),
+    do_quantize: bool = typer.Option(False, "--quantize", help="Apply the plan: quantize MODEL with it."),
+    gguf_out: Optional[Path] = typer.Option(None, "--gguf-out", help="With --quantize: the output GGUF."),
+    chunks: int = typer.Option(16, "--chunks", min=1, help="Chunks of --text per KLD calibration measurement."),
+    min_every_token: str = typer.Option("q4_k", "--min-every-token", help="Lowest type for tensors every token uses (attention, shared experts, dense FFN, embedding); `none` for no floor."),
+    reference: str = typer.Option("source", "--reference", help="Measure gains against the model as given (source) or at Q8_0 (q8_0: half the RAM, for 21B on a 32 GB machine)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Choose a quantization type per tensor that fits a memory budget with the least predicted quality loss.
+
+    File budget = RAM budget - KV cache for --ctx tokens (f16 K and V) - runtime reserve (1 GiB, as doctor).
+    Prediction, measured on this model: every tensor is quantized to every candidate type (Q2_K, Q3_K, IQ4_XS,
+    Q4_K, Q5_K, Q6_K, Q8_0; with --arm-fast Q4_0, IQ4_NL, Q8_0) and its imatrix-weighted output error computed;
+    one KL-divergence gain per tensor role (attn_q, ffn_down_exps, token_embd, ...) is measured by lowering only
+    that role and evaluating against the unquantized model. Predicted KLD of a mix = sum over tensors of gain x
+    error; an exact knapsack picks the mix. The lowered models are assembled by copying tensors out of the
+    whole-model quantizations (no re-quantizing), so measuring costs one quantization per candidate type plus one
+    KLD eval per role, per layer and for the Q8_0 floor (README: the cost at 21B).
+    Measurements are cached: a second plan for another budget is instant.
+    The plan is a recipe TOML (one rule per role and type, layers listed) you can read, edit and reuse.
+
+    Example: edgemoe plan ernie-thinking-bf16.gguf --budget 16GiB --ctx 8192 --out my16.toml --quantize
+    """
+    from .. import plan as stage
+    from ..imatrix import compute_imatrix, default_calibration_text
+
+    if sum(x is not None and x is not False for x in (budget, max_size, board or None)) != 1:
+        raise EdgeMoEError("give exactly one of --budget, --board or --max-size", "e.g. --budget 12GiB")
+    ram = parse_size(budget) if budget else None
+    size = parse_size(max_size) if max_size else None
+    reserve_bytes = parse_size(reserve) if reserve else None
+    text = text or default_calibration_text()
+    with quantize_bar(as_json) as bar:
+        model = source_model(model, bar)
+        if imatrix is None:
+            imatrix = model.with_name(model.stem + ".imatrix.gguf")
+            if not imatrix.is_file():
+                compute_imatrix(model, text, imatrix, threads=threads, progress=counter_progress(bar, "imatrix", "chunks"))
+        tasks = {}
+
+        def progress(step, done, total):
+            if step not in tasks:
+                tasks[step] = bar.add_task(step, total=total, name="")
+            bar.update(tasks[step], completed=done, total=total)
+
+        result = stage.plan(model, imatrix, text, ram=ram, ctx=ctx, max_size=size, reserve=reserve_bytes,
+                            arm_fast=arm_fast, out=out,
+                            threads=threads, max_chunks=chunks, progress=progress, reference=reference,
+                            min_every_token=None if min_every_token.lower() == "none" else min_every_token)
+        if do_quantize:
+            from ..quantize import quantize as run_quantize
+            from ..recipe import load_recipe, parse_recipe
+            from ..tomlfile import load_toml
+
+            recipe = load_recipe(out) if out else parse_recipe(load_toml(result.recipe_toml, "plan's recipe"), "plan")
+            task = bar.add_task("quantize", total=None, name="")
+            q = run_quantize(model, recipe, out=gguf_out, imatrix=imatrix, threads=threads,
+                             progress=lambda i, n, name: bar.update(task, completed=i, total=n, name=name))
+            result.quantized = q.out
+    if as_json:
+        emit_json(result)
+        return
+    from collections import Counter
+
+    console.print(f"file budget {human_bytes(result.budget_bytes)} = {result.budget_formula}", highlight=False)
+    console.print(f"plan: {human_bytes(result.predicted_bytes)}, predicted mean KLD {result.predicted_kld:.5f}; types: "
+                  + ", ".join(f"{n} {t}" for t, n in Counter(c.type for c in result.choices).most_common()),
+                  highlight=False)
+    if not out:
+        console.print(result.recipe_toml, highlight=False, markup=False)
+    else:
+        console.print(f"wrote [bold]{result.out}[/]", highlight=False)
+    if result.quantized:
+        console.print(f"quantized to [bold]{result.quantized}[/]", highlight=False)
