@@ -136,6 +136,20 @@ def recipe_of(model: Path) -> str:
     return label
 
 
+def split_list(text: str | None) -> list[str]:
+    """A comma-separated option (--models, --builds) as its non-empty items."""
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+def parse_pg(text: str) -> tuple[int, int]:
+    """--pg PP,TG: the combined prompt+generation test's two lengths."""
+    try:
+        pp, tg = (int(v) for v in text.split(","))
+    except ValueError:
+        raise EdgeMoEError(f"--pg {text!r} is not PP,TG", "write it like 128,128") from None
+    return pp, tg
+
+
 def parse_threads(text: str) -> list[int]:
     try:
         threads = sorted({int(t) for t in str(text).split(",") if t.strip()})

@@ -345,3 +345,20 @@ def run(
         return chat_reply(llm, prompt, system, max_tokens=max_tokens, temp=temp, seed=seed, on_text=on_text)
     finally:
         llm.close()
+
+
+def read_prompt(prompt: str | None, prompt_file: str | Path | None) -> str:
+    """The user message from -p TEXT or -f FILE (- is stdin): exactly one of them, not empty."""
+    if prompt is not None and prompt_file is not None:
+        raise EdgeMoEError("give the prompt once: -p TEXT or -f FILE, not both", "drop one of -p / -f")
+    if prompt_file is not None:
+        try:
+            text = sys.stdin.read() if str(prompt_file) == "-" else Path(prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgeMoEError(f"cannot read prompt file {prompt_file}: {e}", "give a readable UTF-8 text file") from e
+        if not text.strip():
+            raise EdgeMoEError(f"prompt file {prompt_file} is empty", "write the question into it, or use -p TEXT")
+        return text.strip("\n")
+    if prompt is None or not prompt.strip():
+        raise EdgeMoEError("no prompt given", "ask with -p 'What is 51 - 29?' or -f question.txt")
+    return prompt

@@ -130,6 +130,21 @@ def default_calibration_text() -> Path:
     raise EdgeMoEError("the default calibration text data/calib/calibration.txt is missing", "pass --text FILE")
 
 
+def imatrix_beside(model: str | Path) -> Path:
+    """Where `edgemoe imatrix MODEL` puts its result by default, and where plan looks for it: MODEL.imatrix.gguf."""
+    model = Path(model)
+    return model.with_name(model.stem + ".imatrix.gguf")
+
+
+def ensure_imatrix(model: str | Path, text: str | Path | None = None, threads: int | None = None,
+                   progress=None) -> Path:
+    """The imatrix beside `model`, computed on `text` first when it is not there yet."""
+    path = imatrix_beside(model)
+    if not path.is_file():
+        compute_imatrix(model, text, path, threads=threads, progress=progress)
+    return path
+
+
 def compute_imatrix(model: str | Path, text: str | Path | None = None, out: str | Path | None = None,
                     ctx: int = 512, threads: int | None = None, chunks: int | None = None,
                     progress=None) -> ImatrixResult:
@@ -151,7 +166,7 @@ def compute_imatrix(model: str | Path, text: str | Path | None = None, out: str 
     open_gguf(model)  # a damaged file is one line here, not a llama.cpp failure later
     if not text.is_file():
         raise EdgeMoEError(f"calibration text {text} does not exist", "pass --text FILE with plain text")
-    out = Path(out) if out else model.with_name(model.stem + ".imatrix.gguf")
+    out = Path(out) if out else imatrix_beside(model)
     refuse_input_as_output(out, [model, text])
     threads = threads or max(1, os.cpu_count() or 1)
     t0 = time.perf_counter()

@@ -46,7 +46,7 @@ import numpy as np
 
 from .errors import EdgeMoEError
 from .recipe import Recipe, Rule, TensorInfo, quantizable, read_tensors, tensor_bytes
-from .units import human_bytes
+from .units import human_bytes, parse_size
 from .store import atomic_output, home, refuse_input_as_output, sha256_file
 
 DEFAULT_TYPES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
@@ -500,6 +500,27 @@ def _key(reader, path: Path, key: str, kind: type, required: bool = True):
                            f"{'positive whole number' if kind is int else 'name'}",
                            "convert the model again with `edgemoe convert`")
     return value
+
+
+def budget_options(budget: str | None, this_board: bool, max_size: str | None,
+                   reserve: str | None) -> tuple[int | None, int | None, int | None]:
+    """plan's --budget / --board / --max-size / --reserve as typed -> (ram, max_size, reserve) in bytes.
+
+    Exactly one budget: a RAM size, this board's RAM (ram None), or the file size itself."""
+    if sum(x is not None and x is not False for x in (budget, max_size, this_board or None)) != 1:
+        raise EdgeMoEError("give exactly one of --budget, --board or --max-size", "e.g. --budget 12GiB")
+    def size(text):
+        return parse_size(text) if text else None
+
+    return size(budget), size(max_size), size(reserve)
+
+
+def plan_recipe(result: PlanResult, out: str | Path | None = None) -> Recipe:
+    """The plan as a Recipe to quantize with: the TOML written to `out`, else the result's own text."""
+    from .recipe import load_recipe, parse_recipe
+    from .tomlfile import load_toml
+
+    return load_recipe(out) if out else parse_recipe(load_toml(result.recipe_toml, "plan's recipe"), "plan")
 
 
 def plan(model: str | Path, imatrix: str | Path, text: str | Path, ram: int | None = None, ctx: int = 4096,

@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from ..errors import EdgeMoEError
 from ..units import human_bytes
 from . import app, bar_progress, console, emit_json, run_model
 
@@ -53,20 +52,17 @@ def bench(
     from .. import cluster
 
     worker_list = cluster.parse_workers(workers) if workers is not None else None
-    try:
-        pp, tg = (int(v) for v in pg.split(","))
-    except ValueError:
-        raise EdgeMoEError(f"--pg {pg!r} is not PP,TG", "write it like 128,128") from None
+    pg_lengths = stage.parse_pg(pg)
     with bar_progress() as bar:
         task = bar.add_task("llama-bench", total=None)
 
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
-        listed = [m.strip() for m in (models_opt or "").split(",") if m.strip()]
-        result = stage.bench([run_model(m) for m in (*(models or []), *listed)], builds=[b for b in (builds or "").split(",") if b.strip()] or None,
+        result = stage.bench([run_model(m) for m in (*(models or []), *stage.split_list(models_opt))],
+                             builds=stage.split_list(builds) or None,
                              threads=stage.parse_threads(threads), reps=reps, n_prompt=n_prompt, n_gen=n_gen,
-                             pg=(pp, tg), out_dir=out, bandwidth=not no_bandwidth, progress=progress,
+                             pg=pg_lengths, out_dir=out, bandwidth=not no_bandwidth, progress=progress,
                              workers=worker_list)
     if as_json:
         emit_json(result)

@@ -13,22 +13,6 @@ from ..errors import EdgeMoEError
 from . import app, console, emit_json, err_console, run_model
 
 
-def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
-    if prompt is not None and prompt_file is not None:
-        raise EdgeMoEError("give the prompt once: -p TEXT or -f FILE, not both", "drop one of -p / -f")
-    if prompt_file is not None:
-        try:
-            text = sys.stdin.read() if str(prompt_file) == "-" else prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise EdgeMoEError(f"cannot read prompt file {prompt_file}: {e}", "give a readable UTF-8 text file") from e
-        if not text.strip():
-            raise EdgeMoEError(f"prompt file {prompt_file} is empty", "write the question into it, or use -p TEXT")
-        return text.strip("\n")
-    if prompt is None or not prompt.strip():
-        raise EdgeMoEError("no prompt given", "ask with -p 'What is 51 - 29?' or -f question.txt")
-    return prompt
-
-
 @app.command()
 def run(
     model: str = typer.Argument(..., help="A GGUF file, or NAME[:TAG] from `edgemoe list` (NAME alone: the GGUF you made last, else the pulled one)."),
@@ -72,7 +56,7 @@ def run(
     if prompt and len(prompt) > 1:
         raise EdgeMoEError(f"run asks one question, and -p was given {len(prompt)} times",
                            "ask them one run at a time, or all at once with `edgemoe compare -p A -p B`")
-    text = _read_prompt(prompt[0] if prompt else None, prompt_file)
+    text = generate.read_prompt(prompt[0] if prompt else None, prompt_file)
     worker_list = cluster.parse_workers(workers) if workers is not None else None
     if worker_list and not cluster.supervised():  # the child does the run; this process names a worker that dies
         raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))

@@ -7,9 +7,8 @@ from typing import Optional
 
 import typer
 
-from ..errors import EdgeMoEError
-from ..units import human_bytes, parse_size
-from . import app, console, counter_progress, emit_json, quantize_bar, source_model
+from ..units import human_bytes
+from . import app, console, counter_progress, emit_json, quantize_bar, source_model, step_progress
 
 
 @app.command("plan")
@@ -48,39 +47,23 @@ def plan_cmd(
     Example: edgemoe plan ernie-thinking-bf16.gguf --budget 16GiB --ctx 8192 --out my16.toml --quantize
     """
     from .. import plan as stage
-    from ..imatrix import compute_imatrix, default_calibration_text
+    from ..imatrix import default_calibration_text, ensure_imatrix
 
-    if sum(x is not None and x is not False for x in (budget, max_size, board or None)) != 1:
-        raise EdgeMoEError("give exactly one of --budget, --board or --max-size", "e.g. --budget 12GiB")
-    ram = parse_size(budget) if budget else None
-    size = parse_size(max_size) if max_size else None
-    reserve_bytes = parse_size(reserve) if reserve else None
+    ram, size, reserve_bytes = stage.budget_options(budget, board, max_size, reserve)
     text = text or default_calibration_text()
     with quantize_bar(as_json) as bar:
         model = source_model(model, bar)
-        if imatrix is None:
-            imatrix = model.with_name(model.stem + ".imatrix.gguf")
-            if not imatrix.is_file():
-                compute_imatrix(model, text, imatrix, threads=threads, progress=counter_progress(bar, "imatrix", "chunks"))
-        tasks = {}
-
-        def progress(step, done, total):
-            if step not in tasks:
-                tasks[step] = bar.add_task(step, total=total, name="")
-            bar.update(tasks[step], completed=done, total=total)
-
+        imatrix = imatrix or ensure_imatrix(model, text, threads=threads,
+                                            progress=counter_progress(bar, "imatrix", "chunks"))
         result = stage.plan(model, imatrix, text, ram=ram, ctx=ctx, max_size=size, reserve=reserve_bytes,
                             arm_fast=arm_fast, out=out,
-                            threads=threads, max_chunks=chunks, progress=progress, reference=reference,
+                            threads=threads, max_chunks=chunks, progress=step_progress(bar), reference=reference,
                             min_every_token=None if min_every_token.lower() == "none" else min_every_token)
         if do_quantize:
             from ..quantize import quantize as run_quantize
-            from ..recipe import load_recipe, parse_recipe
-            from ..tomlfile import load_toml
 
-            recipe = load_recipe(out) if out else parse_recipe(load_toml(result.recipe_toml, "plan's recipe"), "plan")
             task = bar.add_task("quantize", total=None, name="")
-            q = run_quantize(model, recipe, out=gguf_out, imatrix=imatrix, threads=threads,
+            q = run_quantize(model, stage.plan_recipe(result, out), out=gguf_out, imatrix=imatrix, threads=threads,
                              progress=lambda i, n, name: bar.update(task, completed=i, total=n, name=name))
             result.quantized = q.out
     if as_json:
