@@ -12,6 +12,7 @@ import json
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -35,6 +36,24 @@ def emit_json(result) -> None:
     """Machine output for --json: a dataclass (or dict) as one JSON document on stdout."""
     data = asdict(result) if is_dataclass(result) else result
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# ---- options every command spells the same way (declared here once; the wording of `what` may vary) ----
+
+
+def json_option(what: str = "the result") -> Any:
+    """--json: machine output instead of tables."""
+    return typer.Option(False, "--json", help=f"Print {what} as one JSON document on stdout.")
+
+
+def threads_option(default: str = "the physical cores this process may use") -> Any:
+    """--threads / -t: CPU threads for llama.cpp; None lets the stage choose."""
+    return typer.Option(None, "--threads", "-t", min=1, help=f"CPU threads (default: {default}).")
+
+
+def ctx_option(default: int, what: str, minimum: int = 1) -> Any:
+    """--ctx / -c: a length in tokens (the context window, or the chunk a tool evaluates at once)."""
+    return typer.Option(default, "--ctx", "-c", min=minimum, help=what)
 
 
 def say_choice(choice) -> None:

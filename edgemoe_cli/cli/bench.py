@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, bar_progress, console, emit_json, run_model
+from . import app, bar_progress, console, emit_json, json_option, run_model
 
 
 @app.command()
@@ -23,7 +23,7 @@ def bench(
     pg: str = typer.Option("128,128", "--pg", help="The combined prompt+generation test, PP,TG."),
     out: Optional[Path] = typer.Option(Path("bench"), "--out", "-o", help="Directory for bench.json, bench.md and the PNG plots."),
     no_bandwidth: bool = typer.Option(False, "--no-bandwidth", help="Skip the copy-bandwidth measurement and the tg ceiling."),
-    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    as_json: bool = json_option("the results"),
     workers: Optional[str] = typer.Option(None, "--workers", help="HOST:PORT,... of `edgemoe worker`s: split each "
                                           "model across them and this machine by memory, as run does."),
 ) -> None:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 
-import typer
 
-from . import app, console, emit_json
+from . import app, console, ctx_option, emit_json, json_option
 
 
 def _gib(n: int) -> str:
@@ -14,8 +13,8 @@ def _gib(n: int) -> str:
 
 @app.command()
 def doctor(
-    ctx: int = typer.Option(4096, "--ctx", min=1, help="Context length the memory-fit check assumes (f16 KV cache)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout instead of tables."),
+    ctx: int = ctx_option(4096, "Context length the memory-fit check assumes (f16 KV cache)."),
+    as_json: bool = json_option("the report"),
 ) -> None:
     """What this machine can do for ERNIE-4.5-21B-A3B, and how to build llama.cpp for it.
 

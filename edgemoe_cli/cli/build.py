@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from . import app, console, emit_json, err_console
+from . import app, console, emit_json, err_console, json_option
 
 
 @app.command()
@@ -28,7 +28,7 @@ def build(
     activate: bool = typer.Option(True, "--activate/--no-activate", help="Make a native build the one the binding "
                                   "and tools use (builds/native-current). --no-activate builds for comparison only."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the cmake lines (and generated files); build nothing."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    as_json: bool = json_option("the build (or with --dry-run the plan)"),
 ) -> None:
     """Build llama.cpp's tools and libraries for this board (or for aarch64).
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, bar_progress, console, emit_json, run_model
+from . import app, bar_progress, console, ctx_option, emit_json, json_option, run_model, threads_option
 
 
 @app.command()
@@ -21,11 +21,11 @@ def compare(
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (default 0: greedy, deterministic)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed, for repeatable runs at --temp > 0."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message for both variants."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: physical cores)."),
-    ctx: int = typer.Option(4096, "--ctx", "-c", min=0, help="Context length in tokens."),
+    threads: Optional[int] = threads_option(),
+    ctx: int = ctx_option(4096, "Context length in tokens.", minimum=0),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write a Markdown report here (and its .json twin)."),
     show: int = typer.Option(8, "--show", min=0, help="Side-by-side panels for at most this many prompts."),
-    as_json: bool = typer.Option(False, "--json", help="Print the whole comparison as JSON."),
+    as_json: bool = json_option("the whole comparison"),
 ) -> None:
     """Ask ERNIE-4.5 PT and Thinking the same prompts and put the answers, timings and accuracy side by side.
 

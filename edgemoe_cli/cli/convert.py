@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from . import app, console, emit_json, err_console
+from . import app, console, emit_json, err_console, json_option
 
 
 @app.command()
@@ -14,7 +14,7 @@ def convert(
     src: str = typer.Argument(..., help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model), or a model name from `edgemoe models` (pulled or local)."),
     out: Path = typer.Option(..., "--out", "-o", help="GGUF file to write (written as OUT.part, renamed when complete)."),
     outtype: str = typer.Option("f16", "--outtype", help="Weight type: f32, f16, bf16 or q8_0."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a summary."),
+    as_json: bool = json_option(),
 ) -> None:
     """Convert an ERNIE-4.5 checkpoint (MoE or dense) from Hugging Face layout to GGUF, without torch.
 

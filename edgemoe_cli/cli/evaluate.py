@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, console, counter_progress, emit_json, quantize_bar, run_model, source_model
+from . import app, console, counter_progress, ctx_option, emit_json, json_option, quantize_bar, run_model, source_model, threads_option
 
 
 @app.command("eval")
@@ -15,10 +15,10 @@ def eval_cmd(
     model: str = typer.Argument(..., help="The GGUF to judge (e.g. a quantization), or NAME[:TAG]."),
     base: str = typer.Option(..., "--base", help="The reference GGUF (the unquantized model), or a model NAME (its unquantized GGUF)."),
     text: Path = typer.Option(..., "--text", help="Evaluation text; keep it disjoint from the imatrix's calibration text."),
-    ctx: int = typer.Option(512, "--ctx", min=16, help="Chunk length in tokens; the second half of each chunk is scored."),
+    ctx: int = ctx_option(512, "Chunk length in tokens; the second half of each chunk is scored.", minimum=16),
     chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Use at most this many chunks."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    threads: Optional[int] = threads_option("all CPUs"),
+    as_json: bool = json_option(),
 ) -> None:
     """Perplexity, KL divergence to the base model (mean, median, p99, max) and top-1 agreement.
 

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from ..errors import EdgeMoEError
-from . import app, console, emit_json, err_console, run_model
+from . import app, console, ctx_option, emit_json, err_console, json_option, run_model, threads_option
 
 
 @app.command()
@@ -20,12 +20,12 @@ def run(
     prompt_file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the user message from FILE (- = stdin)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message, placed as the chat template says."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop after this many generated tokens."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: the physical cores this process may use)."),
-    ctx: int = typer.Option(4096, "--ctx", "-c", min=0, help="Context length in tokens (0 = the model's own)."),
+    threads: Optional[int] = threads_option(),
+    ctx: int = ctx_option(4096, "Context length in tokens (0 = the model's own).", minimum=0),
     temp: float = typer.Option(0.8, "--temp", min=0.0, help="Sampling temperature; 0 = greedy and deterministic."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed, for repeatable runs at --temp > 0."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the library loaded and its system_info."),
-    as_json: bool = typer.Option(False, "--json", help="No streaming; one JSON document with the reply and timings."),
+    as_json: bool = json_option("the reply and its timings, without streaming,"),
     workers: Optional[str] = typer.Option(None, "--workers", help="HOST:PORT,... of `edgemoe worker`s: split the "
                                           "model's layers across them and this machine by free memory."),
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, console, emit_json, err_console
+from . import app, console, emit_json, err_console, json_option
 
 
 @app.command()
@@ -19,7 +19,7 @@ def pull(
     quant: Optional[str] = typer.Option(None, "--quant", "-q", help="With --format gguf: which quant, e.g. Q4_0, Q4_K_M."),
     dest: Optional[Path] = typer.Option(None, "--dest", help="Hugging Face cache directory to use instead of $HF_HOME/hub."),
     token: Optional[str] = typer.Option(None, "--token", help="Hub token for gated/private repos (default: $HF_TOKEN)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result (commit, files, sizes, sha256) as JSON."),
+    as_json: bool = json_option("the result (commit, files, sizes, sha256)"),
 ) -> None:
     """Download a model from the Hugging Face Hub, resumably, and verify every byte.
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, console, counter_progress, emit_json, quantize_bar, source_model
+from . import app, console, counter_progress, ctx_option, emit_json, json_option, quantize_bar, source_model, threads_option
 
 
 @app.command("imatrix")
@@ -15,10 +15,10 @@ def imatrix_cmd(
     model: str = typer.Argument(..., help="The GGUF to measure (f32/f16/bf16 or Q8_0), or a model NAME[:TAG]."),
     text: Optional[Path] = typer.Option(None, "--text", help="Calibration text (default: edgemoe's own data/calib/calibration.txt)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output imatrix (default: MODEL.imatrix.gguf beside the model)."),
-    ctx: int = typer.Option(512, "--ctx", min=32, help="Tokens per chunk."),
+    ctx: int = ctx_option(512, "Tokens per chunk.", minimum=32),
     chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Use at most this many chunks of the text."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    threads: Optional[int] = threads_option("all CPUs"),
+    as_json: bool = json_option(),
 ) -> None:
     """Compute an importance matrix with llama-imatrix (GGUF format, per-expert token counts kept).
 

@@ -9,11 +9,11 @@ import typer
 
 from ..errors import EdgeMoEError
 from ..units import human_bytes
-from . import app, console, emit_json
+from . import app, console, emit_json, json_option
 
 
 @app.command("list")
-def list_store(as_json: bool = typer.Option(False, "--json", help="Print the store contents as JSON.")) -> None:
+def list_store(as_json: bool = json_option("the store contents")) -> None:
     """List what the local store holds, as you type it: NAME for a pulled checkpoint, NAME:TAG for each GGUF.
 
     Every command that takes a model accepts these: `edgemoe run NAME:edge-balanced`, `edgemoe quantize NAME`. States: pulled (a verified pull manifest; files in the Hugging Face cache), converted (gguf/NAME/*.gguf from `edgemoe convert`), quantized (a GGUF whose manifest names a recipe), pruned (from `edgemoe prune`). The store is $EDGEMOE_HOME (default ~/.cache/edgemoe).
@@ -40,7 +40,7 @@ def list_store(as_json: bool = typer.Option(False, "--json", help="Print the sto
 def rm(
     model: str = typer.Argument(..., help="NAME (everything the store holds for it) or NAME:TAG (one GGUF), as `edgemoe list` shows."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting."),
-    as_json: bool = typer.Option(False, "--json", help="Print what was deleted as JSON (needs --yes)."),
+    as_json: bool = json_option("what was deleted (needs --yes)"),
 ) -> None:
     """Free disk: delete a model (or one of its GGUFs) from the store.
 

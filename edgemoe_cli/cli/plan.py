@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, console, counter_progress, emit_json, quantize_bar, source_model, step_progress
+from . import app, console, counter_progress, ctx_option, emit_json, json_option, quantize_bar, source_model, step_progress, threads_option
 
 
 @app.command("plan")
@@ -17,7 +17,7 @@ def plan_cmd(
     budget: Optional[str] = typer.Option(None, "--budget", help="RAM budget, e.g. 12GiB (KV cache and reserve are subtracted)."),
     board: bool = typer.Option(False, "--board", help="Use this machine's RAM (as `edgemoe doctor` detects it) as the budget."),
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Budget the file size directly (no KV/reserve subtracted)."),
-    ctx: int = typer.Option(4096, "--ctx", min=1, help="Context length to keep KV cache room for."),
+    ctx: int = ctx_option(4096, "Context length to keep KV cache room for."),
     reserve: Optional[str] = typer.Option(None, "--reserve", help="Runtime reserve (default: doctor's, 1 GiB)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (default: computed with `edgemoe imatrix` on --text)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Calibration text for the imatrix and the KLD measurements (default: data/calib/calibration.txt)."),
@@ -28,8 +28,8 @@ def plan_cmd(
     chunks: int = typer.Option(16, "--chunks", min=1, help="Chunks of --text per KLD calibration measurement."),
     min_every_token: str = typer.Option("q4_k", "--min-every-token", help="Lowest type for tensors every token uses (attention, shared experts, dense FFN, embedding); `none` for no floor."),
     reference: str = typer.Option("source", "--reference", help="Measure gains against the model as given (source) or at Q8_0 (q8_0: half the RAM, for 21B on a 32 GB machine)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads."),
-    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    threads: Optional[int] = threads_option("all CPUs"),
+    as_json: bool = json_option("the plan"),
 ) -> None:
     """Choose a quantization type per tensor that fits a memory budget with the least predicted quality loss.
 

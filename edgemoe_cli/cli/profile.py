@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, bar_progress, console, emit_json, run_model
+from . import app, bar_progress, console, ctx_option, emit_json, json_option, run_model, threads_option
 
 
 @app.command()
@@ -16,9 +16,9 @@ def profile(
     text: Path = typer.Option(..., "--text", help="UTF-8 text to route through the model (your workload)."),
     out: Path = typer.Option(Path("profile"), "--out", "-o", help="Directory for profile.json and expert-usage.png."),
     max_tokens: int = typer.Option(8192, "--max-tokens", "-n", min=1, help="Route at most this many tokens of the text."),
-    ctx: int = typer.Option(512, "--ctx", min=16, help="Window length: the text is evaluated in windows this long."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: physical cores)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
+    ctx: int = ctx_option(512, "Window length: the text is evaluated in windows this long.", minimum=16),
+    threads: Optional[int] = threads_option(),
+    as_json: bool = json_option(),
 ) -> None:
     """Which routed experts a text really uses, layer by layer, measured inside llama.cpp.
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, bar_progress, console, emit_json, run_model
+from . import app, bar_progress, console, emit_json, json_option, run_model, threads_option
 
 
 @app.command()
@@ -19,8 +19,8 @@ def prune(
     usage: Optional[Path] = typer.Option(None, "--usage", help="Score experts by usage counts from `edgemoe profile`'s profile.json."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output GGUF (default: MODEL.keepN.gguf beside MODEL)."),
     max_tokens: int = typer.Option(8192, "--max-tokens", "-n", min=1, help="With --text: route at most this many tokens."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: physical cores)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    threads: Optional[int] = threads_option(),
+    as_json: bool = json_option(),
 ) -> None:
     """Drop the least important routed experts of every MoE layer; the result runs in stock llama.cpp.
 

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, console, emit_json, err_console, quantize_bar, source_model
+from . import app, console, emit_json, err_console, json_option, quantize_bar, source_model, threads_option
 
 
 @app.command()
@@ -17,8 +17,8 @@ def quantize(
     recipe: str = typer.Option("edge-balanced", "--recipe", "-r", help="Recipe name, recipe .toml file, or stock:FTYPE (llama.cpp's own mix, e.g. stock:Q4_K_M)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix from `edgemoe imatrix` (strongly advised below 5 bits)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output GGUF (default: <store>/gguf/<model>/<recipe>.gguf)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="Quantization threads (default: all CPUs)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    threads: Optional[int] = threads_option("all CPUs"),
+    as_json: bool = json_option(),
 ) -> None:
     """Quantize a GGUF with a recipe through llama.cpp, then verify every tensor got the recipe's type.
 

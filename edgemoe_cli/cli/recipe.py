@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, console, emit_json, err_console
+from . import app, console, emit_json, err_console, json_option
 
 
 recipe_app = typer.Typer(help="Quantization recipes: ordered `pattern -> type` rules over GGUF tensor names.",
@@ -23,7 +23,7 @@ def _print_problems(problems) -> None:
 
 
 @recipe_app.command("list")
-def recipe_list(as_json: bool = typer.Option(False, "--json", help="Print the recipes as JSON.")) -> None:
+def recipe_list(as_json: bool = json_option("the recipes")) -> None:
     """The built-in recipes (configs/recipes/*.toml) and what each is for."""
     from ..recipe import builtin_names, load_recipe
 
@@ -41,7 +41,7 @@ def recipe_show(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A GGUF to apply it to (f32/f16/bf16)."),
     imatrix: bool = typer.Option(True, "--imatrix/--no-imatrix", help="Whether you will quantize with an imatrix (IQ2/IQ1 types need one)."),
     all_tensors: bool = typer.Option(False, "--all", help="Also list tensors llama.cpp never quantizes (norms, router)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the explanation as JSON."),
+    as_json: bool = json_option("the explanation"),
 ) -> None:
     """Explain a recipe: its rules, and with --model what every tensor becomes and why.
 

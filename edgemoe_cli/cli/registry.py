@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import typer
 
-from . import app, console, emit_json
+from . import app, console, emit_json, json_option
 
 
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
+def models(as_json: bool = json_option("the registry")) -> None:
     """List the models edgemoe knows by name (configs/models.toml): repo, pinned revision, variant, formats.
 
     Any of these names works where a command takes a model: `edgemoe pull NAME`, `edgemoe convert NAME`.
