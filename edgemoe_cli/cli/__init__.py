@@ -8,6 +8,7 @@ leave as one red line on stderr with exit code 2.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from dataclasses import asdict, is_dataclass
@@ -157,6 +158,39 @@ def main() -> None:
         raise
 
 
+def unwrap_help(doc: str) -> str:
+    """A command's docstring as --help should take it: each paragraph (and each `- ` item) one line, so rich wraps
+    it at the terminal's width instead of breaking the source's lines again; example paragraphs stay as written."""
+    paragraphs = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        lines = para.split("\n")
+        indented = not lines[0].startswith("- ") and any(line.startswith(" ") for line in lines)
+        if indented or any(line.lstrip().startswith(("edgemoe ", "$ ", "Example")) for line in lines):
+            paragraphs.append(para)
+            continue
+        items: list[str] = []
+        for line in lines:
+            if line.startswith("- ") or not items:
+                items.append(line.strip())
+            else:
+                items[-1] += " " + line.strip()
+        paragraphs.append("\n".join(items))
+    return "\n\n".join(paragraphs)
+
+
+def _unwrap_all_help(typer_app: typer.Typer) -> None:
+    for command in typer_app.registered_commands:
+        if command.help is None and command.callback is not None and command.callback.__doc__:
+            command.help = unwrap_help(command.callback.__doc__)
+    for group in typer_app.registered_groups:
+        _unwrap_all_help(group.typer_instance)
+
+
 # The commands, one module each, named after the stage module it calls; importing one registers it on `app`
 # (the order here is the order of `edgemoe --help`).
-from . import convert, board, generate, serve, cluster, build, hub, registry, models, recipe, quantize, imatrix, evaluate, plan, profile, prune, compare, bench  # noqa: E402, F401
+from . import (  # noqa: E402, F401
+    convert, board, generate, serve, cluster, build, hub, registry, models, recipe, quantize, imatrix, evaluate, plan,
+    profile, prune, compare, bench,
+)
+
+_unwrap_all_help(app)

@@ -30,13 +30,13 @@ def bench(
     """Measure prompt and generation speed with llama-bench over models x builds x thread counts.
 
     For every build (e.g. a plain one and an Armv9+KleidiAI one from `edgemoe build`) and every model (one per
-    recipe), one `llama-bench -o json` run covers all thread counts and three tests: ppN (prompt processing),
-    tgN (generation) and PP+TG combined, each repeated --reps times. The results go to bench.json and bench.md
+    recipe), one `llama-bench -o json` run covers all thread counts and three tests: ppN (prompt processing), tgN
+    (generation) and PP+TG combined, each repeated --reps times. The results go to bench.json and bench.md
     (tokens/s, mean ± stddev) with PNG plots: tokens/s vs threads per build, and tokens/s vs file size per recipe.
 
-    It also measures this machine's memory copy bandwidth and, from each GGUF's tensor sizes, the bytes of
-    weights one generated token reads (routed experts at top-k of n): their ratio is the ceiling for tg, and each
-    model's best tg is shown as a share of it.
+    It also measures this machine's memory copy bandwidth and, from each GGUF's tensor sizes, the bytes of weights
+    one generated token reads (routed experts at top-k of n): their ratio is the ceiling for tg, and each model's
+    best tg is shown as a share of it.
 
     The Arm Learning Path's Orion O6 numbers (ERNIE-4.5-21B-A3B-Thinking Q4_0, 8 threads: pp512 14.96 -> 38.51,
     tg128 12.03 -> 15.96 tok/s, plain build -> armv9-a+i8mm+dotprod+sve with KleidiAI) are shown as a labelled
@@ -67,6 +67,10 @@ def bench(
     if as_json:
         emit_json(result)
         return
+    _print_bench(result)
+
+
+def _print_bench(result) -> None:
     from rich.table import Table
 
     table = Table(title="llama-bench (measured here)")

@@ -18,17 +18,14 @@ def doctor(
 ) -> None:
     """What this machine can do for ERNIE-4.5-21B-A3B, and how to build llama.cpp for it.
 
-    Reports the OS, CPU model, core types (big/little where the kernel's
-    cpu_capacity tells), the ISA features ggml uses (aarch64: asimddp, i8mm,
-    bf16, sve, sve2, sme; x86: the AVX family), the SVE vector length, RAM
-    total and available, free disk where models are stored, and llama.cpp's
-    own system_info from the library the Python binding loads (or why it
-    could not be loaded).
+    Reports the OS, CPU model, core types (big/little where the kernel's cpu_capacity tells), the ISA features ggml
+    uses (aarch64: asimddp, i8mm, bf16, sve, sve2, sme; x86: the AVX family), the SVE vector length, RAM total and
+    available, free disk where models are stored, and llama.cpp's own system_info from the library the Python
+    binding loads (or why it could not be loaded).
 
-    Recommends the GGML_CPU_ARM_ARCH string `edgemoe build` uses and says
-    whether the model fits at Q4_0, Q4_K_M and Q8_0 in this machine's RAM:
-    need = weights + KV cache + 1 GiB runtime reserve, where the f16 KV
-    cache is 2 x 28 layers x 4 KV heads x 128 x 2 bytes x ctx.
+    Recommends the GGML_CPU_ARM_ARCH string `edgemoe build` uses and says whether the model fits at Q4_0, Q4_K_M and
+    Q8_0 in this machine's RAM: need = weights + KV cache + 1 GiB runtime reserve, where the f16 KV cache is 2 x 28
+    layers x 4 KV heads x 128 x 2 bytes x ctx.
 
     Example: edgemoe doctor --ctx 32768 --json
     """

@@ -32,33 +32,26 @@ def build(
 ) -> None:
     """Build llama.cpp's tools and libraries for this board (or for aarch64).
 
-    Compiles llama-cli, llama-server, llama-quantize, llama-imatrix,
-    llama-perplexity, llama-bench, llama-gguf-split (and llama-completion,
-    llama-simple, llama-tokenize) with shared libllama/libggml into
-    <store>/builds/<key>/{bin,lib}. The key hashes the source, target,
-    flags and compiler: the same build again is a cache hit, instant.
+    Compiles llama-cli, llama-server, llama-quantize, llama-imatrix, llama-perplexity, llama-bench, llama-gguf-split
+    (and llama-completion, llama-simple, llama-tokenize) with shared libllama/libggml into
+    <store>/builds/<key>/{bin,lib}. The key hashes the source, target, flags and compiler: the same build again is a
+    cache hit, instant.
 
-    On Arm the flags come from the CPU: the GGML_CPU_ARM_ARCH that
-    `edgemoe doctor` recommends (only extensions every core has),
-    GGML_NATIVE off, KleidiAI on. On x86 it is a -march=native build.
+    On Arm the flags come from the CPU: the GGML_CPU_ARM_ARCH that `edgemoe doctor` recommends (only extensions
+    every core has), GGML_NATIVE off, KleidiAI on. On x86 it is a -march=native build.
 
-    Every build proves itself before it is used: a smoke test quantizes the
-    shipped tiny ERNIE fixture with the build's own llama-quantize to F16,
-    Q8_0, Q4_0, Q4_K_M, Q6_K and IQ4_NL and runs each in a child process
-    (the tools, and for native builds the Python binding), comparing with
-    the F16 run; cross builds run it under qemu-aarch64 when it is
-    installed. A build that crashes or computes wrong is not activated;
-    where a known-bad CPU feature explains it (AMX on some x86 hosts) it is
-    rebuilt without that feature, and the output says so. The result is in
-    build.json, `build --json` and `edgemoe doctor`.
+    Every build proves itself before it is used: a smoke test quantizes the shipped tiny ERNIE fixture with the
+    build's own llama-quantize to F16, Q8_0, Q4_0, Q4_K_M, Q6_K and IQ4_NL and runs each in a child process (the
+    tools, and for native builds the Python binding), comparing with the F16 run; cross builds run it under
+    qemu-aarch64 when it is installed. A build that crashes or computes wrong is not activated; where a known-bad
+    CPU feature explains it (AMX on some x86 hosts) it is rebuilt without that feature, and the output says so. The
+    result is in build.json, `build --json` and `edgemoe doctor`.
 
-    A native build becomes builds/native-current once it has passed and
-    llama-cpp-python has loaded its libllama; from then on `edgemoe run`,
-    the other commands and the C++ tools all use this one build.
+    A native build becomes builds/native-current once it has passed and llama-cpp-python has loaded its libllama;
+    from then on `edgemoe run`, the other commands and the C++ tools all use this one build.
 
-    KleidiAI is downloaded by CMake at configure time; offline, pass
-    --kleidiai-src DIR (an extracted kleidiai-<tag>-src.tar.gz). With GCC 12
-    one KleidiAI file is compiled without loop vectorization (GCC 12.2
+    KleidiAI is downloaded by CMake at configure time; offline, pass --kleidiai-src DIR (an extracted
+    kleidiai-<tag>-src.tar.gz). With GCC 12 one KleidiAI file is compiled without loop vectorization (GCC 12.2
     crashes on it at -O3); the output says so.
 
     Examples:
@@ -69,42 +62,53 @@ def build(
 
       edgemoe build --arch armv8-a --no-kleidiai --no-activate
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from ..build import command_lines, load_manifest, plan_build, run_build, sve_warning
+    from ..build import command_lines, load_manifest, plan_build, sve_warning
 
     plan = plan_build(source=source, target=target, arch=arch, kleidiai=kleidiai,
                       kleidiai_src=str(kleidiai_src) if kleidiai_src else None, jobs=jobs)
     warning = sve_warning(plan)
     if dry_run:
-        if as_json:
-            emit_json(plan)
-            return
-        # plain stdout, never wrapped: these lines are meant to be copied into a shell
-        for name, text in ((plan.toolchain_file, plan.toolchain_text), (plan.kleidiai_fix_file, plan.kleidiai_fix_text)):
-            if name:
-                sys.stdout.write(f"# ---- {name}\n{text}")
-        sys.stdout.write("\n".join(command_lines(plan)) + "\n")
-        for note in plan.notes + ([warning] if warning else []):
-            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+        emit_json(plan) if as_json else _print_dry_run(plan, command_lines(plan), warning)
         return
     if not as_json and load_manifest(plan.out_dir) is None:
         err_console.print(f"building llama.cpp [bold]{plan.key}[/] ({plan.target}, arch {plan.arch}, "
                           f"KleidiAI {'on' if plan.kleidiai else 'off'}, -j{plan.jobs}) - log in {plan.work_dir}/build.log",
                           highlight=False)
-        for note in plan.notes:
-            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+        _print_notes(plan.notes)
+    result = _run_with_bar(plan, activate, disable=as_json)
+    emit_json(result) if as_json else _print_built(result, warning)
+
+
+def _run_with_bar(plan, activate: bool, disable: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..build import run_build
+
     with Progress(TextColumn("[bold]build[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=err_console, transient=True, disable=as_json) as bar:
+                  TextColumn("{task.description}"), console=err_console, transient=True, disable=disable) as bar:
         task = bar.add_task("", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total or None, description=what[-60:])
 
-        result = run_build(plan, progress=progress, make_current=activate)
-    if as_json:
-        emit_json(result)
-        return
+        return run_build(plan, progress=progress, make_current=activate)
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+def _print_dry_run(plan, lines: list[str], warning: str | None) -> None:
+    # plain stdout, never wrapped: these lines are meant to be copied into a shell
+    for name, text in ((plan.toolchain_file, plan.toolchain_text), (plan.kleidiai_fix_file, plan.kleidiai_fix_text)):
+        if name:
+            sys.stdout.write(f"# ---- {name}\n{text}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    _print_notes(plan.notes + ([warning] if warning else []))
+
+
+def _print_built(result, warning: str | None) -> None:
     state = "cached" if result.cached else f"built in {result.seconds / 60:.1f} min"
     console.print(f"llama.cpp [bold]{result.key}[/] {state}: {result.path}", highlight=False)
     if result.system_info:
@@ -115,5 +119,4 @@ def build(
         console.print(f"smoke test: {SmokeResult.from_dict(result.smoke).summary()}", highlight=False, markup=False)
     if result.current:
         console.print("the Python binding and the llama.cpp tools use this build (builds/native-current)")
-    for note in result.notes + ([warning] if warning else []):
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    _print_notes(result.notes + ([warning] if warning else []))

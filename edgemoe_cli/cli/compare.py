@@ -29,14 +29,14 @@ def compare(
 ) -> None:
     """Ask ERNIE-4.5 PT and Thinking the same prompts and put the answers, timings and accuracy side by side.
 
-    The variants run one after the other, each in its own process, so only one model is in memory at a time and
-    each peak RSS is that model's own. Replies come from the same generator as `edgemoe run` (greedy by default).
+    The variants run one after the other, each in its own process, so only one model is in memory at a time and each
+    peak RSS is that model's own. Replies come from the same generator as `edgemoe run` (greedy by default).
 
     The terminal shows, per prompt, a PT panel (the answer) beside a Thinking panel (the reasoning folded to one
     line, then the answer), then a metrics table: prompt and completion tokens, reasoning vs answer tokens, time to
     first token, generation tokens/s, wall time, load time, peak RSS and accuracy where prompts have expected
-    answers (see configs/prompts/compare.toml for the format and the checks). --out writes everything, both
-    replies in full, as Markdown plus JSON.
+    answers (see configs/prompts/compare.toml for the format and the checks). --out writes everything, both replies
+    in full, as Markdown plus JSON.
 
     Examples:
 
@@ -44,11 +44,6 @@ def compare(
 
         edgemoe compare --pt pt.gguf --thinking thinking.gguf --prompts arith-dev.jsonl --limit 50 --max-tokens 256
     """
-    from rich.columns import Columns
-    from rich.panel import Panel
-    from rich.table import Table
-    from rich.text import Text
-
     from .. import compare as stage
 
     with bar_progress() as bar:
@@ -61,15 +56,29 @@ def compare(
 
         thinking_path = run_model(thinking) if thinking is not None else None
         pt_path = run_model(pt) if pt is not None else None
-        result = stage.compare(thinking_path, pt_path, prompts_file=prompts, prompt=prompt or None, limit=limit, max_tokens=max_tokens,
-                               temp=temp, seed=seed, system=system, threads=threads, ctx=ctx, out=out,
-                               progress=progress)
+        result = stage.compare(thinking_path, pt_path, prompts_file=prompts, prompt=prompt or None, limit=limit,
+                               max_tokens=max_tokens, temp=temp, seed=seed, system=system, threads=threads, ctx=ctx,
+                               out=out, progress=progress)
     if as_json:
         emit_json(result)
         return
+    _print_panels(result.items[:show])
+    if len(result.items) > show:
+        console.print(f"[dim]… {len(result.items) - show} more prompts" + (" in the report" if out else "") + "[/]")
+    _print_metrics(*stage.metrics_rows(result))
+    if result.outputs:
+        console.print(f"wrote {result.outputs['markdown']} and {result.outputs['json']}", highlight=False)
+
+
+def _print_panels(items) -> None:
+    """Per prompt, the PT answer beside the Thinking answer, its reasoning folded to one line."""
+    from rich.columns import Columns
+    from rich.panel import Panel
+    from rich.text import Text
+
     mark = {True: " [green]✓[/]", False: " [red]✗[/]", None: ""}
     width = max(30, (console.width - 4) // 2)
-    for n, it in enumerate(result.items[:show], 1):
+    for n, it in enumerate(items, 1):
         console.rule(f"{n}. {it.prompt.text.splitlines()[0][:console.width - 10]}", align="left", style="dim")
         folded = Text()
         if it.thinking.reasoning:
@@ -81,9 +90,11 @@ def compare(
             Panel(Text(it.pt.answer or "(no answer)"), title="PT" + mark[it.pt.correct], width=width),
             Panel(folded, title="Thinking" + mark[it.thinking.correct], width=width),
         ]))
-    if len(result.items) > show:
-        console.print(f"[dim]… {len(result.items) - show} more prompts" + (" in the report" if out else "") + "[/]")
-    headers, rows = stage.metrics_rows(result)
+
+
+def _print_metrics(headers: list[str], rows: list) -> None:
+    from rich.table import Table
+
     # metrics down, variants across: two value columns fit any terminal width
     table = Table(title="PT vs Thinking (means per prompt; wall and load are totals)")
     table.add_column("metric")
@@ -93,5 +104,3 @@ def compare(
         table.add_row(h, *[f"{row[i]:.2f}" if isinstance(row[i], float) else ("–" if row[i] is None else str(row[i]))
                            for row in rows])
     console.print(table)
-    if result.outputs:
-        console.print(f"wrote {result.outputs['markdown']} and {result.outputs['json']}", highlight=False)

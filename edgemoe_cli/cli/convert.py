@@ -18,17 +18,14 @@ def convert(
 ) -> None:
     """Convert an ERNIE-4.5 checkpoint (MoE or dense) from Hugging Face layout to GGUF, without torch.
 
-    SRC is a checkpoint directory or the name of a pulled model. Reads
-    config.json, model.safetensors or its shards (with
-    model.safetensors.index.json), tokenizer.model, tokenizer_config.json and
-    generation_config.json, and writes the same file llama.cpp's
-    convert_hf_to_gguf.py would, byte for byte: a layer's experts stacked into
-    blk.N.ffn_{gate,up,down}_exps, norms, router and score bias in f32, the
-    SentencePiece vocabulary, special tokens and the chat template.
+    SRC is a checkpoint directory or the name of a pulled model. Reads config.json, model.safetensors or its shards
+    (with model.safetensors.index.json), tokenizer.model, tokenizer_config.json and generation_config.json, and
+    writes the same file llama.cpp's convert_hf_to_gguf.py would, byte for byte: a layer's experts stacked into
+    blk.N.ffn_{gate,up,down}_exps, norms, router and score bias in f32, the SentencePiece vocabulary, special tokens
+    and the chat template.
 
-    The conversion streams a block of rows at a time, so memory stays around
-    100-200 MB whatever the model. OUT is written as OUT.part and renamed
-    when complete; on any error nothing is left under OUT.
+    The conversion streams a block of rows at a time, so memory stays around 100-200 MB whatever the model. OUT is
+    written as OUT.part and renamed when complete; on any error nothing is left under OUT.
 
     Example: edgemoe convert ernie-4.5-21b-a3b-pt --out pt.gguf --outtype bf16
     """

@@ -31,22 +31,18 @@ def run(
 ) -> None:
     """Ask a GGUF model one question, with its own chat template, and stream the reply.
 
-    The prompt is rendered with the chat template stored in the GGUF
-    (tokenizer.chat_template): a PT model gets `User: ...\\nAssistant: `, a
-    Thinking model `<|im_start|>user ... <|im_start|>assistant\\n<think>\\n`.
-    A Thinking reply is split into its reasoning (shown dimmed) and its
-    answer (shown plain); the `</think>` and `<response>` tags are not shown.
-    Generation stops at end-of-sequence (`</s>`, `<|end_of_sentence|>`,
+    The prompt is rendered with the chat template stored in the GGUF (tokenizer.chat_template): a PT model gets
+    `User: ...\\nAssistant: `, a Thinking model `<|im_start|>user ... <|im_start|>assistant\\n<think>\\n`. A
+    Thinking reply is split into its reasoning (shown dimmed) and its answer (shown plain); the `</think>` and
+    `<response>` tags are not shown. Generation stops at end-of-sequence (`</s>`, `<|end_of_sentence|>`,
     `<|im_end|>`) or after --max-tokens.
 
-    The reply goes to stdout, one line of timings to stderr: prompt tokens
-    and prompt tokens/s, generated tokens and generation tokens/s (decode
-    steps after the first token, as llama-bench counts them), time to first
-    token, and peak resident memory.
+    The reply goes to stdout, one line of timings to stderr: prompt tokens and prompt tokens/s, generated tokens and
+    generation tokens/s (decode steps after the first token, as llama-bench counts them), time to first token, and
+    peak resident memory.
 
-    --json prints {reasoning, answer, raw, prompt_tokens, completion_tokens,
-    ttft_s, prompt_tps, gen_tps, peak_rss_bytes, tool_call, finish_reason,
-    library} instead of streaming.
+    --json prints {reasoning, answer, raw, prompt_tokens, completion_tokens, ttft_s, prompt_tps, gen_tps,
+    peak_rss_bytes, tool_call, finish_reason, library} instead of streaming.
 
     Examples: edgemoe run model.gguf -p "What is 51 - 29?" --temp 0
               edgemoe run model.gguf -f question.txt --system "Be brief." --json
@@ -61,34 +57,18 @@ def run(
     if worker_list and not cluster.supervised():  # the child does the run; this process names a worker that dies
         raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))
     model_path = run_model(model)
-    on_text = None
-    if not as_json:
-        out = sys.stdout
-        styled = console.is_terminal and not console.no_color
-        last_kind = [None]
-
-        # plain writes, not rich: a console.print per token would cost a visible share of tokens/s
-        def on_text(kind: str, piece: str) -> None:
-            if last_kind[0] == "reasoning" and kind == "answer":
-                out.write("\n\n")
-            last_kind[0] = kind
-            out.write(f"\x1b[2m{piece}\x1b[0m" if styled and kind == "reasoning" else piece)
-            out.flush()
-
     if verbose and not as_json:
         info = generate.binding_info()
         err_console.print(
             f"[dim]libllama: {info.library} ({info.source})\n{info.system_info}[/]", highlight=False, soft_wrap=True
         )
-    split = None
+    on_text = None if as_json else _streamer()
     if worker_list:
         result, split = cluster.run_split(model_path, text, worker_list, system=system, max_tokens=max_tokens,
                                           threads=threads, ctx=ctx, temp=temp, seed=seed, on_text=on_text)
     else:
-        result = generate.run(
-            model_path, text, system=system, max_tokens=max_tokens, threads=threads, ctx=ctx, temp=temp, seed=seed,
-            on_text=on_text,
-        )
+        result, split = generate.run(model_path, text, system=system, max_tokens=max_tokens, threads=threads, ctx=ctx,
+                                     temp=temp, seed=seed, on_text=on_text), None
     if as_json:
         emit_json({**asdict(result), "split": asdict(split)} if split else result)
         return
@@ -105,3 +85,20 @@ def run(
     if split:
         err_console.print("[dim]layers: " + ", ".join(f"{p.device} {p.layers}" for p in split.parts) + "[/]",
                           highlight=False)
+
+
+def _streamer():
+    """on_text for generate.run: reasoning dimmed (on a terminal), a blank line, then the answer, as it comes."""
+    out = sys.stdout
+    styled = console.is_terminal and not console.no_color
+    last_kind = [None]
+
+    # plain writes, not rich: a console.print per token would cost a visible share of tokens/s
+    def on_text(kind: str, piece: str) -> None:
+        if last_kind[0] == "reasoning" and kind == "answer":
+            out.write("\n\n")
+        last_kind[0] = kind
+        out.write(f"\x1b[2m{piece}\x1b[0m" if styled and kind == "reasoning" else piece)
+        out.flush()
+
+    return on_text

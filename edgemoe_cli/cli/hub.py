@@ -28,10 +28,10 @@ def pull(
     (models/NAME/manifest.json), and later commands accept NAME instead of a path.
 
     Before the first byte, the sizes from the Hub are checked against free disk (keeping EDGEMOE_DISK_RESERVE,
-    default 512M, free). An interrupted pull resumes where it stopped when you run the same command again.
-    Every LFS file's sha256 (and every small file's git id) is checked against the Hub; a mismatching file is
-    deleted and named. With HF_HUB_OFFLINE=1 the pull resolves from the cache and lists what is missing.
-    Honours HF_ENDPOINT, HF_TOKEN, HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE.
+    default 512M, free). An interrupted pull resumes where it stopped when you run the same command again. Every LFS
+    file's sha256 (and every small file's git id) is checked against the Hub; a mismatching file is deleted and
+    named. With HF_HUB_OFFLINE=1 the pull resolves from the cache and lists what is missing. Honours HF_ENDPOINT,
+    HF_TOKEN, HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE.
 
     Examples:
       edgemoe pull ernie-4.5-21b-a3b-thinking

@@ -22,11 +22,11 @@ def imatrix_cmd(
 ) -> None:
     """Compute an importance matrix with llama-imatrix (GGUF format, per-expert token counts kept).
 
-    For every weight matrix the sum of squared input activations per column is accumulated over the text, per
-    routed expert, with the number of tokens routed to each expert. `quantize --imatrix` uses it to spend
-    precision where activations are large; `plan` uses it to weight quantization errors; the per-expert counts
-    are a routing profile (imatrix.expert_usage). The default text mixes English and Chinese prose, Python and shell,
-    and step-by-step arithmetic. Needs `edgemoe build` (for llama-imatrix).
+    For every weight matrix the sum of squared input activations per column is accumulated over the text, per routed
+    expert, with the number of tokens routed to each expert. `quantize --imatrix` uses it to spend precision where
+    activations are large; `plan` uses it to weight quantization errors; the per-expert counts are a routing profile
+    (imatrix.expert_usage). The default text mixes English and Chinese prose, Python and shell, and step-by-step
+    arithmetic. Needs `edgemoe build` (for llama-imatrix).
 
     Example: edgemoe imatrix ernie-thinking-bf16.gguf --out ernie.imatrix.gguf
     """

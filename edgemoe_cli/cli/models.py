@@ -16,7 +16,10 @@ from . import app, console, emit_json, json_option
 def list_store(as_json: bool = json_option("the store contents")) -> None:
     """List what the local store holds, as you type it: NAME for a pulled checkpoint, NAME:TAG for each GGUF.
 
-    Every command that takes a model accepts these: `edgemoe run NAME:edge-balanced`, `edgemoe quantize NAME`. States: pulled (a verified pull manifest; files in the Hugging Face cache), converted (gguf/NAME/*.gguf from `edgemoe convert`), quantized (a GGUF whose manifest names a recipe), pruned (from `edgemoe prune`). The store is $EDGEMOE_HOME (default ~/.cache/edgemoe).
+    Every command that takes a model accepts these: `edgemoe run NAME:edge-balanced`, `edgemoe quantize NAME`.
+    States: pulled (a verified pull manifest; files in the Hugging Face cache), converted (gguf/NAME/*.gguf from
+    `edgemoe convert`), quantized (a GGUF whose manifest names a recipe), pruned (from `edgemoe prune`). The store
+    is $EDGEMOE_HOME (default ~/.cache/edgemoe).
     """
     from rich.table import Table
 
@@ -44,7 +47,8 @@ def rm(
 ) -> None:
     """Free disk: delete a model (or one of its GGUFs) from the store.
 
-    Only files inside the store are deleted. A pulled checkpoint's files live in the Hugging Face cache, which other tools share: rm forgets the pull (its manifest) and names those files; `hf cache delete` removes them.
+    Only files inside the store are deleted. A pulled checkpoint's files live in the Hugging Face cache, which other
+    tools share: rm forgets the pull (its manifest) and names those files; `hf cache delete` removes them.
     """
     from ..models import plan_removal, remove
 

@@ -34,15 +34,15 @@ def plan_cmd(
     """Choose a quantization type per tensor that fits a memory budget with the least predicted quality loss.
 
     File budget = RAM budget - KV cache for --ctx tokens (f16 K and V) - runtime reserve (1 GiB, as doctor).
-    Prediction, measured on this model: every tensor is quantized to every candidate type (Q2_K, Q3_K, IQ4_XS,
-    Q4_K, Q5_K, Q6_K, Q8_0; with --arm-fast Q4_0, IQ4_NL, Q8_0) and its imatrix-weighted output error computed;
-    one KL-divergence gain per tensor role (attn_q, ffn_down_exps, token_embd, ...) is measured by lowering only
-    that role and evaluating against the unquantized model. Predicted KLD of a mix = sum over tensors of gain x
-    error; an exact knapsack picks the mix. The lowered models are assembled by copying tensors out of the
-    whole-model quantizations (no re-quantizing), so measuring costs one quantization per candidate type plus one
-    KLD eval per role, per layer and for the Q8_0 floor (README: the cost at 21B).
-    Measurements are cached: a second plan for another budget is instant.
-    The plan is a recipe TOML (one rule per role and type, layers listed) you can read, edit and reuse.
+    Prediction, measured on this model: every tensor is quantized to every candidate type (Q2_K, Q3_K, IQ4_XS, Q4_K,
+    Q5_K, Q6_K, Q8_0; with --arm-fast Q4_0, IQ4_NL, Q8_0) and its imatrix-weighted output error computed; one
+    KL-divergence gain per tensor role (attn_q, ffn_down_exps, token_embd, ...) is measured by lowering only that
+    role and evaluating against the unquantized model. Predicted KLD of a mix = sum over tensors of gain x error; an
+    exact knapsack picks the mix. The lowered models are assembled by copying tensors out of the whole-model
+    quantizations (no re-quantizing), so measuring costs one quantization per candidate type plus one KLD eval per
+    role, per layer and for the Q8_0 floor (README: the cost at 21B). Measurements are cached: a second plan for
+    another budget is instant. The plan is a recipe TOML (one rule per role and type, layers listed) you can read,
+    edit and reuse.
 
     Example: edgemoe plan ernie-thinking-bf16.gguf --budget 16GiB --ctx 8192 --out my16.toml --quantize
     """
@@ -69,6 +69,10 @@ def plan_cmd(
     if as_json:
         emit_json(result)
         return
+    _print_plan(result, out)
+
+
+def _print_plan(result, out) -> None:
     from collections import Counter
 
     console.print(f"file budget {human_bytes(result.budget_bytes)} = {result.budget_formula}", highlight=False)

@@ -24,9 +24,9 @@ def prune(
 ) -> None:
     """Drop the least important routed experts of every MoE layer; the result runs in stock llama.cpp.
 
-    Each MoE layer keeps its own N best experts (llama.cpp needs the same count in every layer): the expert
-    tensors, the router's rows and the score-correction bias are sliced consistently and expert_count is set to N.
-    Experts per token (top-k) stay as they were, so N must be at least k. Works on any quantization.
+    Each MoE layer keeps its own N best experts (llama.cpp needs the same count in every layer): the expert tensors,
+    the router's rows and the score-correction bias are sliced consistently and expert_count is set to N. Experts
+    per token (top-k) stay as they were, so N must be at least k. Works on any quantization.
 
     Importance, per layer: with --text, REAP (mean of gate weight x expert output norm over the tokens routed to the
     expert, measured in llama.cpp); with --usage, how often `edgemoe profile` saw the expert picked; with neither, a

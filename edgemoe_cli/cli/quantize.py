@@ -22,13 +22,15 @@ def quantize(
 ) -> None:
     """Quantize a GGUF with a recipe through llama.cpp, then verify every tensor got the recipe's type.
 
-    The recipe is resolved to one explicit type per tensor first (`edgemoe recipe show` prints the same table);
-    any problem stops here, before quantizing. llama.cpp's quantizer then runs in-process (llama_model_quantize
-    with one anchored pattern per tensor, `pure`, and the imatrix), writing OUT.part; the result is read back with
-    gguf's GGUFReader and any tensor whose type differs from the recipe fails the command — no silent fallback.
-    A manifest (OUT.manifest.json: source, recipe, imatrix, sha256, types, versions) is written beside the file.
+    The recipe is resolved to one explicit type per tensor first (`edgemoe recipe show` prints the same table); any
+    problem stops here, before quantizing. llama.cpp's quantizer then runs in-process (llama_model_quantize with one
+    anchored pattern per tensor, `pure`, and the imatrix), writing OUT.part; the result is read back with gguf's
+    GGUFReader and any tensor whose type differs from the recipe fails the command — no silent fallback. A manifest
+    (OUT.manifest.json: source, recipe, imatrix, sha256, types, versions) is written beside the file.
 
-    MODEL may be a name: `edgemoe quantize ernie-4.5-21b-a3b-thinking --recipe edge-balanced` converts the pulled checkpoint into the store (gguf/NAME/bf16.gguf) when it is not there yet, then writes gguf/NAME/edge-balanced.gguf, which `edgemoe run NAME` then takes.
+    MODEL may be a name: `edgemoe quantize ernie-4.5-21b-a3b-thinking --recipe edge-balanced` converts the pulled
+    checkpoint into the store (gguf/NAME/bf16.gguf) when it is not there yet, then writes
+    gguf/NAME/edge-balanced.gguf, which `edgemoe run NAME` then takes.
 
     Example: edgemoe quantize ernie-thinking-bf16.gguf --recipe edge-balanced --imatrix ernie.imatrix.gguf
     """

@@ -24,7 +24,8 @@ def _print_problems(problems) -> None:
 
 @recipe_app.command("list")
 def recipe_list(as_json: bool = json_option("the recipes")) -> None:
-    """The built-in recipes (configs/recipes/*.toml) and what each is for."""
+    """The built-in recipes (configs/recipes/*.toml) and what each is for.
+    """
     from ..recipe import builtin_names, load_recipe
 
     recipes = [load_recipe(n) for n in builtin_names()]
@@ -47,12 +48,12 @@ def recipe_show(
 
     Rules are regular expressions searched in GGUF tensor names (blk.N.ffn_down_exps.weight, blk.N.attn_q.weight,
     token_embd.weight, ...); the first rule that matches a tensor decides its type, as in llama-quantize's
-    --tensor-type. The token_embedding and output keys take precedence over rules. With --model you get, per
-    tensor, the rule that decided, the type, bytes and bits per weight; a summary per group (routed experts, shared
-    experts, dense FFN, attention, embeddings, other) and the predicted file size. Problems are reported before any
+    --tensor-type. The token_embedding and output keys take precedence over rules. With --model you get, per tensor,
+    the rule that decided, the type, bytes and bits per weight; a summary per group (routed experts, shared experts,
+    dense FFN, attention, embeddings, other) and the predicted file size. Problems are reported before any
     quantization: unknown types, rules matching nothing, rows that are not a multiple of the type's block size
-    (llama.cpp would silently fall back to another type), very low-bit types without an imatrix, requantizing.
-    Exit code 2 when the recipe has errors for this model.
+    (llama.cpp would silently fall back to another type), very low-bit types without an imatrix, requantizing. Exit
+    code 2 when the recipe has errors for this model.
 
     Example: edgemoe recipe show edge-balanced --model ernie-thinking-bf16.gguf
     """
