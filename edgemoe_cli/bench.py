@@ -20,11 +20,12 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .errors import EdgeMoEError
+from .progress import Progress
 
 # Arm Learning Path "Run ERNIE-4.5 Mixture of Experts model on Armv9 with llama.cpp" (Radxa Orion O6, CIX P1):
 # ERNIE-4.5-21B-A3B-Thinking Q4_0, `llama-bench -pg 128,128 -t 8`, before and after rebuilding with
@@ -275,7 +276,7 @@ def bench(
     pg: tuple[int, int] = (128, 128),
     out_dir: str | Path | None = None,
     bandwidth: bool = True,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
     workers: list | None = None,
 ) -> BenchResult:
     """Benchmark every model with every build at every thread count; write JSON, Markdown and PNGs to `out_dir`.
@@ -299,7 +300,7 @@ def bench(
     splits: dict[str, list] = {}
     for i, (b, p) in enumerate(cells):
         if progress:
-            progress(f"{b.label} · {p.name}", i, len(cells))
+            progress("llama-bench", i, len(cells), f"{b.label} · {p.name}")
         args = llama_bench_args(p, threads, reps, n_prompt, n_gen, pg)
         if workers:
             from . import cluster
@@ -311,7 +312,7 @@ def bench(
         text = run_llama_bench(b, p, args)
         rows += parse_llama_bench(text, b.label, p, recipe_of(p))
     if progress:
-        progress("memory bandwidth", len(cells), len(cells))
+        progress("llama-bench", len(cells), len(cells), "memory bandwidth")
     ceilings = []
     if bandwidth:
         copy_threads = max(threads)

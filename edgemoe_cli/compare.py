@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import EdgeMoEError
+from .progress import Progress
 from .tomlfile import load_toml
 
 
@@ -288,11 +289,11 @@ def compare(
     threads: int | None = None,
     ctx: int = 4096,
     out: str | Path | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> CompareResult:
     """Answer the prompts with PT then Thinking; if `out` is given, write `out` (Markdown) and its .json twin.
 
-    `progress(variant, done, total)` is called as prompts complete.
+    `progress` (progress.Progress) gets one step per variant ("PT", "Thinking") as its prompts complete.
     """
     if out is not None and Path(out).suffix.lower() == ".json":
         raise EdgeMoEError(f"--out {out} is where the Markdown report goes, and its JSON twin would be the same file",
@@ -314,7 +315,8 @@ def compare(
     answers: dict[str, list[Answer]] = {}
     summary: dict[str, VariantSummary] = {}
     for variant in VARIANTS:
-        cb = (lambda done, v=variant: progress(v, done, len(prompts))) if progress else None
+        label = "Thinking" if variant == "thinking" else "PT"
+        cb = (lambda done, v=label: progress(v, done, len(prompts), "prompts")) if progress else None
         raw, load_s, peak, library = run_variant(models[variant], prompts, settings, cb)
         rows = []
         for p, r in zip(prompts, raw):

@@ -19,11 +19,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from .errors import EdgeMoEError
+from .progress import Progress
 from .store import atomic_output, home, sha256_file
 
 
@@ -80,7 +80,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def _forward(llm, chunks: list[list[int]], ctx: int, progress=None):
+def _forward(llm, chunks: list[list[int]], ctx: int, progress=None, step: str = "eval"):
     """Yield (log-probs [scored, vocab] float32, next-token ids) for each chunk's second half."""
     first = ctx // 2
     for i, chunk in enumerate(chunks):
@@ -89,7 +89,7 @@ def _forward(llm, chunks: list[list[int]], ctx: int, progress=None):
         logits = np.asarray(llm.scores[first:len(chunk) - 1], dtype=np.float32)
         yield _log_softmax(logits), np.asarray(chunk[first + 1:], dtype=np.int64)
         if progress:
-            progress(i + 1, len(chunks))
+            progress(step, i + 1, len(chunks), "chunks")
 
 
 # content hash of each file version this process has hashed: (device, inode, size, mtime) -> sha256
@@ -127,7 +127,7 @@ def base_logprobs(base: str | Path, text: str | Path, ctx: int = 512, threads: i
     top1 = path.with_suffix(".top1.npy")
     if not (path.is_file() and top1.is_file()):
         rows, best = [], []
-        for lp, _ in _forward(llm, chunks, ctx, progress):
+        for lp, _ in _forward(llm, chunks, ctx, progress, "eval base"):
             rows.append(lp.astype(np.float16))
             best.append(lp.argmax(axis=1).astype(np.int32))  # exact: float16 rounding can tie the top two
         for target, array in ((path, np.concatenate(rows)), (top1, np.concatenate(best))):
@@ -139,7 +139,7 @@ def base_logprobs(base: str | Path, text: str | Path, ctx: int = 512, threads: i
 
 
 def evaluate(model: str | Path, base: str | Path, text: str | Path, ctx: int = 512, threads: int | None = None,
-             max_chunks: int | None = None, progress: Callable[[int, int], None] | None = None) -> EvalResult:
+             max_chunks: int | None = None, progress: Progress | None = None) -> EvalResult:
     """PPL of `model` and `base`, KLD(base || model) statistics and top-1 agreement on `text`."""
     t0 = time.perf_counter()
     model, base, text = Path(model), Path(base), Path(text)

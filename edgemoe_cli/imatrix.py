@@ -150,7 +150,7 @@ def compute_imatrix(model: str | Path, text: str | Path | None = None, out: str 
                     progress=None) -> ImatrixResult:
     """Run llama-imatrix on `text` and write a GGUF imatrix to `out` (atomically).
 
-    `progress(done, total)` is called per processed chunk when llama-imatrix reports it.
+    `progress` (progress.Progress) gets step "imatrix" and chunks done when llama-imatrix reports them.
     """
     import os
     import time
@@ -177,7 +177,7 @@ def compute_imatrix(model: str | Path, text: str | Path | None = None, out: str 
         if m := re.search(r"computing over (\d+) chunks", line):
             total[0] = int(m.group(1))
         elif progress and (done := re.findall(r"\[(\d+)\]", line)):
-            progress(int(done[-1]), total[0])
+            progress("imatrix", int(done[-1]), total[0], "chunks")
 
     with atomic_output(out) as part:
         # llama-imatrix picks its output format from the file name: keep a .gguf suffix on the part file.

@@ -243,10 +243,7 @@ def source_gguf(text: str | Path, progress: Progress | None = None) -> ModelChoi
 
     outtype = checkpoint_outtype(checkpoint)
     out = _gguf_root() / name / f"{outtype}.gguf"
-    step = f"convert to {outtype}"
-    convert(checkpoint, out, outtype,
-            progress=(lambda done, total, i, n, tensor: progress(step, done, total, f"{i}/{n} tensors")) if progress
-            else None)
+    convert(checkpoint, out, outtype, progress=progress)
     return ModelChoice(str(text), out, f"{name}:{outtype}", "converted from the pulled checkpoint", converted=True)
 
 

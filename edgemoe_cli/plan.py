@@ -40,11 +40,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from .errors import EdgeMoEError
+from .progress import Progress
 from .recipe import Recipe, Rule, TensorInfo, quantizable, read_tensors, tensor_bytes
 from .units import human_bytes, parse_size
 from .store import atomic_output, home, refuse_input_as_output, sha256_file
@@ -58,7 +58,6 @@ CALIBRATION_TYPE = "q3_k"
 MIN_EVERY_TOKEN = "q4_k"
 ARM_FAST_CALIBRATION_TYPE = "q4_0"
 
-Progress = Callable[[str, int, int], None]  # (step, done, total)
 
 
 def layer(name: str) -> str:

@@ -18,11 +18,11 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from .errors import EdgeMoEError
+from .progress import Progress
 from .store import atomic_output
 
 ERNIE_MOE_ARCH = "ernie4_5-moe"
@@ -155,7 +155,7 @@ def trace_routing(
     max_tokens: int = 8192,
     ctx: int = 512,
     threads: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> RoutingTrace:
     """Run the first `max_tokens` tokens of `text_file` through `model` in windows of `ctx`, recording routing."""
     from .generate import default_threads, load_model
@@ -217,7 +217,7 @@ def trace_routing(
                 raise EdgeMoEError("llama.cpp failed to evaluate the text", "try a smaller --ctx")
             done += len(window)
             if progress is not None:
-                progress(done, len(tokens))
+                progress("routing", done, len(tokens), "tokens")
     finally:
         llama_cpp.llama_batch_free(batch)
         if cctx:
@@ -324,7 +324,7 @@ def profile(
     max_tokens: int = 8192,
     ctx: int = 512,
     threads: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> ProfileResult:
     """`edgemoe profile`: route `text_file` through `model`; write profile.json, expert-usage.png (heatmap) and
     usage-vs-rank.png to `out_dir`."""

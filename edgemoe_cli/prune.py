@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import EdgeMoEError
+from .progress import Progress
 from .ggufcopy import OutTensor, write_gguf
 from .units import parse_size
 from .store import refuse_input_as_output, write_manifest
@@ -208,11 +209,11 @@ def prune(
     out: str | Path | None = None,
     max_tokens: int = 8192,
     threads: int | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> PruneResult:
     """Prune `model` to `keep` experts a layer (or as many as fit `budget` bytes); see the module doc for scores.
 
-    `progress(phase, done, total)` reports the routing pass ("route", tokens) and the write ("write", bytes).
+    `progress` (progress.Progress) reports the routing pass ("routing", tokens) and the write ("writing", bytes).
     """
     from .profile import load_usage, moe_shape, open_gguf, read_text, trace_routing
 
@@ -245,7 +246,7 @@ def prune(
     if text is not None:
         read_text(text)
         trace = trace_routing(model, text, max_tokens=max_tokens, threads=threads,
-                              progress=(lambda d, t: progress("route", d, t)) if progress else None)
+                              progress=progress)
         scores, method = trace.reap(), "reap"
     elif usage is not None:
         scores, used_layers = load_usage(usage)
@@ -260,7 +261,7 @@ def prune(
     chosen = choose_experts(scores, n_keep)
     kept = dict(zip(layers, chosen))
     write_pruned(reader, out, kept, n_keep, n_expert,
-                 progress=(lambda d, t: progress("write", d, t)) if progress else None)
+                 progress=(lambda d, t: progress("writing", d, t, "", "bytes")) if progress else None)
     share = {str(il): round(float(scores[i, chosen[i]].sum() / max(scores[i].sum(), 1e-30)), 4)
              for i, il in enumerate(layers)}
     result = PruneResult(

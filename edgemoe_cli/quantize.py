@@ -26,13 +26,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .errors import EdgeMoEError
+from .progress import Progress
 from .recipe import Recipe, TensorPlan, explain, ggml_type, load_recipe, read_tensors
 from .store import atomic_output, home, refuse_input_as_output, sha256_file, write_manifest
 
-Progress = Callable[[int, int, str], None]  # (tensors done, tensors total, tensor name)
 
 # K-quant types have no file type of their own; their mixes' names (never Q2_K_S: it changes imatrix rules)
 _FTYPE_OF_TYPE = {"q2_k": "q2_k", "q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m", "iq3_s": "iq3_s",
@@ -152,7 +151,7 @@ def _run_llama_quantize(model: Path, part: Path, ftype: int, overrides: list[tup
             line, pending[0] = pending[0].split("\n", 1)
             lines.append(line)
             if progress and (m := re.match(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)", line)):
-                progress(int(m.group(1)), int(m.group(2)), m.group(3))
+                progress("quantize", int(m.group(1)), int(m.group(2)), m.group(3))
 
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
     try:

@@ -12,14 +12,20 @@ import inspect
 import json
 import sys
 from dataclasses import asdict, is_dataclass
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import typer
 from rich.console import Console
+from rich.progress import ProgressColumn, TaskID
+from rich.table import Column
+from rich.text import Text
 
 from .. import __version__
 from ..errors import EdgeMoEError
+from ..progress import Progress
+from ..units import human_bytes
 
 app = typer.Typer(
     name="edgemoe",
@@ -72,6 +78,16 @@ def run_model(text: str) -> Path:
     return choice.path
 
 
+def source_model(text: str, progress: Progress | None = None) -> Path:
+    """The unquantized GGUF quantize/plan/imatrix start from (models.source_gguf), said on stderr; a name whose store
+    has only the pulled checkpoint is converted first, reported to `progress` as a step of its own."""
+    from ..models import source_gguf
+
+    choice = source_gguf(text, progress=progress)
+    say_choice(choice)
+    return choice.path
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"edgemoe {__version__}")
@@ -85,48 +101,37 @@ def _root(
     pass
 
 
-def counter_progress(bar, label: str, unit: str = ""):
-    """A progress callback (done, total) that drives a new task of `bar`."""
-    task = bar.add_task(label, total=None, name=unit)
-    return lambda done, total: bar.update(task, completed=done, total=total)
+class _Count(ProgressColumn):
+    """done/total as a count, or as sizes for steps that count bytes."""
+
+    def __init__(self) -> None:
+        super().__init__(table_column=Column(no_wrap=True))
+
+    def render(self, task) -> Text:
+        if task.fields.get("unit") == "bytes":
+            total = human_bytes(int(task.total)) if task.total is not None else "?"
+            return Text(f"{human_bytes(int(task.completed))}/{total}", style="progress.download")
+        return Text(f"{int(task.completed)}/{int(task.total) if task.total is not None else '?'}",
+                    style="progress.download")
 
 
-def step_progress(bar):
-    """The rich side of progress.Progress: one task of `bar` per step, moved as the stage reports."""
-    tasks: dict[str, int] = {}
+@contextmanager
+def progress_bars(disable: bool = False) -> Iterator[Progress]:
+    """The one rich display of progress.Progress, on stderr: a line per step (bar, count, detail, elapsed time),
+    gone when the command ends. `disable` (for --json) keeps stderr quiet."""
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bars
 
-    def progress(step: str, done: int, total: int | None, detail: str = "") -> None:
-        if step not in tasks:
-            tasks[step] = bar.add_task(step, total=total, name=detail)
-        bar.update(tasks[step], completed=done, total=total, name=detail)
+    with Bars(TextColumn("[bold]{task.description}[/]"), BarColumn(), _Count(), TextColumn("{task.fields[detail]}"),
+              TimeElapsedColumn(), console=err_console, transient=True, disable=disable) as bars:
+        tasks: dict[str, TaskID] = {}
 
-    return progress
+        def progress(step: str, done: int, total: int | None, detail: str = "", unit: str = "") -> None:
+            if step not in tasks:
+                tasks[step] = bars.add_task(step, total=total, detail="", unit=unit)
+            bars.update(tasks[step], completed=done, total=total, detail=detail[-48:])
 
-
-def source_model(text: str, bar) -> Path:
-    """The unquantized GGUF quantize/plan/imatrix start from (models.source_gguf), said on stderr; a name whose
-    store has only the pulled checkpoint is converted first, as a step of `bar`."""
-    from ..models import source_gguf
-
-    choice = source_gguf(text, progress=step_progress(bar))
-    say_choice(choice)
-    return choice.path
-
-
-def quantize_bar(disable: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[name]}"), TimeElapsedColumn(), console=err_console, transient=True,
-                    disable=disable)
-
-
-
-def bar_progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=err_console, transient=True)
+        yield progress
 
 
 def main() -> None:

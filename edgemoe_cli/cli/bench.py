@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, bar_progress, console, emit_json, json_option, run_model
+from . import app, console, emit_json, json_option, progress_bars, run_model
 
 
 @app.command()
@@ -53,12 +53,7 @@ def bench(
 
     worker_list = cluster.parse_workers(workers) if workers is not None else None
     pg_lengths = stage.parse_pg(pg)
-    with bar_progress() as bar:
-        task = bar.add_task("llama-bench", total=None)
-
-        def progress(what: str, done: int, total: int) -> None:
-            bar.update(task, description=what, completed=done, total=total)
-
+    with progress_bars(as_json) as progress:
         result = stage.bench([run_model(m) for m in (*(models or []), *stage.split_list(models_opt))],
                              builds=stage.split_list(builds) or None,
                              threads=stage.parse_threads(threads), reps=reps, n_prompt=n_prompt, n_gen=n_gen,

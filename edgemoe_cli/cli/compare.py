@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, bar_progress, console, ctx_option, emit_json, json_option, run_model, threads_option
+from . import app, console, ctx_option, emit_json, json_option, progress_bars, run_model, threads_option
 
 
 @app.command()
@@ -46,14 +46,7 @@ def compare(
     """
     from .. import compare as stage
 
-    with bar_progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(variant: str, done: int, total: int) -> None:
-            if variant not in tasks:
-                tasks[variant] = bar.add_task("Thinking" if variant == "thinking" else "PT", total=total)
-            bar.update(tasks[variant], completed=done)
-
+    with progress_bars(as_json) as progress:
         thinking_path = run_model(thinking) if thinking is not None else None
         pt_path = run_model(pt) if pt is not None else None
         result = stage.compare(thinking_path, pt_path, prompts_file=prompts, prompt=prompt or None, limit=limit,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from . import app, console, emit_json, err_console, json_option
+from . import app, console, emit_json, json_option, progress_bars
 
 
 @app.command()
@@ -29,21 +29,10 @@ def convert(
 
     Example: edgemoe convert ernie-4.5-21b-a3b-pt --out pt.gguf --outtype bf16
     """
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
     from ..convert import convert as run_convert
     from ..models import checkpoint_dir
 
-    with Progress(
-        TextColumn("[bold]convert[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TextColumn("{task.fields[tensors]}"), TimeRemainingColumn(),
-        console=err_console, transient=True, disable=as_json,
-    ) as bar:
-        task = bar.add_task("convert", total=None, tensors="")
-
-        def progress(done: int, total: int, n_done: int, n_total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, tensors=f"{n_done}/{n_total} tensors {name}")
-
+    with progress_bars(as_json) as progress:
         result = run_convert(checkpoint_dir(src), out, outtype, progress=progress)
     if as_json:
         emit_json(result)

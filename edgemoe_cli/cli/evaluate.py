@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, console, counter_progress, ctx_option, emit_json, json_option, quantize_bar, run_model, source_model, threads_option
+from . import app, console, ctx_option, emit_json, json_option, progress_bars, run_model, source_model, threads_option
 
 
 @app.command("eval")
@@ -31,10 +31,10 @@ def eval_cmd(
     """
     from ..evaluate import evaluate
 
-    with quantize_bar(as_json) as bar:
-        model_path, base_path = run_model(model), source_model(base, bar)
+    with progress_bars(as_json) as progress:
+        model_path, base_path = run_model(model), source_model(base, progress)
         result = evaluate(model_path, base_path, text, ctx=ctx, threads=threads, max_chunks=chunks,
-                          progress=counter_progress(bar, "eval", "chunks"))
+                          progress=progress)
     if as_json:
         emit_json(result)
         return

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, console, counter_progress, ctx_option, emit_json, json_option, quantize_bar, source_model, threads_option
+from . import app, console, ctx_option, emit_json, json_option, progress_bars, source_model, threads_option
 
 
 @app.command("imatrix")
@@ -32,9 +32,9 @@ def imatrix_cmd(
     """
     from ..imatrix import compute_imatrix
 
-    with quantize_bar(as_json) as bar:
-        result = compute_imatrix(source_model(model, bar), text, out, ctx=ctx, threads=threads, chunks=chunks,
-                                 progress=counter_progress(bar, "imatrix", "chunks"))
+    with progress_bars(as_json) as progress:
+        result = compute_imatrix(source_model(model, progress), text, out, ctx=ctx, threads=threads, chunks=chunks,
+                                 progress=progress)
     if as_json:
         emit_json(result)
         return

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, console, counter_progress, ctx_option, emit_json, json_option, quantize_bar, source_model, step_progress, threads_option
+from . import app, console, ctx_option, emit_json, json_option, progress_bars, source_model, threads_option
 
 
 @app.command("plan")
@@ -51,20 +51,19 @@ def plan_cmd(
 
     ram, size, reserve_bytes = stage.budget_options(budget, board, max_size, reserve)
     text = text or default_calibration_text()
-    with quantize_bar(as_json) as bar:
-        model = source_model(model, bar)
+    with progress_bars(as_json) as progress:
+        model = source_model(model, progress)
         imatrix = imatrix or ensure_imatrix(model, text, threads=threads,
-                                            progress=counter_progress(bar, "imatrix", "chunks"))
+                                            progress=progress)
         result = stage.plan(model, imatrix, text, ram=ram, ctx=ctx, max_size=size, reserve=reserve_bytes,
                             arm_fast=arm_fast, out=out,
-                            threads=threads, max_chunks=chunks, progress=step_progress(bar), reference=reference,
+                            threads=threads, max_chunks=chunks, progress=progress, reference=reference,
                             min_every_token=None if min_every_token.lower() == "none" else min_every_token)
         if do_quantize:
             from ..quantize import quantize as run_quantize
 
-            task = bar.add_task("quantize", total=None, name="")
             q = run_quantize(model, stage.plan_recipe(result, out), out=gguf_out, imatrix=imatrix, threads=threads,
-                             progress=lambda i, n, name: bar.update(task, completed=i, total=n, name=name))
+                             progress=progress)
             result.quantized = q.out
     if as_json:
         emit_json(result)

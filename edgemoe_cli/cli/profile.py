@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, bar_progress, console, ctx_option, emit_json, json_option, run_model, threads_option
+from . import app, console, ctx_option, emit_json, json_option, progress_bars, run_model, threads_option
 
 
 @app.command()
@@ -40,10 +40,9 @@ def profile(
     """
     from .. import profile as stage
 
-    with bar_progress() as bar:
-        task = bar.add_task("routing", total=None)
+    with progress_bars(as_json) as progress:
         result = stage.profile(run_model(model), text, out, max_tokens=max_tokens, ctx=ctx, threads=threads,
-                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+                               progress=progress)
     if as_json:
         emit_json(result)
         return

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, bar_progress, console, emit_json, json_option, run_model, threads_option
+from . import app, console, emit_json, json_option, progress_bars, run_model, threads_option
 
 
 @app.command()
@@ -43,14 +43,7 @@ def prune(
     """
     from .. import prune as stage
 
-    with bar_progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task("routing text" if phase == "route" else "writing", total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
+    with progress_bars(as_json) as progress:
         result = stage.prune(run_model(model), keep=keep, budget=budget, text=text, usage=usage, out=out,
                              max_tokens=max_tokens, threads=threads, progress=progress)
     if as_json:

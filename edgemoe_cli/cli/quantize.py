@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, console, emit_json, err_console, json_option, quantize_bar, source_model, threads_option
+from . import app, console, emit_json, err_console, json_option, progress_bars, source_model, threads_option
 
 
 @app.command()
@@ -36,11 +36,10 @@ def quantize(
     """
     from ..quantize import quantize as run_quantize
 
-    with quantize_bar(as_json) as bar:
-        source = source_model(model, bar)
-        task = bar.add_task("quantize", total=None, name="")
+    with progress_bars(as_json) as progress:
+        source = source_model(model, progress)
         result = run_quantize(source, recipe, out=out, imatrix=imatrix, threads=threads,
-                              progress=lambda i, n, name: bar.update(task, completed=i, total=n, name=name))
+                              progress=progress)
     if as_json:
         emit_json(result)
         return

@@ -20,7 +20,8 @@ from .arch import (OUTTYPES, add_hparams, check_against_tensors, check_config, h
                    plan_tensors)
 from .safetensors import TensorReader, checkpoint_tensors
 from .vocab import build_vocab, read_json_object
-from .writer import Progress, StreamingGGUFWriter, write_gguf
+from ..progress import Progress
+from .writer import StreamingGGUFWriter, write_gguf
 
 __all__ = ["ConvertResult", "convert", "OUTTYPES"]
 
@@ -96,7 +97,7 @@ def _vocab(writer: gguf.GGUFWriter, src: Path, vocab_size: int | None) -> None:
 def convert(src: str | Path, out: str | Path, outtype: str = "f16", progress: Progress | None = None) -> ConvertResult:
     """Convert the checkpoint directory `src` to the GGUF file `out` with weights in `outtype`.
 
-    `progress(bytes_done, bytes_total, tensors_done, tensors_total, tensor_name)` is called as data is written.
+    `progress` (progress.Progress) gets step "convert to OUTTYPE", bytes written of the total, and the tensor.
     """
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
@@ -130,7 +131,9 @@ def convert(src: str | Path, out: str | Path, outtype: str = "f16", progress: Pr
     reader = TensorReader()
     try:
         with atomic_output(out) as part:
-            write_gguf(writer, part, plan, reader, progress)
+            step = f"convert to {outtype}"
+            write_gguf(writer, part, plan, reader, progress and (
+                lambda done, total, i, n, name: progress(step, done, total, f"{i}/{n} tensors {name}", "bytes")))
     except OSError as e:
         raise EdgeMoEError(f"cannot write {out}: {e.strerror}", "check free disk space and permissions") from e
     finally:
