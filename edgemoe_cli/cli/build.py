@@ -57,9 +57,7 @@ def build(
     Examples:
 
       edgemoe build
-
       edgemoe build --target aarch64 --dry-run
-
       edgemoe build --arch armv8-a --no-kleidiai --no-activate
     """
     from ..build import command_lines, load_manifest, plan_build, sve_warning
@@ -71,10 +69,7 @@ def build(
         emit_json(plan) if as_json else _print_dry_run(plan, command_lines(plan), warning)
         return
     if not as_json and load_manifest(plan.out_dir) is None:
-        err_console.print(f"building llama.cpp [bold]{plan.key}[/] ({plan.target}, arch {plan.arch}, "
-                          f"KleidiAI {'on' if plan.kleidiai else 'off'}, -j{plan.jobs}) - log in {plan.work_dir}/build.log",
-                          highlight=False)
-        _print_notes(plan.notes)
+        _announce(plan)
     result = _run_with_bar(plan, activate, disable=as_json)
     emit_json(result) if as_json else _print_built(result, warning)
 
@@ -92,6 +87,13 @@ def _run_with_bar(plan, activate: bool, disable: bool):
             bar.update(task, completed=done, total=total or None, description=what[-60:])
 
         return run_build(plan, progress=progress, make_current=activate)
+
+
+def _announce(plan) -> None:
+    err_console.print(f"building llama.cpp [bold]{plan.key}[/] ({plan.target}, arch {plan.arch}, "
+                      f"KleidiAI {'on' if plan.kleidiai else 'off'}, -j{plan.jobs}) - log in {plan.work_dir}/build.log",
+                      highlight=False)
+    _print_notes(plan.notes)
 
 
 def _print_notes(notes: list[str]) -> None:
