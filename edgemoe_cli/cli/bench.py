@@ -8,10 +8,9 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, console, emit_json, json_option, progress_bars, run_model
+from .common import console, emit_json, json_option, progress_bars, run_model
 
 
-@app.command()
 def bench(
     models: Optional[list[str]] = typer.Argument(None, help="GGUF models to measure (e.g. one per recipe): paths or NAME[:TAG]."),
     models_opt: Optional[str] = typer.Option(None, "--models", help="The models as one comma-separated list (instead of, or with, the arguments)."),

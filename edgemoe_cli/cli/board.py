@@ -4,14 +4,13 @@ from __future__ import annotations
 
 
 
-from . import app, console, ctx_option, emit_json, json_option
+from .common import console, ctx_option, emit_json, json_option
 
 
 def _gib(n: int) -> str:
     return f"{n / 1024**3:.2f} GiB"
 
 
-@app.command()
 def doctor(
     ctx: int = ctx_option(4096, "Context length the memory-fit check assumes (f16 KV cache)."),
     as_json: bool = json_option("the report"),

@@ -8,10 +8,9 @@ from typing import Optional
 
 import typer
 
-from . import app, console, emit_json, err_console, json_option
+from .common import console, emit_json, err_console, json_option
 
 
-@app.command()
 def build(
     source: str = typer.Option("vendored", "--source", help="`vendored` (the llama.cpp inside the pinned "
                                "llama-cpp-python sdist, the binding's own commit) or a llama.cpp checkout DIR."),

@@ -9,10 +9,9 @@ import typer
 
 from ..errors import EdgeMoEError
 from ..units import human_bytes
-from . import app, console, emit_json, err_console
+from .common import console, emit_json, err_console
 
 
-@app.command()
 def worker(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. WARNING: ggml-rpc-server has NO "
                              "authentication; give a private-network address only, never a public one."),

@@ -7,10 +7,9 @@ from typing import Optional
 
 import typer
 
-from . import app, console, ctx_option, emit_json, json_option, progress_bars, run_model, threads_option
+from .common import console, ctx_option, emit_json, json_option, progress_bars, run_model, threads_option
 
 
-@app.command()
 def compare(
     thinking: Optional[str] = typer.Option(None, "--thinking", help="The Thinking model: a GGUF or NAME[:TAG]."),
     pt: Optional[str] = typer.Option(None, "--pt", help="The PT model: a GGUF or NAME[:TAG]."),

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import typer
 
-from . import app, console, emit_json, json_option, progress_bars
+from .common import console, emit_json, json_option, progress_bars
 
 
-@app.command()
 def convert(
     src: str = typer.Argument(..., help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model), or a model name from `edgemoe models` (pulled or local)."),
     out: Path = typer.Option(..., "--out", "-o", help="GGUF file to write (written as OUT.part, renamed when complete)."),

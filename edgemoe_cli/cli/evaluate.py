@@ -7,10 +7,9 @@ from typing import Optional
 
 import typer
 
-from . import app, console, ctx_option, emit_json, json_option, progress_bars, run_model, source_model, threads_option
+from .common import console, ctx_option, emit_json, json_option, progress_bars, run_model, source_model, threads_option
 
 
-@app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="The GGUF to judge (e.g. a quantization), or NAME[:TAG]."),
     base: str = typer.Option(..., "--base", help="The reference GGUF (the unquantized model), or a model NAME (its unquantized GGUF)."),

@@ -10,10 +10,9 @@ from typing import Optional
 import typer
 
 from ..errors import EdgeMoEError
-from . import app, console, ctx_option, emit_json, err_console, json_option, run_model, threads_option
+from .common import console, ctx_option, emit_json, err_console, json_option, run_model, threads_option
 
 
-@app.command()
 def run(
     model: str = typer.Argument(..., help="A GGUF file, or NAME[:TAG] from `edgemoe list` (NAME alone: the GGUF you made last, else the pulled one)."),
     prompt: Optional[list[str]] = typer.Option(None, "-p", "--prompt", help="The user message."),

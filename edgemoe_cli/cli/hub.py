@@ -8,10 +8,9 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, console, emit_json, err_console, json_option
+from .common import console, emit_json, err_console, json_option
 
 
-@app.command()
 def pull(
     name: str = typer.Argument(..., help="A model name from `edgemoe models`, e.g. ernie-4.5-21b-a3b-thinking."),
     revision: Optional[str] = typer.Option(None, "--revision", "-r", help="Branch, tag or commit (default: the registry's pin)."),

@@ -7,10 +7,9 @@ from typing import Optional
 
 import typer
 
-from . import app, console, ctx_option, emit_json, json_option, progress_bars, source_model, threads_option
+from .common import console, ctx_option, emit_json, json_option, progress_bars, source_model, threads_option
 
 
-@app.command("imatrix")
 def imatrix_cmd(
     model: str = typer.Argument(..., help="The GGUF to measure (f32/f16/bf16 or Q8_0), or a model NAME[:TAG]."),
     text: Optional[Path] = typer.Option(None, "--text", help="Calibration text (default: edgemoe's own data/calib/calibration.txt)."),

@@ -9,10 +9,9 @@ import typer
 
 from ..errors import EdgeMoEError
 from ..units import human_bytes
-from . import app, console, emit_json, json_option
+from .common import console, emit_json, json_option
 
 
-@app.command("list")
 def list_store(as_json: bool = json_option("the store contents")) -> None:
     """List what the local store holds, as you type it: NAME for a pulled checkpoint, NAME:TAG for each GGUF.
 
@@ -39,7 +38,6 @@ def list_store(as_json: bool = json_option("the store contents")) -> None:
     console.print(table)
 
 
-@app.command("rm")
 def rm(
     model: str = typer.Argument(..., help="NAME (everything the store holds for it) or NAME:TAG (one GGUF), as `edgemoe list` shows."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting."),

@@ -8,10 +8,9 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, console, ctx_option, emit_json, json_option, progress_bars, source_model, threads_option
+from .common import console, ctx_option, emit_json, json_option, progress_bars, source_model, threads_option
 
 
-@app.command("plan")
 def plan_cmd(
     model: str = typer.Argument(..., help="The f32/f16/bf16 GGUF to plan for, or a model NAME."),
     budget: Optional[str] = typer.Option(None, "--budget", help="RAM budget, e.g. 12GiB (KV cache and reserve are subtracted)."),

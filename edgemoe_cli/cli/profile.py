@@ -7,10 +7,9 @@ from typing import Optional
 
 import typer
 
-from . import app, console, ctx_option, emit_json, json_option, progress_bars, run_model, threads_option
+from .common import console, ctx_option, emit_json, json_option, progress_bars, run_model, threads_option
 
 
-@app.command()
 def profile(
     model: str = typer.Argument(..., help="An ERNIE-4.5 MoE GGUF (any quantization), or NAME[:TAG]."),
     text: Path = typer.Option(..., "--text", help="UTF-8 text to route through the model (your workload)."),

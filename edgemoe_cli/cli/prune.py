@@ -7,10 +7,9 @@ from typing import Optional
 
 import typer
 
-from . import app, console, emit_json, json_option, progress_bars, run_model, threads_option
+from .common import console, emit_json, json_option, progress_bars, run_model, threads_option
 
 
-@app.command()
 def prune(
     model: str = typer.Argument(..., help="An ERNIE-4.5 MoE GGUF (any quantization), or NAME[:TAG]."),
     keep: Optional[str] = typer.Option(None, "--keep", help="Experts to keep per MoE layer: a count (48) or a share (75%)."),

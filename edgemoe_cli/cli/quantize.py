@@ -8,10 +8,9 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, console, emit_json, err_console, json_option, progress_bars, source_model, threads_option
+from .common import console, emit_json, err_console, json_option, progress_bars, source_model, threads_option
 
 
-@app.command()
 def quantize(
     model: str = typer.Argument(..., help="The f32/f16/bf16 GGUF to quantize, or a model NAME (its pulled checkpoint is converted into the store first when needed)."),
     recipe: str = typer.Option("edge-balanced", "--recipe", "-r", help="Recipe name, recipe .toml file, or stock:FTYPE (llama.cpp's own mix, e.g. stock:Q4_K_M)."),

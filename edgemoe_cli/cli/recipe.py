@@ -8,12 +8,11 @@ from typing import Optional
 import typer
 
 from ..units import human_bytes
-from . import app, console, emit_json, err_console, json_option
+from .common import console, emit_json, err_console, json_option
 
 
 recipe_app = typer.Typer(help="Quantization recipes: ordered `pattern -> type` rules over GGUF tensor names.",
                          no_args_is_help=True)
-app.add_typer(recipe_app, name="recipe")
 
 
 def _print_problems(problems) -> None:

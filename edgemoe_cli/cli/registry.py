@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict
 
 
-from . import app, console, emit_json, json_option
+from .common import console, emit_json, json_option
 
 
-@app.command()
 def models(as_json: bool = json_option("the registry")) -> None:
     """List the models edgemoe knows by name (configs/models.toml): repo, pinned revision, variant, formats.
 

@@ -8,10 +8,9 @@ from typing import Optional
 
 import typer
 
-from . import app, console, emit_json, err_console, say_choice
+from .common import console, emit_json, err_console, say_choice
 
 
-@app.command()
 def serve(
     model: str = typer.Argument(..., help="The GGUF model to serve (loaded once): a file, or NAME[:TAG] from `edgemoe list`."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 opens it to the network "
