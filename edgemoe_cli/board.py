@@ -441,12 +441,12 @@ def free_disk(path: Path) -> tuple[str, int]:
 
 
 def binding_report():
-    """(generate.BindingInfo, None) for the llama.cpp library the Python binding loads, or (None, why not).
+    """(llamacpp.BindingInfo, None) for the llama.cpp library the Python binding loads, or (None, why not).
 
     Never raises: doctor reports a missing or broken binding instead of crashing.
     """
     try:
-        from .generate import binding_info
+        from .llamacpp import binding_info
 
         return binding_info(), None
     except EdgeMoEError as e:
@@ -469,7 +469,7 @@ class DoctorReport:
     ram_available_bytes: int
     store: str
     disk_free_bytes: int
-    binding: object | None  # generate.BindingInfo: library, source, llama_cpp_python, system_info
+    binding: object | None  # llamacpp.BindingInfo: library, source, llama_cpp_python, system_info
     llama_error: str | None
     native_build: str | None
     build_smoke: dict | None  # the active build's smoke test as recorded by `edgemoe build` (smoke.SmokeResult)

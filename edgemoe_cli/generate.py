@@ -21,40 +21,13 @@ from typing import Callable
 
 from . import chat
 from .errors import EdgeMoEError
-from .llamacpp import import_binding, native_build_dir
+from .llamacpp import BindingInfo, binding_info, import_binding  # noqa: F401 (binding_info: generate's API too)
 
 GGUF_MAGIC = b"GGUF"
 # ERNIE ends a PT turn with <|end_of_sentence|>; llama.cpp's end-of-generation set covers </s> and <|im_end|>
 EXTRA_STOP_TEXTS = ("<|end_of_sentence|>",)
 
 OnText = Callable[[str, str], None]  # (kind: "reasoning" | "answer", text)
-
-
-@dataclass
-class BindingInfo:
-    library: str  # the libllama file the binding loaded
-    source: str  # "LLAMA_CPP_LIB_PATH", "edgemoe build" or "llama-cpp-python wheel"
-    llama_cpp_python: str
-    system_info: str  # llama.cpp's own llama_print_system_info() line
-
-
-def binding_info() -> BindingInfo:
-    """Which libllama the Python binding loaded, and what llama.cpp says it was built with."""
-    llama_cpp = import_binding()
-    library = str(getattr(llama_cpp.llama_cpp._lib, "_name", "") or "")
-    build = native_build_dir()
-    if build is not None and Path(library).resolve().is_relative_to(build):
-        source = "edgemoe build"
-    elif os.environ.get("LLAMA_CPP_LIB_PATH"):
-        source = "LLAMA_CPP_LIB_PATH"
-    else:
-        source = "llama-cpp-python wheel"
-    return BindingInfo(
-        library=library,
-        source=source,
-        llama_cpp_python=llama_cpp.__version__,
-        system_info=llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
-    )
 
 
 @dataclass

@@ -152,6 +152,34 @@ def run_tool(
     return subprocess.CompletedProcess(cmd, rc, stdout, stderr)
 
 
+@dataclass
+class BindingInfo:
+    library: str  # the libllama file the binding loaded
+    source: str  # "LLAMA_CPP_LIB_PATH", "edgemoe build" or "llama-cpp-python wheel"
+    llama_cpp_python: str
+    system_info: str  # llama.cpp's own llama_print_system_info() line
+
+
+def binding_info() -> BindingInfo:
+    """Which libllama the Python binding loaded, and what llama.cpp says it was built with (the one place that asks
+    the loaded library)."""
+    llama_cpp = import_binding()
+    library = str(getattr(llama_cpp.llama_cpp._lib, "_name", "") or "")
+    build = native_build_dir()
+    if build is not None and Path(library).resolve().is_relative_to(build):
+        source = "edgemoe build"
+    elif os.environ.get("LLAMA_CPP_LIB_PATH"):
+        source = "LLAMA_CPP_LIB_PATH"
+    else:
+        source = "llama-cpp-python wheel"
+    return BindingInfo(
+        library=library,
+        source=source,
+        llama_cpp_python=llama_cpp.__version__,
+        system_info=llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+    )
+
+
 # ---- which build is in use -------------------------------------------------------------------------------------
 
 
@@ -191,8 +219,6 @@ def build_info(live: bool = False) -> BuildInfo:
     library = select_binding_library()
     system_info = manifest.get("system_info")
     if live or (library and build and Path(library).resolve() != (build / "lib").resolve()):
-        from .generate import binding_info  # the one place that asks the loaded library
-
         system_info = binding_info().system_info
     return BuildInfo(
         build_dir=str(build) if build else None, key=manifest.get("key"), target=manifest.get("target"),

@@ -335,10 +335,8 @@ def test_build_info_asks_the_loaded_library_when_the_binding_is_elsewhere(fake_t
     monkeypatch.setattr(B, "check_binding", lambda lib: {"version": llamacpp.LLAMA_CPP_PYTHON_VERSION,
                                                          "library": f"{lib}/libllama.so", "system_info": "CPU : X = 1"})
     B.run_build(plan)
-    from edgemoe_cli import generate
-
     monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "/elsewhere/lib")
-    monkeypatch.setattr(generate, "binding_info", lambda: generate.BindingInfo(
+    monkeypatch.setattr(llamacpp, "binding_info", lambda: llamacpp.BindingInfo(
         library="/elsewhere/lib/libllama.so", source="LLAMA_CPP_LIB_PATH", llama_cpp_python="0", system_info="CPU : Y = 1"))
     info = llamacpp.build_info()
     assert info.binding_library == "/elsewhere/lib" and info.system_info == "CPU : Y = 1"
