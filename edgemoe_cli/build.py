@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .armflags import SVE512_WARNING, wide_sve_warning, without_wide_sve_i8mm  # noqa: F401 (build.SVE512_WARNING: its API too)
 from .binding_path import install_pth
 from .errors import EdgeMoEError
 from .llamacpp import LLAMA_CPP_PYTHON_VERSION, last_error
@@ -732,14 +733,6 @@ def _maybe_make_current(result: BuildResult) -> bool:
 
 # ---- 512-bit SVE --------------------------------------------------------------------------------------------
 
-SVE512_WARNING = (
-    "this CPU runs SVE at {bits} bits: llama.cpp's SVE+i8mm q4_K/q6_K dot products (the 2-row path used for "
-    "prompts and batches) are written for 256-bit vectors and give wrong results wider (README 'Armv9 notes'); "
-    "rebuild with --arch {arch_no_i8mm} (SVE kept, those kernels fall back to the correct 1-row path) or use "
-    "Q4_0/Q8_0 models"
-)
-
-
 def avoid_wide_sve_i8mm(arch: str, vector_bits: Optional[int] = None) -> tuple[str, Optional[str]]:
     """The detected arch for this CPU, minus i8mm when SVE vectors are wider than 256 bits (see SVE512_WARNING).
 
@@ -749,22 +742,7 @@ def avoid_wide_sve_i8mm(arch: str, vector_bits: Optional[int] = None) -> tuple[s
         from .board import sve_vector_bits
 
         vector_bits = sve_vector_bits()
-    if wide_sve_warning(arch, vector_bits) is None:
-        return arch, None
-    safe = "+".join(p for p in arch.split("+") if p != "i8mm")
-    return safe, (f"SVE is {vector_bits} bits here: building {safe} without i8mm, because ggml's SVE+i8mm "
-                  "q4_K/q6_K kernels assume at most 256 bits (README 'Armv9 notes')")
-
-
-def wide_sve_warning(arch: str, vector_bits: Optional[int]) -> Optional[str]:
-    """The warning for code built with `arch` (a GGML_CPU_ARM_ARCH) running with `vector_bits`-bit SVE, or None.
-
-    Pure, for doctor too: wide_sve_warning(board.arm_arch_flags(...), board.sve_vector_bits()).
-    """
-    parts = arch.split("+")
-    if not {"sve", "sve2"} & set(parts) or "i8mm" not in parts or not vector_bits or vector_bits <= 256:
-        return None
-    return SVE512_WARNING.format(bits=vector_bits, arch_no_i8mm="+".join(p for p in parts if p != "i8mm"))
+    return without_wide_sve_i8mm(arch, vector_bits)
 
 
 def sve_warning(plan: BuildPlan, vector_bits: Optional[int] = None) -> Optional[str]:
