@@ -166,7 +166,7 @@ def parse_threads(text: str) -> list[int]:
 
 def active_bytes_per_token(model: str | Path) -> int:
     """Bytes of weights one generated token reads: routed experts count top-k/n, the embedding one row if untied."""
-    from .profile import moe_shape, open_gguf
+    from .gguffile import moe_shape, open_gguf
 
     reader = open_gguf(model)
     _, n_expert, n_used, _ = moe_shape(reader, model)
@@ -284,7 +284,7 @@ def bench(
     `workers` (cluster.WorkerAddress list): each model's layers split across them and this machine by memory, as
     `run --workers` does, passed to llama-bench as -rpc/-ngl/-ts.
     """
-    from .profile import find_gguf, gguf_moe_shape
+    from .gguffile import find_gguf, gguf_moe_shape
 
     if not models:
         raise EdgeMoEError("no model given", "pass one or more GGUF files: edgemoe bench a.gguf b.gguf")

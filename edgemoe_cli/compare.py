@@ -189,7 +189,7 @@ def is_correct(prompt: Prompt, answer: str) -> bool | None:
 def check_variant(variant: str, model: str | Path | None) -> Path:
     """The GGUF for one variant (a path or a registry name), checked to be ERNIE with that variant's chat template."""
     from . import chat
-    from .profile import ERNIE_MOE_ARCH, find_gguf, moe_shape, open_gguf
+    from .gguffile import ERNIE_MOE_ARCH, find_gguf, moe_shape, open_gguf
 
     flag = f"--{variant}"
     if model is None:

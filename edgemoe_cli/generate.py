@@ -21,9 +21,9 @@ from typing import Callable
 
 from . import chat
 from .errors import EdgeMoEError
+from .gguffile import GGUF_MAGIC, architecture, check_gguf  # noqa: F401 (generate.check_gguf: its API too)
 from .llamacpp import BindingInfo, binding_info, import_binding  # noqa: F401 (binding_info: generate's API too)
 
-GGUF_MAGIC = b"GGUF"
 # ERNIE ends a PT turn with <|end_of_sentence|>; llama.cpp's end-of-generation set covers </s> and <|im_end|>
 EXTRA_STOP_TEXTS = ("<|end_of_sentence|>",)
 
@@ -55,36 +55,6 @@ def default_threads() -> int:
     return max(1, min(usable, physical))
 
 
-def check_gguf(path: str | Path) -> Path:
-    """A readable GGUF file, or an EdgeMoEError naming what is wrong with `path`."""
-    path = Path(path)
-    if not path.exists():
-        raise EdgeMoEError(f"{path}: no such file", "give the path of a .gguf model (`edgemoe convert` makes one)")
-    if not path.is_file():
-        raise EdgeMoEError(f"{path} is not a file", "give the path of a .gguf model file, not a directory")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise EdgeMoEError(f"cannot read {path}: {e.strerror}", "check the file's permissions") from e
-    if magic != GGUF_MAGIC:
-        raise EdgeMoEError(
-            f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
-            "convert the Hugging Face checkpoint first: `edgemoe convert SRC_DIR --out model.gguf`",
-        )
-    return path
-
-
-def _architecture(path: Path) -> str | None:
-    try:
-        from gguf import GGUFReader
-
-        field = GGUFReader(path).get_field("general.architecture")
-        return field.contents() if field is not None else None
-    except Exception:  # a GGUF too broken for the reader: the caller's message already says it cannot load
-        return None
-
-
 def load_model(path: str | Path, ctx: int = 4096, threads: int | None = None):
     """Load a GGUF language model for chat; returns a llama_cpp.Llama (n_ctx=0 takes the model's trained length)."""
     path = check_gguf(path)
@@ -99,7 +69,7 @@ def load_model(path: str | Path, ctx: int = 4096, threads: int | None = None):
             verbose=False,
         )
     except (ValueError, RuntimeError, OSError) as e:
-        arch = _architecture(path)
+        arch = architecture(path)
         what = f"architecture {arch!r}" if arch else "no general.architecture key"
         raise EdgeMoEError(
             f"{path}: llama.cpp cannot load this GGUF as a language model ({what})",

@@ -159,7 +159,7 @@ def compute_imatrix(model: str | Path, text: str | Path | None = None, out: str 
     from .store import atomic_output, refuse_input_as_output
 
     model, text = Path(model), Path(text) if text else default_calibration_text()
-    from .profile import open_gguf
+    from .gguffile import open_gguf
 
     if not model.is_file():
         raise EdgeMoEError(f"model {model} does not exist", "pass a .gguf file (see `edgemoe convert`)")

@@ -462,7 +462,7 @@ def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_
                 reserve: int | None = None) -> tuple[int, str]:
     """(bytes the GGUF may occupy, the formula with numbers)."""
     from .board import RUNTIME_RESERVE_BYTES, kv_cache_bytes, memory
-    from .profile import open_gguf
+    from .gguffile import open_gguf
 
     # the model is parsed (and a damaged one refused in one line) even when --max-size needs no key from it
     reader = open_gguf(model)

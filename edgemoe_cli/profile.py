@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeMoEError
+from .gguffile import ERNIE_MOE_ARCH, find_gguf, gguf_moe_shape, moe_shape, open_gguf  # noqa: F401 (profile.*: its API too)
 from .progress import Progress
 from .store import atomic_output
 
-ERNIE_MOE_ARCH = "ernie4_5-moe"
 _TRACED = re.compile(rb"^ffn_moe_(topk|weights_norm|down)-(\d+)$")
 _GGML_F32, _GGML_I32 = 0, 26
 _DTYPES = {_GGML_F32: np.float32, _GGML_I32: np.int32}
@@ -75,64 +75,6 @@ class RoutingTrace:
     def reap(self) -> np.ndarray:
         """REAP saliency: mean gate-weighted output norm over the tokens routed to each expert (0 if none)."""
         return np.divide(self.reap_sum, self.counts, out=np.zeros_like(self.reap_sum), where=self.counts > 0)
-
-
-def find_gguf(model: str | Path) -> Path:
-    """A GGUF path as given, or NAME[:TAG] resolved to a store GGUF (models.resolve_gguf), checked to be a GGUF."""
-    from .generate import check_gguf
-    from .models import resolve_gguf
-
-    return check_gguf(resolve_gguf(model).path)
-
-
-def open_gguf(path: str | Path):
-    """A GGUFReader over `path`, or an EdgeMoEError saying what is wrong with the file (one parse per command)."""
-    from .generate import check_gguf
-    from gguf import GGUFReader
-
-    path = check_gguf(path)
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises bare ValueError/struct errors on a damaged file
-        raise EdgeMoEError(f"{path}: unreadable GGUF ({str(e)[:200]})", "convert or quantize the model again") from e
-    # the reader decodes values only when asked: decode every one now, so a damaged key (a string that is not
-    # UTF-8) is this one error here rather than a crash wherever a command first reads it
-    for f in reader.fields.values():
-        try:
-            f.contents()
-        except Exception as e:  # noqa: BLE001 - UnicodeDecodeError, IndexError, ValueError from damaged parts
-            raise EdgeMoEError(f"{path}: key {f.name[:80]!r} is damaged ({type(e).__name__})",
-                               "convert or quantize the model again") from e
-    return reader
-
-
-def moe_shape(reader, path: str | Path) -> tuple[str, int, int, list[int]]:
-    """(architecture, expert count, used count, MoE block indices) of an open GGUF; EdgeMoEError if not ERNIE MoE."""
-    arch_field = reader.get_field("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
-    if arch != ERNIE_MOE_ARCH:
-        raise EdgeMoEError(
-            f"{path} is a {arch or 'unknown'} model, not ERNIE-4.5 MoE ({ERNIE_MOE_ARCH})",
-            "give a GGUF made from ERNIE-4.5-21B-A3B (Thinking or PT) by `edgemoe convert`",
-        )
-
-    def key(name: str) -> int:
-        f = reader.get_field(f"{arch}.{name}")
-        if f is None:
-            raise EdgeMoEError(f"{path} lacks {arch}.{name}", "convert the model again with `edgemoe convert`")
-        value = f.contents()
-        if type(value) is not int or value <= 0:
-            raise EdgeMoEError(f"{path}: {arch}.{name} is {str(value)[:40]!r}, not a positive whole number",
-                               "convert the model again with `edgemoe convert`")
-        return value
-
-    layers = sorted({int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.ffn_gate_exps\.", t.name))})
-    return arch, key("expert_count"), key("expert_used_count"), layers
-
-
-def gguf_moe_shape(path: str | Path) -> tuple[str, int, int, list[int]]:
-    """moe_shape of the GGUF at `path`, for callers that need nothing else from the file."""
-    return moe_shape(open_gguf(path), path)
 
 
 def read_text(path: str | Path, hint: str = "give a UTF-8 text file with --text") -> str:

@@ -215,7 +215,8 @@ def prune(
 
     `progress` (progress.Progress) reports the routing pass ("routing", tokens) and the write ("writing", bytes).
     """
-    from .profile import load_usage, moe_shape, open_gguf, read_text, trace_routing
+    from .gguffile import moe_shape, open_gguf
+    from .profile import load_usage, read_text, trace_routing
 
     t0 = time.perf_counter()
     model = Path(model)
