@@ -2,8 +2,8 @@
 
 Budget. What the GGUF may occupy is
     file budget = RAM budget - kv_cache_bytes(ctx) - RUNTIME_RESERVE_BYTES
-with board.kv_cache_bytes (f16 K and V for `ctx` tokens, this model's layers/KV heads/head size from its GGUF)
-and board.RUNTIME_RESERVE_BYTES (compute buffers, process, OS minimum) — the same numbers `doctor` uses.
+with ernie21b.kv_cache_bytes (f16 K and V for `ctx` tokens, this model's layers/KV heads/head size from its GGUF)
+and ernie21b.RUNTIME_RESERVE_BYTES (compute buffers, process, OS minimum) — the same numbers `doctor` uses.
 
 Prediction (measured, not a fixed table). For every quantizable tensor W and candidate type t:
 1. error: quantize the whole model to t once (llama.cpp, with the imatrix), dequantize each tensor with gguf.quants
@@ -461,7 +461,8 @@ def recipe_from_choices(choices: list[Choice], name: str, description: str) -> R
 def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_size: int | None = None,
                 reserve: int | None = None) -> tuple[int, str]:
     """(bytes the GGUF may occupy, the formula with numbers)."""
-    from .board import RUNTIME_RESERVE_BYTES, kv_cache_bytes, memory
+    from .board import memory
+    from .ernie21b import file_budget_bytes
     from .gguffile import open_gguf
 
     # the model is parsed (and a damaged one refused in one line) even when --max-size needs no key from it
@@ -478,9 +479,7 @@ def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_
     source = "--budget"
     if ram is None:
         ram, source = memory()[0], "this board's RAM"
-    kv = kv_cache_bytes(ctx, n_layers=n_layers, n_kv_heads=n_kv, head_dim=head_dim)
-    reserve = RUNTIME_RESERVE_BYTES if reserve is None else reserve
-    budget = ram - kv - reserve
+    budget, kv, reserve = file_budget_bytes(ram, ctx, n_layers, n_kv, head_dim, reserve)
     return budget, f"{source} {human_bytes(ram)} - KV cache for {ctx} tokens {human_bytes(kv)} - runtime reserve {human_bytes(reserve)}"
 
 
