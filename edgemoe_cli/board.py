@@ -185,6 +185,20 @@ def load_board(name: str) -> Board:
         raise EdgeMoEError(f"malformed board file {path}: {e}", "fix it after configs/boards/*.toml's example") from e
 
 
+def build_options(name: str, arch: str | None, host_machine: str | None = None) -> tuple[str, str, list[str]]:
+    """(target, GGML_CPU_ARM_ARCH, notes) for `edgemoe build --board NAME`: the profile's flags, minus i8mm where its
+    SVE is wider than 256 bits; cross-compiled unless this machine is aarch64 itself."""
+    if arch is not None:
+        raise EdgeMoEError("give --board or --arch, not both", "--board NAME takes the board profile's flags")
+    profile = load_board(name)
+    if profile.arch != "aarch64" or not profile.ggml_cpu_arm_arch:
+        raise EdgeMoEError(f"board {profile.name} is {profile.arch}, not an Arm board with GGML_CPU_ARM_ARCH",
+                           "build on that machine with `edgemoe build` (its own flags)")
+    flags, note = without_wide_sve_i8mm(profile.ggml_cpu_arm_arch, profile.sve_vector_bits)
+    host = host_machine or platform.machine()
+    return ("native" if host in ("aarch64", "arm64") else "aarch64"), flags, [note] if note else []
+
+
 # ---- the live machine ----
 
 def _read(path: str) -> str | None:

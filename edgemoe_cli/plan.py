@@ -459,7 +459,7 @@ def recipe_from_choices(choices: list[Choice], name: str, description: str) -> R
 
 
 def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_size: int | None = None,
-                reserve: int | None = None) -> tuple[int, str]:
+                reserve: int | None = None, ram_source: str | None = None) -> tuple[int, str]:
     """(bytes the GGUF may occupy, the formula with numbers)."""
     from .board import memory
     from .ernie21b import file_budget_bytes
@@ -476,7 +476,7 @@ def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_
 
     n_layers, n_kv = f("block_count"), f("attention.head_count_kv")
     head_dim = f("attention.key_length", required=False) or f("embedding_length") // f("attention.head_count")
-    source = "--budget"
+    source = ram_source or "--budget"
     if ram is None:
         ram, source = memory()[0], "this board's RAM"
     budget, kv, reserve = file_budget_bytes(ram, ctx, n_layers, n_kv, head_dim, reserve)
@@ -500,17 +500,24 @@ def _key(reader, path: Path, key: str, kind: type, required: bool = True):
     return value
 
 
-def budget_options(budget: str | None, this_board: bool, max_size: str | None,
-                   reserve: str | None) -> tuple[int | None, int | None, int | None]:
-    """plan's --budget / --board / --max-size / --reserve as typed -> (ram, max_size, reserve) in bytes.
+def budget_options(budget: str | None, board: str | None, max_size: str | None,
+                   reserve: str | None) -> tuple[int | None, int | None, int | None, str]:
+    """plan's --budget / --board / --max-size / --reserve as typed -> (ram, max_size, reserve, where ram is from).
 
-    Exactly one budget: a RAM size, this board's RAM (ram None), or the file size itself."""
-    if sum(x is not None and x is not False for x in (budget, max_size, this_board or None)) != 1:
+    Exactly one budget: a RAM size, a board's RAM (`--board this`: this machine's, ram None; else a profile from
+    configs/boards/ or a .toml file), or the file size itself."""
+    if sum(x is not None for x in (budget, max_size, board)) != 1:
         raise EdgeMoEError("give exactly one of --budget, --board or --max-size", "e.g. --budget 12GiB")
+
     def size(text):
         return parse_size(text) if text else None
 
-    return size(budget), size(max_size), size(reserve)
+    if board is None or board == "this":
+        return size(budget), size(max_size), size(reserve), "--budget" if budget else "this board's RAM"
+    from .board import load_board
+
+    profile = load_board(board)
+    return profile.ram_bytes, None, size(reserve), f"board {profile.name}'s RAM"
 
 
 def plan_recipe(result: PlanResult, out: str | Path | None = None) -> Recipe:
@@ -525,12 +532,14 @@ def plan(model: str | Path, imatrix: str | Path, text: str | Path, ram: int | No
          max_size: int | None = None, reserve: int | None = None, arm_fast: bool = False, out: str | Path | None = None,
          name: str = "plan", threads: int | None = None, max_chunks: int | None = 16,
          progress: Progress | None = None, reference: str = "source",
-         min_every_token: str | None = MIN_EVERY_TOKEN) -> PlanResult:
-    """Measure (or reuse cached measurements), solve for the budget, write the recipe TOML to `out`."""
+         min_every_token: str | None = MIN_EVERY_TOKEN, ram_source: str | None = None) -> PlanResult:
+    """Measure (or reuse cached measurements), solve for the budget, write the recipe TOML to `out`.
+
+    `ram_source` names where `ram` came from in the budget formula (default "--budget")."""
     model = Path(model)
     if out:
         refuse_input_as_output(out, [model, imatrix, text])
-    budget, formula = file_budget(model, ram, ctx, max_size, reserve)
+    budget, formula = file_budget(model, ram, ctx, max_size, reserve, ram_source)
     if budget <= 0:
         raise EdgeMoEError(f"nothing is left for the model: {formula}", "raise --budget or lower --ctx")
     types = ARM_FAST_TYPES if arm_fast else DEFAULT_TYPES

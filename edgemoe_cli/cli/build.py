@@ -16,6 +16,7 @@ def build(
                                "llama-cpp-python sdist, the binding's own commit) or a llama.cpp checkout DIR."),
     target: str = typer.Option("native", "--target", help="`native` (this machine) or `aarch64` (cross-compile "
                                "with aarch64-linux-gnu-gcc from an x86 host)."),
+    board: Optional[str] = typer.Option(None, "--board", help="Build for a board profile (configs/boards/NAME.toml, or a .toml file): its flags, cross-compiled from a non-Arm host."),
     arch: Optional[str] = typer.Option(None, "--arch", help="GGML_CPU_ARM_ARCH (-march), e.g. "
                                        "armv9-a+sve2+i8mm+dotprod. Default: from this CPU's features (native) or "
                                        "armv9-a+sve2+i8mm+bf16+dotprod (aarch64)."),
@@ -59,18 +60,30 @@ def build(
       edgemoe build --target aarch64 --dry-run
       edgemoe build --arch armv8-a --no-kleidiai --no-activate
     """
-    from ..build import command_lines, load_manifest, plan_build, sve_warning
+    from ..build import load_manifest
 
-    plan = plan_build(source=source, target=target, arch=arch, kleidiai=kleidiai,
-                      kleidiai_src=str(kleidiai_src) if kleidiai_src else None, jobs=jobs)
-    warning = sve_warning(plan)
+    plan = _plan(board, source, target, arch, kleidiai, kleidiai_src, jobs)
     if dry_run:
-        emit_json(plan) if as_json else _print_dry_run(plan, command_lines(plan), warning)
+        emit_json(plan) if as_json else _print_dry_run(plan)
         return
     if not as_json and load_manifest(plan.out_dir) is None:
         _announce(plan)
     result = _run_with_bar(plan, activate, disable=as_json)
-    emit_json(result) if as_json else _print_built(result, warning)
+    emit_json(result) if as_json else _print_built(result, plan)
+
+
+def _plan(board: str | None, source, target, arch, kleidiai, kleidiai_src, jobs):
+    """build.plan_build from the options; --board NAME supplies the target and flags (board.build_options)."""
+    from ..board import build_options
+    from ..build import plan_build
+
+    notes: list[str] = []
+    if board is not None:
+        target, arch, notes = build_options(board, arch)
+    plan = plan_build(source=source, target=target, arch=arch, kleidiai=kleidiai,
+                      kleidiai_src=str(kleidiai_src) if kleidiai_src else None, jobs=jobs)
+    plan.notes += notes
+    return plan
 
 
 def _run_with_bar(plan, activate: bool, disable: bool):
@@ -100,16 +113,22 @@ def _print_notes(notes: list[str]) -> None:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
-def _print_dry_run(plan, lines: list[str], warning: str | None) -> None:
+def _print_dry_run(plan) -> None:
+    from ..build import command_lines, sve_warning
+
+    warning = sve_warning(plan)
     # plain stdout, never wrapped: these lines are meant to be copied into a shell
     for name, text in ((plan.toolchain_file, plan.toolchain_text), (plan.kleidiai_fix_file, plan.kleidiai_fix_text)):
         if name:
             sys.stdout.write(f"# ---- {name}\n{text}")
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(command_lines(plan)) + "\n")
     _print_notes(plan.notes + ([warning] if warning else []))
 
 
-def _print_built(result, warning: str | None) -> None:
+def _print_built(result, plan) -> None:
+    from ..build import sve_warning
+
+    warning = sve_warning(plan)
     state = "cached" if result.cached else f"built in {result.seconds / 60:.1f} min"
     console.print(f"llama.cpp [bold]{result.key}[/] {state}: {result.path}", highlight=False)
     if result.system_info:

@@ -14,7 +14,7 @@ from .common import console, ctx_option, emit_json, json_option, progress_bars, 
 def plan_cmd(
     model: str = typer.Argument(..., help="The f32/f16/bf16 GGUF to plan for, or a model NAME."),
     budget: Optional[str] = typer.Option(None, "--budget", help="RAM budget, e.g. 12GiB (KV cache and reserve are subtracted)."),
-    board: bool = typer.Option(False, "--board", help="Use this machine's RAM (as `edgemoe doctor` detects it) as the budget."),
+    board: Optional[str] = typer.Option(None, "--board", help="A board's RAM as the budget: a profile from configs/boards/ (e.g. radxa-orion-o6), a .toml file, or `this` (this machine's, as doctor detects it)."),
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Budget the file size directly (no KV/reserve subtracted)."),
     ctx: int = ctx_option(4096, "Context length to keep KV cache room for."),
     reserve: Optional[str] = typer.Option(None, "--reserve", help="Runtime reserve (default: doctor's, 1 GiB)."),
@@ -48,7 +48,7 @@ def plan_cmd(
     from .. import plan as stage
     from ..imatrix import default_calibration_text, ensure_imatrix
 
-    ram, size, reserve_bytes = stage.budget_options(budget, board, max_size, reserve)
+    ram, size, reserve_bytes, ram_source = stage.budget_options(budget, board, max_size, reserve)
     text = text or default_calibration_text()
     with progress_bars(as_json) as progress:
         model = source_model(model, progress)
@@ -57,7 +57,8 @@ def plan_cmd(
         result = stage.plan(model, imatrix, text, ram=ram, ctx=ctx, max_size=size, reserve=reserve_bytes,
                             arm_fast=arm_fast, out=out,
                             threads=threads, max_chunks=chunks, progress=progress, reference=reference,
-                            min_every_token=None if min_every_token.lower() == "none" else min_every_token)
+                            min_every_token=None if min_every_token.lower() == "none" else min_every_token,
+                            ram_source=ram_source)
         if do_quantize:
             from ..quantize import quantize as run_quantize
 
