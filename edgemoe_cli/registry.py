@@ -36,7 +36,6 @@ class ModelEntry:
     name: str
     source: str  # "hub" or "local"
     variant: str  # "thinking" or "pt"
-    chat_template: str
     description: str = ""
     repo: str | None = None
     revision: str | None = None
@@ -44,6 +43,12 @@ class ModelEntry:
     gguf: GGUFSource | None = None
     path: Path | None = None  # local sources only, absolute
     formats: tuple[str, ...] = field(default=())
+
+    @property
+    def chat_template(self) -> str:
+        """The chat format's name (ernie-thinking or ernie-pt): the variant's, since `run` renders the template stored
+        in the GGUF itself; configs/models.toml no longer repeats it."""
+        return f"ernie-{self.variant}"
 
 
 def registry_file() -> Path:
@@ -66,7 +71,7 @@ def _entry(name: str, raw: dict, where: Path) -> ModelEntry:
     if variant not in ("thinking", "pt"):
         raise EdgeMoEError(f"{where}: model '{name}' has variant '{variant}'", "use thinking or pt")
     common = dict(
-        name=name, source=source, variant=variant, chat_template=need("chat_template"),
+        name=name, source=source, variant=variant,
         description=raw.get("description", ""),
     )
     if source == "local":

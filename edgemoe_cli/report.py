@@ -142,22 +142,6 @@ def line_plot(
     return _save(fig, path)
 
 
-def bar_plot(labels: Sequence[str], groups: dict[str, Sequence[float]], path: str | Path, title: str, ylabel: str) -> Path:
-    """Grouped bars: one group per label, one bar per `groups` entry."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, len(labels) * 1.4), 4.5))
-    width = 0.8 / max(len(groups), 1)
-    x = np.arange(len(labels))
-    for i, (name, values) in enumerate(groups.items()):
-        ax.bar(x + i * width - 0.4 + width / 2, list(values), width, label=name)
-    ax.set_xticks(x, list(labels), rotation=15, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
 def rank_plot(counts: np.ndarray, layers: Sequence[int], path: str | Path, title: str) -> Path:
     """Each layer's expert usage share against its rank, log-log: a power law is a straight line here."""
     plt = _pyplot()
