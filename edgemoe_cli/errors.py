@@ -1,4 +1,4 @@
-"""The one exception type a user mistake becomes: cli.py prints it as one line and exits 2."""
+"""The one exception type a user mistake becomes: edgemoe_cli.cli.main prints it as one line and exits 2."""
 
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ class PullResult:
 
 
 class PullProgress:
-    """What `pull` reports while it works; cli.py renders it with rich. All methods are optional no-ops."""
+    """What `pull` reports while it works; cli/hub.py renders it with rich. All methods are optional no-ops."""
 
     def begin(self, files: list[RemoteFile], total: int, done: int) -> None: ...
     def file_begin(self, name: str, size: int, initial: int) -> None: ...

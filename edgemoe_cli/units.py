@@ -1,4 +1,4 @@
-"""Sizes in bytes, read and written the same way by every command (no heavy imports: cli.py loads this at start)."""
+"""Sizes in bytes, read and written the same way by every command (no heavy imports: the CLI loads this at start)."""
 
 from __future__ import annotations
 
