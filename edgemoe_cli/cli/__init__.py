@@ -12,6 +12,7 @@ import inspect
 import sys
 
 import typer
+from typing import Annotated
 
 from .. import __version__
 from ..errors import EdgeMoEError
@@ -37,9 +38,12 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+VersionOpt = Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")]
+
+
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: VersionOpt = False,
 ) -> None:
     pass
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -11,17 +11,29 @@ from ..units import human_bytes
 from .common import console, emit_json, json_option, progress_bars, run_model
 
 
+ModelsArg = Annotated[Optional[list[str]], typer.Argument(help="GGUF models to measure (e.g. one per recipe): paths or NAME[:TAG].")]
+ModelsOptOpt = Annotated[Optional[str], typer.Option("--models", help="The models as one comma-separated list (instead of, or with, the arguments).")]
+BuildsOpt = Annotated[Optional[str], typer.Option("--builds", help="Comma-separated build directories or names in the build cache (default: the current build).")]
+ThreadsOpt = Annotated[str, typer.Option("--threads", "-t", help="Comma-separated thread counts.")]
+RepsOpt = Annotated[int, typer.Option("--reps", "-r", min=1, help="Repetitions of each test (mean and stddev over them).")]
+NPromptOpt = Annotated[int, typer.Option("--n-prompt", "-p", min=1, help="Prompt-processing test length (ppN).")]
+NGenOpt = Annotated[int, typer.Option("--n-gen", "-n", min=1, help="Text-generation test length (tgN).")]
+PgOpt = Annotated[str, typer.Option("--pg", help="The combined prompt+generation test, PP,TG.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for bench.json, bench.md and the PNG plots.")]
+NoBandwidthOpt = Annotated[bool, typer.Option("--no-bandwidth", help="Skip the copy-bandwidth measurement and the tg ceiling.")]
+
+
 def bench(
-    models: Optional[list[str]] = typer.Argument(None, help="GGUF models to measure (e.g. one per recipe): paths or NAME[:TAG]."),
-    models_opt: Optional[str] = typer.Option(None, "--models", help="The models as one comma-separated list (instead of, or with, the arguments)."),
-    builds: Optional[str] = typer.Option(None, "--builds", help="Comma-separated build directories or names in the build cache (default: the current build)."),
-    threads: str = typer.Option("1,2,4,8", "--threads", "-t", help="Comma-separated thread counts."),
-    reps: int = typer.Option(3, "--reps", "-r", min=1, help="Repetitions of each test (mean and stddev over them)."),
-    n_prompt: int = typer.Option(512, "--n-prompt", "-p", min=1, help="Prompt-processing test length (ppN)."),
-    n_gen: int = typer.Option(128, "--n-gen", "-n", min=1, help="Text-generation test length (tgN)."),
-    pg: str = typer.Option("128,128", "--pg", help="The combined prompt+generation test, PP,TG."),
-    out: Optional[Path] = typer.Option(Path("bench"), "--out", "-o", help="Directory for bench.json, bench.md and the PNG plots."),
-    no_bandwidth: bool = typer.Option(False, "--no-bandwidth", help="Skip the copy-bandwidth measurement and the tg ceiling."),
+    models: ModelsArg = None,
+    models_opt: ModelsOptOpt = None,
+    builds: BuildsOpt = None,
+    threads: ThreadsOpt = "1,2,4,8",
+    reps: RepsOpt = 3,
+    n_prompt: NPromptOpt = 512,
+    n_gen: NGenOpt = 128,
+    pg: PgOpt = "128,128",
+    out: OutOpt = Path("bench"),
+    no_bandwidth: NoBandwidthOpt = False,
     as_json: bool = json_option("the results"),
     workers: Optional[str] = typer.Option(None, "--workers", help="HOST:PORT,... of `edgemoe worker`s: split each "
                                           "model across them and this machine by memory, as run does."),

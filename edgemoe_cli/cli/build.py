@@ -4,30 +4,41 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from .common import console, emit_json, err_console, json_option
 
 
-def build(
-    source: str = typer.Option("vendored", "--source", help="`vendored` (the llama.cpp inside the pinned "
-                               "llama-cpp-python sdist, the binding's own commit) or a llama.cpp checkout DIR."),
-    target: str = typer.Option("native", "--target", help="`native` (this machine) or `aarch64` (cross-compile "
-                               "with aarch64-linux-gnu-gcc from an x86 host)."),
-    board: Optional[str] = typer.Option(None, "--board", help="Build for a board profile (configs/boards/NAME.toml, or a .toml file): its flags, cross-compiled from a non-Arm host."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="GGML_CPU_ARM_ARCH (-march), e.g. "
+SourceOpt = Annotated[str, typer.Option("--source", help="`vendored` (the llama.cpp inside the pinned "
+                               "llama-cpp-python sdist, the binding's own commit) or a llama.cpp checkout DIR.")]
+TargetOpt = Annotated[str, typer.Option("--target", help="`native` (this machine) or `aarch64` (cross-compile "
+                               "with aarch64-linux-gnu-gcc from an x86 host).")]
+BoardOpt = Annotated[Optional[str], typer.Option("--board", help="Build for a board profile (configs/boards/NAME.toml, or a .toml file): its flags, cross-compiled from a non-Arm host.")]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="GGML_CPU_ARM_ARCH (-march), e.g. "
                                        "armv9-a+sve2+i8mm+dotprod. Default: from this CPU's features (native) or "
-                                       "armv9-a+sve2+i8mm+bf16+dotprod (aarch64)."),
-    kleidiai: Optional[bool] = typer.Option(None, "--kleidiai/--no-kleidiai", help="Arm's KleidiAI matmul "
-                                            "kernels (default: on for Arm targets)."),
-    kleidiai_src: Optional[Path] = typer.Option(None, "--kleidiai-src", help="Extracted KleidiAI source for "
-                                                "boards without network (else CMake downloads it)."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (default: all CPUs)."),
-    activate: bool = typer.Option(True, "--activate/--no-activate", help="Make a native build the one the binding "
-                                  "and tools use (builds/native-current). --no-activate builds for comparison only."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the cmake lines (and generated files); build nothing."),
+                                       "armv9-a+sve2+i8mm+bf16+dotprod (aarch64).")]
+KleidiaiOpt = Annotated[Optional[bool], typer.Option("--kleidiai/--no-kleidiai", help="Arm's KleidiAI matmul "
+                                            "kernels (default: on for Arm targets).")]
+KleidiaiSrcOpt = Annotated[Optional[Path], typer.Option("--kleidiai-src", help="Extracted KleidiAI source for "
+                                                "boards without network (else CMake downloads it).")]
+JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Parallel compile jobs (default: all CPUs).")]
+ActivateOpt = Annotated[bool, typer.Option("--activate/--no-activate", help="Make a native build the one the binding "
+                                  "and tools use (builds/native-current). --no-activate builds for comparison only.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the cmake lines (and generated files); build nothing.")]
+
+
+def build(
+    source: SourceOpt = "vendored",
+    target: TargetOpt = "native",
+    board: BoardOpt = None,
+    arch: ArchOpt = None,
+    kleidiai: KleidiaiOpt = None,
+    kleidiai_src: KleidiaiSrcOpt = None,
+    jobs: JobsOpt = None,
+    activate: ActivateOpt = True,
+    dry_run: DryRunOpt = False,
     as_json: bool = json_option("the build (or with --dry-run the plan)"),
 ) -> None:
     """Build llama.cpp's tools and libraries for this board (or for aarch64).

@@ -3,27 +3,40 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from .common import console, ctx_option, emit_json, json_option, progress_bars, run_model, threads_option
 
 
+ThinkingOpt = Annotated[Optional[str], typer.Option("--thinking", help="The Thinking model: a GGUF or NAME[:TAG].")]
+PtOpt = Annotated[Optional[str], typer.Option("--pt", help="The PT model: a GGUF or NAME[:TAG].")]
+PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: TOML [[prompt]] tables or JSON Lines {q, answer} (default: configs/prompts/compare.toml).")]
+PromptOpt = Annotated[Optional[list[str]], typer.Option("-p", "--prompt", help="A prompt instead of a file; repeat -p to ask several.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N prompts of the file.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Stop each reply after this many tokens.")]
+TempOpt = Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature (default 0: greedy, deterministic).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed, for repeatable runs at --temp > 0.")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", help="A system message for both variants.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write a Markdown report here (and its .json twin).")]
+ShowOpt = Annotated[int, typer.Option("--show", min=0, help="Side-by-side panels for at most this many prompts.")]
+
+
 def compare(
-    thinking: Optional[str] = typer.Option(None, "--thinking", help="The Thinking model: a GGUF or NAME[:TAG]."),
-    pt: Optional[str] = typer.Option(None, "--pt", help="The PT model: a GGUF or NAME[:TAG]."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file: TOML [[prompt]] tables or JSON Lines {q, answer} (default: configs/prompts/compare.toml)."),
-    prompt: Optional[list[str]] = typer.Option(None, "-p", "--prompt", help="A prompt instead of a file; repeat -p to ask several."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N prompts of the file."),
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop each reply after this many tokens."),
-    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature (default 0: greedy, deterministic)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed, for repeatable runs at --temp > 0."),
-    system: Optional[str] = typer.Option(None, "--system", help="A system message for both variants."),
+    thinking: ThinkingOpt = None,
+    pt: PtOpt = None,
+    prompts: PromptsOpt = None,
+    prompt: PromptOpt = None,
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = 512,
+    temp: TempOpt = 0.0,
+    seed: SeedOpt = None,
+    system: SystemOpt = None,
     threads: Optional[int] = threads_option(),
     ctx: int = ctx_option(4096, "Context length in tokens.", minimum=0),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write a Markdown report here (and its .json twin)."),
-    show: int = typer.Option(8, "--show", min=0, help="Side-by-side panels for at most this many prompts."),
+    out: OutOpt = None,
+    show: ShowOpt = 8,
     as_json: bool = json_option("the whole comparison"),
 ) -> None:
     """Ask ERNIE-4.5 PT and Thinking the same prompts and put the answers, timings and accuracy side by side.

@@ -5,14 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from typing import Annotated
 
 from .common import console, emit_json, json_option, progress_bars
 
 
+SrcArg = Annotated[str, typer.Argument(help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model), or a model name from `edgemoe models` (pulled or local).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="GGUF file to write (written as OUT.part, renamed when complete).")]
+OuttypeOpt = Annotated[str, typer.Option("--outtype", help="Weight type: f32, f16, bf16 or q8_0.")]
+
+
 def convert(
-    src: str = typer.Argument(..., help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model), or a model name from `edgemoe models` (pulled or local)."),
-    out: Path = typer.Option(..., "--out", "-o", help="GGUF file to write (written as OUT.part, renamed when complete)."),
-    outtype: str = typer.Option("f16", "--outtype", help="Weight type: f32, f16, bf16 or q8_0."),
+    src: SrcArg,
+    out: OutOpt,
+    outtype: OuttypeOpt = "f16",
     as_json: bool = json_option(),
 ) -> None:
     """Convert an ERNIE-4.5 checkpoint (MoE or dense) from Hugging Face layout to GGUF, without torch.

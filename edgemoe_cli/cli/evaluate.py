@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from .common import console, ctx_option, emit_json, json_option, progress_bars, run_model, source_model, threads_option
 
 
+ModelArg = Annotated[str, typer.Argument(help="The GGUF to judge (e.g. a quantization), or NAME[:TAG].")]
+BaseOpt = Annotated[str, typer.Option("--base", help="The reference GGUF (the unquantized model), or a model NAME (its unquantized GGUF).")]
+TextOpt = Annotated[Path, typer.Option("--text", help="Evaluation text; keep it disjoint from the imatrix's calibration text.")]
+ChunksOpt = Annotated[Optional[int], typer.Option("--chunks", min=1, help="Use at most this many chunks.")]
+
+
 def eval_cmd(
-    model: str = typer.Argument(..., help="The GGUF to judge (e.g. a quantization), or NAME[:TAG]."),
-    base: str = typer.Option(..., "--base", help="The reference GGUF (the unquantized model), or a model NAME (its unquantized GGUF)."),
-    text: Path = typer.Option(..., "--text", help="Evaluation text; keep it disjoint from the imatrix's calibration text."),
+    model: ModelArg,
+    base: BaseOpt,
+    text: TextOpt,
     ctx: int = ctx_option(512, "Chunk length in tokens; the second half of each chunk is scored.", minimum=16),
-    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Use at most this many chunks."),
+    chunks: ChunksOpt = None,
     threads: Optional[int] = threads_option("all CPUs"),
     as_json: bool = json_option(),
 ) -> None:

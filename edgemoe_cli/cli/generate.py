@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -13,17 +13,27 @@ from ..errors import EdgeMoEError
 from .common import console, ctx_option, emit_json, err_console, json_option, run_model, threads_option
 
 
+ModelArg = Annotated[str, typer.Argument(help="A GGUF file, or NAME[:TAG] from `edgemoe list` (NAME alone: the GGUF you made last, else the pulled one).")]
+PromptOpt = Annotated[Optional[list[str]], typer.Option("-p", "--prompt", help="The user message.")]
+PromptFileOpt = Annotated[Optional[Path], typer.Option("-f", "--file", help="Read the user message from FILE (- = stdin).")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", help="A system message, placed as the chat template says.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Stop after this many generated tokens.")]
+TempOpt = Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 = greedy and deterministic.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed, for repeatable runs at --temp > 0.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also print the library loaded and its system_info.")]
+
+
 def run(
-    model: str = typer.Argument(..., help="A GGUF file, or NAME[:TAG] from `edgemoe list` (NAME alone: the GGUF you made last, else the pulled one)."),
-    prompt: Optional[list[str]] = typer.Option(None, "-p", "--prompt", help="The user message."),
-    prompt_file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the user message from FILE (- = stdin)."),
-    system: Optional[str] = typer.Option(None, "--system", help="A system message, placed as the chat template says."),
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Stop after this many generated tokens."),
+    model: ModelArg,
+    prompt: PromptOpt = None,
+    prompt_file: PromptFileOpt = None,
+    system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = 512,
     threads: Optional[int] = threads_option(),
     ctx: int = ctx_option(4096, "Context length in tokens (0 = the model's own).", minimum=0),
-    temp: float = typer.Option(0.8, "--temp", min=0.0, help="Sampling temperature; 0 = greedy and deterministic."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed, for repeatable runs at --temp > 0."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the library loaded and its system_info."),
+    temp: TempOpt = 0.8,
+    seed: SeedOpt = None,
+    verbose: VerboseOpt = False,
     as_json: bool = json_option("the reply and its timings, without streaming,"),
     workers: Optional[str] = typer.Option(None, "--workers", help="HOST:PORT,... of `edgemoe worker`s: split the "
                                           "model's layers across them and this machine by free memory."),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -11,13 +11,21 @@ from ..units import human_bytes
 from .common import console, emit_json, err_console, json_option
 
 
+NameArg = Annotated[str, typer.Argument(help="A model name from `edgemoe models`, e.g. ernie-4.5-21b-a3b-thinking.")]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", "-r", help="Branch, tag or commit (default: the registry's pin).")]
+FmtOpt = Annotated[str, typer.Option("--format", help="safetensors (to convert yourself) or gguf (ready-made).")]
+QuantOpt = Annotated[Optional[str], typer.Option("--quant", "-q", help="With --format gguf: which quant, e.g. Q4_0, Q4_K_M.")]
+DestOpt = Annotated[Optional[Path], typer.Option("--dest", help="Hugging Face cache directory to use instead of $HF_HOME/hub.")]
+TokenOpt = Annotated[Optional[str], typer.Option("--token", help="Hub token for gated/private repos (default: $HF_TOKEN).")]
+
+
 def pull(
-    name: str = typer.Argument(..., help="A model name from `edgemoe models`, e.g. ernie-4.5-21b-a3b-thinking."),
-    revision: Optional[str] = typer.Option(None, "--revision", "-r", help="Branch, tag or commit (default: the registry's pin)."),
-    fmt: str = typer.Option("safetensors", "--format", help="safetensors (to convert yourself) or gguf (ready-made)."),
-    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="With --format gguf: which quant, e.g. Q4_0, Q4_K_M."),
-    dest: Optional[Path] = typer.Option(None, "--dest", help="Hugging Face cache directory to use instead of $HF_HOME/hub."),
-    token: Optional[str] = typer.Option(None, "--token", help="Hub token for gated/private repos (default: $HF_TOKEN)."),
+    name: NameArg,
+    revision: RevisionOpt = None,
+    fmt: FmtOpt = "safetensors",
+    quant: QuantOpt = None,
+    dest: DestOpt = None,
+    token: TokenOpt = None,
     as_json: bool = json_option("the result (commit, files, sizes, sha256)"),
 ) -> None:
     """Download a model from the Hugging Face Hub, resumably, and verify every byte.

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from .common import console, ctx_option, emit_json, json_option, progress_bars, source_model, threads_option
 
 
+ModelArg = Annotated[str, typer.Argument(help="The GGUF to measure (f32/f16/bf16 or Q8_0), or a model NAME[:TAG].")]
+TextOpt = Annotated[Optional[Path], typer.Option("--text", help="Calibration text (default: edgemoe's own data/calib/calibration.txt).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output imatrix (default: MODEL.imatrix.gguf beside the model).")]
+ChunksOpt = Annotated[Optional[int], typer.Option("--chunks", min=1, help="Use at most this many chunks of the text.")]
+
+
 def imatrix_cmd(
-    model: str = typer.Argument(..., help="The GGUF to measure (f32/f16/bf16 or Q8_0), or a model NAME[:TAG]."),
-    text: Optional[Path] = typer.Option(None, "--text", help="Calibration text (default: edgemoe's own data/calib/calibration.txt)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output imatrix (default: MODEL.imatrix.gguf beside the model)."),
+    model: ModelArg,
+    text: TextOpt = None,
+    out: OutOpt = None,
     ctx: int = ctx_option(512, "Tokens per chunk.", minimum=32),
-    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Use at most this many chunks of the text."),
+    chunks: ChunksOpt = None,
     threads: Optional[int] = threads_option("all CPUs"),
     as_json: bool = json_option(),
 ) -> None:

@@ -6,6 +6,7 @@ import sys
 from dataclasses import asdict
 
 import typer
+from typing import Annotated
 
 from ..errors import EdgeMoEError
 from ..units import human_bytes
@@ -38,9 +39,13 @@ def list_store(as_json: bool = json_option("the store contents")) -> None:
     console.print(table)
 
 
+ModelArg = Annotated[str, typer.Argument(help="NAME (everything the store holds for it) or NAME:TAG (one GGUF), as `edgemoe list` shows.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting.")]
+
+
 def rm(
-    model: str = typer.Argument(..., help="NAME (everything the store holds for it) or NAME:TAG (one GGUF), as `edgemoe list` shows."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting."),
+    model: ModelArg,
+    yes: YesOpt = False,
     as_json: bool = json_option("what was deleted (needs --yes)"),
 ) -> None:
     """Free disk: delete a model (or one of its GGUFs) from the store.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -11,22 +11,38 @@ from ..units import human_bytes
 from .common import console, ctx_option, emit_json, json_option, progress_bars, source_model, threads_option
 
 
+ModelArg = Annotated[str, typer.Argument(help="The f32/f16/bf16 GGUF to plan for, or a model NAME.")]
+BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="RAM budget, e.g. 12GiB (KV cache and reserve are subtracted).")]
+BoardOpt = Annotated[Optional[str], typer.Option("--board", help="A board's RAM as the budget: a profile from configs/boards/ (e.g. radxa-orion-o6), a .toml file, or `this` (this machine's, as doctor detects it).")]
+MaxSizeOpt = Annotated[Optional[str], typer.Option("--max-size", help="Budget the file size directly (no KV/reserve subtracted).")]
+ReserveOpt = Annotated[Optional[str], typer.Option("--reserve", help="Runtime reserve (default: doctor's, 1 GiB).")]
+ImatrixOpt = Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix (default: computed with `edgemoe imatrix` on --text).")]
+TextOpt = Annotated[Optional[Path], typer.Option("--text", help="Calibration text for the imatrix and the KLD measurements (default: data/calib/calibration.txt).")]
+ArmFastOpt = Annotated[bool, typer.Option("--arm-fast", help="Only Q4_0, IQ4_NL and Q8_0 (fast Arm kernels).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the plan as a recipe TOML here.")]
+DoQuantizeOpt = Annotated[bool, typer.Option("--quantize", help="Apply the plan: quantize MODEL with it.")]
+GgufOutOpt = Annotated[Optional[Path], typer.Option("--gguf-out", help="With --quantize: the output GGUF.")]
+ChunksOpt = Annotated[int, typer.Option("--chunks", min=1, help="Chunks of --text per KLD calibration measurement.")]
+MinEveryTokenOpt = Annotated[str, typer.Option("--min-every-token", help="Lowest type for tensors every token uses (attention, shared experts, dense FFN, embedding); `none` for no floor.")]
+ReferenceOpt = Annotated[str, typer.Option("--reference", help="Measure gains against the model as given (source) or at Q8_0 (q8_0: half the RAM, for 21B on a 32 GB machine).")]
+
+
 def plan_cmd(
-    model: str = typer.Argument(..., help="The f32/f16/bf16 GGUF to plan for, or a model NAME."),
-    budget: Optional[str] = typer.Option(None, "--budget", help="RAM budget, e.g. 12GiB (KV cache and reserve are subtracted)."),
-    board: Optional[str] = typer.Option(None, "--board", help="A board's RAM as the budget: a profile from configs/boards/ (e.g. radxa-orion-o6), a .toml file, or `this` (this machine's, as doctor detects it)."),
-    max_size: Optional[str] = typer.Option(None, "--max-size", help="Budget the file size directly (no KV/reserve subtracted)."),
+    model: ModelArg,
+    budget: BudgetOpt = None,
+    board: BoardOpt = None,
+    max_size: MaxSizeOpt = None,
     ctx: int = ctx_option(4096, "Context length to keep KV cache room for."),
-    reserve: Optional[str] = typer.Option(None, "--reserve", help="Runtime reserve (default: doctor's, 1 GiB)."),
-    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (default: computed with `edgemoe imatrix` on --text)."),
-    text: Optional[Path] = typer.Option(None, "--text", help="Calibration text for the imatrix and the KLD measurements (default: data/calib/calibration.txt)."),
-    arm_fast: bool = typer.Option(False, "--arm-fast", help="Only Q4_0, IQ4_NL and Q8_0 (fast Arm kernels)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan as a recipe TOML here."),
-    do_quantize: bool = typer.Option(False, "--quantize", help="Apply the plan: quantize MODEL with it."),
-    gguf_out: Optional[Path] = typer.Option(None, "--gguf-out", help="With --quantize: the output GGUF."),
-    chunks: int = typer.Option(16, "--chunks", min=1, help="Chunks of --text per KLD calibration measurement."),
-    min_every_token: str = typer.Option("q4_k", "--min-every-token", help="Lowest type for tensors every token uses (attention, shared experts, dense FFN, embedding); `none` for no floor."),
-    reference: str = typer.Option("source", "--reference", help="Measure gains against the model as given (source) or at Q8_0 (q8_0: half the RAM, for 21B on a 32 GB machine)."),
+    reserve: ReserveOpt = None,
+    imatrix: ImatrixOpt = None,
+    text: TextOpt = None,
+    arm_fast: ArmFastOpt = False,
+    out: OutOpt = None,
+    do_quantize: DoQuantizeOpt = False,
+    gguf_out: GgufOutOpt = None,
+    chunks: ChunksOpt = 16,
+    min_every_token: MinEveryTokenOpt = "q4_k",
+    reference: ReferenceOpt = "source",
     threads: Optional[int] = threads_option("all CPUs"),
     as_json: bool = json_option("the plan"),
 ) -> None:

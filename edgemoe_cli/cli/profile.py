@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from .common import console, ctx_option, emit_json, json_option, progress_bars, run_model, threads_option
 
 
+ModelArg = Annotated[str, typer.Argument(help="An ERNIE-4.5 MoE GGUF (any quantization), or NAME[:TAG].")]
+TextOpt = Annotated[Path, typer.Option("--text", help="UTF-8 text to route through the model (your workload).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Directory for profile.json and expert-usage.png.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Route at most this many tokens of the text.")]
+
+
 def profile(
-    model: str = typer.Argument(..., help="An ERNIE-4.5 MoE GGUF (any quantization), or NAME[:TAG]."),
-    text: Path = typer.Option(..., "--text", help="UTF-8 text to route through the model (your workload)."),
-    out: Path = typer.Option(Path("profile"), "--out", "-o", help="Directory for profile.json and expert-usage.png."),
-    max_tokens: int = typer.Option(8192, "--max-tokens", "-n", min=1, help="Route at most this many tokens of the text."),
+    model: ModelArg,
+    text: TextOpt,
+    out: OutOpt = Path("profile"),
+    max_tokens: MaxTokensOpt = 8192,
     ctx: int = ctx_option(512, "Window length: the text is evaluated in windows this long.", minimum=16),
     threads: Optional[int] = threads_option(),
     as_json: bool = json_option(),

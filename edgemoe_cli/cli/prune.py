@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from .common import console, emit_json, json_option, progress_bars, run_model, threads_option
 
 
+ModelArg = Annotated[str, typer.Argument(help="An ERNIE-4.5 MoE GGUF (any quantization), or NAME[:TAG].")]
+KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Experts to keep per MoE layer: a count (48) or a share (75%).")]
+BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Keep as many experts as fit this file size (12G, 900M).")]
+TextOpt = Annotated[Optional[Path], typer.Option("--text", help="Score experts by REAP on this text (recommended).")]
+UsageOpt = Annotated[Optional[Path], typer.Option("--usage", help="Score experts by usage counts from `edgemoe profile`'s profile.json.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output GGUF (default: MODEL.keepN.gguf beside MODEL).")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="With --text: route at most this many tokens.")]
+
+
 def prune(
-    model: str = typer.Argument(..., help="An ERNIE-4.5 MoE GGUF (any quantization), or NAME[:TAG]."),
-    keep: Optional[str] = typer.Option(None, "--keep", help="Experts to keep per MoE layer: a count (48) or a share (75%)."),
-    budget: Optional[str] = typer.Option(None, "--budget", help="Keep as many experts as fit this file size (12G, 900M)."),
-    text: Optional[Path] = typer.Option(None, "--text", help="Score experts by REAP on this text (recommended)."),
-    usage: Optional[Path] = typer.Option(None, "--usage", help="Score experts by usage counts from `edgemoe profile`'s profile.json."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output GGUF (default: MODEL.keepN.gguf beside MODEL)."),
-    max_tokens: int = typer.Option(8192, "--max-tokens", "-n", min=1, help="With --text: route at most this many tokens."),
+    model: ModelArg,
+    keep: KeepOpt = None,
+    budget: BudgetOpt = None,
+    text: TextOpt = None,
+    usage: UsageOpt = None,
+    out: OutOpt = None,
+    max_tokens: MaxTokensOpt = 8192,
     threads: Optional[int] = threads_option(),
     as_json: bool = json_option(),
 ) -> None:

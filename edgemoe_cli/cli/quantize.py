@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -11,11 +11,17 @@ from ..units import human_bytes
 from .common import console, emit_json, err_console, json_option, progress_bars, source_model, threads_option
 
 
+ModelArg = Annotated[str, typer.Argument(help="The f32/f16/bf16 GGUF to quantize, or a model NAME (its pulled checkpoint is converted into the store first when needed).")]
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name, recipe .toml file, or stock:FTYPE (llama.cpp's own mix, e.g. stock:Q4_K_M).")]
+ImatrixOpt = Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix from `edgemoe imatrix` (strongly advised below 5 bits).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output GGUF (default: <store>/gguf/<model>/<recipe>.gguf).")]
+
+
 def quantize(
-    model: str = typer.Argument(..., help="The f32/f16/bf16 GGUF to quantize, or a model NAME (its pulled checkpoint is converted into the store first when needed)."),
-    recipe: str = typer.Option("edge-balanced", "--recipe", "-r", help="Recipe name, recipe .toml file, or stock:FTYPE (llama.cpp's own mix, e.g. stock:Q4_K_M)."),
-    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix from `edgemoe imatrix` (strongly advised below 5 bits)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output GGUF (default: <store>/gguf/<model>/<recipe>.gguf)."),
+    model: ModelArg,
+    recipe: RecipeOpt = "edge-balanced",
+    imatrix: ImatrixOpt = None,
+    out: OutOpt = None,
     threads: Optional[int] = threads_option("all CPUs"),
     as_json: bool = json_option(),
 ) -> None:

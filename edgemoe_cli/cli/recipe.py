@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -23,8 +23,7 @@ def _print_problems(problems) -> None:
 
 @recipe_app.command("list")
 def recipe_list(as_json: bool = json_option("the recipes")) -> None:
-    """The built-in recipes (configs/recipes/*.toml) and what each is for.
-    """
+    """The built-in recipes (configs/recipes/*.toml) and what each is for."""
     from ..recipe import builtin_names, load_recipe
 
     recipes = [load_recipe(n) for n in builtin_names()]
@@ -35,12 +34,18 @@ def recipe_list(as_json: bool = json_option("the recipes")) -> None:
         console.print(f"[bold]{r.name}[/]  {r.description}", highlight=False)
 
 
+NameArg = Annotated[str, typer.Argument(help="A built-in recipe name (`edgemoe recipe list`) or a recipe .toml file.")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="A GGUF to apply it to (f32/f16/bf16).")]
+ImatrixOpt = Annotated[bool, typer.Option("--imatrix/--no-imatrix", help="Whether you will quantize with an imatrix (IQ2/IQ1 types need one).")]
+AllTensorsOpt = Annotated[bool, typer.Option("--all", help="Also list tensors llama.cpp never quantizes (norms, router).")]
+
+
 @recipe_app.command("show")
 def recipe_show(
-    name: str = typer.Argument(..., help="A built-in recipe name (`edgemoe recipe list`) or a recipe .toml file."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A GGUF to apply it to (f32/f16/bf16)."),
-    imatrix: bool = typer.Option(True, "--imatrix/--no-imatrix", help="Whether you will quantize with an imatrix (IQ2/IQ1 types need one)."),
-    all_tensors: bool = typer.Option(False, "--all", help="Also list tensors llama.cpp never quantizes (norms, router)."),
+    name: NameArg,
+    model: ModelOpt = None,
+    imatrix: ImatrixOpt = True,
+    all_tensors: AllTensorsOpt = False,
     as_json: bool = json_option("the explanation"),
 ) -> None:
     """Explain a recipe: its rules, and with --model what every tensor becomes and why.
