@@ -12,12 +12,13 @@ LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"\(llama-cpp-python==[0-9.]*\)".*/\1/p' 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup demo test test-fast bench clean help
+.PHONY: setup demo test test-fast lint format bench clean help
 
 help:
 	@echo "make demo       convert both fixtures, ask PT and Thinking the same question"
 	@echo "make test       all tests, slow ones too (builds, emulation); what CI runs"
-	@echo "make test-fast  tests not marked slow"
+	@echo "make test-fast  ruff (format and lint), then the tests not marked slow"
+	@echo "make format     let ruff format and fix the code"
 	@echo "make setup      create $(VENV) and install edgemoe with its dependencies"
 
 # The binding skips pip's wheel cache: a library-less wheel must not be reused by other projects' installs.
@@ -41,8 +42,17 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest -q -m "not slow"
+
+# ruff: the formatter and the linter, one line length (pyproject.toml); `make format` rewrites what --check finds
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -61,8 +61,22 @@ RPC being free. The text was the single-process greedy text in every configurati
 
 
 def run(model: Path, workers: list[str], max_tokens: int = 64) -> dict:
-    args = [*EDGEMOE, "run", str(model), "-p", QUESTION, "--temp", "0", "--threads", "1", "--ctx", "512",
-            "--max-tokens", str(max_tokens), "--json"]
+    args = [
+        *EDGEMOE,
+        "run",
+        str(model),
+        "-p",
+        QUESTION,
+        "--temp",
+        "0",
+        "--threads",
+        "1",
+        "--ctx",
+        "512",
+        "--max-tokens",
+        str(max_tokens),
+        "--json",
+    ]
     if workers:
         args += ["--workers", ",".join(workers)]
     proc = subprocess.run(args, capture_output=True, text=True, check=True, timeout=1800)
@@ -79,9 +93,17 @@ def speeds(model: Path, rounds: int) -> list[dict]:
             for w in workers:
                 w.stop()
         tps = statistics.median(r["gen_tps"] for r in results)
-        rows.append({"workers": n, "gen_tps": tps, "prompt_tps": statistics.median(r["prompt_tps"] for r in results),
-                     "tokens": results[0]["completion_tokens"], "raw": results[0]["raw"],
-                     "split": results[0].get("split", {}).get("parts"), "all": [r["gen_tps"] for r in results]})
+        rows.append(
+            {
+                "workers": n,
+                "gen_tps": tps,
+                "prompt_tps": statistics.median(r["prompt_tps"] for r in results),
+                "tokens": results[0]["completion_tokens"],
+                "raw": results[0]["raw"],
+                "split": results[0].get("split", {}).get("parts"),
+                "all": [r["gen_tps"] for r in results],
+            }
+        )
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "raw"}), flush=True)
     return rows
 
@@ -92,8 +114,12 @@ def rpc_traffic(model: Path) -> dict:
     for n_tokens in (16, 48):
         log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         port = 50170
-        server = subprocess.Popen([str(find_tool("ggml-rpc-server")), "--port", str(port), "--threads", "1"],
-                                  stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GGML_RPC_DEBUG": "1"})
+        server = subprocess.Popen(
+            [str(find_tool("ggml-rpc-server")), "--port", str(port), "--threads", "1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "GGML_RPC_DEBUG": "1"},
+        )
         try:
             for _ in range(100):
                 if cluster.reachable(cluster.WorkerAddress("127.0.0.1", port), timeout=1) is None:
@@ -112,9 +138,11 @@ def rpc_traffic(model: Path) -> dict:
         counts[n_tokens] = (generated, calls, sizes)
     (g0, c0, s0), (g1, c1, s1) = counts[16], counts[48]
     tokens = g1 - g0
-    return {"tokens": tokens,
-            "calls": {k: (c1[k] - c0[k]) / tokens for k in sorted(set(c0) | set(c1)) if c1[k] != c0[k]},
-            "bytes": {k: (s1[k] - s0[k]) / tokens for k in sorted(set(s0) | set(s1)) if s1[k] != s0[k]}}
+    return {
+        "tokens": tokens,
+        "calls": {k: (c1[k] - c0[k]) / tokens for k in sorted(set(c0) | set(c1)) if c1[k] != c0[k]},
+        "bytes": {k: (s1[k] - s0[k]) / tokens for k in sorted(set(s0) | set(s1)) if s1[k] != s0[k]},
+    }
 
 
 def main() -> None:
@@ -129,10 +157,14 @@ def main() -> None:
         convert(FIXTURES / "tiny-ernie-thinking", tiny, "f16")
         models = [tiny] + ([WIDE] if WIDE.exists() else [])
 
-    text = ["# `edgemoe run --workers`: loopback workers vs local", "",
-            f"`bench/cluster.py --rounds {args.rounds}`: greedy, `{QUESTION}`, up to 64 tokens, 1 thread in every "
-            "process (local and each ggml-rpc-server), all on this one machine over loopback TCP; median of the "
-            "rounds. Every split gave the single-process greedy text (checked below).", ""]
+    text = [
+        "# `edgemoe run --workers`: loopback workers vs local",
+        "",
+        f"`bench/cluster.py --rounds {args.rounds}`: greedy, `{QUESTION}`, up to 64 tokens, 1 thread in every "
+        "process (local and each ggml-rpc-server), all on this one machine over loopback TCP; median of the "
+        "rounds. Every split gave the single-process greedy text (checked below).",
+        "",
+    ]
     for model in models:
         rows = speeds(model, args.rounds)
         traffic = rpc_traffic(model)
@@ -140,19 +172,46 @@ def main() -> None:
         table = []
         for r in rows:
             overhead = (1 / r["gen_tps"] - 1 / local) * 1000
-            split = ", ".join(f"{'local' if p['device'] == 'local' else 'w' + str(i)} {p['layers']}"
-                              for i, p in enumerate(r["split"] or [{"device": "local", "layers": "all"}]))
-            table.append([r["workers"], split, f"{r['gen_tps']:.1f}", f"{r['gen_tps'] / local:.2f}",
-                          f"{overhead:+.2f}" if r["workers"] else "-", f"{r['prompt_tps']:.0f}",
-                          "yes" if r["raw"] == rows[0]["raw"] else "NO"])
-        text += [f"## {model.name} ({model.stat().st_size / 2**20:.0f} MiB)", "",
-                 markdown_table(["workers", "layers (local, w1..)", "gen tok/s", "vs local", "ms/token added",
-                                 "prompt tok/s", "same text"], table), "",
-                 "Rounds (gen tok/s): " + "; ".join(f"{r['workers']} workers: "
-                                                     + ", ".join(f"{t:.0f}" for t in r["all"]) for r in rows), "",
-                 f"RPC traffic per generated token with one worker ({traffic['tokens']} tokens counted): "
-                 + ", ".join(f"{k} {v:.1f}x" for k, v in traffic["calls"].items())
-                 + "; payload " + (", ".join(f"{k} {v:.0f} B" for k, v in traffic["bytes"].items()) or "n/a"), ""]
+            split = ", ".join(
+                f"{'local' if p['device'] == 'local' else 'w' + str(i)} {p['layers']}"
+                for i, p in enumerate(r["split"] or [{"device": "local", "layers": "all"}])
+            )
+            table.append(
+                [
+                    r["workers"],
+                    split,
+                    f"{r['gen_tps']:.1f}",
+                    f"{r['gen_tps'] / local:.2f}",
+                    f"{overhead:+.2f}" if r["workers"] else "-",
+                    f"{r['prompt_tps']:.0f}",
+                    "yes" if r["raw"] == rows[0]["raw"] else "NO",
+                ]
+            )
+        text += [
+            f"## {model.name} ({model.stat().st_size / 2**20:.0f} MiB)",
+            "",
+            markdown_table(
+                [
+                    "workers",
+                    "layers (local, w1..)",
+                    "gen tok/s",
+                    "vs local",
+                    "ms/token added",
+                    "prompt tok/s",
+                    "same text",
+                ],
+                table,
+            ),
+            "",
+            "Rounds (gen tok/s): "
+            + "; ".join(f"{r['workers']} workers: " + ", ".join(f"{t:.0f}" for t in r["all"]) for r in rows),
+            "",
+            f"RPC traffic per generated token with one worker ({traffic['tokens']} tokens counted): "
+            + ", ".join(f"{k} {v:.1f}x" for k, v in traffic["calls"].items())
+            + "; payload "
+            + (", ".join(f"{k} {v:.0f} B" for k, v in traffic["bytes"].items()) or "n/a"),
+            "",
+        ]
     text.append(f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.")
     text += ["", READING]
     args.out.write_text("\n".join(text) + "\n")

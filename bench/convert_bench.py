@@ -57,20 +57,29 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")) / 1024**2
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Linux {platform.release()}, "
-            f"Python {platform.python_version()}; load average at start {load} (the cores are shared)")
+    return (
+        f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}; load average at start {load} (the cores are shared)"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", type=Path, help="checkpoint to convert (default: make a 3-layer real-width one)")
     ap.add_argument("--outtypes", default="bf16,f16")
-    ap.add_argument("--out-dirs", default="/tmp", help="comma-separated directories both write their output to, "
-                    "e.g. /tmp,/dev/shm to see the disk's share (tmpfs takes the disk's write-back out)")
+    ap.add_argument(
+        "--out-dirs",
+        default="/tmp",
+        help="comma-separated directories both write their output to, "
+        "e.g. /tmp,/dev/shm to see the disk's share (tmpfs takes the disk's write-back out)",
+    )
     ap.add_argument("--report", type=Path, default=REPO / "bench" / "convert.md")
     ap.add_argument("--reference-python", type=Path, default=CACHE / "refconvert-venv" / "bin" / "python")
-    ap.add_argument("--reference-script", type=Path,
-                    default=CACHE / "llama-cpp-python-0.3.36-src" / "llama.cpp" / "convert_hf_to_gguf.py")
+    ap.add_argument(
+        "--reference-script",
+        type=Path,
+        default=CACHE / "llama-cpp-python-0.3.36-src" / "llama.cpp" / "convert_hf_to_gguf.py",
+    )
     args = ap.parse_args()
     for p in (args.reference_python, args.reference_script):
         if not p.exists():
@@ -80,8 +89,11 @@ def main() -> None:
     src = args.src
     if src is None:
         made = src = Path("/tmp/edgemoe-bench-wide-ernie")
-        subprocess.run([sys.executable, str(MAKE_WIDE), str(src), "--layers", "3", "--tokenizer",
-                        str(FIXTURE_TOKENIZER)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, str(MAKE_WIDE), str(src), "--layers", "3", "--tokenizer", str(FIXTURE_TOKENIZER)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     size = sum(f.stat().st_size for f in src.iterdir())
     header = machine()
     rows = []
@@ -89,10 +101,27 @@ def main() -> None:
         warm(src)
         for out_dir, outtype in ((Path(d), t) for d in args.out_dirs.split(",") for t in args.outtypes.split(",")):
             ours_out, ref_out = out_dir / f"bench-ours-{outtype}.gguf", out_dir / f"bench-ref-{outtype}.gguf"
-            ours_cmd = [sys.executable, "-m", "edgemoe_cli.cli", "convert", str(src), "--out", str(ours_out),
-                        "--outtype", outtype, "--json"]
-            ref_cmd = [str(args.reference_python), str(args.reference_script), str(src), "--outfile", str(ref_out),
-                       "--outtype", outtype]
+            ours_cmd = [
+                sys.executable,
+                "-m",
+                "edgemoe_cli.cli",
+                "convert",
+                str(src),
+                "--out",
+                str(ours_out),
+                "--outtype",
+                outtype,
+                "--json",
+            ]
+            ref_cmd = [
+                str(args.reference_python),
+                str(args.reference_script),
+                str(src),
+                "--outfile",
+                str(ref_out),
+                "--outtype",
+                outtype,
+            ]
             ours = measure(ours_cmd)
             ref = measure(ref_cmd)
             same = filecmp.cmp(ours_out, ref_out, shallow=False)

@@ -73,9 +73,19 @@ def main() -> None:
         rows = []
         for what, recipe, path in models:
             e = evaluate.evaluate(path, f32, held_out, ctx=512, threads=args.threads, max_chunks=args.chunks)
-            rows.append({"what": what, "recipe": recipe, "bytes": path.stat().st_size, "ppl": e.ppl,
-                         "base_ppl": e.base_ppl, "kld": e.kld_mean, "kld_p99": e.kld_p99, "top1": e.top1_agreement,
-                         "tokens": e.tokens_scored})
+            rows.append(
+                {
+                    "what": what,
+                    "recipe": recipe,
+                    "bytes": path.stat().st_size,
+                    "ppl": e.ppl,
+                    "base_ppl": e.base_ppl,
+                    "kld": e.kld_mean,
+                    "kld_p99": e.kld_p99,
+                    "top1": e.top1_agreement,
+                    "tokens": e.tokens_scored,
+                }
+            )
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     write_report(args, rows, time.time() - t0)
 
@@ -94,7 +104,8 @@ def verdicts(rows: list[dict]) -> list[str]:
         lines.append(
             f"- {p['what']}, {human_bytes(p['bytes'])}: KLD {p['kld']:.4f}, PPL {p['ppl']:.2f} — vs {q['recipe']} "
             f"at {human_bytes(q['bytes'])} (smaller or equal): KLD {q['kld']:.4f}, PPL {q['ppl']:.2f}. "
-            f"**{winner.capitalize()} wins** at this size.")
+            f"**{winner.capitalize()} wins** at this size."
+        )
     return lines
 
 
@@ -102,18 +113,29 @@ def write_report(args, rows: list[dict], seconds: float) -> None:
     base = rows[0]
     table = markdown_table(
         ["model", "recipe", "size", "vs unpruned", "PPL", "KLD mean", "KLD p99", "top-1 agree"],
-        [[r["what"], r["recipe"], human_bytes(r["bytes"]), f"{r['bytes'] / base['bytes']:.0%}", round(r["ppl"], 3),
-          round(r["kld"], 5), round(r["kld_p99"], 4), f"{r['top1']:.1%}"]
-         for r in sorted(rows, key=lambda r: -r["bytes"])],
-        align="llrrrrrr")
+        [
+            [
+                r["what"],
+                r["recipe"],
+                human_bytes(r["bytes"]),
+                f"{r['bytes'] / base['bytes']:.0%}",
+                round(r["ppl"], 3),
+                round(r["kld"], 5),
+                round(r["kld_p99"], 4),
+                f"{r['top1']:.1%}",
+            ]
+            for r in sorted(rows, key=lambda r: -r["bytes"])
+        ],
+        align="llrrrrrr",
+    )
     text = f"""# Pruning experts vs quantizing lower (tiny ERNIE fixture, {args.variant})
 
 Made by `.venv/bin/python bench/prune_vs_quant.py --variant {args.variant} --recipe {args.recipe}` ({seconds:.0f} s).
 The fixture `tiny-ernie-{args.variant}` (16 routed experts, top-4, 3 MoE layers) converted to f32 is the reference.
 Pruned models are the `{args.recipe}` file with 12 or 8 experts kept per layer: REAP scores measured on the first
 {CALIB_SHARE:.0%} of `calib.txt`, or the data-free weight proxy. Everything is evaluated on the held-out last
-{1 - CALIB_SHARE:.0%} of `calib.txt` ({base['tokens']} scored tokens, windows of 512): perplexity, and KL divergence
-of each model's next-token distribution from the f32 model's (f32 PPL {base['base_ppl']:.3f}).
+{1 - CALIB_SHARE:.0%} of `calib.txt` ({base["tokens"]} scored tokens, windows of 512): perplexity, and KL divergence
+of each model's next-token distribution from the f32 model's (f32 PPL {base["base_ppl"]:.3f}).
 
 {table}
 ## Which wins at the same bytes

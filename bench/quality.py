@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""File size vs quality loss on the tiny ERNIE fixtures: stock llama.cpp mixes, our recipes, and `plan` -> bench/quality.md
+"""File size vs quality loss on the tiny ERNIE fixtures: stock llama.cpp mixes, our recipes, and `plan`
+-> bench/quality.md
 
 usage: .venv/bin/python bench/quality.py [--variants thinking pt] [--chunks 16] [--threads 2] [--work DIR]
 
@@ -70,13 +71,26 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         out = work / f"{name.replace(':', '-')}.gguf"
         quantize.quantize(f32, recipe, out=out, imatrix=im_path, threads=args.threads, manifest=False)
         e = evaluate.evaluate(out, f32, held_out, ctx=512, threads=args.threads, max_chunks=args.chunks)
-        row = {"variant": variant, "kind": kind, "name": name, "bytes": out.stat().st_size, "kld": e.kld_mean,
-               "kld_se": e.kld_stderr, "kld_p99": e.kld_p99, "top1": e.top1_agreement, "ppl": e.ppl,
-               "base_ppl": e.base_ppl, "tokens": e.tokens_scored, **(extra or {})}
+        row = {
+            "variant": variant,
+            "kind": kind,
+            "name": name,
+            "bytes": out.stat().st_size,
+            "kld": e.kld_mean,
+            "kld_se": e.kld_stderr,
+            "kld_p99": e.kld_p99,
+            "top1": e.top1_agreement,
+            "ppl": e.ppl,
+            "base_ppl": e.base_ppl,
+            "tokens": e.tokens_scored,
+            **(extra or {}),
+        }
         results[key] = row
         save()
-        print(f"{key:36} {row['bytes']:>10,} B  KLD {row['kld']:.5f} ± {row['kld_se']:.5f}  top1 {row['top1']:.3f}",
-              flush=True)
+        print(
+            f"{key:36} {row['bytes']:>10,} B  KLD {row['kld']:.5f} ± {row['kld_se']:.5f}  top1 {row['top1']:.3f}",
+            flush=True,
+        )
         out.unlink(missing_ok=True)
         return row
 
@@ -88,8 +102,15 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
     if info_key in results:
         info = results[info_key]
     t0 = time.perf_counter()
-    m = plan.measure(f32, im_path, calib, max_chunks=args.plan_chunks, threads=args.threads,
-                     workdir=work, progress=lambda s, d, n: print(f"  plan {s} {d}/{n}", flush=True))
+    m = plan.measure(
+        f32,
+        im_path,
+        calib,
+        max_chunks=args.plan_chunks,
+        threads=args.threads,
+        workdir=work,
+        progress=lambda s, d, n: print(f"  plan {s} {d}/{n}", flush=True),
+    )
     info["plan_measure_seconds"] = m.seconds
     info["plan_work"] = m.work  # bytes assembled, tokens evaluated, runs: with the seconds, the rates for 21B
     info["plan_gains"] = m.gains
@@ -105,18 +126,27 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         p = plan.plan_from_measurements(m, tensors, overhead, size, f"--max-size {size}", f"plan-at-{label}")
         recipe_path = work / f"plan-at-{label}.toml"
         recipe_path.write_text(p.recipe_toml)
-        measure("plan", f"plan@{label}", recipe_path, {"budget": size, "predicted_kld": p.predicted_kld,
-                                                        "predicted_bytes": p.predicted_bytes})
+        measure(
+            "plan",
+            f"plan@{label}",
+            recipe_path,
+            {"budget": size, "predicted_kld": p.predicted_kld, "predicted_bytes": p.predicted_bytes},
+        )
     # ablation: the same plans without the floor for tensors every token uses (plan.MIN_EVERY_TOKEN)
     for at in NO_FLOOR_AT:
         size = results[f"{variant}/{at}/c{args.chunks}"]["bytes"]
         label = at.removeprefix("stock:")
-        p = plan.plan_from_measurements(m, tensors, overhead, size, f"--max-size {size}", f"plan-nofloor-at-{label}",
-                                        min_every_token=None)
+        p = plan.plan_from_measurements(
+            m, tensors, overhead, size, f"--max-size {size}", f"plan-nofloor-at-{label}", min_every_token=None
+        )
         recipe_path = work / f"plan-nofloor-at-{label}.toml"
         recipe_path.write_text(p.recipe_toml)
-        measure("plan-nofloor", f"plan-nofloor@{label}", recipe_path,
-                {"budget": size, "predicted_kld": p.predicted_kld, "predicted_bytes": p.predicted_bytes})
+        measure(
+            "plan-nofloor",
+            f"plan-nofloor@{label}",
+            recipe_path,
+            {"budget": size, "predicted_kld": p.predicted_kld, "predicted_bytes": p.predicted_bytes},
+        )
     info["plan_solve_note"] = "plan_from_measurements per budget takes well under a second once measured"
     # how well the additive prediction ranks the stock K-quant mixes it can express (all types in its candidate set)
     info.setdefault("stock_predicted", {})
@@ -132,8 +162,13 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         except KeyError:  # a type outside the candidate set (e.g. q4_1, q5_0)
             continue
     tensors_active = sum(t.n_elements * (4 / 16 if "_exps" in t.name else 1) for t in tensors)
-    info.update(n_params=sum(t.n_elements for t in tensors), n_active=tensors_active,
-                plan_types=len(m.types), plan_roles=len(m.gains), plan_chunks=args.plan_chunks)
+    info.update(
+        n_params=sum(t.n_elements for t in tensors),
+        n_active=tensors_active,
+        plan_types=len(m.types),
+        plan_roles=len(m.gains),
+        plan_chunks=args.plan_chunks,
+    )
     results[info_key] = info
     save()
     return info
@@ -201,7 +236,8 @@ def extrapolate(info: dict, chunks_21b: int = 16) -> str:
         f"Total on this machine ~{h(tables + asm['q8_0'] + ev_here)} with `--reference q8_0` (its 2 cores shared "
         "with other jobs while measuring). Once per model and "
         "calibration text; every budget after that is solved in under a second from the cache. Evals fall "
-        "linearly with --chunks.\n")
+        "linearly with --chunks.\n"
+    )
 
 
 def write_report(args, results: dict, infos: dict, seconds: float) -> None:
@@ -210,25 +246,42 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
     plt = _pyplot()
     variants = [v for v in args.variants if any(r["variant"] == v for r in rows)]
     fig, axes = plt.subplots(1, len(variants), figsize=(6.5 * len(variants), 4.8), squeeze=False)
-    md = ["# Quality vs size: stock llama.cpp mixes, edgemoe recipes, and `edgemoe plan`\n",
-          "Made by `.venv/bin/python bench/quality.py` (" + f"{args.threads} threads; finished evaluations are "
-          "reused from --work, so reruns only add what is missing). Reference: the f32 GGUF of each fixture. Calibration (imatrix, plan's KLD gains): "
-          f"the first {CALIB_BYTES:,} characters of fixtures/calib.txt (cut at a line); evaluation: the rest of it "
-          f"({args.chunks} chunks of 512 tokens, second halves scored). All quantizations use the same imatrix. "
-          "KLD = mean KL(f32 || model) in nats/token, ± its standard error.\n"]
+    md = [
+        "# Quality vs size: stock llama.cpp mixes, edgemoe recipes, and `edgemoe plan`\n",
+        "Made by `.venv/bin/python bench/quality.py` (" + f"{args.threads} threads; finished evaluations are "
+        "reused from --work, so reruns only add what is missing). Reference: the f32 GGUF of each "
+        "fixture. Calibration (imatrix, plan's KLD gains): "
+        f"the first {CALIB_BYTES:,} characters of fixtures/calib.txt (cut at a line); evaluation: the rest of it "
+        f"({args.chunks} chunks of 512 tokens, second halves scored). All quantizations use the same imatrix. "
+        "KLD = mean KL(f32 || model) in nats/token, ± its standard error.\n",
+    ]
     for ax, v in zip(axes[0], variants):
         vr = sorted((r for r in rows if r["variant"] == v), key=lambda r: r["bytes"])
         stock = [r for r in vr if r["kind"] == "stock"]
         ks = [r for r in stock if r["name"].split(":")[1] in STOCK]
         ax.plot([r["bytes"] / 2**20 for r in ks], [r["kld"] for r in ks], "o-", color="grey", label="stock llama.cpp")
         for r in stock:
-            ax.annotate(r["name"].split(":")[1], (r["bytes"] / 2**20, r["kld"]), fontsize=7, color="dimgrey",
-                        textcoords="offset points", xytext=(3, 3))
+            ax.annotate(
+                r["name"].split(":")[1],
+                (r["bytes"] / 2**20, r["kld"]),
+                fontsize=7,
+                color="dimgrey",
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
         rec = [r for r in vr if r["kind"] == "recipe"]
-        ax.plot([r["bytes"] / 2**20 for r in rec], [r["kld"] for r in rec], "s", color="tab:blue", label="edgemoe recipes")
+        ax.plot(
+            [r["bytes"] / 2**20 for r in rec], [r["kld"] for r in rec], "s", color="tab:blue", label="edgemoe recipes"
+        )
         for r in rec:
-            ax.annotate(r["name"], (r["bytes"] / 2**20, r["kld"]), fontsize=7, color="tab:blue",
-                        textcoords="offset points", xytext=(3, -9))
+            ax.annotate(
+                r["name"],
+                (r["bytes"] / 2**20, r["kld"]),
+                fontsize=7,
+                color="tab:blue",
+                textcoords="offset points",
+                xytext=(3, -9),
+            )
         pl = [r for r in vr if r["kind"] == "plan"]
         ax.plot([r["bytes"] / 2**20 for r in pl], [r["kld"] for r in pl], "D-", color="tab:red", label="edgemoe plan")
         ax.set_yscale("log")
@@ -239,10 +292,34 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
         ax.legend(fontsize=8)
 
         md.append(f"\n## tiny-ernie-{v}\n")
-        md.append(markdown_table(
-            ["model", "kind", "size", "mean KLD", "± se", "p99 KLD", "top-1", "PPL (f32: %.3f)" % vr[0]["base_ppl"]],
-            [[r["name"], r["kind"], human_bytes(r["bytes"]), f"{r['kld']:.5f}", f"{r['kld_se']:.5f}",
-              f"{r['kld_p99']:.4f}", f"{r['top1']:.1%}", f"{r['ppl']:.3f}"] for r in vr], align="llrrrrrr"))
+        md.append(
+            markdown_table(
+                [
+                    "model",
+                    "kind",
+                    "size",
+                    "mean KLD",
+                    "± se",
+                    "p99 KLD",
+                    "top-1",
+                    "PPL (f32: %.3f)" % vr[0]["base_ppl"],
+                ],
+                [
+                    [
+                        r["name"],
+                        r["kind"],
+                        human_bytes(r["bytes"]),
+                        f"{r['kld']:.5f}",
+                        f"{r['kld_se']:.5f}",
+                        f"{r['kld_p99']:.4f}",
+                        f"{r['top1']:.1%}",
+                        f"{r['ppl']:.3f}",
+                    ]
+                    for r in vr
+                ],
+                align="llrrrrrr",
+            )
+        )
         by = {r["name"]: r for r in vr}
         lines = []
         for at in PLAN_AT:
@@ -250,41 +327,98 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
             s, p = by.get(at), by.get(f"plan@{ft}")
             if s and p:
                 below = p["kld"] + p["kld_se"] < s["kld"] - s["kld_se"]
-                lines.append([ft, human_bytes(s["bytes"]), human_bytes(p["bytes"]), f"{s['kld']:.5f}",
-                              f"{p['kld']:.5f}", f"{p['kld'] / s['kld']:.2f}", f"{p['predicted_kld']:.5f}",
-                              "yes" if below else "no"])
+                lines.append(
+                    [
+                        ft,
+                        human_bytes(s["bytes"]),
+                        human_bytes(p["bytes"]),
+                        f"{s['kld']:.5f}",
+                        f"{p['kld']:.5f}",
+                        f"{p['kld'] / s['kld']:.2f}",
+                        f"{p['predicted_kld']:.5f}",
+                        "yes" if below else "no",
+                    ]
+                )
         for at in NO_FLOOR_AT:
             ft = at.removeprefix("stock:")
             s, p = by.get(at), by.get(f"plan-nofloor@{ft}")
             if s and p:
-                lines.append([f"{ft} (plan without the >= Q4_K floor)", human_bytes(s["bytes"]), human_bytes(p["bytes"]),
-                              f"{s['kld']:.5f}", f"{p['kld']:.5f}", f"{p['kld'] / s['kld']:.2f}",
-                              f"{p['predicted_kld']:.5f}", "yes" if p["kld"] + p["kld_se"] < s["kld"] - s["kld_se"] else "no"])
+                lines.append(
+                    [
+                        f"{ft} (plan without the >= Q4_K floor)",
+                        human_bytes(s["bytes"]),
+                        human_bytes(p["bytes"]),
+                        f"{s['kld']:.5f}",
+                        f"{p['kld']:.5f}",
+                        f"{p['kld'] / s['kld']:.2f}",
+                        f"{p['predicted_kld']:.5f}",
+                        "yes" if p["kld"] + p["kld_se"] < s["kld"] - s["kld_se"] else "no",
+                    ]
+                )
         md.append("\n`plan` at each stock mix's and recipe's file size (budget = that file's size):\n\n")
-        md.append(markdown_table(["mix", "its size", "plan size", "its KLD", "plan KLD", "plan/it",
-                                  "plan predicted KLD (calibration text)", "below beyond ±1 se"], lines,
-                                 align="lrrrrrrl"))
+        md.append(
+            markdown_table(
+                [
+                    "mix",
+                    "its size",
+                    "plan size",
+                    "its KLD",
+                    "plan KLD",
+                    "plan/it",
+                    "plan predicted KLD (calibration text)",
+                    "below beyond ±1 se",
+                ],
+                lines,
+                align="lrrrrrrl",
+            )
+        )
         info = infos.get(v, {})
         if info.get("stock_predicted"):
             floor = info.get("plan_floor_kld", 0.0)
-            pred = [[ft, f"{info['stock_predicted'][ft] + floor:.5f}", f"{by[f'stock:{ft}']['kld']:.5f}",
-                     f"{by[f'stock:{ft}']['kld'] / (info['stock_predicted'][ft] + floor):.2f}"]
-                    for ft in info["stock_predicted"] if f"stock:{ft}" in by]
-            md.append("\nAdditivity check: plan's prediction (sum over tensors of role gain x layer factor x error, "
-                      "plus the Q8_0 floor, all fitted on the calibration text) against the measured KLD of stock "
-                      "mixes it never saw (evaluation text):\n\n")
-            md.append(markdown_table(["stock mix", "predicted KLD", "measured KLD", "measured/predicted"], pred,
-                                     align="lrrr"))
+            pred = [
+                [
+                    ft,
+                    f"{info['stock_predicted'][ft] + floor:.5f}",
+                    f"{by[f'stock:{ft}']['kld']:.5f}",
+                    f"{by[f'stock:{ft}']['kld'] / (info['stock_predicted'][ft] + floor):.2f}",
+                ]
+                for ft in info["stock_predicted"]
+                if f"stock:{ft}" in by
+            ]
+            md.append(
+                "\nAdditivity check: plan's prediction (sum over tensors of role gain x layer factor x error, "
+                "plus the Q8_0 floor, all fitted on the calibration text) against the measured KLD of stock "
+                "mixes it never saw (evaluation text):\n\n"
+            )
+            md.append(
+                markdown_table(["stock mix", "predicted KLD", "measured KLD", "measured/predicted"], pred, align="lrrr")
+            )
         if info.get("plan_gains"):
-            md.append("\nMeasured KLD when only one role (all layers) or one layer (all roles) is Q3_K, on the "
-                      "calibration text — what the gains and depth factors are fitted to:\n\n")
-            md.append(markdown_table(["role", "KLD with only this role at Q3_K", "fitted gain"],
-                                     [[k, f"{info['plan_calibration_kld'][k]:.5f}", f"{info['plan_gains'][k]:.3g}"]
-                                      for k in sorted(info["plan_gains"], key=lambda k: -info["plan_calibration_kld"][k])],
-                                     align="lrr"))
-            md.append("\n" + markdown_table(["layer", "KLD with only this layer at Q3_K", "fitted depth factor"],
-                                            [[b, f"{info['plan_layer_kld'][b]:.5f}", f"{f:.3g}"]
-                                             for b, f in info["plan_layer_factors"].items()], align="lrr"))
+            md.append(
+                "\nMeasured KLD when only one role (all layers) or one layer (all roles) is Q3_K, on the "
+                "calibration text — what the gains and depth factors are fitted to:\n\n"
+            )
+            md.append(
+                markdown_table(
+                    ["role", "KLD with only this role at Q3_K", "fitted gain"],
+                    [
+                        [k, f"{info['plan_calibration_kld'][k]:.5f}", f"{info['plan_gains'][k]:.3g}"]
+                        for k in sorted(info["plan_gains"], key=lambda k: -info["plan_calibration_kld"][k])
+                    ],
+                    align="lrr",
+                )
+            )
+            md.append(
+                "\n"
+                + markdown_table(
+                    ["layer", "KLD with only this layer at Q3_K", "fitted depth factor"],
+                    [
+                        [b, f"{info['plan_layer_kld'][b]:.5f}", f"{f:.3g}"]
+                        for b, f in info["plan_layer_factors"].items()
+                    ],
+                    align="lrr",
+                )
+            )
             md.append(f"\nFloor (all-Q8_0 KLD beyond its prediction): {info['plan_floor_kld']:.5f}.\n")
             md.append(extrapolate(info))
     fig.suptitle("file size vs mean KLD (lower is better)", fontsize=11)
@@ -311,8 +445,11 @@ def main() -> None:
         store.write_text(json.dumps(results, indent=1))
 
     if args.report_only:
-        infos = {v: results[f"{v}/info2/c{args.plan_chunks}"] for v in args.variants
-                 if f"{v}/info2/c{args.plan_chunks}" in results}
+        infos = {
+            v: results[f"{v}/info2/c{args.plan_chunks}"]
+            for v in args.variants
+            if f"{v}/info2/c{args.plan_chunks}" in results
+        }
     else:
         infos = {v: run_variant(v, args.work / v, args, results, save) for v in args.variants}
     write_report(args, results, infos, time.time() - t0)

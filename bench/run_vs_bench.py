@@ -38,16 +38,56 @@ QUESTION = "What is 51 - 29?"
 
 
 def run_once(model: Path, threads: int) -> dict:
-    proc = subprocess.run([str(EDGEMOE), "run", str(model), "-p", QUESTION, "--temp", "0", "--max-tokens", "256",
-                           "--threads", str(threads), "--ctx", "512", "--json"], capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run(
+        [
+            str(EDGEMOE),
+            "run",
+            str(model),
+            "-p",
+            QUESTION,
+            "--temp",
+            "0",
+            "--max-tokens",
+            "256",
+            "--threads",
+            str(threads),
+            "--ctx",
+            "512",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout)
 
 
 def bench_once(tool: Path, model: Path, threads: int, n_gen: int, depth: int, fa: str) -> float:
-    proc = subprocess.run([str(tool), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(n_gen), "-d",
-                           str(depth), "-fa", fa, "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
-    return float(json.loads(proc.stdout[proc.stdout.find("["):])[0]["avg_ts"])
+    proc = subprocess.run(
+        [
+            str(tool),
+            "-m",
+            str(model),
+            "-t",
+            str(threads),
+            "-p",
+            "0",
+            "-n",
+            str(n_gen),
+            "-d",
+            str(depth),
+            "-fa",
+            fa,
+            "-r",
+            "1",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(json.loads(proc.stdout[proc.stdout.find("[") :])[0]["avg_ts"])
 
 
 def per_token_costs(model: Path) -> dict:
@@ -76,8 +116,9 @@ def per_token_costs(model: Path) -> dict:
             return min(times)
 
         sampler = best_us(lambda: llama_cpp.llama_sampler_sample(chain, llm.ctx, -1))
-        argmax = best_us(lambda: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
-                                                       shape=(n_vocab,)).argmax())
+        argmax = best_us(
+            lambda: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax()
+        )
         llama_cpp.llama_sampler_free(chain)
         memory = llama_cpp.llama_get_memory(llm.ctx)
 
@@ -127,22 +168,45 @@ def main() -> None:
                 ratio = statistics.median(run_tps) / statistics.median(same_fa0)
                 # what run adds to each token, in time: fixed per token if it is loop overhead, not compute
                 gap_us = 1e6 * (1 / statistics.median(run_tps) - 1 / statistics.median(same_fa0))
-                rows.append([model.name, t, f"{n_gen} @ depth {depth}", spread(run_tps), spread(same_fa0),
-                             spread(same_fa_auto), spread(tg128), f"{ratio:.2f}", f"{gap_us:.0f}",
-                             f"{statistics.median(run_tps) / statistics.median(tg128):.2f}"])
+                rows.append(
+                    [
+                        model.name,
+                        t,
+                        f"{n_gen} @ depth {depth}",
+                        spread(run_tps),
+                        spread(same_fa0),
+                        spread(same_fa_auto),
+                        spread(tg128),
+                        f"{ratio:.2f}",
+                        f"{gap_us:.0f}",
+                        f"{statistics.median(run_tps) / statistics.median(tg128):.2f}",
+                    ]
+                )
         load.append(os.getloadavg()[0])
         costs = per_token_costs(models[0])
     table = markdown_table(
-        ["model", "threads", "tokens generated", "run gen tok/s", "llama-bench same N/depth, fa off",
-         "same, fa auto", "llama-bench tg128", "run / bench (same, fa off)", "run's extra µs/token", "run / tg128"],
-        rows, align="lrlrrrrrrr")
+        [
+            "model",
+            "threads",
+            "tokens generated",
+            "run gen tok/s",
+            "llama-bench same N/depth, fa off",
+            "same, fa auto",
+            "llama-bench tg128",
+            "run / bench (same, fa off)",
+            "run's extra µs/token",
+            "run / tg128",
+        ],
+        rows,
+        align="lrlrrrrrrr",
+    )
     ok = all(float(r[7]) >= 0.95 for r in rows)
     gaps = [float(r[8]) for r in rows if r[1] == 1]
     text = f"""# `edgemoe run` vs llama-bench: generation tokens/s
 
-Made by `.venv/bin/python bench/run_vs_bench.py --rounds {args.rounds} --threads {args.threads}` ({time.time() - t0:.0f} s)
-on this 2-core x86 machine, shared with other jobs: the numbers are medians (min–max) of {args.rounds} alternating
-rounds. Build: `{build}`; the binding loaded `{lib}`, the same build's libllama.
+Made by `.venv/bin/python bench/run_vs_bench.py --rounds {args.rounds} --threads {args.threads}`
+({time.time() - t0:.0f} s) on this 2-core x86 machine, shared with other jobs: the numbers are medians (min–max)
+of {args.rounds} alternating rounds. Build: `{build}`; the binding loaded `{lib}`, the same build's libllama.
 
 `run` generates its reply to "{QUESTION}" with the tiny Thinking fixture (greedy, stops at end of sequence) and
 reports decode steps after the first token per second. llama-bench decodes the same number of tokens at the same
@@ -150,7 +214,7 @@ context depth (`-n N -d D`), once with flash attention off (what llama-cpp-pytho
 what `run` uses) and once with `-fa auto` (llama-bench's default), plus the usual tg128 from an empty context.
 
 {table}
-Target: run >= 0.95 x llama-bench at the same settings — {'met' if ok else 'NOT met'} on every row
+Target: run >= 0.95 x llama-bench at the same settings — {"met" if ok else "NOT met"} on every row
 (column "run / bench"). One-minute load average during the run: {min(load):.1f}–{max(load):.1f} on 2 cores; with
 more runnable threads than cores, 2-thread decoding (whose threads wait for each other every op) suffers far more
 than 1-thread decoding, so the 1-thread rows are the ones to read on this machine.
@@ -158,17 +222,17 @@ than 1-thread decoding, so the 1-thread rows are the ones to read on this machin
 ## Where run's time per token goes besides the decode
 
 Measured through the binding on `{models[0].name}` (1 thread, best of 5 x 2000 calls): one decode step
-{costs['decode_us']:.0f} µs. Picking the greedy token: `run` takes numpy's argmax of the logits in place
-(`llama_get_logits_ith`, {costs['argmax_us']:.1f} µs a token here) rather than `llama_sampler_sample`
-({costs['sampler_us']:.1f} µs, {costs['sampler_us'] / costs['decode_us']:.1%} of a decode: it copies all
-{costs['n_vocab']} logits into a candidate array first); both grow with the vocabulary, which is
-{103424 / costs['n_vocab']:.1f}x larger on ERNIE-4.5-21B-A3B. What remains between `run` and llama-bench is the
+{costs["decode_us"]:.0f} µs. Picking the greedy token: `run` takes numpy's argmax of the logits in place
+(`llama_get_logits_ith`, {costs["argmax_us"]:.1f} µs a token here) rather than `llama_sampler_sample`
+({costs["sampler_us"]:.1f} µs, {costs["sampler_us"] / costs["decode_us"]:.1%} of a decode: it copies all
+{costs["n_vocab"]} logits into a candidate array first); both grow with the vocabulary, which is
+{103424 / costs["n_vocab"]:.1f}x larger on ERNIE-4.5-21B-A3B. What remains between `run` and llama-bench is the
 Python loop itself (per token: ctypes calls to decode, read logits and detokenize, stop checks), which should not
 grow with the model: the column "run's extra µs/token" gives it per file at 1 thread
 ({" and ".join(f"{g:.0f}" for g in gaps)} µs for {" and ".join(m.name for m in models)}), whose decode steps take
 different times. Extrapolated (an estimate, not a measurement): the 21B model decodes at tens of milliseconds a
 token on a board (the Learning Path's 16 tok/s is 62 ms), so a fixed {statistics.median(gaps):.0f} µs plus an
-argmax over 103424 logits (~{costs['argmax_us'] * 103424 / costs['n_vocab']:.0f} µs if it scales linearly) is
+argmax over 103424 logits (~{costs["argmax_us"] * 103424 / costs["n_vocab"]:.0f} µs if it scales linearly) is
 under 1% there.
 
 llama-bench's tg (tools/llama-bench/llama-bench.cpp, `test_gen`) feeds a new `std::rand() % n_vocab` token every

@@ -51,8 +51,9 @@ def post(url: str, body: dict, timeout: float = 120) -> dict:
 
 
 def post_stream(url: str, body: dict, timeout: float = 120) -> list[dict]:
-    req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(),
-                                 {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"}
+    )
     events = []
     with urllib.request.urlopen(req, timeout=timeout) as r:
         for line in r:
@@ -67,9 +68,25 @@ class LlamaServer:
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [str(find_tool("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-             "-t", str(threads), "-c", "2048", "-np", "1", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                str(find_tool("llama-server")),
+                "-m",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "-t",
+                str(threads),
+                "-c",
+                "2048",
+                "-np",
+                "1",
+                *extra,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         for _ in range(600):
             try:
@@ -100,21 +117,44 @@ def formats(model: Path, threads: int) -> list[dict]:
         finally:
             server.close()
         deltas = [e["choices"][0]["delta"] for e in events if e.get("choices")]
-        rows.append({
-            "reasoning_format": fmt,
-            "content": message.get("content"),
-            "reasoning_content": message.get("reasoning_content"),
-            "stream_content": "".join(d.get("content") or "" for d in deltas),
-            "stream_reasoning_content": "".join(d.get("reasoning_content") or "" for d in deltas),
-        })
+        rows.append(
+            {
+                "reasoning_format": fmt,
+                "content": message.get("content"),
+                "reasoning_content": message.get("reasoning_content"),
+                "stream_content": "".join(d.get("content") or "" for d in deltas),
+                "stream_reasoning_content": "".join(d.get("reasoning_content") or "" for d in deltas),
+            }
+        )
     return rows
 
 
 def bench_tg(model: Path, threads: int, n_gen: int, depth: int) -> float:
-    proc = subprocess.run([str(find_tool("llama-bench")), "-m", str(model), "-t", str(threads), "-p", "0", "-n",
-                           str(n_gen), "-d", str(depth), "-fa", "0", "-r", "1", "-o", "json"],
-                          capture_output=True, text=True, check=True)
-    return float(json.loads(proc.stdout[proc.stdout.find("["):])[0]["avg_ts"])
+    proc = subprocess.run(
+        [
+            str(find_tool("llama-bench")),
+            "-m",
+            str(model),
+            "-t",
+            str(threads),
+            "-p",
+            "0",
+            "-n",
+            str(n_gen),
+            "-d",
+            str(depth),
+            "-fa",
+            "0",
+            "-r",
+            "1",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(json.loads(proc.stdout[proc.stdout.find("[") :])[0]["avg_ts"])
 
 
 def stream_tg(url: str, n_gen: int, headers: dict | None = None) -> tuple[float, float]:
@@ -122,10 +162,17 @@ def stream_tg(url: str, n_gen: int, headers: dict | None = None) -> tuple[float,
     streamed piece to the closing events (llama-bench's tg also leaves out the first token's prompt processing).
     After an end-of-sequence token the model may write tokens without visible text, so the end is the last event,
     not the last piece of text."""
-    body = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": n_gen,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json", **(headers or {})})
+    body = {
+        "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0,
+        "max_tokens": n_gen,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    req = urllib.request.Request(
+        url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
+    )
     first = last = None
     generated = server_tps = None
     with urllib.request.urlopen(req, timeout=300) as r:
@@ -147,8 +194,11 @@ def stream_tg(url: str, n_gen: int, headers: dict | None = None) -> tuple[float,
         raise RuntimeError(f"{url} generated {generated} tokens, not {n_gen}: ignore_eos not honoured?")
     if server_tps is None:  # edgemoe serve's own count: decode steps/s of the last request, in /metrics
         with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-            server_tps = next(float(line.split()[1]) for line in r.read().decode().splitlines()
-                              if line.startswith("edgemoe_tokens_per_second "))
+            server_tps = next(
+                float(line.split()[1])
+                for line in r.read().decode().splitlines()
+                if line.startswith("edgemoe_tokens_per_second ")
+            )
     return (n_gen - 1) / (last - first), server_tps
 
 
@@ -156,8 +206,21 @@ class EdgemoeServe:
     def __init__(self, model: Path, threads: int):
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("edgemoe")), "serve", str(model), "--port", str(self.port),
-             "--threads", str(threads), "--ctx", "2048"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            [
+                str(Path(sys.executable).with_name("edgemoe")),
+                "serve",
+                str(model),
+                "--port",
+                str(self.port),
+                "--threads",
+                str(threads),
+                "--ctx",
+                "2048",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         self.proc.stdout.readline()  # the ready line
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -194,8 +257,11 @@ def main() -> None:
             theirs.append(client)
             theirs_own.append(own)
             bench.append(bench_tg(model, args.threads, n_gen, depth))
-            print(f"round: edgemoe serve {ours[-1]:.1f} (own {ours_own[-1]:.1f}), llama-server {theirs[-1]:.1f} "
-                  f"(own {theirs_own[-1]:.1f}), llama-bench {bench[-1]:.1f}", flush=True)
+            print(
+                f"round: edgemoe serve {ours[-1]:.1f} (own {ours_own[-1]:.1f}), llama-server {theirs[-1]:.1f} "
+                f"(own {theirs_own[-1]:.1f}), llama-bench {bench[-1]:.1f}",
+                flush=True,
+            )
     finally:
         llama_server.close()
         edgemoe_serve.close()
@@ -207,12 +273,17 @@ def main() -> None:
     speed = [
         [f"llama-bench tg{n_gen} at depth {depth} (fa off)", f"{tb:.1f}", "1.00"],
         ["edgemoe serve, client-side SSE", f"{statistics.median(ours):.1f}", f"{statistics.median(ours) / tb:.2f}"],
-        ["edgemoe serve, its own count (/metrics)", f"{statistics.median(ours_own):.1f}",
-         f"{statistics.median(ours_own) / tb:.2f}"],
-        ["llama-server, client-side SSE", f"{statistics.median(theirs):.1f}",
-         f"{statistics.median(theirs) / tb:.2f}"],
-        ["llama-server, its own count (timings)", f"{statistics.median(theirs_own):.1f}",
-         f"{statistics.median(theirs_own) / tb:.2f}"],
+        [
+            "edgemoe serve, its own count (/metrics)",
+            f"{statistics.median(ours_own):.1f}",
+            f"{statistics.median(ours_own) / tb:.2f}",
+        ],
+        ["llama-server, client-side SSE", f"{statistics.median(theirs):.1f}", f"{statistics.median(theirs) / tb:.2f}"],
+        [
+            "llama-server, its own count (timings)",
+            f"{statistics.median(theirs_own):.1f}",
+            f"{statistics.median(theirs_own) / tb:.2f}",
+        ],
     ]
     text = [
         "# llama-server vs edgemoe's generator for `edgemoe serve`",
@@ -222,10 +293,25 @@ def main() -> None:
         "",
         "## What llama-server returns (`--jinja --reasoning-format X`)",
         "",
-        markdown_table(["--reasoning-format", "message.reasoning_content", "message.content",
-                        "streamed reasoning_content", "streamed content"],
-                       [[r["reasoning_format"], cell(r["reasoning_content"]), cell(r["content"]),
-                         cell(r["stream_reasoning_content"]), cell(r["stream_content"])] for r in rows]),
+        markdown_table(
+            [
+                "--reasoning-format",
+                "message.reasoning_content",
+                "message.content",
+                "streamed reasoning_content",
+                "streamed content",
+            ],
+            [
+                [
+                    r["reasoning_format"],
+                    cell(r["reasoning_content"]),
+                    cell(r["content"]),
+                    cell(r["stream_reasoning_content"]),
+                    cell(r["stream_content"]),
+                ]
+                for r in rows
+            ],
+        ),
         "",
         "## Generation speed, one client (tokens/s, median)",
         "",
@@ -234,8 +320,10 @@ def main() -> None:
         f"One streamed chat request of {n_gen} tokens (ignore_eos), greedy, {args.threads} threads; tokens/s after "
         "the first streamed piece, as the client sees them, and each server's own decode rate. Per round "
         "(llama-bench / edgemoe serve client, own / llama-server client, own): "
-        + "; ".join(f"{b:.0f} / {o:.0f}, {oo:.0f} / {t:.0f}, {to:.0f}"
-                    for b, o, oo, t, to in zip(bench, ours, ours_own, theirs, theirs_own)),
+        + "; ".join(
+            f"{b:.0f} / {o:.0f}, {oo:.0f} / {t:.0f}, {to:.0f}"
+            for b, o, oo, t, to in zip(bench, ours, ours_own, theirs, theirs_own)
+        ),
         "",
         f"Load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
         "",

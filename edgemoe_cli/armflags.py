@@ -118,5 +118,7 @@ def without_wide_sve_i8mm(arch: str, vector_bits: int | None) -> tuple[str, str 
     if wide_sve_warning(arch, vector_bits) is None:
         return arch, None
     safe = "+".join(p for p in arch.split("+") if p != "i8mm")
-    return safe, (f"SVE is {vector_bits} bits here: building {safe} without i8mm, because ggml's SVE+i8mm "
-                  "q4_K/q6_K kernels assume at most 256 bits (README 'Armv9 notes')")
+    return safe, (
+        f"SVE is {vector_bits} bits here: building {safe} without i8mm, because ggml's SVE+i8mm "
+        "q4_K/q6_K kernels assume at most 256 bits (README 'Armv9 notes')"
+    )

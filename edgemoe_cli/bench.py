@@ -31,12 +31,24 @@ from .progress import Progress
 # ERNIE-4.5-21B-A3B-Thinking Q4_0, `llama-bench -pg 128,128 -t 8`, before and after rebuilding with
 # -DGGML_CPU_ARM_ARCH=armv9-a+i8mm+dotprod+sve and KleidiAI. Quoted, not measured here.
 EXTERNAL_ORION_O6 = [
-    {"source": "Arm Learning Path (external, not measured by edgemoe)", "board": "Radxa Orion O6 (CIX P1)",
-     "model": "ERNIE-4.5-21B-A3B-Thinking Q4_0", "threads": 8, "build": "plain (no Arm flags)",
-     "pp512_tps": 14.96, "tg128_tps": 12.03},
-    {"source": "Arm Learning Path (external, not measured by edgemoe)", "board": "Radxa Orion O6 (CIX P1)",
-     "model": "ERNIE-4.5-21B-A3B-Thinking Q4_0", "threads": 8, "build": "armv9-a+i8mm+dotprod+sve + KleidiAI",
-     "pp512_tps": 38.51, "tg128_tps": 15.96},
+    {
+        "source": "Arm Learning Path (external, not measured by edgemoe)",
+        "board": "Radxa Orion O6 (CIX P1)",
+        "model": "ERNIE-4.5-21B-A3B-Thinking Q4_0",
+        "threads": 8,
+        "build": "plain (no Arm flags)",
+        "pp512_tps": 14.96,
+        "tg128_tps": 12.03,
+    },
+    {
+        "source": "Arm Learning Path (external, not measured by edgemoe)",
+        "board": "Radxa Orion O6 (CIX P1)",
+        "model": "ERNIE-4.5-21B-A3B-Thinking Q4_0",
+        "threads": 8,
+        "build": "armv9-a+i8mm+dotprod+sve + KleidiAI",
+        "pp512_tps": 38.51,
+        "tg128_tps": 15.96,
+    },
 ]
 
 
@@ -105,8 +117,10 @@ def resolve_builds(builds: Sequence[str] | None) -> list[Build]:
             root = builds_dir() / b
         tool = root / "bin" / "llama-bench"
         if not tool.is_file():
-            raise EdgeMoEError(f"build {b} has no bin/llama-bench ({tool})",
-                               "give a build directory from `edgemoe build` (see `ls $EDGEMOE_BUILDS`)")
+            raise EdgeMoEError(
+                f"build {b} has no bin/llama-bench ({tool})",
+                "give a build directory from `edgemoe build` (see `ls $EDGEMOE_BUILDS`)",
+            )
         out.append(Build(label=_build_label(root), dir=str(root.resolve()), tool=str(tool)))
     labels = [b.label for b in out]
     for b in out:  # two builds of the same flags still need distinct names in tables and plots
@@ -222,23 +236,48 @@ def parse_llama_bench(text: str, build: str, model: Path, recipe: str) -> list[B
     except ValueError:
         records = None
     if not isinstance(records, list):
-        raise EdgeMoEError(f"llama-bench printed no JSON results for {model.name}", "run it by hand with -o json to see why")
+        raise EdgeMoEError(
+            f"llama-bench printed no JSON results for {model.name}", "run it by hand with -o json to see why"
+        )
     rows = []
     for r in records:
         samples = [float(s) for s in r.get("samples_ts", [])]
-        rows.append(BenchRow(
-            build=build, model=str(model), recipe=recipe, model_bytes=model.stat().st_size,
-            test=test_name(int(r["n_prompt"]), int(r["n_gen"])), threads=int(r["n_threads"]), reps=len(samples),
-            mean_tps=round(float(r["avg_ts"]), 3), stddev_tps=round(float(r["stddev_ts"]), 3),
-            samples_tps=[round(s, 3) for s in samples],
-        ))
+        rows.append(
+            BenchRow(
+                build=build,
+                model=str(model),
+                recipe=recipe,
+                model_bytes=model.stat().st_size,
+                test=test_name(int(r["n_prompt"]), int(r["n_gen"])),
+                threads=int(r["n_threads"]),
+                reps=len(samples),
+                mean_tps=round(float(r["avg_ts"]), 3),
+                stddev_tps=round(float(r["stddev_ts"]), 3),
+                samples_tps=[round(s, 3) for s in samples],
+            )
+        )
     return rows
 
 
-def llama_bench_args(model: Path, threads: list[int], reps: int, n_prompt: int, n_gen: int,
-                     pg: tuple[int, int]) -> list[str]:
-    return ["-m", str(model), "-t", ",".join(map(str, threads)), "-p", str(n_prompt), "-n", str(n_gen),
-            "-pg", f"{pg[0]},{pg[1]}", "-r", str(reps), "-o", "json"]
+def llama_bench_args(
+    model: Path, threads: list[int], reps: int, n_prompt: int, n_gen: int, pg: tuple[int, int]
+) -> list[str]:
+    return [
+        "-m",
+        str(model),
+        "-t",
+        ",".join(map(str, threads)),
+        "-p",
+        str(n_prompt),
+        "-n",
+        str(n_gen),
+        "-pg",
+        f"{pg[0]},{pg[1]}",
+        "-r",
+        str(reps),
+        "-o",
+        "json",
+    ]
 
 
 def run_llama_bench(build: Build, model: Path, args: list[str], timeout: float | None = None) -> str:
@@ -261,9 +300,14 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    return {"machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(),
-            "physical_cpus": psutil.cpu_count(logical=False), "ram_bytes": psutil.virtual_memory().total,
-            "available_bytes": psutil.virtual_memory().available}
+    return {
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "physical_cpus": psutil.cpu_count(logical=False),
+        "ram_bytes": psutil.virtual_memory().total,
+        "available_bytes": psutil.virtual_memory().available,
+    }
 
 
 def bench(
@@ -305,8 +349,9 @@ def bench(
         if workers:
             from . import cluster
 
-            split = cluster.plan_split(cluster.gguf_layers(p), machine_info()["available_bytes"],
-                                       cluster.worker_memory(workers))
+            split = cluster.plan_split(
+                cluster.gguf_layers(p), machine_info()["available_bytes"], cluster.worker_memory(workers)
+            )
             splits[str(p)] = [asdict(part) for part in split.parts]
             args += cluster.llama_tool_args(split, workers)
         text = run_llama_bench(b, p, args)
@@ -322,12 +367,27 @@ def bench(
             tg = [r.mean_tps for r in rows if r.model == str(p) and r.test == f"tg{n_gen}"]
             ceiling = gbs * 1e9 / active
             best = max(tg) if tg else None
-            ceilings.append(Ceiling(model=str(p), active_bytes_per_token=active, copy_gbs=round(gbs, 3),
-                                    copy_threads=copy_threads, tg_ceiling_tps=round(ceiling, 2),
-                                    best_tg_tps=best, share_of_ceiling=round(best / ceiling, 4) if best else None))
-    result = BenchResult(machine=machine_info(), builds=resolved, threads=threads, reps=reps,
-                         tests=[f"pp{n_prompt}", f"tg{n_gen}", test_name(*pg)], rows=rows, ceilings=ceilings,
-                         splits=splits)
+            ceilings.append(
+                Ceiling(
+                    model=str(p),
+                    active_bytes_per_token=active,
+                    copy_gbs=round(gbs, 3),
+                    copy_threads=copy_threads,
+                    tg_ceiling_tps=round(ceiling, 2),
+                    best_tg_tps=best,
+                    share_of_ceiling=round(best / ceiling, 4) if best else None,
+                )
+            )
+    result = BenchResult(
+        machine=machine_info(),
+        builds=resolved,
+        threads=threads,
+        reps=reps,
+        tests=[f"pp{n_prompt}", f"tg{n_gen}", test_name(*pg)],
+        rows=rows,
+        ceilings=ceilings,
+        splits=splits,
+    )
     if out_dir is not None:
         write_reports(result, Path(out_dir))
     return result
@@ -351,9 +411,21 @@ def to_markdown(result: BenchResult) -> str:
         "## Results (measured here)\n",
         markdown_table(
             ["build", "model", "recipe", "size", "test", "threads", "tok/s", "± sd"],
-            [[r.build, Path(r.model).name, r.recipe, human_bytes(r.model_bytes), r.test, r.threads, r.mean_tps,
-              r.stddev_tps] for r in result.rows],
-            align="lllrlrrr"),
+            [
+                [
+                    r.build,
+                    Path(r.model).name,
+                    r.recipe,
+                    human_bytes(r.model_bytes),
+                    r.test,
+                    r.threads,
+                    r.mean_tps,
+                    r.stddev_tps,
+                ]
+                for r in result.rows
+            ],
+            align="lllrlrrr",
+        ),
     ]
     if result.ceilings:
         lines += [
@@ -362,20 +434,41 @@ def to_markdown(result: BenchResult) -> str:
             "measured copy bandwidth / active bytes. Real decoding also reads the KV cache and pays compute, so "
             "the ceiling is an upper bound.\n",
             markdown_table(
-                ["model", "active bytes/token", "copy GB/s (threads)", "tg ceiling tok/s", "best tg tok/s", "of ceiling"],
-                [[Path(c.model).name, human_bytes(c.active_bytes_per_token), f"{c.copy_gbs:.2f} ({c.copy_threads})",
-                  c.tg_ceiling_tps, c.best_tg_tps, f"{c.share_of_ceiling:.0%}" if c.share_of_ceiling else "–"]
-                 for c in result.ceilings],
-                align="lrrrrr"),
+                [
+                    "model",
+                    "active bytes/token",
+                    "copy GB/s (threads)",
+                    "tg ceiling tok/s",
+                    "best tg tok/s",
+                    "of ceiling",
+                ],
+                [
+                    [
+                        Path(c.model).name,
+                        human_bytes(c.active_bytes_per_token),
+                        f"{c.copy_gbs:.2f} ({c.copy_threads})",
+                        c.tg_ceiling_tps,
+                        c.best_tg_tps,
+                        f"{c.share_of_ceiling:.0%}" if c.share_of_ceiling else "–",
+                    ]
+                    for c in result.ceilings
+                ],
+                align="lrrrrr",
+            ),
         ]
     lines += [
         "## External reference (not measured here)\n",
         "Arm Learning Path, Radxa Orion O6: ERNIE-4.5-21B-A3B-Thinking Q4_0, `llama-bench -pg 128,128 -t 8`, a plain "
         "build vs one with `GGML_CPU_ARM_ARCH=armv9-a+i8mm+dotprod+sve` and KleidiAI. Quoted for scale only: a "
         "different machine and model size from the rows above.\n",
-        markdown_table(["board", "model", "build", "threads", "pp512 tok/s", "tg128 tok/s"],
-                       [[e["board"], e["model"], e["build"], e["threads"], e["pp512_tps"], e["tg128_tps"]]
-                        for e in result.external], align="lllrrr"),
+        markdown_table(
+            ["board", "model", "build", "threads", "pp512 tok/s", "tg128 tok/s"],
+            [
+                [e["board"], e["model"], e["build"], e["threads"], e["pp512_tps"], e["tg128_tps"]]
+                for e in result.external
+            ],
+            align="lllrrr",
+        ),
     ]
     if result.outputs:
         lines.append("## Plots\n")
@@ -396,9 +489,17 @@ def write_reports(result: BenchResult, out_dir: Path) -> None:
     tg = next((t for t in tests if t.startswith("tg")), None)
     ceilings = {tg: {f"tg ceiling, {Path(c.model).stem}": c.tg_ceiling_tps for c in result.ceilings}} if tg else {}
     if len(result.threads) > 1 or len(result.builds) > 1:
-        outputs["tok/s vs threads"] = str(report.line_plot(
-            by_threads, out_dir / "tps-vs-threads.png", "tokens/s vs threads, per build (measured here)",
-            "threads", "tokens/s", xticks=result.threads, hlines=ceilings))
+        outputs["tok/s vs threads"] = str(
+            report.line_plot(
+                by_threads,
+                out_dir / "tps-vs-threads.png",
+                "tokens/s vs threads, per build (measured here)",
+                "threads",
+                "tokens/s",
+                xticks=result.threads,
+                hlines=ceilings,
+            )
+        )
     # tok/s vs file size at the most threads: a panel per test, a line per build, a point per recipe
     top = max(result.threads)
     by_size: dict = {t: {} for t in tests}
@@ -409,9 +510,16 @@ def write_reports(result: BenchResult, out_dir: Path) -> None:
             x.append(r.model_bytes / 2**20), y.append(r.mean_tps), e.append(r.stddev_tps)
             recipes[r.test].setdefault(r.build, []).append(r.recipe)
     if len({r.model for r in result.rows}) > 1:
-        outputs["tok/s vs size"] = str(report.line_plot(
-            by_size, out_dir / "tps-vs-size.png", f"tokens/s vs model file size at {top} threads (one point per recipe)",
-            "file size (MiB)", "tokens/s", point_labels=recipes))
+        outputs["tok/s vs size"] = str(
+            report.line_plot(
+                by_size,
+                out_dir / "tps-vs-size.png",
+                f"tokens/s vs model file size at {top} threads (one point per recipe)",
+                "file size (MiB)",
+                "tokens/s",
+                point_labels=recipes,
+            )
+        )
     result.outputs = outputs
     report.write_json(result, outputs["json"])
     report.write_text(to_markdown(result), outputs["markdown"])

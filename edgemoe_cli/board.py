@@ -13,22 +13,58 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .armflags import CORES, arm_arch_flags, without_wide_sve_i8mm, wide_sve_warning  # noqa: F401 (board.arm_arch_flags: its API too)
+from .armflags import CORES, arm_arch_flags, wide_sve_warning, without_wide_sve_i8mm  # noqa: F401 (board.arm_arch_flags: its API too)
 from .ernie21b import (  # noqa: F401 (board.*: doctor's API, and the tests')
-    ERNIE_21B, GIB, RUNTIME_RESERVE_BYTES, STOCK_FTYPES, ErnieShape, ModelFit, ernie_tensors, fit, kv_cache_bytes,
-    model_bytes, n_params, stock_tensor_type, tensor_bytes,
+    ERNIE_21B,
+    GIB,
+    RUNTIME_RESERVE_BYTES,
+    STOCK_FTYPES,
+    ErnieShape,
+    ModelFit,
+    ernie_tensors,
+    fit,
+    kv_cache_bytes,
+    model_bytes,
+    n_params,
+    stock_tensor_type,
+    tensor_bytes,
 )
 from .errors import EdgeMoEError
 from .store import configs_dir, home
 from .tomlfile import load_toml
 
-
-
 # The /proc/cpuinfo feature names doctor reports (what ggml's kernels care about).
-ARM_KEY_FEATURES = ("asimd", "asimddp", "asimdhp", "fphp", "i8mm", "bf16", "sve", "sve2", "svei8mm", "svebf16",
-                    "sme", "sme2")
-X86_KEY_FEATURES = ("sse4_2", "f16c", "fma", "avx", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
-                    "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile", "amx_int8", "amx_bf16")
+ARM_KEY_FEATURES = (
+    "asimd",
+    "asimddp",
+    "asimdhp",
+    "fphp",
+    "i8mm",
+    "bf16",
+    "sve",
+    "sve2",
+    "svei8mm",
+    "svebf16",
+    "sme",
+    "sme2",
+)
+X86_KEY_FEATURES = (
+    "sse4_2",
+    "f16c",
+    "fma",
+    "avx",
+    "avx2",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512vbmi",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
 
 
 @dataclass
@@ -177,10 +213,18 @@ def load_board(name: str) -> Board:
         raise EdgeMoEError(f"unknown board {name!r}", f"choose one of: {', '.join(list_boards())} (or a .toml path)")
     try:
         d = load_toml(path.read_text(), f"board file {path}")
-        return Board(name=d.get("name", path.stem), description=d.get("description", ""), arch=d["arch"],
-                     ram_bytes=int(float(d["ram_gib"]) * GIB), n_cpus=int(d["cpus"]), cores=list(d.get("cores", [])),
-                     features=list(d.get("features", [])), sve_vector_bits=d.get("sve_vector_bits"),
-                     ggml_cpu_arm_arch=d.get("ggml_cpu_arm_arch"), source=d.get("source", ""))
+        return Board(
+            name=d.get("name", path.stem),
+            description=d.get("description", ""),
+            arch=d["arch"],
+            ram_bytes=int(float(d["ram_gib"]) * GIB),
+            n_cpus=int(d["cpus"]),
+            cores=list(d.get("cores", [])),
+            features=list(d.get("features", [])),
+            sve_vector_bits=d.get("sve_vector_bits"),
+            ggml_cpu_arm_arch=d.get("ggml_cpu_arm_arch"),
+            source=d.get("source", ""),
+        )
     except (KeyError, ValueError, TypeError) as e:
         raise EdgeMoEError(f"malformed board file {path}: {e}", "fix it after configs/boards/*.toml's example") from e
 
@@ -192,14 +236,17 @@ def build_options(name: str, arch: str | None, host_machine: str | None = None) 
         raise EdgeMoEError("give --board or --arch, not both", "--board NAME takes the board profile's flags")
     profile = load_board(name)
     if profile.arch != "aarch64" or not profile.ggml_cpu_arm_arch:
-        raise EdgeMoEError(f"board {profile.name} is {profile.arch}, not an Arm board with GGML_CPU_ARM_ARCH",
-                           "build on that machine with `edgemoe build` (its own flags)")
+        raise EdgeMoEError(
+            f"board {profile.name} is {profile.arch}, not an Arm board with GGML_CPU_ARM_ARCH",
+            "build on that machine with `edgemoe build` (its own flags)",
+        )
     flags, note = without_wide_sve_i8mm(profile.ggml_cpu_arm_arch, profile.sve_vector_bits)
     host = host_machine or platform.machine()
     return ("native" if host in ("aarch64", "arm64") else "aarch64"), flags, [note] if note else []
 
 
 # ---- the live machine ----
+
 
 def _read(path: str) -> str | None:
     try:
@@ -220,12 +267,18 @@ def sve_vector_bits(path: str = "/proc/sys/abi/sve_default_vector_length") -> in
 
 def read_cpu() -> CpuInfo:
     text = _read("/proc/cpuinfo") or ""
-    caps = parse_capacities({int(p.parent.name[3:]): p.read_text()
-                             for p in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpu_capacity")})
+    caps = parse_capacities(
+        {int(p.parent.name[3:]): p.read_text() for p in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpu_capacity")}
+    )
     if not text.strip():
         n = os.cpu_count() or 1
-        return CpuInfo(arch=platform.machine(), model=platform.processor() or "unknown", n_cpus=n, features=[],
-                       cores=[CoreGroup("unknown", list(range(n)))])
+        return CpuInfo(
+            arch=platform.machine(),
+            model=platform.processor() or "unknown",
+            n_cpus=n,
+            features=[],
+            cores=[CoreGroup("unknown", list(range(n)))],
+        )
     info = parse_cpuinfo(text, caps, arch=platform.machine())
     info.sve_vector_bits = sve_vector_bits()
     return info
@@ -315,16 +368,39 @@ def doctor(ctx: int = 4096) -> DoctorReport:
     elif not build_smoke or build_smoke.get("version") is None:
         rec.append("the active llama.cpp build has no smoke-test record: run `edgemoe build` to prove it")
     best = [f.ftype for f in fits if f.fits]
-    rec.append(f"ERNIE-4.5-21B-A3B at ctx {ctx}: " + (f"fits at {', '.join(best)}" if best else
-               f"does not fit in {total / GIB:.1f} GiB even at Q4_0; use `edgemoe plan` for a smaller mix"))
+    rec.append(
+        f"ERNIE-4.5-21B-A3B at ctx {ctx}: "
+        + (
+            f"fits at {', '.join(best)}"
+            if best
+            else f"does not fit in {total / GIB:.1f} GiB even at Q4_0; use `edgemoe plan` for a smaller mix"
+        )
+    )
     short_now = [f.ftype for f in fits if f.fits and f.need_bytes > avail]
     if short_now:
-        rec.append(f"only {avail / GIB:.1f} GiB is available right now: {', '.join(short_now)} would need other "
-                   "programs closed (or swap)")
+        rec.append(
+            f"only {avail / GIB:.1f} GiB is available right now: {', '.join(short_now)} would need other "
+            "programs closed (or swap)"
+        )
     return DoctorReport(
-        os=f"{platform.system()} {platform.release()}", arch=cpu.arch, cpu_model=cpu.model, n_cpus=cpu.n_cpus,
-        cores=cpu.cores, features=[f for f in key if f in cpu.features], all_features=cpu.features,
-        sve_vector_bits=cpu.sve_vector_bits, ram_total_bytes=total, ram_available_bytes=avail, store=store_path,
-        disk_free_bytes=free, binding=binding, llama_error=err,
-        native_build=str(build) if build else None, build_smoke=build_smoke, ggml_cpu_arm_arch=arch_flags, recommendations=rec, ctx=ctx,
-        fits=fits)
+        os=f"{platform.system()} {platform.release()}",
+        arch=cpu.arch,
+        cpu_model=cpu.model,
+        n_cpus=cpu.n_cpus,
+        cores=cpu.cores,
+        features=[f for f in key if f in cpu.features],
+        all_features=cpu.features,
+        sve_vector_bits=cpu.sve_vector_bits,
+        ram_total_bytes=total,
+        ram_available_bytes=avail,
+        store=store_path,
+        disk_free_bytes=free,
+        binding=binding,
+        llama_error=err,
+        native_build=str(build) if build else None,
+        build_smoke=build_smoke,
+        ggml_cpu_arm_arch=arch_flags,
+        recommendations=rec,
+        ctx=ctx,
+        fits=fits,
+    )

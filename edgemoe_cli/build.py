@@ -126,9 +126,10 @@ def vendored_source(version: str = LLAMA_CPP_PYTHON_VERSION) -> tuple[Path, str]
         digest = sha256_file(sdist)
         if (pinned := SDIST_SHA256.get(version)) and digest != pinned:
             sdist.unlink()
-            raise EdgeMoEError(f"{sdist.name} has sha256 {digest[:16]}..., edgemoe pins {pinned[:16]}... (deleted)",
-                               "run the command again to download it afresh; if it repeats, your PyPI mirror "
-                               "serves a different file")
+            raise EdgeMoEError(
+                f"{sdist.name} has sha256 {digest[:16]}..., edgemoe pins {pinned[:16]}... (deleted)",
+                "run the command again to download it afresh; if it repeats, your PyPI mirror serves a different file",
+            )
         stamp = src / name / ".edgemoe-extracted"
         if not (tree / "CMakeLists.txt").is_file() or not stamp.is_file() or stamp.read_text() != digest:
             _extract(sdist, src, name, digest)
@@ -142,8 +143,20 @@ SDIST_SHA256 = {"0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372
 def _download_sdist(version: str, sdist: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=sdist.parent))
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", str(tmp), "--disable-pip-version-check", "-q"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"llama-cpp-python=={version}",
+            "-d",
+            str(tmp),
+            "--disable-pip-version-check",
+            "-q",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = tmp / sdist.name
         if proc.returncode != 0 or not got.is_file():
@@ -175,10 +188,13 @@ def checkout_source(path: str | Path) -> tuple[Path, str]:
     """A llama.cpp checkout given with --source DIR: (path, source id from git, or a content hash without git)."""
     tree = Path(path).expanduser().resolve()
     if not (tree / "CMakeLists.txt").is_file() or not (tree / "ggml" / "src").is_dir():
-        raise EdgeMoEError(f"{tree} is not a llama.cpp source tree (no CMakeLists.txt and ggml/src)",
-                           "pass the top directory of a llama.cpp checkout, or --source vendored")
-    git = subprocess.run(["git", "-C", str(tree), "rev-parse", "--show-toplevel", "HEAD"],
-                         capture_output=True, text=True)
+        raise EdgeMoEError(
+            f"{tree} is not a llama.cpp source tree (no CMakeLists.txt and ggml/src)",
+            "pass the top directory of a llama.cpp checkout, or --source vendored",
+        )
+    git = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True
+    )
     lines = git.stdout.split()
     if git.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == tree:
         diff = subprocess.run(["git", "-C", str(tree), "diff", "HEAD"], capture_output=True).stdout
@@ -288,8 +304,16 @@ def plan_build(
     extra_cmake: tuple[str, ...] = (),
 ) -> BuildPlan:
     """Decide everything about a build without running it (this is what --dry-run prints)."""
-    request = dict(source=source, target=target, arch=arch, kleidiai=kleidiai, kleidiai_src=kleidiai_src, jobs=jobs,
-                   extra_targets=tuple(extra_targets), extra_cmake=tuple(extra_cmake))
+    request = dict(
+        source=source,
+        target=target,
+        arch=arch,
+        kleidiai=kleidiai,
+        kleidiai_src=kleidiai_src,
+        jobs=jobs,
+        extra_targets=tuple(extra_targets),
+        extra_cmake=tuple(extra_cmake),
+    )
     if target not in ("native", "aarch64"):
         raise EdgeMoEError(f"unknown --target {target!r}", "use native (this machine) or aarch64 (cross-compile)")
     tree, source_id = vendored_source() if source == "vendored" else checkout_source(source)
@@ -301,8 +325,10 @@ def plan_build(
     if cross:
         for tool in ("gcc", "g++"):
             if shutil.which(CROSS_PREFIX + tool) is None:
-                raise EdgeMoEError(f"cross compiler {CROSS_PREFIX}{tool} not found",
-                                   "apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu")
+                raise EdgeMoEError(
+                    f"cross compiler {CROSS_PREFIX}{tool} not found",
+                    "apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu",
+                )
     cc = CROSS_PREFIX + "gcc" if cross else os.environ.get("CC", "cc")
     compiler, gcc_major = compiler_version(cc)
 
@@ -313,8 +339,10 @@ def plan_build(
             notes += [note] if note else []
         arch = arch or CROSS_DEFAULT_ARCH
         if not re.fullmatch(r"armv[0-9.]+-a(\+[a-z0-9]+)*", arch):
-            raise EdgeMoEError(f"--arch {arch!r} is not an -march value like armv9-a+sve2+i8mm+dotprod",
-                               "give armv<N>-a followed by +extension parts")
+            raise EdgeMoEError(
+                f"--arch {arch!r} is not an -march value like armv9-a+sve2+i8mm+dotprod",
+                "give armv<N>-a followed by +extension parts",
+            )
         kleidiai = True if kleidiai is None else kleidiai
     else:
         if arch and arch != "native":
@@ -329,8 +357,10 @@ def plan_build(
         if kleidiai_src:
             ksrc = Path(kleidiai_src).expanduser().resolve()
             if not (ksrc / "CMakeLists.txt").is_file() or not (ksrc / "kai").is_dir():
-                raise EdgeMoEError(f"{ksrc} is not a KleidiAI source tree (no CMakeLists.txt and kai/)",
-                                   f"extract kleidiai-{tag}-src.tar.gz and pass that directory")
+                raise EdgeMoEError(
+                    f"{ksrc} is not a KleidiAI source tree (no CMakeLists.txt and kai/)",
+                    f"extract kleidiai-{tag}-src.tar.gz and pass that directory",
+                )
             kleidiai_src = str(ksrc)
         elif (cached := builds_dir() / "src" / f"kleidiai-{tag}").is_dir():
             kleidiai_src = str(cached)
@@ -342,9 +372,17 @@ def plan_build(
     fix_needed = bool(kleidiai and kleidiai_needs_fix(gcc_major))
     cpu_sig = "" if arm else _x86_cpu_signature()  # -march=native binaries depend on the CPU they were built on
     key_doc = {
-        "recipe": RECIPE_VERSION, "source": source_id, "target": target, "cross": cross, "flags": flags,
-        "kleidiai_tag": tag if kleidiai else None, "kleidiai_fix": fix_needed, "compiler": compiler,
-        "cpu": cpu_sig, "extra_cmake": list(extra_cmake), "extra_targets": sorted(extra_targets),
+        "recipe": RECIPE_VERSION,
+        "source": source_id,
+        "target": target,
+        "cross": cross,
+        "flags": flags,
+        "kleidiai_tag": tag if kleidiai else None,
+        "kleidiai_fix": fix_needed,
+        "compiler": compiler,
+        "cpu": cpu_sig,
+        "extra_cmake": list(extra_cmake),
+        "extra_targets": sorted(extra_targets),
     }
     key = f"{target}-{hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:12]}"
     out_dir = builds_dir() / key
@@ -352,7 +390,13 @@ def plan_build(
     build_dir = work_dir / "build"
 
     configure = [
-        "cmake", "-S", str(tree), "-B", str(build_dir), "-G", "Ninja",
+        "cmake",
+        "-S",
+        str(tree),
+        "-B",
+        str(build_dir),
+        "-G",
+        "Ninja",
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=ON",
         # binaries find their libraries beside them in bin/ (build tree) or in ../lib (installed)
@@ -382,8 +426,10 @@ def plan_build(
         if fix_needed:
             fix_file, fix = str(work_dir / "kleidiai-gcc12.cmake"), kleidiai_fix_text()
             configure.append(f"-DCMAKE_PROJECT_KleidiAI_INCLUDE={fix_file}")
-            notes.append(f"GCC {gcc_major}: KleidiAI's {Path(KLEIDIAI_GCC12_FILES[0]).name} is compiled with "
-                         "-fno-tree-loop-vectorize (GCC 12 ICEs on it at -O3); everything else keeps -O3")
+            notes.append(
+                f"GCC {gcc_major}: KleidiAI's {Path(KLEIDIAI_GCC12_FILES[0]).name} is compiled with "
+                "-fno-tree-loop-vectorize (GCC 12 ICEs on it at -O3); everything else keeps -O3"
+            )
     configure += list(extra_cmake)
     targets = [*TOOLS, *extra_targets]
     jobs = jobs or os.cpu_count() or 2
@@ -391,10 +437,25 @@ def plan_build(
     if shutil.which("nice"):
         build = ["nice", "-n", "10", *build]
     return BuildPlan(
-        source_dir=str(tree), source_id=source_id, target=target, arch=arch, kleidiai=bool(kleidiai),
-        kleidiai_src=kleidiai_src, jobs=jobs, key=key, out_dir=str(out_dir), work_dir=str(work_dir),
-        configure=configure, build=build, toolchain_file=toolchain_file, toolchain_text=toolchain,
-        kleidiai_fix_file=fix_file, kleidiai_fix_text=fix, compiler=compiler, targets=targets, notes=notes,
+        source_dir=str(tree),
+        source_id=source_id,
+        target=target,
+        arch=arch,
+        kleidiai=bool(kleidiai),
+        kleidiai_src=kleidiai_src,
+        jobs=jobs,
+        key=key,
+        out_dir=str(out_dir),
+        work_dir=str(work_dir),
+        configure=configure,
+        build=build,
+        toolchain_file=toolchain_file,
+        toolchain_text=toolchain,
+        kleidiai_fix_file=fix_file,
+        kleidiai_fix_text=fix,
+        compiler=compiler,
+        targets=targets,
+        notes=notes,
         request=request,
     )
 
@@ -424,8 +485,13 @@ def load_manifest(path: str | Path) -> Optional[dict]:
         return None
 
 
-def run_build(plan: BuildPlan, progress: Optional[ProgressFn] = None, keep_work: bool = False,
-              make_current: bool = True, verify: bool = True) -> BuildResult:
+def run_build(
+    plan: BuildPlan,
+    progress: Optional[ProgressFn] = None,
+    keep_work: bool = False,
+    make_current: bool = True,
+    verify: bool = True,
+) -> BuildResult:
     """Configure, compile, install into builds_dir()/<key>/{bin,lib}, then prove it; a cache hit returns at once.
 
     `verify` runs the smoke test (smoke.py) once per build and records it in build.json. A build that fails it is
@@ -451,8 +517,10 @@ def run_build(plan: BuildPlan, progress: Optional[ProgressFn] = None, keep_work:
         result.current = _maybe_make_current(result)
         # a bare `import llama_cpp` in this venv finds the active build too (binding_path.py)
         if result.current and install_pth() is None and sys.prefix != sys.base_prefix:
-            result.notes.append("could not write the .pth hook into this venv: `import llama_cpp` outside edgemoe "
-                                "needs LLAMA_CPP_LIB_PATH=" + result.lib_dir)
+            result.notes.append(
+                "could not write the .pth hook into this venv: `import llama_cpp` outside edgemoe "
+                "needs LLAMA_CPP_LIB_PATH=" + result.lib_dir
+            )
     return result
 
 
@@ -479,7 +547,7 @@ KNOWN_BAD_FEATURES = (
         cpu_flags=("amx_tile", "amx_int8", "amx_bf16"),
         cmake=(f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}"),
         why="this llama.cpp's AMX kernels (ggml_backend_amx_mul_mat, tinygemm_kernel_amx) crash on quantized "
-            "models on x86 hosts that report AMX",
+        "models on x86 hosts that report AMX",
     ),
 )
 
@@ -507,8 +575,9 @@ def feature_to_drop(plan: BuildPlan, smoke: dict, cpu_flags: set[str]) -> Option
     return None
 
 
-def _after_failed_smoke(plan: BuildPlan, result: BuildResult, progress: Optional[ProgressFn], keep_work: bool,
-                        make_current: bool) -> BuildResult:
+def _after_failed_smoke(
+    plan: BuildPlan, result: BuildResult, progress: Optional[ProgressFn], keep_work: bool, make_current: bool
+) -> BuildResult:
     from .smoke import SmokeResult
 
     smoke = SmokeResult.from_dict(result.smoke or {})
@@ -516,8 +585,11 @@ def _after_failed_smoke(plan: BuildPlan, result: BuildResult, progress: Optional
     if feature is not None:
         request = dict(plan.request, extra_cmake=(*plan.request.get("extra_cmake", ()), *feature.cmake))
         retry = run_build(plan_build(**request), progress, keep_work, make_current)
-        retry.notes.insert(0, f"build {plan.key} failed its smoke test ({smoke.summary()}); {feature.why}: "
-                              f"rebuilt without {feature.name} as {retry.key}")
+        retry.notes.insert(
+            0,
+            f"build {plan.key} failed its smoke test ({smoke.summary()}); {feature.why}: "
+            f"rebuilt without {feature.name} as {retry.key}",
+        )
         return retry
     raise EdgeMoEError(
         f"llama.cpp build {plan.key} failed its smoke test, so it was not activated: {smoke.summary()}",
@@ -556,8 +628,15 @@ def verify_build(plan: BuildPlan, result: BuildResult, progress: Optional[Progre
         if progress:
             progress(0, 0, "smoke test")
         timeout = 900.0 if runner else 120.0
-        smoke = run_smoke(result.bin_dir, result.lib_dir, runner=runner, runner_env=env, binding=binding,
-                          log_path=out / "smoke.log", timeout=timeout)
+        smoke = run_smoke(
+            result.bin_dir,
+            result.lib_dir,
+            runner=runner,
+            runner_env=env,
+            binding=binding,
+            log_path=out / "smoke.log",
+            timeout=timeout,
+        )
     _update_manifest(out, smoke=smoke.to_dict())
     return smoke
 
@@ -630,8 +709,9 @@ _PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]\s*(.*)")
 
 def _run_logged(cmd: list[str], log, env: dict, progress: Optional[ProgressFn], step: str, log_path: Path) -> None:
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                errors="replace")
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, errors="replace"
+        )
     except OSError as e:
         raise EdgeMoEError(f"cannot run {cmd[0]} ({e.strerror})", "install cmake and ninja-build") from e
     assert proc.stdout is not None
@@ -662,14 +742,22 @@ def _install(plan: BuildPlan, log_path: Path, seconds: float) -> BuildResult:
     missing = [t for t in TOOLS if t not in tools]
     if missing or not (part / "lib" / "libllama.so").exists():
         shutil.rmtree(part, ignore_errors=True)
-        raise EdgeMoEError(f"build finished but {', '.join(missing) or 'libllama.so'} is missing",
-                           f"see {log_path}")
+        raise EdgeMoEError(f"build finished but {', '.join(missing) or 'libllama.so'} is missing", f"see {log_path}")
     shutil.copy2(log_path, part / "build.log")
     manifest = {
-        "key": plan.key, "target": plan.target, "arch": plan.arch, "kleidiai": plan.kleidiai,
-        "source_id": plan.source_id, "source_dir": plan.source_dir, "compiler": plan.compiler,
-        "configure": plan.configure, "build": plan.build, "notes": plan.notes, "tools": tools,
-        "seconds": round(seconds, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "key": plan.key,
+        "target": plan.target,
+        "arch": plan.arch,
+        "kleidiai": plan.kleidiai,
+        "source_id": plan.source_id,
+        "source_dir": plan.source_dir,
+        "compiler": plan.compiler,
+        "configure": plan.configure,
+        "build": plan.build,
+        "notes": plan.notes,
+        "tools": tools,
+        "seconds": round(seconds, 1),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.machine(),
     }
     (part / "build.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -680,10 +768,21 @@ def _install(plan: BuildPlan, log_path: Path, seconds: float) -> BuildResult:
 
 def _result_from_manifest(out: Path, m: dict, cached: bool) -> BuildResult:
     return BuildResult(
-        key=m["key"], path=str(out), cached=cached, target=m["target"], arch=m["arch"], kleidiai=m["kleidiai"],
-        source_id=m["source_id"], seconds=0.0 if cached else m["seconds"], bin_dir=str(out / "bin"),
-        lib_dir=str(out / "lib"), tools=m["tools"], log=str(out / "build.log"),
-        system_info=m.get("system_info", ""), notes=list(m.get("notes", [])), smoke=m.get("smoke"),
+        key=m["key"],
+        path=str(out),
+        cached=cached,
+        target=m["target"],
+        arch=m["arch"],
+        kleidiai=m["kleidiai"],
+        source_id=m["source_id"],
+        seconds=0.0 if cached else m["seconds"],
+        bin_dir=str(out / "bin"),
+        lib_dir=str(out / "lib"),
+        tools=m["tools"],
+        log=str(out / "build.log"),
+        system_info=m.get("system_info", ""),
+        notes=list(m.get("notes", [])),
+        smoke=m.get("smoke"),
     )
 
 
@@ -703,8 +802,10 @@ def check_binding(lib_dir: str | Path, python: str = sys.executable) -> dict:
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise EdgeMoEError(f"llama-cpp-python cannot load {lib_dir}/libllama.so ({last})",
-                           f"reinstall llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} or build --source vendored")
+        raise EdgeMoEError(
+            f"llama-cpp-python cannot load {lib_dir}/libllama.so ({last})",
+            f"reinstall llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} or build --source vendored",
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -732,6 +833,7 @@ def _maybe_make_current(result: BuildResult) -> bool:
 
 
 # ---- 512-bit SVE --------------------------------------------------------------------------------------------
+
 
 def avoid_wide_sve_i8mm(arch: str, vector_bits: Optional[int] = None) -> tuple[str, Optional[str]]:
     """The detected arch for this CPU, minus i8mm when SVE vectors are wider than 256 bits (see SVE512_WARNING).

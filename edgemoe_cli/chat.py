@@ -4,7 +4,7 @@ The template is the one the GGUF carries (`tokenizer.chat_template`, copied from
 with jinja2 the way transformers' `apply_chat_template` does, so the prompt is byte-for-byte what the model was
 trained on:
 
-    PT:        <|begin_of_sentence|>{system}\\nUser: {q}\\nAssistant: 
+    PT:        <|begin_of_sentence|>{system}\\nUser: {q}\\nAssistant:
     Thinking:  <|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n
 
 A Thinking prompt already ends inside `<think>`, so the reply holds only the closing tag:
@@ -53,7 +53,13 @@ def _bounded_environment(**options):
                 for seq, n in ((left, right), (right, left)):
                     if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_VALUE:
                         raise SecurityError(f"the template builds a value of {len(seq) * n:,} items")
-            if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(right) > 64 and abs(left) > 1:
+            if (
+                operator == "**"
+                and isinstance(left, int)
+                and isinstance(right, int)
+                and abs(right) > 64
+                and abs(left) > 1
+            ):
                 raise SecurityError(f"the template computes {left} ** {right}")
             return super().call_binop(context, operator, left, right)
 
@@ -88,15 +94,20 @@ def render_prompt(template: str, messages: list[dict], special_tokens: dict[str,
     except jinja2.exceptions.TemplateError as e:
         raise EdgeMoEError(f"the model's chat template (tokenizer.chat_template) failed to render: {e}", hint) from e
     except TimeLimitExceeded:
-        raise EdgeMoEError(f"the model's chat template (tokenizer.chat_template) ran longer than "
-                           f"{TEMPLATE_SECONDS:g} s", hint) from None
+        raise EdgeMoEError(
+            f"the model's chat template (tokenizer.chat_template) ran longer than {TEMPLATE_SECONDS:g} s", hint
+        ) from None
     except Exception as e:  # noqa: BLE001 - the template is code from the model file: whatever it raises
         # (ZeroDivisionError from {{1/0}}, MemoryError, RecursionError, TypeError...) is the file's fault
-        raise EdgeMoEError(f"the model's chat template (tokenizer.chat_template) failed to render: "
-                           f"{type(e).__name__}: {str(e)[:200]}", hint) from e
+        raise EdgeMoEError(
+            f"the model's chat template (tokenizer.chat_template) failed to render: {type(e).__name__}: {str(e)[:200]}",
+            hint,
+        ) from e
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise EdgeMoEError(f"the model's chat template (tokenizer.chat_template) rendered {len(prompt):,} "
-                           "characters for one prompt", hint)
+        raise EdgeMoEError(
+            f"the model's chat template (tokenizer.chat_template) rendered {len(prompt):,} characters for one prompt",
+            hint,
+        )
     return prompt
 
 
@@ -128,7 +139,7 @@ def parse_reply(raw: str, thinking: bool, truncated: bool = False) -> Reply:
         return Reply(reasoning="", answer=raw.strip(), complete=not truncated)
     text = raw
     if text.lstrip().startswith(THINK_OPEN):  # a model that repeats the pre-filled tag
-        text = text.lstrip()[len(THINK_OPEN):]
+        text = text.lstrip()[len(THINK_OPEN) :]
     reasoning, sep, rest = text.partition(THINK_CLOSE)
     if not sep:  # no closing tag: the answer, if any, starts at the first answer tag
         starts = [at for at in (text.find(RESPONSE_OPEN), text.find(TOOL_OPEN)) if at >= 0]
@@ -136,7 +147,7 @@ def parse_reply(raw: str, thinking: bool, truncated: bool = False) -> Reply:
             if truncated:  # cut off mid-reasoning
                 return Reply(reasoning=text.strip(), answer="", complete=False)
             return Reply(reasoning="", answer=text.strip())
-        reasoning, rest = text[: min(starts)], text[min(starts):]
+        reasoning, rest = text[: min(starts)], text[min(starts) :]
     reasoning = reasoning.strip()
 
     tool = re.search(re.escape(TOOL_OPEN) + r"(.*?)(" + re.escape(TOOL_CLOSE) + r"|$)", rest, re.S)
@@ -145,7 +156,7 @@ def parse_reply(raw: str, thinking: bool, truncated: bool = False) -> Reply:
         call = tool.group(1).strip()
         return Reply(reasoning=reasoning, answer=call, tool_call=call, complete=bool(tool.group(2)))
     if response_at >= 0:
-        body = rest[response_at + len(RESPONSE_OPEN):]
+        body = rest[response_at + len(RESPONSE_OPEN) :]
         answer, closed, _ = body.partition(RESPONSE_CLOSE)
         return Reply(reasoning=reasoning, answer=answer.strip(), complete=bool(closed) or not truncated)
     return Reply(reasoning=reasoning, answer=rest.strip(), complete=not truncated)
@@ -175,7 +186,7 @@ class ReplySplitter:
             self._section_start = False
             yield self.kind, self._held_space + body
             self._held_space = ""
-        self._held_space += text[len(body):]
+        self._held_space += text[len(body) :]
 
     def _new_section(self, kind: str) -> None:
         self.kind, self._section_start, self._held_space = kind, True, ""
@@ -200,7 +211,7 @@ class ReplySplitter:
                     self._new_section("answer")
                 elif tag in (RESPONSE_CLOSE, TOOL_CLOSE):
                     self._held_space = ""
-                text = text[len(tag):]
+                text = text[len(tag) :]
                 continue
             if any(t.startswith(text) for t in TAGS):  # maybe a tag, not complete yet
                 self._pending = text

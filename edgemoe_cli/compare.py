@@ -19,7 +19,6 @@ from .errors import EdgeMoEError
 from .progress import Progress
 from .tomlfile import load_toml
 
-
 VARIANTS = ("pt", "thinking")
 CHECKS = ("number", "contains", "regex", "python")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -114,15 +113,22 @@ def _prompt(entry: dict, where: str) -> Prompt:
         check = None
     if check == "number" and not _NUMBER.fullmatch(expected.strip()):
         # checked here, not when scoring: scoring comes after both models have answered every prompt
-        raise EdgeMoEError(f"{where}: expected {expected!r} is not a number, as check = \"number\" needs",
-                           'write a number like 42 or -3.5, or use check = "contains"')
+        raise EdgeMoEError(
+            f'{where}: expected {expected!r} is not a number, as check = "number" needs',
+            'write a number like 42 or -3.5, or use check = "contains"',
+        )
     if check == "regex":
         try:
             re.compile(expected)
         except re.error as e:
             raise EdgeMoEError(f"{where}: expected is not a valid regular expression ({e})", "fix the pattern") from e
-    return Prompt(id=str(entry.get("id", "")), text=text.strip("\n"), kind=str(entry.get("kind", "")),
-                  expected=expected, check=check)
+    return Prompt(
+        id=str(entry.get("id", "")),
+        text=text.strip("\n"),
+        kind=str(entry.get("kind", "")),
+        expected=expected,
+        check=check,
+    )
 
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[Prompt]:
@@ -142,9 +148,13 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
                 raise EdgeMoEError(f"{path}:{n} is not valid JSON ({e.args[0]})", "one JSON object a line") from e
             if not isinstance(entry, dict):
                 raise EdgeMoEError(f"{path}:{n} is not a JSON object", 'write {"q": "...", "answer": "..."}')
-            entry = {"id": entry.get("id", f"{path.stem}-{n}"), "kind": entry.get("kind", path.stem),
-                     "text": entry.get("text", entry.get("q")), "expected": entry.get("expected", entry.get("answer")),
-                     "check": entry.get("check")}
+            entry = {
+                "id": entry.get("id", f"{path.stem}-{n}"),
+                "kind": entry.get("kind", path.stem),
+                "text": entry.get("text", entry.get("q")),
+                "expected": entry.get("expected", entry.get("answer")),
+                "check": entry.get("check"),
+            }
             prompts.append(_prompt(entry, f"{path}:{n}"))
     else:
         data = load_toml(raw, f"prompt file {path}", "fix the file; see configs/prompts/compare.toml")
@@ -193,8 +203,10 @@ def check_variant(variant: str, model: str | Path | None) -> Path:
 
     flag = f"--{variant}"
     if model is None:
-        raise EdgeMoEError(f"no {variant.capitalize() if variant == 'thinking' else 'PT'} model given",
-                           f"pass {flag} MODEL.gguf (compare needs both --pt and --thinking)")
+        raise EdgeMoEError(
+            f"no {variant.capitalize() if variant == 'thinking' else 'PT'} model given",
+            f"pass {flag} MODEL.gguf (compare needs both --pt and --thinking)",
+        )
     path = find_gguf(model)
     reader = open_gguf(path)
     field = reader.get_field("general.architecture")
@@ -205,8 +217,10 @@ def check_variant(variant: str, model: str | Path | None) -> Path:
     thinking = chat.is_thinking_template(template.contents() if template is not None else None)
     if thinking != (variant == "thinking"):
         kind = "Thinking" if thinking else "PT"
-        raise EdgeMoEError(f"{flag} {path} has a {kind} chat template",
-                           "pass the PT model with --pt and the Thinking model with --thinking")
+        raise EdgeMoEError(
+            f"{flag} {path} has a {kind} chat template",
+            "pass the PT model with --pt and the Thinking model with --thinking",
+        )
     return path
 
 
@@ -226,11 +240,23 @@ def _run_variant(model: str, prompts: list[dict], settings: dict, queue) -> None
         try:
             for i, p in enumerate(prompts):
                 t = time.perf_counter()
-                r = generate.chat_reply(llm, p["text"], system=settings["system"], max_tokens=settings["max_tokens"],
-                                        temp=settings["temp"], seed=settings["seed"])
+                r = generate.chat_reply(
+                    llm,
+                    p["text"],
+                    system=settings["system"],
+                    max_tokens=settings["max_tokens"],
+                    temp=settings["temp"],
+                    seed=settings["seed"],
+                )
                 wall = time.perf_counter() - t
-                answers.append({**asdict(r), "wall_s": round(wall, 6), "reasoning_tokens": count(r.reasoning),
-                                "answer_tokens": count(r.answer)})
+                answers.append(
+                    {
+                        **asdict(r),
+                        "wall_s": round(wall, 6),
+                        "reasoning_tokens": count(r.reasoning),
+                        "answer_tokens": count(r.answer),
+                    }
+                )
                 queue.put(("progress", i + 1))
         finally:
             llm.close()
@@ -255,8 +281,10 @@ def run_variant(model: Path, prompts: list[Prompt], settings: dict, progress: Ca
                 msg = q.get(timeout=1.0)
             except queue_mod.Empty:
                 if not proc.is_alive():
-                    raise EdgeMoEError(f"the process running {model} died (exit code {proc.exitcode})",
-                                       "check free memory: a board holds one model at a time") from None
+                    raise EdgeMoEError(
+                        f"the process running {model} died (exit code {proc.exitcode})",
+                        "check free memory: a board holds one model at a time",
+                    ) from None
                 continue
             if msg[0] == "progress":
                 if progress is not None:
@@ -296,8 +324,10 @@ def compare(
     `progress` (progress.Progress) gets one step per variant ("PT", "Thinking") as its prompts complete.
     """
     if out is not None and Path(out).suffix.lower() == ".json":
-        raise EdgeMoEError(f"--out {out} is where the Markdown report goes, and its JSON twin would be the same file",
-                           f"pass --out {Path(out).with_suffix('.md')}: the JSON is written beside it")
+        raise EdgeMoEError(
+            f"--out {out} is where the Markdown report goes, and its JSON twin would be the same file",
+            f"pass --out {Path(out).with_suffix('.md')}: the JSON is written beside it",
+        )
     models = {"pt": check_variant("pt", pt), "thinking": check_variant("thinking", thinking)}
     if prompt is not None and prompts_file is not None:
         raise EdgeMoEError("give -p PROMPT or --prompts FILE, not both", "drop one of them")
@@ -320,31 +350,56 @@ def compare(
         raw, load_s, peak, library = run_variant(models[variant], prompts, settings, cb)
         rows = []
         for p, r in zip(prompts, raw):
-            rows.append(Answer(
-                reasoning=r["reasoning"], answer=r["answer"], raw=r["raw"], prompt_tokens=r["prompt_tokens"],
-                completion_tokens=r["completion_tokens"], reasoning_tokens=r["reasoning_tokens"],
-                answer_tokens=r["answer_tokens"], ttft_s=r["ttft_s"], prompt_tps=r["prompt_tps"], gen_tps=r["gen_tps"],
-                wall_s=r["wall_s"], finish_reason=r["finish_reason"], correct=is_correct(p, r["answer"]),
-            ))
+            rows.append(
+                Answer(
+                    reasoning=r["reasoning"],
+                    answer=r["answer"],
+                    raw=r["raw"],
+                    prompt_tokens=r["prompt_tokens"],
+                    completion_tokens=r["completion_tokens"],
+                    reasoning_tokens=r["reasoning_tokens"],
+                    answer_tokens=r["answer_tokens"],
+                    ttft_s=r["ttft_s"],
+                    prompt_tps=r["prompt_tps"],
+                    gen_tps=r["gen_tps"],
+                    wall_s=r["wall_s"],
+                    finish_reason=r["finish_reason"],
+                    correct=is_correct(p, r["answer"]),
+                )
+            )
         answers[variant] = rows
         scored = [a.correct for a in rows if a.correct is not None]
         summary[variant] = VariantSummary(
-            variant=variant, model=str(models[variant]), model_bytes=models[variant].stat().st_size,
-            scored=len(scored), correct=sum(scored), accuracy=round(sum(scored) / len(scored), 4) if scored else None,
+            variant=variant,
+            model=str(models[variant]),
+            model_bytes=models[variant].stat().st_size,
+            scored=len(scored),
+            correct=sum(scored),
+            accuracy=round(sum(scored) / len(scored), 4) if scored else None,
             mean_completion_tokens=_mean(a.completion_tokens for a in rows),
             mean_reasoning_tokens=_mean(a.reasoning_tokens for a in rows),
-            mean_answer_tokens=_mean(a.answer_tokens for a in rows), mean_ttft_s=_mean(a.ttft_s for a in rows),
-            mean_gen_tps=_mean(a.gen_tps for a in rows), total_wall_s=round(sum(a.wall_s for a in rows), 3),
-            load_s=round(load_s, 3), peak_rss_bytes=peak, library=library,
+            mean_answer_tokens=_mean(a.answer_tokens for a in rows),
+            mean_ttft_s=_mean(a.ttft_s for a in rows),
+            mean_gen_tps=_mean(a.gen_tps for a in rows),
+            total_wall_s=round(sum(a.wall_s for a in rows), 3),
+            load_s=round(load_s, 3),
+            peak_rss_bytes=peak,
+            library=library,
         )
     items = [CompareItem(prompt=p, pt=a, thinking=b) for p, a, b in zip(prompts, answers["pt"], answers["thinking"])]
     by_kind: dict[str, dict[str, str]] = {}
     for kind in dict.fromkeys(p.kind for p in prompts if p.expected is not None):
         by_kind[kind] = {}
         for variant in VARIANTS:
-            marks = [getattr(it, variant).correct for it in items if it.prompt.kind == kind and it.prompt.expected is not None]
+            marks = [
+                getattr(it, variant).correct
+                for it in items
+                if it.prompt.kind == kind and it.prompt.expected is not None
+            ]
             by_kind[kind][variant] = f"{sum(marks)}/{len(marks)}"
-    result = CompareResult(prompts_file=source, settings=settings, summary=summary, items=items, accuracy_by_kind=by_kind)
+    result = CompareResult(
+        prompts_file=source, settings=settings, summary=summary, items=items, accuracy_by_kind=by_kind
+    )
     if out is not None:
         write_report(result, Path(out))
     return result
@@ -357,15 +412,39 @@ def metrics_rows(result: CompareResult) -> tuple[list[str], list[list]]:
     """The summary metrics table (one row per variant), shared by the terminal and the Markdown report."""
     from .units import human_bytes
 
-    headers = ["variant", "accuracy", "prompt tok", "completion tok", "reasoning tok", "answer tok", "TTFT s",
-               "gen tok/s", "wall s", "load s", "peak RSS"]
+    headers = [
+        "variant",
+        "accuracy",
+        "prompt tok",
+        "completion tok",
+        "reasoning tok",
+        "answer tok",
+        "TTFT s",
+        "gen tok/s",
+        "wall s",
+        "load s",
+        "peak RSS",
+    ]
     rows = []
     for variant in VARIANTS:
         s = result.summary[variant]
         prompt_tok = _mean(getattr(it, variant).prompt_tokens for it in result.items)
         acc = f"{s.correct}/{s.scored} ({s.accuracy:.0%})" if s.accuracy is not None else "–"
-        rows.append([variant, acc, prompt_tok, s.mean_completion_tokens, s.mean_reasoning_tokens, s.mean_answer_tokens,
-                     s.mean_ttft_s, s.mean_gen_tps, s.total_wall_s, s.load_s, human_bytes(s.peak_rss_bytes)])
+        rows.append(
+            [
+                variant,
+                acc,
+                prompt_tok,
+                s.mean_completion_tokens,
+                s.mean_reasoning_tokens,
+                s.mean_answer_tokens,
+                s.mean_ttft_s,
+                s.mean_gen_tps,
+                s.total_wall_s,
+                s.load_s,
+                human_bytes(s.peak_rss_bytes),
+            ]
+        )
     return headers, rows
 
 
@@ -379,17 +458,31 @@ def to_markdown(result: CompareResult) -> str:
         f"Prompts: `{result.prompts_file}` ({len(result.items)}). Greedy: {s['temp'] == 0} (temp {s['temp']}), "
         f"max tokens {s['max_tokens']}, threads {s['threads'] or 'default'}, ctx {s['ctx']}. Each variant ran alone "
         "in its own process (peak RSS is that process's).\n",
-        markdown_table(["variant", "model", "size", "libllama"],
-                       [[v, f"`{result.summary[v].model}`", human_bytes(result.summary[v].model_bytes),
-                         f"`{result.summary[v].library}`"]
-                        for v in VARIANTS], align="llrl"),
+        markdown_table(
+            ["variant", "model", "size", "libllama"],
+            [
+                [
+                    v,
+                    f"`{result.summary[v].model}`",
+                    human_bytes(result.summary[v].model_bytes),
+                    f"`{result.summary[v].library}`",
+                ]
+                for v in VARIANTS
+            ],
+            align="llrl",
+        ),
         "## Metrics (means per prompt; wall is the sum)\n",
         markdown_table(*metrics_rows(result)),
     ]
     if result.accuracy_by_kind:
-        lines += ["## Accuracy by kind of task\n",
-                  markdown_table(["kind", "PT", "Thinking"],
-                                 [[k, v["pt"], v["thinking"]] for k, v in result.accuracy_by_kind.items()], align="lrr")]
+        lines += [
+            "## Accuracy by kind of task\n",
+            markdown_table(
+                ["kind", "PT", "Thinking"],
+                [[k, v["pt"], v["thinking"]] for k, v in result.accuracy_by_kind.items()],
+                align="lrr",
+            ),
+        ]
     lines.append("## Prompts and replies\n")
     mark = {True: "✓ correct", False: "✗ wrong", None: "not scored"}
     for n, it in enumerate(result.items, 1):
@@ -399,11 +492,16 @@ def to_markdown(result: CompareResult) -> str:
         if p.expected is not None:
             lines.append(f"Expected ({p.check}): `{p.expected}`\n")
         for variant, a in (("PT", it.pt), ("Thinking", it.thinking)):
-            lines.append(f"**{variant}** — {mark[a.correct]} · {a.completion_tokens} tokens "
-                         f"({a.reasoning_tokens} reasoning, {a.answer_tokens} answer) · TTFT {a.ttft_s:.3f} s · "
-                         f"{a.gen_tps if a.gen_tps is not None else '–'} tok/s · {a.finish_reason}\n")
+            lines.append(
+                f"**{variant}** — {mark[a.correct]} · {a.completion_tokens} tokens "
+                f"({a.reasoning_tokens} reasoning, {a.answer_tokens} answer) · TTFT {a.ttft_s:.3f} s · "
+                f"{a.gen_tps if a.gen_tps is not None else '–'} tok/s · {a.finish_reason}\n"
+            )
             if a.reasoning:
-                lines.append(f"<details><summary>reasoning ({a.reasoning_tokens} tokens)</summary>\n\n{fenced(a.reasoning)}\n</details>\n")
+                lines.append(
+                    f"<details><summary>reasoning ({a.reasoning_tokens} "
+                    f"tokens)</summary>\n\n{fenced(a.reasoning)}\n</details>\n"
+                )
             lines.append(fenced(a.answer or "(no answer)"))
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 GIB = 1024**3
 
+
 @dataclass(frozen=True)
 class ErnieShape:
     """ERNIE-4.5-21B-A3B's architecture numbers (its Hugging Face config.json)."""
@@ -35,11 +36,14 @@ def ernie_tensors(s: ErnieShape = ERNIE_21B) -> list[tuple[str, int, int]]:
     out = [("token_embd.weight", s.vocab * h, h), ("output_norm.weight", h, h)]
     for i in range(s.n_layers):
         p = f"blk.{i}."
-        out += [(p + "attn_norm.weight", h, h), (p + "ffn_norm.weight", h, h),
-                (p + "attn_q.weight", h * s.n_head * s.head_dim, h),
-                (p + "attn_k.weight", h * s.n_kv_heads * s.head_dim, h),
-                (p + "attn_v.weight", h * s.n_kv_heads * s.head_dim, h),
-                (p + "attn_output.weight", s.n_head * s.head_dim * h, s.n_head * s.head_dim)]
+        out += [
+            (p + "attn_norm.weight", h, h),
+            (p + "ffn_norm.weight", h, h),
+            (p + "attn_q.weight", h * s.n_head * s.head_dim, h),
+            (p + "attn_k.weight", h * s.n_kv_heads * s.head_dim, h),
+            (p + "attn_v.weight", h * s.n_kv_heads * s.head_dim, h),
+            (p + "attn_output.weight", s.n_head * s.head_dim * h, s.n_head * s.head_dim),
+        ]
         if i == 0:
             out += [(p + f"ffn_{n}.weight", h * s.dense_ffn, h) for n in ("gate", "up")]
             out += [(p + "ffn_down.weight", s.dense_ffn * h, s.dense_ffn)]
@@ -94,8 +98,9 @@ def n_params(shape: ErnieShape = ERNIE_21B) -> int:
     return sum(n for _, n, _ in ernie_tensors(shape))
 
 
-def kv_cache_bytes(ctx: int, n_layers: int = 28, n_kv_heads: int = 4, head_dim: int = 128,
-                   bytes_per_elem: float = 2) -> int:
+def kv_cache_bytes(
+    ctx: int, n_layers: int = 28, n_kv_heads: int = 4, head_dim: int = 128, bytes_per_elem: float = 2
+) -> int:
     """KV cache of llama.cpp for `ctx` tokens: K and V per layer, each n_kv_heads x head_dim per token.
 
     bytes = 2 * n_layers * n_kv_heads * head_dim * bytes_per_elem * ctx
@@ -123,8 +128,9 @@ class ModelFit:
     headroom_bytes: int  # ram - need (negative: short by that much)
 
 
-def fit(ftype: str, ctx: int, ram_bytes: int, shape: ErnieShape = ERNIE_21B,
-        reserve_bytes: int = RUNTIME_RESERVE_BYTES) -> ModelFit:
+def fit(
+    ftype: str, ctx: int, ram_bytes: int, shape: ErnieShape = ERNIE_21B, reserve_bytes: int = RUNTIME_RESERVE_BYTES
+) -> ModelFit:
     """Whether ERNIE-4.5-21B-A3B at `ftype` with a `ctx`-token f16 KV cache fits in `ram_bytes`:
     need = model_bytes(ftype) + kv_cache_bytes(ctx) + reserve_bytes <= ram_bytes."""
     w = model_bytes(ftype, shape)
@@ -136,8 +142,9 @@ def fit(ftype: str, ctx: int, ram_bytes: int, shape: ErnieShape = ERNIE_21B,
 # ---- boards we know (configs/boards/*.toml) ----
 
 
-def file_budget_bytes(ram: int, ctx: int, n_layers: int, n_kv_heads: int, head_dim: int,
-                      reserve: int | None = None) -> tuple[int, int, int]:
+def file_budget_bytes(
+    ram: int, ctx: int, n_layers: int, n_kv_heads: int, head_dim: int, reserve: int | None = None
+) -> tuple[int, int, int]:
     """(bytes a GGUF may occupy, KV cache bytes, reserve bytes) in `ram` with room for `ctx` tokens of f16 KV cache
     and the runtime reserve: the same arithmetic as `fit`, solved for the weights."""
     kv = kv_cache_bytes(ctx, n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim)

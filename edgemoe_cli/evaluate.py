@@ -53,10 +53,21 @@ def _load(model: Path, ctx: int, threads: int):
     if not model.is_file():
         raise EdgeMoEError(f"model {model} does not exist", "pass a .gguf file")
     try:
-        return llama_cpp.Llama(model_path=str(model), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
-                               n_threads=threads, n_threads_batch=threads, verbose=False, n_gpu_layers=0)
+        return llama_cpp.Llama(
+            model_path=str(model),
+            n_ctx=ctx,
+            n_batch=ctx,
+            n_ubatch=ctx,
+            logits_all=True,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+            n_gpu_layers=0,
+        )
     except (ValueError, RuntimeError) as e:
-        raise EdgeMoEError(f"llama.cpp cannot load {model} ({e})", "pass a GGUF made by `edgemoe convert/quantize`") from e
+        raise EdgeMoEError(
+            f"llama.cpp cannot load {model} ({e})", "pass a GGUF made by `edgemoe convert/quantize`"
+        ) from e
 
 
 def _chunks(llm, text_path: Path, ctx: int, max_chunks: int | None) -> list[list[int]]:
@@ -68,10 +79,12 @@ def _chunks(llm, text_path: Path, ctx: int, max_chunks: int | None) -> list[list
     if max_chunks:
         n = min(n, max_chunks)
     if n == 0:
-        raise EdgeMoEError(f"{text_path} has {len(tokens)} tokens, fewer than one chunk of {ctx}",
-                           "pass a longer text or a smaller --ctx")
+        raise EdgeMoEError(
+            f"{text_path} has {len(tokens)} tokens, fewer than one chunk of {ctx}",
+            "pass a longer text or a smaller --ctx",
+        )
     bos = llm.token_bos()
-    return [[bos] + tokens[i * (ctx - 1):(i + 1) * (ctx - 1)] for i in range(n)]
+    return [[bos] + tokens[i * (ctx - 1) : (i + 1) * (ctx - 1)] for i in range(n)]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -86,8 +99,8 @@ def _forward(llm, chunks: list[list[int]], ctx: int, progress=None, step: str = 
     for i, chunk in enumerate(chunks):
         llm.reset()
         llm.eval(chunk)
-        logits = np.asarray(llm.scores[first:len(chunk) - 1], dtype=np.float32)
-        yield _log_softmax(logits), np.asarray(chunk[first + 1:], dtype=np.int64)
+        logits = np.asarray(llm.scores[first : len(chunk) - 1], dtype=np.float32)
+        yield _log_softmax(logits), np.asarray(chunk[first + 1 :], dtype=np.int64)
         if progress:
             progress(step, i + 1, len(chunks), "chunks")
 
@@ -115,8 +128,14 @@ def _cache_key(base: Path, text: Path, ctx: int, max_chunks: int | None) -> str:
     return h.hexdigest()[:20]
 
 
-def base_logprobs(base: str | Path, text: str | Path, ctx: int = 512, threads: int | None = None,
-                  max_chunks: int | None = None, progress=None) -> tuple[Path, list[list[int]]]:
+def base_logprobs(
+    base: str | Path,
+    text: str | Path,
+    ctx: int = 512,
+    threads: int | None = None,
+    max_chunks: int | None = None,
+    progress=None,
+) -> tuple[Path, list[list[int]]]:
     """The base model's log-probs on `text`, cached as <store>/cache/eval/<key>.npy (float16) and its exact
     argmax as <key>.top1.npy."""
     base, text = Path(base), Path(text)
@@ -138,8 +157,15 @@ def base_logprobs(base: str | Path, text: str | Path, ctx: int = 512, threads: i
     return path, chunks
 
 
-def evaluate(model: str | Path, base: str | Path, text: str | Path, ctx: int = 512, threads: int | None = None,
-             max_chunks: int | None = None, progress: Progress | None = None) -> EvalResult:
+def evaluate(
+    model: str | Path,
+    base: str | Path,
+    text: str | Path,
+    ctx: int = 512,
+    threads: int | None = None,
+    max_chunks: int | None = None,
+    progress: Progress | None = None,
+) -> EvalResult:
     """PPL of `model` and `base`, KLD(base || model) statistics and top-1 agreement on `text`."""
     t0 = time.perf_counter()
     model, base, text = Path(model), Path(base), Path(text)
@@ -151,26 +177,38 @@ def evaluate(model: str | Path, base: str | Path, text: str | Path, ctx: int = 5
     ref_top1 = np.load(cache.with_suffix(".top1.npy"))
     llm = _load(model, ctx, threads)
     if llm.n_vocab() != ref.shape[1]:
-        raise EdgeMoEError(f"{model} has a vocabulary of {llm.n_vocab()}, the base {base} has {ref.shape[1]}",
-                           "compare quantizations of the same model")
+        raise EdgeMoEError(
+            f"{model} has a vocabulary of {llm.n_vocab()}, the base {base} has {ref.shape[1]}",
+            "compare quantizations of the same model",
+        )
     kld, nll, base_nll, agree = [], [], [], []
     row = 0
     for lp, nxt in _forward(llm, chunks, ctx, progress):
-        lb = np.asarray(ref[row:row + len(nxt)], dtype=np.float32)
+        lb = np.asarray(ref[row : row + len(nxt)], dtype=np.float32)
         row += len(nxt)
         pb = np.exp(lb)
         kld.append((pb * (lb - lp)).sum(axis=1))
         idx = np.arange(len(nxt))
         nll.append(-lp[idx, nxt])
         base_nll.append(-lb[idx, nxt])
-        agree.append(lp.argmax(axis=1) == ref_top1[row - len(nxt):row])
+        agree.append(lp.argmax(axis=1) == ref_top1[row - len(nxt) : row])
     del llm
     kld_a = np.maximum(np.concatenate(kld), 0.0)  # float16 storage of the base can give -1e-7 for identical models
     n = kld_a.size
     return EvalResult(
-        model=str(model), base=str(base), text=str(text), ctx=ctx, chunks=len(chunks), tokens_scored=int(n),
-        ppl=float(np.exp(np.concatenate(nll).mean())), base_ppl=float(np.exp(np.concatenate(base_nll).mean())),
-        kld_mean=float(kld_a.mean()), kld_stderr=float(kld_a.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
-        kld_median=float(np.median(kld_a)), kld_p99=float(np.percentile(kld_a, 99)), kld_max=float(kld_a.max()),
-        top1_agreement=float(np.concatenate(agree).mean()), seconds=round(time.perf_counter() - t0, 2),
+        model=str(model),
+        base=str(base),
+        text=str(text),
+        ctx=ctx,
+        chunks=len(chunks),
+        tokens_scored=int(n),
+        ppl=float(np.exp(np.concatenate(nll).mean())),
+        base_ppl=float(np.exp(np.concatenate(base_nll).mean())),
+        kld_mean=float(kld_a.mean()),
+        kld_stderr=float(kld_a.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+        kld_median=float(np.median(kld_a)),
+        kld_p99=float(np.percentile(kld_a, 99)),
+        kld_max=float(kld_a.max()),
+        top1_agreement=float(np.concatenate(agree).mean()),
+        seconds=round(time.perf_counter() - t0, 2),
     )

@@ -95,7 +95,9 @@ def chat_prompt(llm, prompt: str, system: str | None = None) -> tuple[str, bool]
         "bos_token": _token_text(llama_cpp, vocab, llama_cpp.llama_vocab_bos(vocab)),
         "eos_token": _token_text(llama_cpp, vocab, llama_cpp.llama_vocab_eos(vocab)),
     }
-    return chat.render_prompt(template, chat.build_messages(prompt, system), special), chat.is_thinking_template(template)
+    return chat.render_prompt(template, chat.build_messages(prompt, system), special), chat.is_thinking_template(
+        template
+    )
 
 
 def tokenize_prompt(llm, text: str) -> list[int]:

@@ -34,8 +34,13 @@ class OutTensor:
         return self.data() if self.data is not None else self.source.data
 
 
-def write_gguf(reader, out: str | Path, tensors: list[OutTensor], values: dict[str, object] | None = None,
-               progress: Callable[[int, int], None] | None = None) -> None:
+def write_gguf(
+    reader,
+    out: str | Path,
+    tensors: list[OutTensor],
+    values: dict[str, object] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     """Copy every key of `reader` (with `values` replacing some, their GGUF types kept) and write `tensors`, in
     order, to `out` (atomically). All tensors must share `reader`'s byte order."""
     import gguf
@@ -73,5 +78,6 @@ def write_gguf(reader, out: str | Path, tensors: list[OutTensor], values: dict[s
             writer.close()
         # numpy's tofile reports a short write ("N requested and M written") without an errno: a full disk too
         reason = os.strerror(e.errno) if e.errno else f"the disk took only part of a write ({e})"
-        raise EdgeMoEError(f"cannot write {out}: {reason}",
-                           f"free {total:,} bytes or more on its disk, or write elsewhere with --out") from e
+        raise EdgeMoEError(
+            f"cannot write {out}: {reason}", f"free {total:,} bytes or more on its disk, or write elsewhere with --out"
+        ) from e

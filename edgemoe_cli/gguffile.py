@@ -66,8 +66,9 @@ def open_gguf(path: str | Path):
         try:
             f.contents()
         except Exception as e:  # noqa: BLE001 - UnicodeDecodeError, IndexError, ValueError from damaged parts
-            raise EdgeMoEError(f"{path}: key {f.name[:80]!r} is damaged ({type(e).__name__})",
-                               "convert or quantize the model again") from e
+            raise EdgeMoEError(
+                f"{path}: key {f.name[:80]!r} is damaged ({type(e).__name__})", "convert or quantize the model again"
+            ) from e
     return reader
 
 
@@ -87,11 +88,15 @@ def moe_shape(reader, path: str | Path) -> tuple[str, int, int, list[int]]:
             raise EdgeMoEError(f"{path} lacks {arch}.{name}", "convert the model again with `edgemoe convert`")
         value = f.contents()
         if type(value) is not int or value <= 0:
-            raise EdgeMoEError(f"{path}: {arch}.{name} is {str(value)[:40]!r}, not a positive whole number",
-                               "convert the model again with `edgemoe convert`")
+            raise EdgeMoEError(
+                f"{path}: {arch}.{name} is {str(value)[:40]!r}, not a positive whole number",
+                "convert the model again with `edgemoe convert`",
+            )
         return value
 
-    layers = sorted({int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.ffn_gate_exps\.", t.name))})
+    layers = sorted(
+        {int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.ffn_gate_exps\.", t.name))}
+    )
     return arch, key("expert_count"), key("expert_used_count"), layers
 
 

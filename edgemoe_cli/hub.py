@@ -23,7 +23,8 @@ from pathlib import Path
 
 from . import __version__, registry, store
 from .errors import EdgeMoEError
-from .units import human_bytes as human, parse_size
+from .units import human_bytes as human
+from .units import parse_size
 
 DEFAULT_RESERVE = 512 << 20
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -137,8 +138,10 @@ class Target:
 def target(name: str, fmt: str = "safetensors", quant: str | None = None, revision: str | None = None) -> Target:
     entry = registry.get(name)
     if entry.source != "hub":
-        raise EdgeMoEError(f"'{entry.name}' is a local checkpoint at {entry.path}, nothing to pull",
-                           f"use it directly: `edgemoe convert {entry.name}`")
+        raise EdgeMoEError(
+            f"'{entry.name}' is a local checkpoint at {entry.path}, nothing to pull",
+            f"use it directly: `edgemoe convert {entry.name}`",
+        )
     if fmt not in registry.FORMATS:
         raise EdgeMoEError(f"unknown format '{fmt}'", "use --format safetensors or --format gguf")
     if fmt == "safetensors":
@@ -148,8 +151,9 @@ def target(name: str, fmt: str = "safetensors", quant: str | None = None, revisi
     if entry.gguf is None:
         raise EdgeMoEError(f"'{entry.name}' has no GGUF repo in the registry", "pull safetensors and convert them")
     quant = quant or entry.gguf.default_quant
-    return Target(entry.name, entry.gguf.repo, revision or entry.gguf.revision, fmt, quant,
-                  entry.gguf.allow_patterns(quant))
+    return Target(
+        entry.name, entry.gguf.repo, revision or entry.gguf.revision, fmt, quant, entry.gguf.allow_patterns(quant)
+    )
 
 
 def _hub_error(e: Exception, t: Target, endpoint: str) -> EdgeMoEError:
@@ -159,27 +163,39 @@ def _hub_error(e: Exception, t: Target, endpoint: str) -> EdgeMoEError:
 
     where = f"{t.repo}@{t.revision}"
     if isinstance(e, errors.GatedRepoError):
-        return EdgeMoEError(f"{t.repo} is gated and this token may not download it",
-                            f"accept its terms on {endpoint}/{t.repo} and pass --token or set HF_TOKEN")
+        return EdgeMoEError(
+            f"{t.repo} is gated and this token may not download it",
+            f"accept its terms on {endpoint}/{t.repo} and pass --token or set HF_TOKEN",
+        )
     if isinstance(e, errors.RevisionNotFoundError):
-        return EdgeMoEError(f"revision '{t.revision}' does not exist in {t.repo}",
-                            "pass --revision with a branch, tag or commit of that repo")
+        return EdgeMoEError(
+            f"revision '{t.revision}' does not exist in {t.repo}",
+            "pass --revision with a branch, tag or commit of that repo",
+        )
     if isinstance(e, errors.RepositoryNotFoundError):
-        return EdgeMoEError(f"repository {t.repo} not found on {endpoint} (or it is private)",
-                            "check the repo in configs/models.toml, or pass --token for a private repo")
+        return EdgeMoEError(
+            f"repository {t.repo} not found on {endpoint} (or it is private)",
+            "check the repo in configs/models.toml, or pass --token for a private repo",
+        )
     if isinstance(e, errors.HfHubHTTPError) and e.response is not None and e.response.status_code == 401:
         return EdgeMoEError(f"{endpoint} refused the token for {where}", "check --token / HF_TOKEN")
     if isinstance(e, errors.OfflineModeIsEnabled):
         return EdgeMoEError(f"HF_HUB_OFFLINE is set and {where} is not fully cached", "unset HF_HUB_OFFLINE")
     if isinstance(e, errors.RemoteEntryNotFoundError):
-        return EdgeMoEError(f"{endpoint} lists a file of {where} that it then does not serve "
-                            f"({str(e).splitlines()[0]})", "try again later; if it repeats, the repo or mirror is broken")
+        return EdgeMoEError(
+            f"{endpoint} lists a file of {where} that it then does not serve ({str(e).splitlines()[0]})",
+            "try again later; if it repeats, the repo or mirror is broken",
+        )
     if isinstance(e, errors.HfHubHTTPError) and e.response is not None:
-        return EdgeMoEError(f"{endpoint} answered HTTP {e.response.status_code} for {where}: "
-                            f"{str(e).splitlines()[0]}", "try again later; check HF_ENDPOINT if it repeats")
+        return EdgeMoEError(
+            f"{endpoint} answered HTTP {e.response.status_code} for {where}: {str(e).splitlines()[0]}",
+            "try again later; check HF_ENDPOINT if it repeats",
+        )
     if isinstance(e, (httpx2.TransportError, OSError)):
-        return EdgeMoEError(f"cannot reach {endpoint} for {where}: {e.__class__.__name__}: {str(e).splitlines()[0]}",
-                            "check the network (or set HF_HUB_OFFLINE=1 to use the cache)")
+        return EdgeMoEError(
+            f"cannot reach {endpoint} for {where}: {e.__class__.__name__}: {str(e).splitlines()[0]}",
+            "check the network (or set HF_HUB_OFFLINE=1 to use the cache)",
+        )
     return EdgeMoEError(f"the Hub answered an error for {where}: {str(e).splitlines()[0]}", "try again later")
 
 
@@ -191,7 +207,8 @@ def remote_files(t: Target, token: str | None = None) -> tuple[str, list[RemoteF
     endpoint = hub_endpoint()
     try:
         info = HfApi(endpoint=endpoint, token=token, library_name="edgemoe", library_version=__version__).model_info(
-            t.repo, revision=t.revision, files_metadata=True)
+            t.repo, revision=t.revision, files_metadata=True
+        )
     except Exception as e:
         raise _hub_error(e, t, endpoint) from e
     siblings = {s.rfilename: s for s in info.siblings or []}
@@ -199,11 +216,20 @@ def remote_files(t: Target, token: str | None = None) -> tuple[str, list[RemoteF
     if not wanted:
         hint = f"patterns {t.patterns} match nothing in {t.repo}"
         if t.format == "gguf":
-            quants = sorted({m[1] for f in siblings if (m := re.search(r"-((?:UD-)?[A-Z0-9_]+?)(?:-\d+-of-\d+)?\.gguf$", f))})
+            quants = sorted(
+                {m[1] for f in siblings if (m := re.search(r"-((?:UD-)?[A-Z0-9_]+?)(?:-\d+-of-\d+)?\.gguf$", f))}
+            )
             raise EdgeMoEError(f"{t.repo} has no {t.quant} GGUF", f"available quants: {', '.join(quants) or 'none'}")
         raise EdgeMoEError(f"nothing to pull from {t.repo}@{t.revision}", hint)
-    files = [RemoteFile(n, siblings[n].lfs.size if siblings[n].lfs else (siblings[n].size or 0), siblings[n].blob_id,
-                        siblings[n].lfs.sha256 if siblings[n].lfs else None) for n in wanted]
+    files = [
+        RemoteFile(
+            n,
+            siblings[n].lfs.size if siblings[n].lfs else (siblings[n].size or 0),
+            siblings[n].blob_id,
+            siblings[n].lfs.sha256 if siblings[n].lfs else None,
+        )
+        for n in wanted
+    ]
     return _checked_commit(info.sha, t, endpoint), [_checked_file(f, t, endpoint) for f in files]
 
 
@@ -213,8 +239,10 @@ _FILE_NAME_PART = re.compile(r"[A-Za-z0-9._+=@,-]+")
 
 
 def _untrusted(t: Target, endpoint: str, what: str) -> EdgeMoEError:
-    return EdgeMoEError(f"{endpoint} sent an invalid {what} for {t.repo}@{t.revision}",
-                        "HF_ENDPOINT points at a broken or hostile mirror: unset it or use another")
+    return EdgeMoEError(
+        f"{endpoint} sent an invalid {what} for {t.repo}@{t.revision}",
+        "HF_ENDPOINT points at a broken or hostile mirror: unset it or use another",
+    )
 
 
 def _checked_commit(commit, t: Target, endpoint: str) -> str:
@@ -309,8 +337,15 @@ def _download(url: str, headers: dict, part: Path, f: RemoteFile, progress: Pull
     part.parent.mkdir(parents=True, exist_ok=True)
     with open(part, "r+b" if resume else "wb") as out:
         out.seek(resume)
-        http_get(url, out, resume_size=resume, headers=headers, expected_size=f.size,
-                 displayed_filename=f.name, tqdm_class=lambda **kw: _Bar(progress, counter, **kw))
+        http_get(
+            url,
+            out,
+            resume_size=resume,
+            headers=headers,
+            expected_size=f.size,
+            displayed_filename=f.name,
+            tqdm_class=lambda **kw: _Bar(progress, counter, **kw),
+        )
 
 
 def preflight(storage: Path, files: list[RemoteFile]) -> tuple[int, int, int]:
@@ -321,12 +356,21 @@ def preflight(storage: Path, files: list[RemoteFile]) -> tuple[int, int, int]:
         raise EdgeMoEError(
             f"not enough disk space under {storage}: the pull needs {human(need)} more "
             f"({len(files)} files), {human(free)} is free and {human(reserve)} is kept in reserve",
-            "free some space, pull to a bigger disk with --dest DIR, or lower EDGEMOE_DISK_RESERVE")
+            "free some space, pull to a bigger disk with --dest DIR, or lower EDGEMOE_DISK_RESERVE",
+        )
     return need, free, reserve
 
 
-def _fetch_file(t: Target, storage: Path, f: RemoteFile, url: str, headers: dict, progress: PullProgress,
-                counter: list[int], trusted: set) -> PulledFile | str:
+def _fetch_file(
+    t: Target,
+    storage: Path,
+    f: RemoteFile,
+    url: str,
+    headers: dict,
+    progress: PullProgress,
+    counter: list[int],
+    trusted: set,
+) -> PulledFile | str:
     """Download (or resume) one file into its blob and verify it: the PulledFile, or why it was deleted."""
     blob, have = _local_state(storage, f)
     if blob is not None:
@@ -361,9 +405,15 @@ def _fetch_file(t: Target, storage: Path, f: RemoteFile, url: str, headers: dict
     return PulledFile(f.name, f.size, sha, f.sha256 is not None, status)
 
 
-def pull(name: str, fmt: str = "safetensors", quant: str | None = None, revision: str | None = None,
-         dest: str | Path | None = None, token: str | None = None,
-         progress: PullProgress | None = None) -> PullResult:
+def pull(
+    name: str,
+    fmt: str = "safetensors",
+    quant: str | None = None,
+    revision: str | None = None,
+    dest: str | Path | None = None,
+    token: str | None = None,
+    progress: PullProgress | None = None,
+) -> PullResult:
     """Fetch registry model `name` (all its files, or one GGUF quant) and record it in the store."""
     from huggingface_hub.utils import logging as hf_logging
 
@@ -410,38 +460,71 @@ def _pull(name, fmt, quant, revision, dest, token, progress) -> PullResult:
         else:
             bad.append(done)
     if bad:
-        raise EdgeMoEError(f"checksum mismatch, deleted: {'; '.join(bad)}",
-                           "re-run the pull to fetch them again; if it repeats, a proxy or mirror is corrupting data")
+        raise EdgeMoEError(
+            f"checksum mismatch, deleted: {'; '.join(bad)}",
+            "re-run the pull to fetch them again; if it repeats, a proxy or mirror is corrupting data",
+        )
 
     # Let huggingface_hub link snapshots/<commit>/ to the blobs and record the tree listing and refs for offline use.
     try:
         with disable_progress_bars():
-            snapshot = snapshot_download(t.repo, revision=t.revision, cache_dir=str(cache_dir), token=token,
-                                         endpoint=endpoint, allow_patterns=[f.name for f in files],
-                                         library_name="edgemoe", library_version=__version__)
+            snapshot = snapshot_download(
+                t.repo,
+                revision=t.revision,
+                cache_dir=str(cache_dir),
+                token=token,
+                endpoint=endpoint,
+                allow_patterns=[f.name for f in files],
+                library_name="edgemoe",
+                library_version=__version__,
+            )
     except Exception as e:
         raise _hub_error(e, t, endpoint) from e
     if Path(snapshot).name != commit:
-        raise EdgeMoEError(f"{t.repo}@{t.revision} moved to {Path(snapshot).name} during the pull",
-                           "re-run the pull, or pin a commit with --revision")
+        raise EdgeMoEError(
+            f"{t.repo}@{t.revision} moved to {Path(snapshot).name} during the pull",
+            "re-run the pull, or pin a commit with --revision",
+        )
     return _record(t, commit, Path(snapshot), sorted(pulled, key=lambda p: p.name), counter[0], offline=False)
 
 
-def _record(t: Target, commit: str, snapshot: Path, files: list[PulledFile], downloaded: int,
-            offline: bool) -> PullResult:
+def _record(
+    t: Target, commit: str, snapshot: Path, files: list[PulledFile], downloaded: int, offline: bool
+) -> PullResult:
     entry_dir = registry.store_entry(t.name, t.format, t.quant)
     entry_dir.mkdir(parents=True, exist_ok=True)
     from huggingface_hub import __version__ as hf_version
 
-    result = PullResult(name=t.name, repo=t.repo, revision=t.revision, commit=commit, format=t.format, quant=t.quant,
-                        path=str(snapshot), manifest=str(entry_dir / "manifest.json"), files=files,
-                        total_bytes=sum(f.size for f in files), downloaded_bytes=downloaded, offline=offline)
+    result = PullResult(
+        name=t.name,
+        repo=t.repo,
+        revision=t.revision,
+        commit=commit,
+        format=t.format,
+        quant=t.quant,
+        path=str(snapshot),
+        manifest=str(entry_dir / "manifest.json"),
+        files=files,
+        total_bytes=sum(f.size for f in files),
+        downloaded_bytes=downloaded,
+        offline=offline,
+    )
     store.write_manifest(
-        entry_dir, kind="pull", name=t.name, repo=t.repo, revision=t.revision, commit=commit, format=t.format,
-        quant=t.quant, path=str(snapshot), total_bytes=result.total_bytes,
+        entry_dir,
+        kind="pull",
+        name=t.name,
+        repo=t.repo,
+        revision=t.revision,
+        commit=commit,
+        format=t.format,
+        quant=t.quant,
+        path=str(snapshot),
+        total_bytes=result.total_bytes,
         files=[{"name": f.name, "size": f.size, "sha256": f.sha256, "lfs": f.lfs} for f in files],
         pulled_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        tools={"edgemoe": __version__, "huggingface_hub": hf_version}, endpoint=hub_endpoint())
+        tools={"edgemoe": __version__, "huggingface_hub": hf_version},
+        endpoint=hub_endpoint(),
+    )
     return result
 
 
@@ -462,16 +545,22 @@ def _pull_offline(t: Target, cache_dir: Path, storage: Path) -> PullResult:
     except CachedRepoTreeNotFoundError:
         tree = None
     if tree is None:
-        raise EdgeMoEError(f"offline (HF_HUB_OFFLINE) and {t.repo}@{t.revision} is not in the cache {cache_dir}: "
-                           f"missing every file matching {', '.join(t.patterns)}", hint)
+        raise EdgeMoEError(
+            f"offline (HF_HUB_OFFLINE) and {t.repo}@{t.revision} is not in the cache {cache_dir}: "
+            f"missing every file matching {', '.join(t.patterns)}",
+            hint,
+        )
     by_name = {e.path: e for e in tree}
     wanted = sorted(filter_repo_objects(list(by_name), allow_patterns=t.patterns))
     snapshot = storage / "snapshots" / commit
     missing = [n for n in wanted if not (snapshot / n).is_file()]
     if missing or not wanted:
-        raise EdgeMoEError(f"offline (HF_HUB_OFFLINE) and {len(missing)} of {len(wanted)} files of "
-                           f"{t.repo}@{commit[:12]} are not in {cache_dir}: {', '.join(missing[:6])}"
-                           f"{' …' if len(missing) > 6 else ''}", hint)
+        raise EdgeMoEError(
+            f"offline (HF_HUB_OFFLINE) and {len(missing)} of {len(wanted)} files of "
+            f"{t.repo}@{commit[:12]} are not in {cache_dir}: {', '.join(missing[:6])}"
+            f"{' …' if len(missing) > 6 else ''}",
+            hint,
+        )
     files = []
     for n in wanted:
         # the cached tree keeps git ids only; an LFS file's blob is named by its sha256, which is what we check
@@ -479,7 +568,9 @@ def _pull_offline(t: Target, cache_dir: Path, storage: Path) -> PullResult:
         f = RemoteFile(n, by_name[n].size, by_name[n].blob_id, blob_name if _SHA256.match(blob_name) else None)
         ok, sha = _verify(snapshot / n, f)
         if not ok:
-            raise EdgeMoEError(f"cached {n} of {t.repo}@{commit[:12]} does not match its checksum",
-                               f"delete it from {storage} and pull again online")
+            raise EdgeMoEError(
+                f"cached {n} of {t.repo}@{commit[:12]} does not match its checksum",
+                f"delete it from {storage} and pull again online",
+            )
         files.append(PulledFile(n, f.size, sha, f.sha256 is not None, "cached"))
     return _record(t, commit, snapshot, files, 0, offline=True)

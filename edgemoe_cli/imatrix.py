@@ -51,16 +51,20 @@ def read_imatrix(path: str | Path) -> Imatrix:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:
-        raise EdgeMoEError(f"{path} is not a GGUF imatrix ({e})",
-                           "use `edgemoe imatrix` (GGUF output); the legacy .dat format is not supported") from e
+        raise EdgeMoEError(
+            f"{path} is not a GGUF imatrix ({e})",
+            "use `edgemoe imatrix` (GGUF output); the legacy .dat format is not supported",
+        ) from e
 
     def field(key, default=None):
         f = reader.fields.get(key)
         return default if f is None else f.contents()
 
     if field("general.type") != "imatrix":
-        raise EdgeMoEError(f"{path} is a GGUF file but not an imatrix (general.type={field('general.type')!r})",
-                           "pass the file `edgemoe imatrix` wrote")
+        raise EdgeMoEError(
+            f"{path} is a GGUF file but not an imatrix (general.type={field('general.type')!r})",
+            "pass the file `edgemoe imatrix` wrote",
+        )
     sums, counts = {}, {}
     for t in reader.tensors:
         data = np.asarray(t.data, dtype=np.float64)
@@ -73,8 +77,13 @@ def read_imatrix(path: str | Path) -> Imatrix:
         if name not in counts or counts[name].shape[0] != s.shape[0]:
             raise EdgeMoEError(f"{path}: tensor {name} has sums but no matching counts", "recompute the imatrix")
         entries[name] = ImatrixEntry(s, counts[name])
-    return Imatrix(str(path), entries, int(field("imatrix.chunk_count", 0)), int(field("imatrix.chunk_size", 0)),
-                   list(field("imatrix.datasets", []) or []))
+    return Imatrix(
+        str(path),
+        entries,
+        int(field("imatrix.chunk_count", 0)),
+        int(field("imatrix.chunk_size", 0)),
+        list(field("imatrix.datasets", []) or []),
+    )
 
 
 def expert_usage(imatrix_path: str | Path, projection: str = "ffn_up_exps") -> np.ndarray:
@@ -89,8 +98,10 @@ def expert_usage(imatrix_path: str | Path, projection: str = "ffn_up_exps") -> n
         if m := re.fullmatch(rf"blk\.(\d+)\.{projection}\.weight", name):
             layers[int(m.group(1))] = e.counts
     if not layers:
-        raise EdgeMoEError(f"{imatrix_path} has no per-expert counts for {projection}",
-                           "compute the imatrix on a MoE model with `edgemoe imatrix`")
+        raise EdgeMoEError(
+            f"{imatrix_path} has no per-expert counts for {projection}",
+            "compute the imatrix on a MoE model with `edgemoe imatrix`",
+        )
     n_layers = max(max(layers) + 1, _n_layers(im))
     n_experts = max(len(c) for c in layers.values())
     usage = np.full((n_layers, n_experts), np.nan)
@@ -123,8 +134,10 @@ def default_calibration_text() -> Path:
     """Our own small calibration text (English and Chinese prose, code, step-by-step reasoning)."""
     from .store import configs_dir
 
-    for candidate in (configs_dir().parent / "data" / "calib" / "calibration.txt",
-                      Path(__file__).resolve().parent / "data" / "calib" / "calibration.txt"):
+    for candidate in (
+        configs_dir().parent / "data" / "calib" / "calibration.txt",
+        Path(__file__).resolve().parent / "data" / "calib" / "calibration.txt",
+    ):
         if candidate.is_file():
             return candidate
     raise EdgeMoEError("the default calibration text data/calib/calibration.txt is missing", "pass --text FILE")
@@ -136,8 +149,9 @@ def imatrix_beside(model: str | Path) -> Path:
     return model.with_name(model.stem + ".imatrix.gguf")
 
 
-def ensure_imatrix(model: str | Path, text: str | Path | None = None, threads: int | None = None,
-                   progress=None) -> Path:
+def ensure_imatrix(
+    model: str | Path, text: str | Path | None = None, threads: int | None = None, progress=None
+) -> Path:
     """The imatrix beside `model`, computed on `text` first when it is not there yet."""
     path = imatrix_beside(model)
     if not path.is_file():
@@ -145,9 +159,15 @@ def ensure_imatrix(model: str | Path, text: str | Path | None = None, threads: i
     return path
 
 
-def compute_imatrix(model: str | Path, text: str | Path | None = None, out: str | Path | None = None,
-                    ctx: int = 512, threads: int | None = None, chunks: int | None = None,
-                    progress=None) -> ImatrixResult:
+def compute_imatrix(
+    model: str | Path,
+    text: str | Path | None = None,
+    out: str | Path | None = None,
+    ctx: int = 512,
+    threads: int | None = None,
+    chunks: int | None = None,
+    progress=None,
+) -> ImatrixResult:
     """Run llama-imatrix on `text` and write a GGUF imatrix to `out` (atomically).
 
     `progress` (progress.Progress) gets step "imatrix" and chunks done when llama-imatrix reports them.
@@ -182,19 +202,43 @@ def compute_imatrix(model: str | Path, text: str | Path | None = None, out: str 
     with atomic_output(out) as part:
         # llama-imatrix picks its output format from the file name: keep a .gguf suffix on the part file.
         tmp = part.with_name(part.name + ".gguf")
-        args = ["-m", model, "-f", text, "-o", tmp, "-c", ctx, "-t", threads, "--no-ppl", "--output-format", "gguf",
-                "-ngl", "0"] + (["--chunks", chunks] if chunks else [])
+        args = [
+            "-m",
+            model,
+            "-f",
+            text,
+            "-o",
+            tmp,
+            "-c",
+            ctx,
+            "-t",
+            threads,
+            "--no-ppl",
+            "--output-format",
+            "gguf",
+            "-ngl",
+            "0",
+        ] + (["--chunks", chunks] if chunks else [])
         try:
             try:
                 run_tool("llama-imatrix", args, on_line=on_line)
             except EdgeMoEError as e:
                 raise EdgeMoEError(e.message, "the text needs at least 2 x --ctx tokens; " + e.hint) from e
             if not tmp.is_file():
-                raise EdgeMoEError(f"llama-imatrix wrote no imatrix for {model}",
-                                   "a text shorter than 2 x ctx tokens gives no chunk: pass a longer --text or a lower --ctx")
+                raise EdgeMoEError(
+                    f"llama-imatrix wrote no imatrix for {model}",
+                    "a text shorter than 2 x ctx tokens gives no chunk: pass a longer --text or a lower --ctx",
+                )
             os.replace(tmp, part)
         finally:
             tmp.unlink(missing_ok=True)
     im = read_imatrix(out)
-    return ImatrixResult(str(model), str(text), str(out), len(im.entries), im.chunk_count, im.chunk_size,
-                         round(time.perf_counter() - t0, 2))
+    return ImatrixResult(
+        str(model),
+        str(text),
+        str(out),
+        len(im.entries),
+        im.chunk_count,
+        im.chunk_size,
+        round(time.perf_counter() - t0, 2),
+    )

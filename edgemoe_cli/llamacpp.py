@@ -79,8 +79,10 @@ def import_binding():
 # ---- running the tools ----------------------------------------------------------------------------------------
 
 
-def last_error(text: str, patterns: tuple[str, ...] = (r"internal compiler error", r"\berror\b", r"CMake Error",
-                                                          r"FAILED", r"\bfailed\b")) -> str:
+def last_error(
+    text: str,
+    patterns: tuple[str, ...] = (r"internal compiler error", r"\berror\b", r"CMake Error", r"FAILED", r"\bfailed\b"),
+) -> str:
     """The most telling single line of a failed run's output: the last line matching the first pattern that hits."""
     import re
 
@@ -91,7 +93,7 @@ def last_error(text: str, patterns: tuple[str, ...] = (r"internal compiler error
             i = hits[-1]
             line = lines[i]
             if line.startswith("CMake Error"):  # CMake puts the reason on the next lines
-                line = " ".join([line, *lines[i + 1:i + 3]])
+                line = " ".join([line, *lines[i + 1 : i + 3]])
             return line[:400]
     return (lines[-1] if lines else "no output")[:400]
 
@@ -119,8 +121,15 @@ def run_tool(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [str(tool), *map(str, args)]
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                                cwd=cwd, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+        )
     except OSError as e:
         raise EdgeMoEError(f"cannot start {name} ({e.strerror})", f"rebuild with `edgemoe build` ({tool})") from e
     out: dict[str, list[str]] = {"stdout": [], "stderr": []}
@@ -131,8 +140,10 @@ def run_tool(
             if on_line:
                 on_line(line.rstrip("\n"))
 
-    threads = [threading.Thread(target=pump, args=(proc.stdout, out["stdout"]), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, out["stderr"]), daemon=True)]
+    threads = [
+        threading.Thread(target=pump, args=(proc.stdout, out["stdout"]), daemon=True),
+        threading.Thread(target=pump, args=(proc.stderr, out["stderr"]), daemon=True),
+    ]
     for t in threads:
         t.start()
     try:
@@ -221,8 +232,14 @@ def build_info(live: bool = False) -> BuildInfo:
     if live or (library and build and Path(library).resolve() != (build / "lib").resolve()):
         system_info = binding_info().system_info
     return BuildInfo(
-        build_dir=str(build) if build else None, key=manifest.get("key"), target=manifest.get("target"),
-        arch=manifest.get("arch"), kleidiai=manifest.get("kleidiai"), source_id=manifest.get("source_id"),
-        binding_library=library, system_info=system_info, tools=list(manifest.get("tools", [])),
+        build_dir=str(build) if build else None,
+        key=manifest.get("key"),
+        target=manifest.get("target"),
+        arch=manifest.get("arch"),
+        kleidiai=manifest.get("kleidiai"),
+        source_id=manifest.get("source_id"),
+        binding_library=library,
+        system_info=system_info,
+        tools=list(manifest.get("tools", [])),
         smoke=manifest.get("smoke"),
     )

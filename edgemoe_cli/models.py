@@ -118,9 +118,18 @@ def _pulled(name: str) -> list[StoreGGUF]:
         if not manifest or manifest.get("kind") != "pull" or (path := registry.pulled_gguf_file(manifest)) is None:
             continue
         mtime = path.stat().st_mtime if path.is_file() else 0.0
-        found.append(StoreGGUF(name, manifest.get("quant") or entry_dir.name[5:], path, "pulled", "pulled",
-                               manifest.get("total_bytes", 0), mtime,
-                               f"{manifest.get('repo')}@{str(manifest.get('commit'))[:12]}"))
+        found.append(
+            StoreGGUF(
+                name,
+                manifest.get("quant") or entry_dir.name[5:],
+                path,
+                "pulled",
+                "pulled",
+                manifest.get("total_bytes", 0),
+                mtime,
+                f"{manifest.get('repo')}@{str(manifest.get('commit'))[:12]}",
+            )
+        )
     return found
 
 
@@ -139,13 +148,16 @@ def _lookup_name(text: str) -> tuple[str, str | None]:
     canonical = canonical_name(name)
     if canonical is None:
         if "/" in name or name.endswith((".gguf", ".safetensors")):
-            raise EdgeMoEError(f"model {text} does not exist (no such file)",
-                               "give an existing path, or a name from `edgemoe list` / `edgemoe models`")
+            raise EdgeMoEError(
+                f"model {text} does not exist (no such file)",
+                "give an existing path, or a name from `edgemoe list` / `edgemoe models`",
+            )
         known = [*registry.load(), *store_names()]
         close = difflib.get_close_matches(name.lower(), [n.lower() for n in known], n=1, cutoff=0.4)
         guess = next((f"did you mean '{n}'? " for n in known if close and n.lower() == close[0]), "")
-        raise EdgeMoEError(f"unknown model '{name}'",
-                           f"{guess}give a GGUF path, or a name from `edgemoe list` / `edgemoe models`")
+        raise EdgeMoEError(
+            f"unknown model '{name}'", f"{guess}give a GGUF path, or a name from `edgemoe list` / `edgemoe models`"
+        )
     return canonical, tag
 
 
@@ -173,14 +185,16 @@ def resolve_gguf(text: str | Path) -> ModelChoice:
     made = [c for c in candidates if c.kind == "made"]
     if made:
         pick = max(made, key=lambda c: c.mtime)
-        why = "the newest GGUF you made" + (f"; others: {', '.join(c.tag for c in made if c is not pick)}"
-                                             if len(made) > 1 else "")
+        why = "the newest GGUF you made" + (
+            f"; others: {', '.join(c.tag for c in made if c is not pick)}" if len(made) > 1 else ""
+        )
         return ModelChoice(str(text), _present(pick), pick.ref, why)
     if len(candidates) == 1:
         return ModelChoice(str(text), _present(candidates[0]), candidates[0].ref, "the ready-made GGUF you pulled")
     if candidates:
-        raise EdgeMoEError(f"{name} has several GGUFs: {_tags_line(name, candidates)}",
-                           f"pick one, e.g. {candidates[0].ref}")
+        raise EdgeMoEError(
+            f"{name} has several GGUFs: {_tags_line(name, candidates)}", f"pick one, e.g. {candidates[0].ref}"
+        )
     raise EdgeMoEError(f"the store has no GGUF of {name} yet", _make_hint(name))
 
 
@@ -192,8 +206,10 @@ def _make_hint(name: str) -> str:
 
 def _present(pick: StoreGGUF) -> Path:
     if not pick.path.is_file():
-        raise EdgeMoEError(f"{pick.ref} should be at {pick.path}, which is gone",
-                           f"pull it again, or `edgemoe rm {pick.ref}` to forget it")
+        raise EdgeMoEError(
+            f"{pick.ref} should be at {pick.path}, which is gone",
+            f"pull it again, or `edgemoe rm {pick.ref}` to forget it",
+        )
     return pick.path
 
 
@@ -236,8 +252,12 @@ def source_gguf(text: str | Path, progress: Progress | None = None) -> ModelChoi
     checkpoint = _checkpoint(name)
     if checkpoint is None:
         pulled = [c.ref for c in candidates if c.kind == "pulled"]
-        hint = (f"only ready-made quantized GGUFs are here ({', '.join(pulled)}): `edgemoe pull {name}` fetches the "
-                "safetensors to quantize from" if pulled else f"run `edgemoe pull {name}` first")
+        hint = (
+            f"only ready-made quantized GGUFs are here ({', '.join(pulled)}): `edgemoe pull {name}` fetches the "
+            "safetensors to quantize from"
+            if pulled
+            else f"run `edgemoe pull {name}` first"
+        )
         raise EdgeMoEError(f"the store has nothing of {name} to quantize from", hint)
     from .convert import convert
 
@@ -271,10 +291,16 @@ def store_items() -> list[StoreItem]:
         manifest = registry.read_manifest(_models_root() / name) or {}
         if manifest.get("kind") == "pull":
             present = all((Path(manifest["path"]) / f["name"]).is_file() for f in manifest.get("files", []))
-            items.append(StoreItem(name, name, "pulled" if present else "pulled (files missing)",
-                                   manifest.get("total_bytes", 0),
-                                   f"safetensors {manifest.get('repo')}@{str(manifest.get('commit'))[:12]}",
-                                   str(manifest["path"])))
+            items.append(
+                StoreItem(
+                    name,
+                    name,
+                    "pulled" if present else "pulled (files missing)",
+                    manifest.get("total_bytes", 0),
+                    f"safetensors {manifest.get('repo')}@{str(manifest.get('commit'))[:12]}",
+                    str(manifest["path"]),
+                )
+            )
         for g in store_ggufs(name):
             state = g.state if g.kind == "made" or g.path.is_file() else "pulled (files missing)"
             detail = f"gguf {g.tag} {g.detail}" if g.kind == "pulled" else g.detail
@@ -330,7 +356,9 @@ def plan_removal(text: str) -> Removal:
             kept.append(str(pick.path.parent))
     outside = [str(p) for p in paths if not _inside_store(p)]
     if outside:
-        raise EdgeMoEError(f"{outside[0]} is not inside the store {store.home()}", "rm only deletes the store's own files")
+        raise EdgeMoEError(
+            f"{outside[0]} is not inside the store {store.home()}", "rm only deletes the store's own files"
+        )
     return Removal(text, [str(p) for p in paths], sum(_size(p) for p in paths), kept)
 
 

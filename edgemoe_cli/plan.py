@@ -46,8 +46,8 @@ import numpy as np
 from .errors import EdgeMoEError
 from .progress import Progress
 from .recipe import Recipe, Rule, TensorInfo, quantizable, read_tensors, tensor_bytes
-from .units import human_bytes, parse_size
 from .store import atomic_output, home, refuse_input_as_output, sha256_file
+from .units import human_bytes, parse_size
 
 DEFAULT_TYPES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
 ARM_FAST_TYPES = ("q4_0", "iq4_nl", "q8_0")
@@ -57,7 +57,6 @@ CALIBRATION_TYPE = "q3_k"
 # the gains scale cannot see such tails, and these tensors are ~7% of ERNIE-21B's bytes, so plan keeps them >= Q4.
 MIN_EVERY_TOKEN = "q4_k"
 ARM_FAST_CALIBRATION_TYPE = "q4_0"
-
 
 
 def layer(name: str) -> str:
@@ -124,8 +123,10 @@ def tensor_errors(source: Path, quantized: Path, imatrix, names: list[str]) -> d
 def _cache_path(model: Path, imatrix: Path, text: Path, types, cal_type, max_chunks, reference) -> Path:
     h = hashlib.sha256()
     st = model.stat()
-    h.update(f"v3|{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|"
-             f"{reference}|".encode())
+    h.update(
+        f"v3|{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|"
+        f"{reference}|".encode()
+    )
     h.update(sha256_file(imatrix).encode())
     h.update(sha256_file(text).encode())
     return home() / "cache" / "plan" / f"{h.hexdigest()[:20]}.json"
@@ -154,10 +155,15 @@ def assemble(base: str | Path, swaps: dict[str, Path], out: str | Path, readers:
         if t.name in swaps:
             src = by_name[Path(swaps[t.name])].get(t.name)
             if src is None or list(src.shape) != list(t.shape):
-                raise EdgeMoEError(f"{swaps[t.name]} has no tensor {t.name} of shape {list(t.shape)}",
-                                   "assemble only whole-model quantizations of the same model")
-        if src.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                                   gguf.GGMLQuantizationType.BF16):
+                raise EdgeMoEError(
+                    f"{swaps[t.name]} has no tensor {t.name} of shape {list(t.shape)}",
+                    "assemble only whole-model quantizations of the same model",
+                )
+        if src.tensor_type not in (
+            gguf.GGMLQuantizationType.F32,
+            gguf.GGMLQuantizationType.F16,
+            gguf.GGMLQuantizationType.BF16,
+        ):
             origin = Path(swaps[t.name]) if t.name in swaps else Path(base)
             quantized[origin] = quantized.get(origin, 0) + 1
         tensors.append(OutTensor(src))
@@ -171,10 +177,20 @@ def assemble(base: str | Path, swaps: dict[str, Path], out: str | Path, readers:
     return sum(int(t.source.n_bytes) for t in tensors)
 
 
-def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFAULT_TYPES,
-            calibration_type: str = CALIBRATION_TYPE, ctx: int = 512, max_chunks: int | None = 16,
-            threads: int | None = None, progress: Progress | None = None, workdir: str | Path | None = None,
-            use_cache: bool = True, reference: str = "source") -> Measurements:
+def measure(
+    model: str | Path,
+    imatrix: str | Path,
+    text: str | Path,
+    types=DEFAULT_TYPES,
+    calibration_type: str = CALIBRATION_TYPE,
+    ctx: int = 512,
+    max_chunks: int | None = 16,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    workdir: str | Path | None = None,
+    use_cache: bool = True,
+    reference: str = "source",
+) -> Measurements:
     """Errors of every tensor at every candidate type and one measured KLD gain per tensor role (cached).
 
     reference="source": gains are measured against the input model, everything else kept in its source type
@@ -209,8 +225,21 @@ def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFA
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{model.stem}.", dir=parent))
     try:
-        m = _measure(model, imatrix, text, types, calibration_type, ctx, max_chunks, threads, progress, reference,
-                     tensors, im, work)
+        m = _measure(
+            model,
+            imatrix,
+            text,
+            types,
+            calibration_type,
+            ctx,
+            max_chunks,
+            threads,
+            progress,
+            reference,
+            tensors,
+            im,
+            work,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     with atomic_output(cache) as part:
@@ -218,8 +247,21 @@ def measure(model: str | Path, imatrix: str | Path, text: str | Path, types=DEFA
     return m
 
 
-def _measure(model: Path, imatrix: Path, text: Path, types, calibration_type: str, ctx: int, max_chunks, threads,
-             progress, reference: str, tensors: list[TensorInfo], im, work: Path) -> Measurements:
+def _measure(
+    model: Path,
+    imatrix: Path,
+    text: Path,
+    types,
+    calibration_type: str,
+    ctx: int,
+    max_chunks,
+    threads,
+    progress,
+    reference: str,
+    tensors: list[TensorInfo],
+    im,
+    work: Path,
+) -> Measurements:
     from .evaluate import evaluate
     from .quantize import quantize
 
@@ -285,7 +327,8 @@ def _measure(model: Path, imatrix: Path, text: Path, types, calibration_type: st
     if progress:
         progress("layers", len(blocks), len(blocks))
     gains, factors = fit_role_layer(
-        {n: errors[n][calibration_type] for n in errors if calibration_type in errors[n]}, kld, layer_kld)
+        {n: errors[n][calibration_type] for n in errors if calibration_type in errors[n]}, kld, layer_kld
+    )
     # the floor: quantized matmuls also quantize their activations (to Q8_0/Q8_K), an error no weight error shows;
     # the all-Q8_0 model is the kept Q8_0 quantization itself (against a Q8_0 reference there is no floor)
     floor = 0.0
@@ -301,12 +344,26 @@ def _measure(model: Path, imatrix: Path, text: Path, types, calibration_type: st
     tmp.unlink(missing_ok=True)
     for p in kept.values():
         p.unlink(missing_ok=True)
-    return Measurements(str(model), str(imatrix), str(text), list(types), calibration_type, errors, gains, kld,
-                        factors, layer_kld, floor, {k: round(v, 2) for k, v in seconds.items()}, stats)
+    return Measurements(
+        str(model),
+        str(imatrix),
+        str(text),
+        list(types),
+        calibration_type,
+        errors,
+        gains,
+        kld,
+        factors,
+        layer_kld,
+        floor,
+        {k: round(v, 2) for k, v in seconds.items()},
+        stats,
+    )
 
 
-def fit_role_layer(err: dict[str, float], role_kld: dict[str, float], layer_kld: dict[str, float],
-                   iterations: int = 50) -> tuple[dict[str, float], dict[str, float]]:
+def fit_role_layer(
+    err: dict[str, float], role_kld: dict[str, float], layer_kld: dict[str, float], iterations: int = 50
+) -> tuple[dict[str, float], dict[str, float]]:
     """Gains g_role and depth factors f_layer with sum_layers g f E = the role's measured KLD and
     sum_roles g f E = the layer's measured KLD (iterative proportional fitting; global tensors have f = 1)."""
     g = {r: 1.0 for r in role_kld}
@@ -399,9 +456,15 @@ def solve(options: dict[str, dict[str, tuple[int, float]]], budget: int, bins: i
     return result
 
 
-def plan_from_measurements(m: Measurements, tensors: list[TensorInfo], overhead: int, budget: int,
-                           budget_formula: str = "", name: str = "plan",
-                           min_every_token: str | None = MIN_EVERY_TOKEN) -> PlanResult:
+def plan_from_measurements(
+    m: Measurements,
+    tensors: list[TensorInfo],
+    overhead: int,
+    budget: int,
+    budget_formula: str = "",
+    name: str = "plan",
+    min_every_token: str | None = MIN_EVERY_TOKEN,
+) -> PlanResult:
     """Solve for `budget`. Tensors every token uses (all but routed experts) get no type with fewer bits per weight
     than `min_every_token` (None: no floor)."""
     from .recipe import block_info, group_of
@@ -414,25 +477,47 @@ def plan_from_measurements(m: Measurements, tensors: list[TensorInfo], overhead:
         return group_of(t.name) == "experts" or 8 * block_info(ty)[1] / block_info(ty)[0] >= floor_bpw
 
     options = {
-        t.name: {ty: (tensor_bytes(t.n_elements, ty), m.predicted(t.name, ty))
-                 for ty in m.types if ty in m.errors[t.name] and allowed(t, ty)}
+        t.name: {
+            ty: (tensor_bytes(t.n_elements, ty), m.predicted(t.name, ty))
+            for ty in m.types
+            if ty in m.errors[t.name] and allowed(t, ty)
+        }
         for t in targets
     }
     if any(not o for o in options.values()):
-        raise EdgeMoEError(f"no candidate type is at least {min_every_token} for some tensor", "lower --min-every-token")
+        raise EdgeMoEError(
+            f"no candidate type is at least {min_every_token} for some tensor", "lower --min-every-token"
+        )
     smallest = fixed + sum(min(b for b, _ in o.values()) for o in options.values())
     if budget < smallest:
-        raise EdgeMoEError(f"the file budget {human_bytes(budget)} is below the smallest mix of {', '.join(m.types)} "
-                           f"({human_bytes(smallest)})", "raise --budget, lower --ctx, or allow lower types")
+        raise EdgeMoEError(
+            f"the file budget {human_bytes(budget)} is below the smallest mix of {', '.join(m.types)} "
+            f"({human_bytes(smallest)})",
+            "raise --budget, lower --ctx, or allow lower types",
+        )
     chosen = solve(options, budget - fixed)
     choices = [Choice(n, chosen[n], options[n][chosen[n]][0], options[n][chosen[n]][1]) for n in chosen]
     choices.sort(key=lambda c: [t.name for t in tensors].index(c.tensor))
     predicted_bytes = fixed + sum(c.bytes for c in choices)
     predicted_kld = sum(c.predicted_kld for c in choices) + m.floor_kld
-    recipe = recipe_from_choices(choices, name, f"edgemoe plan: file budget {human_bytes(budget)} ({budget_formula}); "
-                                               f"predicted {human_bytes(predicted_bytes)}, mean KLD {predicted_kld:.5f}")
-    return PlanResult(m.model, budget, budget_formula, predicted_bytes, predicted_kld, list(m.types), choices,
-                      m.gains, m.calibration_kld, recipe.to_toml())
+    recipe = recipe_from_choices(
+        choices,
+        name,
+        f"edgemoe plan: file budget {human_bytes(budget)} ({budget_formula}); "
+        f"predicted {human_bytes(predicted_bytes)}, mean KLD {predicted_kld:.5f}",
+    )
+    return PlanResult(
+        m.model,
+        budget,
+        budget_formula,
+        predicted_bytes,
+        predicted_kld,
+        list(m.types),
+        choices,
+        m.gains,
+        m.calibration_kld,
+        recipe.to_toml(),
+    )
 
 
 def recipe_from_choices(choices: list[Choice], name: str, description: str) -> Recipe:
@@ -458,8 +543,14 @@ def recipe_from_choices(choices: list[Choice], name: str, description: str) -> R
     return Recipe(name, description, default="q8_0", token_embedding=embedding, output=embedding, rules=rules)
 
 
-def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_size: int | None = None,
-                reserve: int | None = None, ram_source: str | None = None) -> tuple[int, str]:
+def file_budget(
+    model: str | Path,
+    ram: int | None = None,
+    ctx: int = 4096,
+    max_size: int | None = None,
+    reserve: int | None = None,
+    ram_source: str | None = None,
+) -> tuple[int, str]:
     """(bytes the GGUF may occupy, the formula with numbers)."""
     from .board import memory
     from .ernie21b import file_budget_bytes
@@ -480,7 +571,11 @@ def file_budget(model: str | Path, ram: int | None = None, ctx: int = 4096, max_
     if ram is None:
         ram, source = memory()[0], "this board's RAM"
     budget, kv, reserve = file_budget_bytes(ram, ctx, n_layers, n_kv, head_dim, reserve)
-    return budget, f"{source} {human_bytes(ram)} - KV cache for {ctx} tokens {human_bytes(kv)} - runtime reserve {human_bytes(reserve)}"
+    return (
+        budget,
+        f"{source} {human_bytes(ram)} - KV cache for {ctx} tokens {human_bytes(kv)} - runtime reserve "
+        f"{human_bytes(reserve)}",
+    )
 
 
 def _key(reader, path: Path, key: str, kind: type, required: bool = True):
@@ -494,14 +589,17 @@ def _key(reader, path: Path, key: str, kind: type, required: bool = True):
     if value is None and not required:
         return None
     if type(value) is not kind or (kind is int and value <= 0):
-        raise EdgeMoEError(f"{path}: {key} is {'missing' if field_ is None else repr(value)[:40]}, not a "
-                           f"{'positive whole number' if kind is int else 'name'}",
-                           "convert the model again with `edgemoe convert`")
+        raise EdgeMoEError(
+            f"{path}: {key} is {'missing' if field_ is None else repr(value)[:40]}, not a "
+            f"{'positive whole number' if kind is int else 'name'}",
+            "convert the model again with `edgemoe convert`",
+        )
     return value
 
 
-def budget_options(budget: str | None, board: str | None, max_size: str | None,
-                   reserve: str | None) -> tuple[int | None, int | None, int | None, str]:
+def budget_options(
+    budget: str | None, board: str | None, max_size: str | None, reserve: str | None
+) -> tuple[int | None, int | None, int | None, str]:
     """plan's --budget / --board / --max-size / --reserve as typed -> (ram, max_size, reserve, where ram is from).
 
     Exactly one budget: a RAM size, a board's RAM (`--board this`: this machine's, ram None; else a profile from
@@ -528,11 +626,24 @@ def plan_recipe(result: PlanResult, out: str | Path | None = None) -> Recipe:
     return load_recipe(out) if out else parse_recipe(load_toml(result.recipe_toml, "plan's recipe"), "plan")
 
 
-def plan(model: str | Path, imatrix: str | Path, text: str | Path, ram: int | None = None, ctx: int = 4096,
-         max_size: int | None = None, reserve: int | None = None, arm_fast: bool = False, out: str | Path | None = None,
-         name: str = "plan", threads: int | None = None, max_chunks: int | None = 16,
-         progress: Progress | None = None, reference: str = "source",
-         min_every_token: str | None = MIN_EVERY_TOKEN, ram_source: str | None = None) -> PlanResult:
+def plan(
+    model: str | Path,
+    imatrix: str | Path,
+    text: str | Path,
+    ram: int | None = None,
+    ctx: int = 4096,
+    max_size: int | None = None,
+    reserve: int | None = None,
+    arm_fast: bool = False,
+    out: str | Path | None = None,
+    name: str = "plan",
+    threads: int | None = None,
+    max_chunks: int | None = 16,
+    progress: Progress | None = None,
+    reference: str = "source",
+    min_every_token: str | None = MIN_EVERY_TOKEN,
+    ram_source: str | None = None,
+) -> PlanResult:
     """Measure (or reuse cached measurements), solve for the budget, write the recipe TOML to `out`.
 
     `ram_source` names where `ram` came from in the budget formula (default "--budget")."""
@@ -544,13 +655,16 @@ def plan(model: str | Path, imatrix: str | Path, text: str | Path, ram: int | No
         raise EdgeMoEError(f"nothing is left for the model: {formula}", "raise --budget or lower --ctx")
     types = ARM_FAST_TYPES if arm_fast else DEFAULT_TYPES
     cal = ARM_FAST_CALIBRATION_TYPE if arm_fast else CALIBRATION_TYPE
-    m = measure(model, imatrix, text, types, cal, max_chunks=max_chunks, threads=threads, progress=progress,
-                reference=reference)
+    m = measure(
+        model, imatrix, text, types, cal, max_chunks=max_chunks, threads=threads, progress=progress, reference=reference
+    )
     tensors, overhead = read_tensors(model)
     result = plan_from_measurements(m, tensors, overhead, budget, formula, name, min_every_token)
     if out:
         with atomic_output(out) as part:
-            part.write_text("# Written by `edgemoe plan`: one rule per tensor role and type, layers listed.\n"
-                            "# Edit freely; `edgemoe recipe show FILE --model MODEL` explains it.\n" + result.recipe_toml)
+            part.write_text(
+                "# Written by `edgemoe plan`: one rule per tensor role and type, layers listed.\n"
+                "# Edit freely; `edgemoe recipe show FILE --model MODEL` explains it.\n" + result.recipe_toml
+            )
         result.out = str(out)
     return result

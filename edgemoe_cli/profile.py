@@ -166,8 +166,15 @@ def trace_routing(
             llama_cpp.llama_free(cctx)
         llm.close()
     return RoutingTrace(
-        model=str(model), text=str(text_file), n_tokens=len(tokens), layers=layers, n_expert=n_expert,
-        n_expert_used=n_used, counts=counts, gate_sum=gate_sum, reap_sum=reap_sum,
+        model=str(model),
+        text=str(text_file),
+        n_tokens=len(tokens),
+        layers=layers,
+        n_expert=n_expert,
+        n_expert_used=n_used,
+        counts=counts,
+        gate_sum=gate_sum,
+        reap_sum=reap_sum,
     )
 
 
@@ -228,9 +235,14 @@ def layer_usage(layer: int, counts: np.ndarray, k: int) -> LayerUsage:
     ordered = np.sort(p)[::-1]
     alpha, r2p, r2e = rank_fits(counts)
     return LayerUsage(
-        layer=layer, entropy_bits=round(entropy, 4), effective_experts=round(2**entropy, 3),
-        top_k_share=round(float(ordered[:k].sum()), 4), half_share=round(float(ordered[: len(p) // 2].sum()), 4),
-        unused=int((counts == 0).sum()), power_law_alpha=round(alpha, 3), power_law_r2=round(r2p, 4),
+        layer=layer,
+        entropy_bits=round(entropy, 4),
+        effective_experts=round(2**entropy, 3),
+        top_k_share=round(float(ordered[:k].sum()), 4),
+        half_share=round(float(ordered[: len(p) // 2].sum()), 4),
+        unused=int((counts == 0).sum()),
+        power_law_alpha=round(alpha, 3),
+        power_law_r2=round(r2p, 4),
         exponential_r2=round(r2e, 4),
     )
 
@@ -251,11 +263,21 @@ def summarize(trace: RoutingTrace) -> ProfileResult:
         else f"no power law: an exponential fits better (R^2 {r2e:.3f} vs power law {r2p:.3f})"
     )
     return ProfileResult(
-        model=trace.model, text=trace.text, n_tokens=trace.n_tokens, n_expert=trace.n_expert,
-        n_expert_used=trace.n_expert_used, layers=layers, counts=trace.counts.tolist(),
+        model=trace.model,
+        text=trace.text,
+        n_tokens=trace.n_tokens,
+        n_expert=trace.n_expert,
+        n_expert_used=trace.n_expert_used,
+        layers=layers,
+        counts=trace.counts.tolist(),
         reap=np.round(trace.reap(), 6).tolist(),
-        power_law={"alpha": round(-alpha, 3), "r2": round(r2p, 4), "exponential_r2": round(r2e, 4),
-                   "follows_power_law": bool(r2p > r2e), "verdict": verdict},
+        power_law={
+            "alpha": round(-alpha, 3),
+            "r2": round(r2p, 4),
+            "exponential_r2": round(r2e, 4),
+            "follows_power_law": bool(r2p > r2e),
+            "verdict": verdict,
+        },
     )
 
 
@@ -279,11 +301,17 @@ def profile(
     out_dir = Path(out_dir)
     heatmap, json_path = out_dir / "expert-usage.png", out_dir / "profile.json"
     report.usage_heatmap(
-        trace.counts, trace.layers, heatmap,
+        trace.counts,
+        trace.layers,
+        heatmap,
         title=f"Expert usage: {Path(model).name} on {Path(text_file).name} ({trace.n_tokens} tokens)",
     )
-    rank = report.rank_plot(trace.counts, trace.layers, out_dir / "usage-vs-rank.png",
-                            title=f"Usage vs rank (log-log; a power law is a line): {result.power_law['verdict']}")
+    rank = report.rank_plot(
+        trace.counts,
+        trace.layers,
+        out_dir / "usage-vs-rank.png",
+        title=f"Usage vs rank (log-log; a power law is a line): {result.power_law['verdict']}",
+    )
     result.outputs = {"heatmap": str(heatmap), "rank_plot": str(rank), "json": str(json_path)}
     with atomic_output(json_path) as part:
         part.write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
@@ -299,5 +327,6 @@ def load_usage(path: str | Path) -> tuple[np.ndarray, list[int]]:
     except FileNotFoundError:
         raise EdgeMoEError(f"{path}: no such file", "run `edgemoe profile MODEL --text FILE` first") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EdgeMoEError(f"{path} is not a profile.json ({e})", "give the profile.json `edgemoe profile` wrote") from e
-
+        raise EdgeMoEError(
+            f"{path} is not a profile.json ({e})", "give the profile.json `edgemoe profile` wrote"
+        ) from e

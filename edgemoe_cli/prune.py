@@ -25,10 +25,10 @@ from typing import Callable
 import numpy as np
 
 from .errors import EdgeMoEError
-from .progress import Progress
 from .ggufcopy import OutTensor, write_gguf
-from .units import parse_size
+from .progress import Progress
 from .store import refuse_input_as_output, write_manifest
+from .units import parse_size
 
 _EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.(ffn_(?:gate|up|down)_exps\.weight|ffn_gate_inp\.weight|exp_probs_b\.bias)$")
 
@@ -62,8 +62,10 @@ def parse_keep(text: str, n_expert: int) -> int:
             return round(share / 100 * n_expert)
         return int(s)
     except ValueError:
-        raise EdgeMoEError(f"--keep {str(text)[:40]!r} is not a number of experts or a share of 0-100%",
-                           "give a count like 48 or a share like 75%") from None
+        raise EdgeMoEError(
+            f"--keep {str(text)[:40]!r} is not a number of experts or a share of 0-100%",
+            "give a count like 48 or a share like 75%",
+        ) from None
 
 
 def _expert_tensors(reader) -> dict[int, dict[str, object]]:
@@ -87,12 +89,16 @@ def check_expert_tensors(reader, path: Path, layers: list[int], n_expert: int) -
                 raise EdgeMoEError(f"{path}: layer {il} has no {part} tensor", "convert the model again")
             shape = t.data.shape
             if len(shape) < 2 or shape[0] != n_expert:
-                raise EdgeMoEError(f"{path}: blk.{il}.{part} has shape {list(shape)}, not {n_expert} experts first",
-                                   "convert the model again")
+                raise EdgeMoEError(
+                    f"{path}: blk.{il}.{part} has shape {list(shape)}, not {n_expert} experts first",
+                    "convert the model again",
+                )
         bias = found[il].get("exp_probs_b")
         if bias is not None and bias.data.shape[-1:] != (n_expert,):
-            raise EdgeMoEError(f"{path}: blk.{il}.exp_probs_b has shape {list(bias.data.shape)}, not {n_expert} "
-                               "experts", "convert the model again")
+            raise EdgeMoEError(
+                f"{path}: blk.{il}.exp_probs_b has shape {list(bias.data.shape)}, not {n_expert} experts",
+                "convert the model again",
+            )
 
 
 def _dense(t) -> np.ndarray:
@@ -172,8 +178,14 @@ def keep_for_budget(reader, path: Path, n_expert: int, n_used: int, budget: int)
     return keep
 
 
-def write_pruned(reader, out: Path, kept: dict[int, list[int]], keep: int, n_expert: int,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+def write_pruned(
+    reader,
+    out: Path,
+    kept: dict[int, list[int]],
+    keep: int,
+    n_expert: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     """Copy every key and tensor of `reader` to `out`, slicing expert tensors to `kept` and setting expert_count."""
     import gguf
 
@@ -189,8 +201,14 @@ def write_pruned(reader, out: Path, kept: dict[int, list[int]], keep: int, n_exp
             # shapes only: the sliced copy itself is made when the tensor is written
             shape = list(t.data.shape)
             shape[len(shape) - 1 if t.name.endswith("exp_probs_b.bias") else 0] = keep
-            tensors.append(OutTensor(t, tuple(shape), int(t.n_bytes) // n_expert * keep,
-                                     lambda t=t, ids=kept[int(m.group(1))]: _slice(t, ids)))
+            tensors.append(
+                OutTensor(
+                    t,
+                    tuple(shape),
+                    int(t.n_bytes) // n_expert * keep,
+                    lambda t=t, ids=kept[int(m.group(1))]: _slice(t, ids),
+                )
+            )
         else:
             tensors.append(OutTensor(t))
     write_gguf(reader, out, tensors, values, progress)
@@ -231,14 +249,19 @@ def prune(
     if keep is not None:
         n_keep = parse_keep(keep, n_expert)
         if n_keep > n_expert:
-            raise EdgeMoEError(f"--keep {keep} is more than the {n_expert} experts {model.name} has per layer",
-                               f"keep at most {n_expert - 1} to prune anything")
+            raise EdgeMoEError(
+                f"--keep {keep} is more than the {n_expert} experts {model.name} has per layer",
+                f"keep at most {n_expert - 1} to prune anything",
+            )
         if n_keep < n_used:
-            raise EdgeMoEError(f"--keep {keep} is fewer than the {n_used} experts the router picks per token",
-                               f"keep at least {n_used}")
+            raise EdgeMoEError(
+                f"--keep {keep} is fewer than the {n_used} experts the router picks per token",
+                f"keep at least {n_used}",
+            )
         if n_keep == n_expert:
-            raise EdgeMoEError(f"--keep {keep} keeps all {n_expert} experts: nothing to prune",
-                               f"keep fewer than {n_expert}")
+            raise EdgeMoEError(
+                f"--keep {keep} keeps all {n_expert} experts: nothing to prune", f"keep fewer than {n_expert}"
+            )
     else:
         n_keep = keep_for_budget(reader, model, n_expert, n_used, budget_bytes)
     out = Path(out) if out is not None else default_out(model, n_keep)
@@ -246,33 +269,60 @@ def prune(
 
     if text is not None:
         read_text(text)
-        trace = trace_routing(model, text, max_tokens=max_tokens, threads=threads,
-                              progress=progress)
+        trace = trace_routing(model, text, max_tokens=max_tokens, threads=threads, progress=progress)
         scores, method = trace.reap(), "reap"
     elif usage is not None:
         scores, used_layers = load_usage(usage)
         if used_layers != layers or scores.shape[1] != n_expert:
-            raise EdgeMoEError(f"{usage} profiles a different model ({len(used_layers)} layers x {scores.shape[1]} "
-                               f"experts, {model.name} has {len(layers)} x {n_expert})",
-                               f"run `edgemoe profile {model}` and pass its profile.json")
+            raise EdgeMoEError(
+                f"{usage} profiles a different model ({len(used_layers)} layers x {scores.shape[1]} "
+                f"experts, {model.name} has {len(layers)} x {n_expert})",
+                f"run `edgemoe profile {model}` and pass its profile.json",
+            )
         method = "usage"
     else:
         scores, method = weight_scores(reader, layers), "weights"
 
     chosen = choose_experts(scores, n_keep)
     kept = dict(zip(layers, chosen))
-    write_pruned(reader, out, kept, n_keep, n_expert,
-                 progress=(lambda d, t: progress("writing", d, t, "", "bytes")) if progress else None)
-    share = {str(il): round(float(scores[i, chosen[i]].sum() / max(scores[i].sum(), 1e-30)), 4)
-             for i, il in enumerate(layers)}
-    result = PruneResult(
-        model=str(model), out=str(out), score=method, n_expert_before=n_expert, n_expert_after=n_keep,
-        n_expert_used=n_used, bytes_before=model.stat().st_size, bytes_after=out.stat().st_size,
-        kept={str(k): v for k, v in kept.items()}, seconds=round(time.perf_counter() - t0, 3),
-        text=str(text) if text is not None else (str(usage) if usage is not None else None),
-        budget_bytes=budget_bytes, score_share_kept=share,
+    write_pruned(
+        reader,
+        out,
+        kept,
+        n_keep,
+        n_expert,
+        progress=(lambda d, t: progress("writing", d, t, "", "bytes")) if progress else None,
     )
-    result.manifest = str(write_manifest(out, stage="prune", source=str(model), score=method,
-                                         expert_count=n_keep, source_expert_count=n_expert, kept_experts=result.kept,
-                                         text=result.text, bytes=result.bytes_after))
+    share = {
+        str(il): round(float(scores[i, chosen[i]].sum() / max(scores[i].sum(), 1e-30)), 4)
+        for i, il in enumerate(layers)
+    }
+    result = PruneResult(
+        model=str(model),
+        out=str(out),
+        score=method,
+        n_expert_before=n_expert,
+        n_expert_after=n_keep,
+        n_expert_used=n_used,
+        bytes_before=model.stat().st_size,
+        bytes_after=out.stat().st_size,
+        kept={str(k): v for k, v in kept.items()},
+        seconds=round(time.perf_counter() - t0, 3),
+        text=str(text) if text is not None else (str(usage) if usage is not None else None),
+        budget_bytes=budget_bytes,
+        score_share_kept=share,
+    )
+    result.manifest = str(
+        write_manifest(
+            out,
+            stage="prune",
+            source=str(model),
+            score=method,
+            expert_count=n_keep,
+            source_expert_count=n_expert,
+            kept_experts=result.kept,
+            text=result.text,
+            bytes=result.bytes_after,
+        )
+    )
     return result

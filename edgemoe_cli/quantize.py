@@ -32,10 +32,15 @@ from .progress import Progress
 from .recipe import Recipe, TensorPlan, explain, ggml_type, load_recipe, read_tensors
 from .store import atomic_output, home, refuse_input_as_output, sha256_file, write_manifest
 
-
 # K-quant types have no file type of their own; their mixes' names (never Q2_K_S: it changes imatrix rules)
-_FTYPE_OF_TYPE = {"q2_k": "q2_k", "q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m", "iq3_s": "iq3_s",
-                  "mxfp4": "mxfp4_moe"}
+_FTYPE_OF_TYPE = {
+    "q2_k": "q2_k",
+    "q3_k": "q3_k_m",
+    "q4_k": "q4_k_m",
+    "q5_k": "q5_k_m",
+    "iq3_s": "iq3_s",
+    "mxfp4": "mxfp4_moe",
+}
 
 
 @dataclass
@@ -102,8 +107,10 @@ def imatrix_array(imatrix_path: str | Path, plans: list[TensorPlan]):
         want = p.shape[0] * (p.shape[2] if len(p.shape) > 2 else 1)
         vec = np.ascontiguousarray(entry.importance().reshape(-1), dtype=np.float32)
         if vec.size != want:
-            raise EdgeMoEError(f"imatrix {imatrix_path} has {vec.size} values for {p.name}, the model needs {want}",
-                               "compute the imatrix on this model (`edgemoe imatrix`)")
+            raise EdgeMoEError(
+                f"imatrix {imatrix_path} has {vec.size} values for {p.name}, the model needs {want}",
+                "compute the imatrix on this model (`edgemoe imatrix`)",
+            )
         keep.append(vec)
         items.append((p.name.encode(), vec))
     arr = (llama_cpp.llama_model_imatrix_data * (len(items) + 1))()
@@ -115,8 +122,15 @@ def imatrix_array(imatrix_path: str | Path, plans: list[TensorPlan]):
     return arr, keep, len(items)
 
 
-def _run_llama_quantize(model: Path, part: Path, ftype: int, overrides: list[tuple[str, str]] | None,
-                        imatrix, threads: int, progress: Progress | None) -> list[str]:
+def _run_llama_quantize(
+    model: Path,
+    part: Path,
+    ftype: int,
+    overrides: list[tuple[str, str]] | None,
+    imatrix,
+    threads: int,
+    progress: Progress | None,
+) -> list[str]:
     """Call llama_model_quantize; return its warning lines. Raises EdgeMoEError with llama.cpp's last error."""
     llama_cpp = _binding()
     import llama_cpp._logger as binding_logger
@@ -160,14 +174,22 @@ def _run_llama_quantize(model: Path, part: Path, ftype: int, overrides: list[tup
         llama_cpp.llama_log_set(binding_logger.llama_log_callback, ctypes.c_void_p(0))
     if rc != 0:
         errs = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
-        raise EdgeMoEError(f"llama.cpp could not quantize {model}: {(errs or lines or ['no message'])[-1].strip()}",
-                           "check the recipe with `edgemoe recipe show`")
+        raise EdgeMoEError(
+            f"llama.cpp could not quantize {model}: {(errs or lines or ['no message'])[-1].strip()}",
+            "check the recipe with `edgemoe recipe show`",
+        )
     return [ln.strip() for ln in lines if "warning" in ln.lower() or "falling back" in ln]
 
 
-def quantize(model: str | Path, recipe: str | Path | Recipe, out: str | Path | None = None,
-             imatrix: str | Path | None = None, threads: int | None = None, progress: Progress | None = None,
-             manifest: bool = True) -> QuantizeResult:
+def quantize(
+    model: str | Path,
+    recipe: str | Path | Recipe,
+    out: str | Path | None = None,
+    imatrix: str | Path | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    manifest: bool = True,
+) -> QuantizeResult:
     """Quantize `model` (an f32/f16/bf16 GGUF) to `out` as `recipe` says; verify every tensor's type afterwards."""
     model = Path(model)
     t0 = time.perf_counter()
@@ -192,8 +214,10 @@ def quantize(model: str | Path, recipe: str | Path | Recipe, out: str | Path | N
         ex = explain(rec, model, have_imatrix=imatrix is not None)
         if ex.errors:
             more = f" (and {len(ex.errors) - 1} more)" if len(ex.errors) > 1 else ""
-            raise EdgeMoEError(f"recipe {rec.name} cannot be applied to {model}: {ex.errors[0].message}{more}",
-                               f"see `edgemoe recipe show {rec.source or rec.name} --model {model}`")
+            raise EdgeMoEError(
+                f"recipe {rec.name} cannot be applied to {model}: {ex.errors[0].message}{more}",
+                f"see `edgemoe recipe show {rec.source or rec.name} --model {model}`",
+            )
         plans = ex.tensors
         overrides = [("^" + re.escape(p.name) + "$", p.type) for p in plans if p.rule != "not quantized"]
         expected = {p.name: p.type for p in plans}
@@ -201,7 +225,9 @@ def quantize(model: str | Path, recipe: str | Path | Recipe, out: str | Path | N
         # pure + patterns only apply when the file type's default type is a quantized one; name the file after
         # its most common type (general.file_type is what llama.cpp prints as the model's type)
         main = counts.most_common(1)[0][0] if counts else "q8_0"
-        ftype = _ftype(_FTYPE_OF_TYPE.get(main, main if hasattr(_binding(), f"LLAMA_FTYPE_MOSTLY_{main.upper()}") else "q8_0"))
+        ftype = _ftype(
+            _FTYPE_OF_TYPE.get(main, main if hasattr(_binding(), f"LLAMA_FTYPE_MOSTLY_{main.upper()}") else "q8_0")
+        )
     out = Path(out) if out else default_output(model, recipe_name)
     refuse_input_as_output(out, [model, imatrix])
     im_arr = None
@@ -215,22 +241,42 @@ def quantize(model: str | Path, recipe: str | Path | Recipe, out: str | Path | N
             wrong = [(n, expected[n], types.get(n)) for n in expected if types.get(n) != expected[n]]
             if wrong:
                 n, want, got = wrong[0]
-                raise EdgeMoEError(f"llama.cpp wrote {n} as {got} but the recipe asked for {want} "
-                                   f"({len(wrong)} tensor(s) differ)", "report this: the recipe checks missed a case")
+                raise EdgeMoEError(
+                    f"llama.cpp wrote {n} as {got} but the recipe asked for {want} ({len(wrong)} tensor(s) differ)",
+                    "report this: the recipe checks missed a case",
+                )
     size = out.stat().st_size
     n_params = sum(t.n_elements for t in written)
     result = QuantizeResult(
-        model=str(model), recipe=recipe_name, out=str(out), imatrix=str(imatrix) if imatrix else None, bytes=size,
-        bpw=round(8.0 * (size - overhead) / max(n_params, 1), 3), types=dict(Counter(types.values())),
-        seconds=round(time.perf_counter() - t0, 2), manifest="", warnings=warnings,
+        model=str(model),
+        recipe=recipe_name,
+        out=str(out),
+        imatrix=str(imatrix) if imatrix else None,
+        bytes=size,
+        bpw=round(8.0 * (size - overhead) / max(n_params, 1), 3),
+        types=dict(Counter(types.values())),
+        seconds=round(time.perf_counter() - t0, 2),
+        manifest="",
+        warnings=warnings,
     )
     if manifest:
         from .llamacpp import LLAMA_CPP_PYTHON_VERSION
 
-        result.manifest = str(write_manifest(
-            out, kind="gguf", source=str(model.resolve()), source_bytes=model.stat().st_size, recipe=recipe_name,
-            recipe_toml=None if stock else rec.to_toml(), imatrix=result.imatrix,
-            imatrix_sha256=sha256_file(imatrix) if imatrix else None, sha256=sha256_file(out), bytes=size,
-            tensor_types=types, llama_cpp_python=LLAMA_CPP_PYTHON_VERSION, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        ))
+        result.manifest = str(
+            write_manifest(
+                out,
+                kind="gguf",
+                source=str(model.resolve()),
+                source_bytes=model.stat().st_size,
+                recipe=recipe_name,
+                recipe_toml=None if stock else rec.to_toml(),
+                imatrix=result.imatrix,
+                imatrix_sha256=sha256_file(imatrix) if imatrix else None,
+                sha256=sha256_file(out),
+                bytes=size,
+                tensor_types=types,
+                llama_cpp_python=LLAMA_CPP_PYTHON_VERSION,
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )
+        )
     return result

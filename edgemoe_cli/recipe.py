@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EdgeMoEError
-from .tomlfile import load_toml
 from .store import configs_dir
+from .tomlfile import load_toml
 
 # Types a user may name in a recipe. Lower-case names as llama.cpp prints them (ggml_type_name).
 _TYPE_NAMES = (
@@ -153,7 +153,9 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
     """Check a recipe's structure, value types, name, type names and regular expressions; return it."""
     known = {"name", "description", "default", "token_embedding", "output", "rules"}
     if extra := set(data) - known:
-        raise EdgeMoEError(f"{source}: unknown key(s) {', '.join(sorted(extra))}", "allowed: " + ", ".join(sorted(known)))
+        raise EdgeMoEError(
+            f"{source}: unknown key(s) {', '.join(sorted(extra))}", "allowed: " + ", ".join(sorted(known))
+        )
     for key in known - {"rules"}:
         if key in data and not isinstance(data[key], str):
             raise EdgeMoEError(f"{source}: `{key}` is {data[key]!r}, not a string", "quote it")
@@ -169,15 +171,19 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         try:
             re.compile(r["pattern"])
         except (re.error, RecursionError, OverflowError) as e:
-            raise EdgeMoEError(f"{source}: rule {i + 1} pattern {r['pattern']!r} is not a valid regex ({e})",
-                               "escape dots as \\. and check brackets") from e
+            raise EdgeMoEError(
+                f"{source}: rule {i + 1} pattern {r['pattern']!r} is not a valid regex ({e})",
+                "escape dots as \\. and check brackets",
+            ) from e
         ggml_type(r["type"])
         rules.append(Rule(r["pattern"], r["type"].lower()))
     if "name" in data:
         name = data["name"]
         if not NAME.fullmatch(name):
-            raise EdgeMoEError(f"{source}: name {name!r} may only hold letters, digits, '.', '_' and '-'",
-                               "it names the output file; e.g. name = \"edge-16gb\"")
+            raise EdgeMoEError(
+                f"{source}: name {name!r} may only hold letters, digits, '.', '_' and '-'",
+                'it names the output file; e.g. name = "edge-16gb"',
+            )
     else:  # a file's own name, made safe the same way
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).stem) or "recipe"
     recipe = Recipe(
@@ -216,7 +222,9 @@ def read_tensors(model: str | Path) -> tuple[list[TensorInfo], int]:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # GGUFReader raises ValueError/struct errors on foreign files
-        raise EdgeMoEError(f"{path} is not a readable GGUF file ({e})", "pass a .gguf file made by `edgemoe convert`") from e
+        raise EdgeMoEError(
+            f"{path} is not a readable GGUF file ({e})", "pass a .gguf file made by `edgemoe convert`"
+        ) from e
     tensors = [
         TensorInfo(t.name, tuple(int(x) for x in t.shape), type_name(t.tensor_type), int(t.n_elements))
         for t in reader.tensors
@@ -297,7 +305,9 @@ class Explanation:
         return [p for p in self.problems if p.severity == "error"]
 
 
-def resolve(recipe: Recipe, tensors: list[TensorInfo], have_imatrix: bool = True) -> tuple[list[TensorPlan], list[Problem]]:
+def resolve(
+    recipe: Recipe, tensors: list[TensorInfo], have_imatrix: bool = True
+) -> tuple[list[TensorPlan], list[Problem]]:
     """One explicit type per tensor, and everything llama.cpp would refuse or silently change."""
     problems: list[Problem] = []
     matches = _match_table(recipe, tensors)
@@ -324,25 +334,45 @@ def resolve(recipe: Recipe, tensors: list[TensorInfo], have_imatrix: bool = True
         if quantizable(t):
             block, _ = block_info(type_)
             if t.shape[0] % block:
-                problems.append(Problem("error", f"{t.name}: rows of {t.shape[0]} are not a multiple of {block} "
-                                                 f"as {type_} needs (llama.cpp would silently use another type)"))
+                problems.append(
+                    Problem(
+                        "error",
+                        f"{t.name}: rows of {t.shape[0]} are not a multiple of {block} "
+                        f"as {type_} needs (llama.cpp would silently use another type)",
+                    )
+                )
             if type_ in NEEDS_IMATRIX and not have_imatrix and t.name != "token_embd.weight":
                 problems.append(Problem("error", f"{t.name}: {type_} needs an importance matrix (pass --imatrix)"))
             if t.type not in UNQUANTIZED and t.type != type_:
-                problems.append(Problem("error", f"{t.name} is already {t.type}; requantizing loses quality "
-                                                 "(quantize from an f32/f16/bf16 GGUF)"))
+                problems.append(
+                    Problem(
+                        "error",
+                        f"{t.name} is already {t.type}; requantizing loses quality "
+                        "(quantize from an f32/f16/bf16 GGUF)",
+                    )
+                )
         if t.name == "token_embd.weight" and not has_output and quantizable(t):
             why += " (tied: also the output matrix)"
         nbytes = tensor_bytes(t.n_elements, type_)
-        plans.append(TensorPlan(t.name, list(t.shape), group_of(t.name), t.type, type_, why, nbytes,
-                                8.0 * nbytes / max(t.n_elements, 1)))
+        plans.append(
+            TensorPlan(
+                t.name, list(t.shape), group_of(t.name), t.type, type_, why, nbytes, 8.0 * nbytes / max(t.n_elements, 1)
+            )
+        )
     for i, r in enumerate(recipe.rules):
         if hits[i] == 0:
-            problems.append(Problem("warning", f"rule {i + 1} ({r.pattern!r} -> {r.type}) matches no tensor in this model"))
+            problems.append(
+                Problem("warning", f"rule {i + 1} ({r.pattern!r} -> {r.type}) matches no tensor in this model")
+            )
         elif reached_quantizable[i] == 0:
-            problems.append(Problem("warning", f"rule {i + 1} ({r.pattern!r} -> {r.type}) never decides a type: "
-                                               "earlier rules, the embedding/output defaults or llama.cpp's "
-                                               "never-quantized tensors take all its matches"))
+            problems.append(
+                Problem(
+                    "warning",
+                    f"rule {i + 1} ({r.pattern!r} -> {r.type}) never decides a type: "
+                    "earlier rules, the embedding/output defaults or llama.cpp's "
+                    "never-quantized tensors take all its matches",
+                )
+            )
     if not has_output and recipe.output and not any(t.name == "token_embd.weight" for t in tensors):
         problems.append(Problem("warning", "the model has no output.weight; `output` is unused"))
     return plans, problems
@@ -364,9 +394,11 @@ def _match_table(recipe: Recipe, tensors: list[TensorInfo]) -> list[list[bool]]:
                 table.append(row)
     except TimeLimitExceeded:
         r = recipe.rules[rule]
-        raise EdgeMoEError(f"{recipe.source or recipe.name}: rule {rule + 1} pattern {r.pattern!r} takes more than "
-                           f"{MATCH_SECONDS:g} s to match the tensor names (it backtracks without end)",
-                           "simplify it: no nested or alternated repeats like (.|.)* or (a+)+") from None
+        raise EdgeMoEError(
+            f"{recipe.source or recipe.name}: rule {rule + 1} pattern {r.pattern!r} takes more than "
+            f"{MATCH_SECONDS:g} s to match the tensor names (it backtracks without end)",
+            "simplify it: no nested or alternated repeats like (.|.)* or (a+)+",
+        ) from None
     return table
 
 
@@ -387,8 +419,18 @@ def _summarise(recipe: Recipe, model: str, plans: list[TensorPlan], overhead: in
             groups.append(GroupSummary(g, len(members), params, nbytes, 8.0 * nbytes / max(params, 1)))
     tensor_total = sum(p.bytes for p in plans)
     params = sum(_numel(p.shape) for p in plans)
-    return Explanation(recipe.name, recipe.description, model, plans, groups, tensor_total, overhead,
-                       tensor_total + overhead, 8.0 * tensor_total / max(params, 1), problems)
+    return Explanation(
+        recipe.name,
+        recipe.description,
+        model,
+        plans,
+        groups,
+        tensor_total,
+        overhead,
+        tensor_total + overhead,
+        8.0 * tensor_total / max(params, 1),
+        problems,
+    )
 
 
 def _numel(shape) -> int:

@@ -16,7 +16,6 @@ from . import store
 from .errors import EdgeMoEError
 from .tomlfile import load_toml
 
-
 FORMATS = ("safetensors", "gguf")
 
 
@@ -71,22 +70,34 @@ def _entry(name: str, raw: dict, where: Path) -> ModelEntry:
     if variant not in ("thinking", "pt"):
         raise EdgeMoEError(f"{where}: model '{name}' has variant '{variant}'", "use thinking or pt")
     common = dict(
-        name=name, source=source, variant=variant,
+        name=name,
+        source=source,
+        variant=variant,
         description=raw.get("description", ""),
     )
     if source == "local":
         path = Path(need("path"))
-        return ModelEntry(**common, path=path if path.is_absolute() else _checkout_root() / path,
-                          formats=("safetensors",))
+        return ModelEntry(
+            **common, path=path if path.is_absolute() else _checkout_root() / path, formats=("safetensors",)
+        )
     if source != "hub":
         raise EdgeMoEError(f"{where}: model '{name}' has source '{source}'", "use hub or local")
     gguf = None
     if g := raw.get("gguf"):
-        gguf = GGUFSource(repo=g["repo"], revision=g.get("revision", "main"), default_quant=g["default_quant"],
-                          patterns=tuple(g["patterns"]))
-    return ModelEntry(**common, repo=need("repo"), revision=raw.get("revision", "main"),
-                      allow_patterns=tuple(need("allow_patterns")), gguf=gguf,
-                      formats=("safetensors", "gguf") if gguf else ("safetensors",))
+        gguf = GGUFSource(
+            repo=g["repo"],
+            revision=g.get("revision", "main"),
+            default_quant=g["default_quant"],
+            patterns=tuple(g["patterns"]),
+        )
+    return ModelEntry(
+        **common,
+        repo=need("repo"),
+        revision=raw.get("revision", "main"),
+        allow_patterns=tuple(need("allow_patterns")),
+        gguf=gguf,
+        formats=("safetensors", "gguf") if gguf else ("safetensors",),
+    )
 
 
 def load(path: str | Path | None = None) -> dict[str, ModelEntry]:
@@ -129,10 +140,15 @@ def read_manifest(entry_dir: Path) -> dict | None:
 def _is_pull_manifest(m) -> bool:
     """The fields `list` and name resolution read, with their types: manifests live in a store anyone may edit."""
     strings = ("name", "repo", "commit", "path", "format")
-    return (isinstance(m, dict) and m.get("kind") == "pull" and all(isinstance(m.get(k), str) for k in strings)
-            and isinstance(m.get("files"), list)
-            and all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in m["files"])
-            and isinstance(m.get("total_bytes", 0), int) and isinstance(m.get("quant"), (str, type(None))))
+    return (
+        isinstance(m, dict)
+        and m.get("kind") == "pull"
+        and all(isinstance(m.get(k), str) for k in strings)
+        and isinstance(m.get("files"), list)
+        and all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in m["files"])
+        and isinstance(m.get("total_bytes", 0), int)
+        and isinstance(m.get("quant"), (str, type(None)))
+    )
 
 
 def pulled_gguf_file(manifest: dict) -> Path | None:
@@ -161,26 +177,33 @@ def resolve(name_or_path: str | Path, fmt: str = "safetensors", quant: str | Non
         if fmt != "safetensors":
             raise EdgeMoEError(f"'{entry.name}' is a local safetensors checkpoint", "convert it to GGUF first")
         if not entry.path.is_dir():
-            raise EdgeMoEError(f"'{entry.name}' should be at {entry.path}, which is missing",
-                               "run from a full checkout of edgemoe (data/fixtures) or pass a path")
+            raise EdgeMoEError(
+                f"'{entry.name}' should be at {entry.path}, which is missing",
+                "run from a full checkout of edgemoe (data/fixtures) or pass a path",
+            )
         return entry.path
     if fmt == "gguf":
         quant = quant or (entry.gguf.default_quant if entry.gguf else None)
     entry_dir = store_entry(entry.name, fmt, quant)
     manifest = read_manifest(entry_dir)
     if manifest is None and (entry_dir / "manifest.json").exists():
-        raise EdgeMoEError(f"the pull manifest {entry_dir / 'manifest.json'} is damaged",
-                           f"run `edgemoe pull {entry.name}` again to rewrite it")
+        raise EdgeMoEError(
+            f"the pull manifest {entry_dir / 'manifest.json'} is damaged",
+            f"run `edgemoe pull {entry.name}` again to rewrite it",
+        )
     if manifest is None:
         extra = f" --format gguf --quant {quant}" if fmt == "gguf" else ""
-        raise EdgeMoEError(f"'{entry.name}' has not been pulled{' as ' + quant if fmt == 'gguf' else ''}",
-                           f"run `edgemoe pull {entry.name}{extra}` first")
+        raise EdgeMoEError(
+            f"'{entry.name}' has not been pulled{' as ' + quant if fmt == 'gguf' else ''}",
+            f"run `edgemoe pull {entry.name}{extra}` first",
+        )
     target = Path(manifest["path"])
     if fmt == "gguf":
         target = pulled_gguf_file(manifest)
         if target is None:
             raise EdgeMoEError(f"pull of '{entry.name}' {quant} holds no .gguf file", "re-run the pull")
     if not target.exists():
-        raise EdgeMoEError(f"'{entry.name}' was pulled to {target}, which is gone",
-                           f"run `edgemoe pull {entry.name}` again")
+        raise EdgeMoEError(
+            f"'{entry.name}' was pulled to {target}, which is gone", f"run `edgemoe pull {entry.name}` again"
+        )
     return target

@@ -1,4 +1,4 @@
-"""Reports people can look at: Markdown tables, JSON documents and PNG plots, shared by compare, bench, profile and plan.
+"""Reports people can look at: Markdown tables, JSON documents and PNG plots, shared by compare, bench, profile, plan.
 
 Plots use matplotlib with the Agg backend (no display needed on a board or in CI). Every file is written through
 store.atomic_output, so a failed plot leaves nothing under the final name.
@@ -21,8 +21,10 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as e:
-        raise EdgeMoEError("matplotlib is not installed, so no PNG plots can be drawn",
-                           "pip install 'edgemoe[plot]' (make setup installs it)") from e
+        raise EdgeMoEError(
+            "matplotlib is not installed, so no PNG plots can be drawn",
+            "pip install 'edgemoe[plot]' (make setup installs it)",
+        ) from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

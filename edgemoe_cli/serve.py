@@ -75,7 +75,9 @@ class Job:
     seed: int | None
     stop: list[str]
     ignore_eos: bool = False
-    events: queue.Queue = field(default_factory=queue.Queue)  # ("text", str) ... then ("done", Generation) | ("error", str)
+    events: queue.Queue = field(
+        default_factory=queue.Queue
+    )  # ("text", str) ... then ("done", Generation) | ("error", str)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -115,7 +117,10 @@ class Metrics:
             lines = [
                 "# HELP edgemoe_requests_total HTTP requests answered, by path and status.",
                 "# TYPE edgemoe_requests_total counter",
-                *(f'edgemoe_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())),
+                *(
+                    f'edgemoe_requests_total{{path="{p}",status="{s}"}} {n}'
+                    for (p, s), n in sorted(self.requests.items())
+                ),
                 "# HELP edgemoe_errors_total Requests answered with a 4xx or 5xx status.",
                 "# TYPE edgemoe_errors_total counter",
                 f"edgemoe_errors_total {self.errors}",
@@ -165,10 +170,12 @@ class Engine:
             from . import cluster
 
             if opts.parallel != 1:  # the slots would share each worker's one RPC connection from several threads
-                raise EdgeMoEError("--workers serves one request at a time", "drop --parallel, or serve without "
-                                   "--workers")
-            llm, self.split = cluster.load_split_model(opts.model, opts.workers, ctx=opts.ctx,
-                                                       threads=self.slot_threads)
+                raise EdgeMoEError(
+                    "--workers serves one request at a time", "drop --parallel, or serve without --workers"
+                )
+            llm, self.split = cluster.load_split_model(
+                opts.model, opts.workers, ctx=opts.ctx, threads=self.slot_threads
+            )
             self.llm = llm
         else:
             self.llm = llm = generate.load_model(opts.model, ctx=opts.ctx, threads=self.slot_threads)
@@ -192,8 +199,10 @@ class Engine:
             ctx = llama_cpp.llama_init_from_model(llm.model, params)
             if not ctx:
                 self.close()
-                raise EdgeMoEError(f"llama.cpp could not create {opts.parallel} contexts of {opts.ctx} tokens",
-                                   "lower --parallel or --ctx")
+                raise EdgeMoEError(
+                    f"llama.cpp could not create {opts.parallel} contexts of {opts.ctx} tokens",
+                    "lower --parallel or --ctx",
+                )
             self.contexts.append(ctx)
             self._own_contexts.append(ctx)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
@@ -201,8 +210,10 @@ class Engine:
         self.waiting_lock = threading.Lock()
         self.queue_limit = opts.queue
         self.metrics = Metrics()
-        self.workers = [threading.Thread(target=self._slot_loop, args=(ctx,), name=f"slot-{i}", daemon=True)
-                        for i, ctx in enumerate(self.contexts)]
+        self.workers = [
+            threading.Thread(target=self._slot_loop, args=(ctx,), name=f"slot-{i}", daemon=True)
+            for i, ctx in enumerate(self.contexts)
+        ]
         for w in self.workers:
             w.start()
 
@@ -339,8 +350,9 @@ class Engine:
 class ApiError(Exception):
     """An OpenAI-style error answer: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 kind: str | None = None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, param: str | None = None, kind: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
@@ -353,11 +365,16 @@ def _number(body: dict, name: str, kind: type, default, low=None, high=None):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or \
-            (low is not None and value < low) or (high is not None and value > high):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float) if kind is float else int)
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+    ):
         bounds = f" in [{low}, {high}]" if high is not None else (f" >= {low}" if low is not None else "")
-        raise ApiError(400, f"'{name}' must be {'a number' if kind is float else 'an integer'}{bounds}",
-                       "invalid_value", name)
+        raise ApiError(
+            400, f"'{name}' must be {'a number' if kind is float else 'an integer'}{bounds}", "invalid_value", name
+        )
     return kind(value)
 
 
@@ -380,13 +397,15 @@ def _text_content(content, where: str) -> str:
 def parse_messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' is required: a non-empty list of {role, content}", "missing_messages",
-                       "messages")
+        raise ApiError(
+            400, "'messages' is required: a non-empty list of {role, content}", "missing_messages", "messages"
+        )
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
-            raise ApiError(400, f"messages[{i}] needs a role of system, user, assistant or tool", "invalid_value",
-                           "messages")
+            raise ApiError(
+                400, f"messages[{i}] needs a role of system, user, assistant or tool", "invalid_value", "messages"
+            )
         message = {**m, "content": _text_content(m.get("content"), f"messages[{i}]")}
         if message["role"] == "developer":  # OpenAI's newer name for the system role; templates know `system`
             message["role"] = "system"
@@ -398,8 +417,12 @@ def parse_sampling(body: dict, engine: Engine, tokens: list[int]) -> dict:
     """max_tokens, temperature, seed, stop and ignore_eos of a request, checked; the prompt checked against the
     context."""
     if len(tokens) >= engine.n_ctx:
-        raise ApiError(400, f"the prompt is {len(tokens)} tokens, the context only {engine.n_ctx}",
-                       "context_length_exceeded", "messages" if "messages" in body else "prompt")
+        raise ApiError(
+            400,
+            f"the prompt is {len(tokens)} tokens, the context only {engine.n_ctx}",
+            "context_length_exceeded",
+            "messages" if "messages" in body else "prompt",
+        )
     if _number(body, "n", int, 1, 1) != 1:
         raise ApiError(400, "only n=1 is supported", "invalid_value", "n")
     room = engine.n_ctx - len(tokens)
@@ -436,8 +459,11 @@ def openai_tool_call(call_text: str) -> dict | None:
     arguments = call.get("arguments", call.get("parameters", {}))
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call["name"], "arguments": arguments}}
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": call["name"], "arguments": arguments},
+    }
 
 
 def chat_message(raw: str, thinking: bool, finish: str) -> tuple[dict, str]:
@@ -593,8 +619,12 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.server.engine
         model = body.get("model")
         if model is not None and model not in (engine.model_id, Path(engine.llm.model_path).name):
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{engine.model_id}'",
-                           "model_not_found", "model")
+            raise ApiError(
+                404,
+                f"the model '{model}' does not exist; this server serves '{engine.model_id}'",
+                "model_not_found",
+                "model",
+            )
 
     # -- routes --
 
@@ -607,8 +637,10 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self._route = self.path.split("?", 1)[0]
         routes = {
-            ("GET", "/health"): self._health, ("GET", "/metrics"): self._metrics,
-            ("GET", "/v1/models"): self._models, ("POST", "/v1/chat/completions"): self._chat,
+            ("GET", "/health"): self._health,
+            ("GET", "/metrics"): self._metrics,
+            ("GET", "/v1/models"): self._models,
+            ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/v1/completions"): self._completions,
         }
         with self.server.in_flight_lock:
@@ -617,8 +649,11 @@ class Handler(BaseHTTPRequestHandler):
             handler = routes.get((method, self._route))
             if handler is None:
                 known = any(path == self._route for _, path in routes)
-                raise ApiError(405 if known else 404, f"{method} {self._route} is not served here",
-                               "method_not_allowed" if known else "not_found")
+                raise ApiError(
+                    405 if known else 404,
+                    f"{method} {self._route} is not served here",
+                    "method_not_allowed" if known else "not_found",
+                )
             if self._route.startswith("/v1/"):
                 self._authorize()
             if self.server.stopping.is_set():
@@ -657,15 +692,28 @@ class Handler(BaseHTTPRequestHandler):
 
     def _models(self) -> None:
         engine = self.server.engine
-        self._send_json(200, {"object": "list", "data": [
-            {"id": engine.model_id, "object": "model", "created": int(os.path.getmtime(engine.llm.model_path)),
-             "owned_by": "edgemoe", "meta": {"n_ctx": engine.n_ctx, "thinking": engine.thinking}}]})
+        self._send_json(
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": engine.model_id,
+                        "object": "model",
+                        "created": int(os.path.getmtime(engine.llm.model_path)),
+                        "owned_by": "edgemoe",
+                        "meta": {"n_ctx": engine.n_ctx, "thinking": engine.thinking},
+                    }
+                ],
+            },
+        )
 
     def _queue(self, tokens: list[int], sampling: dict) -> Job:
         job = Job(tokens=tokens, **sampling)
         if not self.server.engine.submit(job):
-            raise ApiError(503, "every slot is busy and the queue is full; retry later", "queue_full",
-                           kind="server_error")
+            raise ApiError(
+                503, "every slot is busy and the queue is full; retry later", "queue_full", kind="server_error"
+            )
         return job
 
     def _chat(self) -> None:
@@ -681,8 +729,9 @@ class Handler(BaseHTTPRequestHandler):
         except EdgeMoEError as e:
             raise ApiError(400, e.message, "template_error", "messages") from None
         except (KeyError, TypeError) as e:
-            raise ApiError(400, f"the messages do not fit the model's chat template: {e}", "template_error",
-                           "messages") from None
+            raise ApiError(
+                400, f"the messages do not fit the model's chat template: {e}", "template_error", "messages"
+            ) from None
         tokens = engine.tokenize(prompt)
         sampling = parse_sampling(body, engine, tokens)
         stream = body.get("stream", False)
@@ -693,15 +742,23 @@ class Handler(BaseHTTPRequestHandler):
         if not stream:
             generation = self._wait(job)
             message, finish = chat_message(generation.text, engine.thinking, generation.finish_reason)
-            self._send_json(200, {**head, "object": "chat.completion", "choices": [
-                {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-                "usage": _usage(generation)})
+            self._send_json(
+                200,
+                {
+                    **head,
+                    "object": "chat.completion",
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                    "usage": _usage(generation),
+                },
+            )
             return
         translator = ChatStream(engine.thinking)
         chunk = {**head, "object": "chat.completion.chunk"}
         self._start_stream()
-        self._sse(job, {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                              "finish_reason": None}]})
+        self._sse(
+            job,
+            {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        )
         for kind, value in self._events(job):
             if kind == "text":
                 for delta in translator.feed(value):
@@ -731,27 +788,49 @@ class Handler(BaseHTTPRequestHandler):
         tokens = engine.tokenize(prompt)
         sampling = parse_sampling(body, engine, tokens)
         job = self._queue(tokens, sampling)
-        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": engine.model_id}
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": engine.model_id,
+        }
         if not body.get("stream", False):
             generation = self._wait(job)
-            self._send_json(200, {**head, "choices": [{"index": 0, "text": generation.text, "logprobs": None,
-                                                       "finish_reason": generation.finish_reason}],
-                                  "usage": _usage(generation)})
+            self._send_json(
+                200,
+                {
+                    **head,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": generation.text,
+                            "logprobs": None,
+                            "finish_reason": generation.finish_reason,
+                        }
+                    ],
+                    "usage": _usage(generation),
+                },
+            )
             return
         self._start_stream()
         for kind, value in self._events(job):
             if kind == "text":
-                self._sse(job, {**head, "choices": [{"index": 0, "text": value, "logprobs": None,
-                                                     "finish_reason": None}]})
+                self._sse(
+                    job, {**head, "choices": [{"index": 0, "text": value, "logprobs": None, "finish_reason": None}]}
+                )
             elif kind == "error":
                 self._sse(job, {"error": {"message": value, "type": "server_error", "code": "generation_failed"}})
             elif value.finish_reason == "cancelled":
                 raise ClientGone
             else:
-                self._sse(job, {**head, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                                     "finish_reason": value.finish_reason}],
-                                "usage": _usage(value)})
+                self._sse(
+                    job,
+                    {
+                        **head,
+                        "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": value.finish_reason}],
+                        "usage": _usage(value),
+                    },
+                )
         self._sse_done(job)
 
     def _wait(self, job: Job) -> Generation:
@@ -792,8 +871,11 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def _usage(g: Generation) -> dict:
-    return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
-            "total_tokens": g.prompt_tokens + g.completion_tokens}
+    return {
+        "prompt_tokens": g.prompt_tokens,
+        "completion_tokens": g.completion_tokens,
+        "total_tokens": g.prompt_tokens + g.completion_tokens,
+    }
 
 
 # ---- running it ------------------------------------------------------------------------------------------------
@@ -832,8 +914,10 @@ def serve(opts: ServeOptions, on_ready: Callable[[ServeInfo], None], log: Callab
         httpd = Server((opts.host, opts.port), engine, opts.api_key, log)
     except OSError as e:
         engine.close()
-        raise EdgeMoEError(f"cannot listen on {opts.host}:{opts.port}: {e.strerror}",
-                           "another server may hold the port: choose another with --port") from e
+        raise EdgeMoEError(
+            f"cannot listen on {opts.host}:{opts.port}: {e.strerror}",
+            "another server may hold the port: choose another with --port",
+        ) from e
     except socket.gaierror as e:  # pragma: no cover - a subclass of OSError on current Pythons
         engine.close()
         raise EdgeMoEError(f"cannot resolve --host {opts.host}", "give an IP address such as 127.0.0.1") from e
@@ -845,11 +929,21 @@ def serve(opts: ServeOptions, on_ready: Callable[[ServeInfo], None], log: Callab
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         host, port = httpd.server_address[:2]
-        on_ready(ServeInfo(
-            url=f"http://{host}:{port}", model=str(opts.model), model_id=engine.model_id, thinking=engine.thinking,
-            slots=len(engine.contexts), threads_per_slot=engine.slot_threads, ctx=engine.n_ctx, queue=opts.queue,
-            api_key=opts.api_key is not None, library=engine.generate.binding_info().library,
-            split=[vars(p) for p in engine.split.parts] if engine.split else None))
+        on_ready(
+            ServeInfo(
+                url=f"http://{host}:{port}",
+                model=str(opts.model),
+                model_id=engine.model_id,
+                thinking=engine.thinking,
+                slots=len(engine.contexts),
+                threads_per_slot=engine.slot_threads,
+                ctx=engine.n_ctx,
+                queue=opts.queue,
+                api_key=opts.api_key is not None,
+                library=engine.generate.binding_info().library,
+                split=[vars(p) for p in engine.split.parts] if engine.split else None,
+            )
+        )
         httpd.serve_forever(poll_interval=0.2)
     finally:
         httpd.stopping.set()
@@ -865,8 +959,9 @@ def serve(opts: ServeOptions, on_ready: Callable[[ServeInfo], None], log: Callab
         for s, handler in previous.items():
             signal.signal(s, handler)
     m = engine.metrics
-    return ServeSummary(requests=sum(m.requests.values()), errors=m.errors, cancelled=m.cancelled,
-                        completion_tokens=m.completion_tokens)
+    return ServeSummary(
+        requests=sum(m.requests.values()), errors=m.errors, cancelled=m.cancelled, completion_tokens=m.completion_tokens
+    )
 
 
 # ---- systemd -----------------------------------------------------------------------------------------------------
@@ -908,11 +1003,28 @@ def install_systemd(opts: ServeOptions, path: Path | None = None) -> SystemdUnit
     threads = opts.threads or default_threads()
     console_script = Path(sys.executable).with_name("edgemoe")
     program = [str(console_script)] if console_script.exists() else [sys.executable, "-m", "edgemoe_cli.cli"]
-    argv = [*program, "serve", str(model), "--host", opts.host, "--port", str(opts.port), "--ctx", str(opts.ctx),
-            "--parallel", str(opts.parallel), "--threads", str(threads), "--queue", str(opts.queue)]
+    argv = [
+        *program,
+        "serve",
+        str(model),
+        "--host",
+        opts.host,
+        "--port",
+        str(opts.port),
+        "--ctx",
+        str(opts.ctx),
+        "--parallel",
+        str(opts.parallel),
+        "--threads",
+        str(threads),
+        "--queue",
+        str(opts.queue),
+    ]
     if opts.workers:
-        argv += ["--workers", ",".join(w.endpoint + (f"={w.memory_bytes}" if w.memory_bytes else "")
-                                       for w in opts.workers)]
+        argv += [
+            "--workers",
+            ",".join(w.endpoint + (f"={w.memory_bytes}" if w.memory_bytes else "") for w in opts.workers),
+        ]
     if opts.model_id:
         argv += ["--model-id", opts.model_id]
     env = {}
@@ -951,5 +1063,6 @@ def install_systemd(opts: ServeOptions, path: Path | None = None) -> SystemdUnit
     systemctl = "systemctl" if system_wide else "systemctl --user"
     if opts.api_key:  # what is shown or printed as JSON must not carry the key
         unit = unit.replace(_systemd_word(f"EDGEMOE_API_KEY={opts.api_key}"), '"EDGEMOE_API_KEY=(in the file)"')
-    return SystemdUnit(path=str(path), unit=unit, enable=[f"{systemctl} daemon-reload",
-                                                          f"{systemctl} enable --now {path.name}"])
+    return SystemdUnit(
+        path=str(path), unit=unit, enable=[f"{systemctl} daemon-reload", f"{systemctl} enable --now {path.name}"]
+    )

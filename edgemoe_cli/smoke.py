@@ -33,9 +33,9 @@ N_TOKENS = 24
 # Words of the tools' greedy text that must equal F16's. Measured on this x86 build: 5 (Q4_0) to all 24 tokens; the
 # previous Armv9-under-qemu runs agreed with x86 on 6-11 words. 3 leaves room for a different CPU's rounding.
 MIN_SAME_WORDS = 3
-# Teacher-forced on F16's 24 greedy tokens (each build records them: `edgemoe build --json` -> smoke.cases): mean KL Q8_0 5.8e-6,
-# Q6_K 7.7e-5, IQ4_NL 6.5e-4, Q4_0 3.9e-3, Q4_K_M 5.5e-3, top-1 agreement 1.0 for all. A wrong kernel gives KL of
-# order 1 and near-random top-1. The bounds sit ~10x above the worst good type.
+# Teacher-forced on F16's 24 greedy tokens (each build records them: `edgemoe build --json` -> smoke.cases):
+# mean KL Q8_0 5.8e-6, Q6_K 7.7e-5, IQ4_NL 6.5e-4, Q4_0 3.9e-3, Q4_K_M 5.5e-3, top-1 agreement 1.0 for all.
+# A wrong kernel gives KL of order 1 and near-random top-1. The bounds sit ~10x above the worst good type.
 MAX_MEAN_KL = 0.05
 MIN_TOP1 = 0.75
 FIXTURE = "tiny-ernie-thinking"
@@ -119,8 +119,9 @@ def _describe_exit(rc: int) -> str:
 def _run(cmd: list[str], log, timeout: float, env: Optional[dict] = None) -> tuple[int, str, str]:
     log.write("$ " + " ".join(cmd) + "\n")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout,
-                              env={**os.environ, **(env or {})})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, errors="replace", timeout=timeout, env={**os.environ, **(env or {})}
+        )
     except subprocess.TimeoutExpired:
         log.write(f"timed out after {timeout:.0f} s\n")
         return -999, "", f"timed out after {timeout:.0f} s"
@@ -137,9 +138,15 @@ def _failure(rc: int, stderr: str) -> tuple[str, bool]:
     return (what if rc < 0 else f"{what}: {last_error(stderr)}"), rc < 0
 
 
-def run_smoke(bin_dir: str | Path, lib_dir: str | Path, runner: Optional[list[str]] = None,
-              runner_env: Optional[dict] = None, binding: bool = True, log_path: Optional[Path] = None,
-              timeout: float = 120.0) -> SmokeResult:
+def run_smoke(
+    bin_dir: str | Path,
+    lib_dir: str | Path,
+    runner: Optional[list[str]] = None,
+    runner_env: Optional[dict] = None,
+    binding: bool = True,
+    log_path: Optional[Path] = None,
+    timeout: float = 120.0,
+) -> SmokeResult:
     """Run the smoke test against one build's tools (`bin_dir`) and, with `binding`, its libllama (`lib_dir`).
 
     `runner` prefixes every tool command (qemu-aarch64 and its -cpu for a cross build). Nothing here raises for a
@@ -151,20 +158,25 @@ def run_smoke(bin_dir: str | Path, lib_dir: str | Path, runner: Optional[list[st
     label = " ".join(runner) if runner else "native"
     src = fixture_dir()
     if src is None:
-        return SmokeResult(passed=True, skipped=f"the {FIXTURE} fixture is not shipped with this edgemoe",
-                           runner=label)
+        return SmokeResult(passed=True, skipped=f"the {FIXTURE} fixture is not shipped with this edgemoe", runner=label)
     bin_dir, lib_dir = Path(bin_dir), Path(lib_dir)
     result = SmokeResult(passed=True, runner=label)
-    with tempfile.TemporaryDirectory(prefix="edgemoe-smoke-") as tmp, \
-            open(log_path or Path(tmp) / "smoke.log", "w") as log:
+    with (
+        tempfile.TemporaryDirectory(prefix="edgemoe-smoke-") as tmp,
+        open(log_path or Path(tmp) / "smoke.log", "w") as log,
+    ):
         result.log = str(log_path) if log_path else ""
         models = {"F16": Path(tmp) / "F16.gguf"}
         convert(src, models["F16"], "f16")
         prompt = chat_prompt_text(models["F16"])
         for ftype in SMOKE_FTYPES[1:]:
             out = Path(tmp) / f"{ftype}.gguf"
-            rc, _, err = _run([*(runner or []), str(bin_dir / "llama-quantize"), str(models["F16"]), str(out), ftype,
-                               "2"], log, timeout * 2, runner_env)
+            rc, _, err = _run(
+                [*(runner or []), str(bin_dir / "llama-quantize"), str(models["F16"]), str(out), ftype, "2"],
+                log,
+                timeout * 2,
+                runner_env,
+            )
             if rc != 0:
                 detail, crashed = _failure(rc, err)
                 result.cases.append(SmokeCase(ftype, "tools", False, f"llama-quantize {detail}", crashed))
@@ -179,18 +191,51 @@ def run_smoke(bin_dir: str | Path, lib_dir: str | Path, runner: Optional[list[st
     return result
 
 
-def _tools_cases(result: SmokeResult, bin_dir: Path, models: dict[str, Path], prompt: str,
-                 runner: Optional[list[str]], runner_env: Optional[dict], log, timeout: float) -> None:
+def _tools_cases(
+    result: SmokeResult,
+    bin_dir: Path,
+    models: dict[str, Path],
+    prompt: str,
+    runner: Optional[list[str]],
+    runner_env: Optional[dict],
+    log,
+    timeout: float,
+) -> None:
     reference: Optional[list[str]] = None
     for ftype, model in models.items():
-        cmd = [*(runner or []), str(bin_dir / "llama-completion"), "-m", str(model), "-p", prompt, "-n",
-               str(N_TOKENS), "--temp", "0", "--ignore-eos", "-no-cnv", "--no-display-prompt", "--no-warmup",
-               "-c", "256", "-t", "2", "--seed", "1"]
+        cmd = [
+            *(runner or []),
+            str(bin_dir / "llama-completion"),
+            "-m",
+            str(model),
+            "-p",
+            prompt,
+            "-n",
+            str(N_TOKENS),
+            "--temp",
+            "0",
+            "--ignore-eos",
+            "-no-cnv",
+            "--no-display-prompt",
+            "--no-warmup",
+            "-c",
+            "256",
+            "-t",
+            "2",
+            "--seed",
+            "1",
+        ]
         rc, out, err = _run(cmd, log, timeout, runner_env)
         if not result.system_info:
             # "0.00.077.923 I system_info: n_threads = 2 (...) / 2 | CPU : SSE3 = 1 | ..."
-            result.system_info = next((line.split("system_info:", 1)[1].split("|", 1)[-1].strip()
-                                       for line in err.splitlines() if "system_info:" in line), "")
+            result.system_info = next(
+                (
+                    line.split("system_info:", 1)[1].split("|", 1)[-1].strip()
+                    for line in err.splitlines()
+                    if "system_info:" in line
+                ),
+                "",
+            )
         if rc != 0:
             detail, crashed = _failure(rc, err)
             result.cases.append(SmokeCase(ftype, "tools", False, f"llama-completion {detail}", crashed))
@@ -203,7 +248,9 @@ def _tools_cases(result: SmokeResult, bin_dir: Path, models: dict[str, Path], pr
             ok = len(words) >= MIN_SAME_WORDS
             detail = f"{len(words)} words" if ok else "wrote almost nothing"
         else:
-            same = next((i for i, (a, b) in enumerate(zip(reference, words)) if a != b), min(len(reference), len(words)))
+            same = next(
+                (i for i, (a, b) in enumerate(zip(reference, words)) if a != b), min(len(reference), len(words))
+            )
             ok = same >= MIN_SAME_WORDS
             detail = f"first {same} words as F16" + ("" if ok else f" (needs {MIN_SAME_WORDS}): wrong result")
         result.cases.append(SmokeCase(ftype, "tools", ok, detail, text=out.strip()[:200]))
@@ -230,8 +277,9 @@ def _binding_cases(result: SmokeResult, lib_dir: Path, models: dict[str, Path], 
             continue
         mean_kl, top1 = compare_scores(reference, scores)
         ok = mean_kl <= MAX_MEAN_KL and top1 >= MIN_TOP1
-        detail = f"mean KL {mean_kl:.2g}, top-1 {top1:.0%}" + ("" if ok else
-                                                                 f" (bounds {MAX_MEAN_KL}, {MIN_TOP1:.0%}): wrong result")
+        detail = f"mean KL {mean_kl:.2g}, top-1 {top1:.0%}" + (
+            "" if ok else f" (bounds {MAX_MEAN_KL}, {MIN_TOP1:.0%}): wrong result"
+        )
         result.cases.append(SmokeCase(ftype, "binding", ok, detail, mean_kl=mean_kl, top1=top1))
 
 
@@ -254,8 +302,7 @@ def _score_child(model: str, out: str, reference: Optional[str]) -> None:
     from .llamacpp import import_binding
 
     llama_cpp = import_binding()
-    llm = llama_cpp.Llama(model_path=model, n_ctx=256, n_threads=2, n_threads_batch=2, logits_all=True,
-                          verbose=False)
+    llm = llama_cpp.Llama(model_path=model, n_ctx=256, n_threads=2, n_threads_batch=2, logits_all=True, verbose=False)
     prompt = llm.tokenize(chat_prompt_text(Path(model)).encode(), add_bos=True, special=True)
     if reference is None:
         llm.eval(prompt)
@@ -276,7 +323,8 @@ def _score_child(model: str, out: str, reference: Optional[str]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "--score":
-        _score_child(sys.argv[2], sys.argv[3], sys.argv[5] if len(sys.argv) >= 6 and sys.argv[4] == "--reference"
-                     else None)
+        _score_child(
+            sys.argv[2], sys.argv[3], sys.argv[5] if len(sys.argv) >= 6 and sys.argv[4] == "--reference" else None
+        )
     else:
         sys.exit("usage: python -m edgemoe_cli.smoke --score MODEL.gguf OUT.npz [--reference REF.npz]")

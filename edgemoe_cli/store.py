@@ -101,8 +101,9 @@ def refuse_input_as_output(out: str | Path, inputs, option: str = "--out") -> No
     """
     for source in inputs:
         if source is not None and same_file(out, source):
-            raise EdgeMoEError(f"{option} {out} is an input of this command ({source})",
-                               "write the output to a new file")
+            raise EdgeMoEError(
+                f"{option} {out} is an input of this command ({source})", "write the output to a new file"
+            )
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -27,7 +27,9 @@ def parse_size(text: str, what: str = "the size") -> int:
     number = m.group(1)
     value = Fraction(number) * (1000 if decimal else 1024) ** power if len(number) <= 32 else None
     if value is None or value > MAX_SIZE:
-        raise EdgeMoEError(f"{what} {str(text)[:40]!r} is larger than any disk or memory", f"give at most {human_bytes(MAX_SIZE)}")
+        raise EdgeMoEError(
+            f"{what} {str(text)[:40]!r} is larger than any disk or memory", f"give at most {human_bytes(MAX_SIZE)}"
+        )
     return int(value)
 
 

@@ -17,8 +17,9 @@ if "EDGEMOE_BUILDS" not in os.environ:
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SOURCE = REPO.parent / "shared" / "fixtures"  # the project's originals (CI has them beside the clone)
 SHIPPED_FIXTURES = REPO / "data" / "fixtures"  # the copies in the repo (tests/test_run.py checks they match)
-SHARED_FIXTURES = Path(os.environ.get("EDGEMOE_SHARED_FIXTURES") or
-                       (SHARED_SOURCE if SHARED_SOURCE.is_dir() else SHIPPED_FIXTURES))
+SHARED_FIXTURES = Path(
+    os.environ.get("EDGEMOE_SHARED_FIXTURES") or (SHARED_SOURCE if SHARED_SOURCE.is_dir() else SHIPPED_FIXTURES)
+)
 VARIANTS = ("pt", "thinking")
 
 

@@ -67,8 +67,14 @@ class HubRepo:
     gated: bool = False
 
     @classmethod
-    def from_dir(cls, repo_id: str, directory: Path, commit: str | None = None, gated: bool = False,
-                 extra: dict[str, Path] | None = None) -> "HubRepo":
+    def from_dir(
+        cls,
+        repo_id: str,
+        directory: Path,
+        commit: str | None = None,
+        gated: bool = False,
+        extra: dict[str, Path] | None = None,
+    ) -> "HubRepo":
         """A repo holding the top-level files of `directory` (plus `extra` name -> path), at one commit on main."""
         sources = {p.name: p for p in sorted(Path(directory).iterdir()) if p.is_file()} if directory else {}
         sources.update(extra or {})
@@ -140,8 +146,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json"})
 
     def _error(self, status: int, code: str, message: str, head: bool = False) -> None:
-        self._send(status, json.dumps({"error": message}).encode(),
-                   {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message}, head)
+        self._send(
+            status,
+            json.dumps({"error": message}).encode(),
+            {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message},
+            head,
+        )
 
     def _lookup(self, repo_id: str, rev: str | None, head: bool = False):
         repo = self.hub.repos.get(repo_id)
@@ -202,12 +212,21 @@ class _Handler(BaseHTTPRequestHandler):
             repo, commit = self._lookup(m[1], m[2])
             if commit is None:
                 return
-            return self._json({
-                "id": repo.repo_id, "modelId": repo.repo_id, "sha": commit, "private": False,
-                "gated": "auto" if repo.gated else False, "disabled": False, "tags": [], "downloads": 0,
-                "likes": 0, "library_name": "transformers",
-                "siblings": [self._file_json(f, tree=False) for f in repo.files.values()],
-            })
+            return self._json(
+                {
+                    "id": repo.repo_id,
+                    "modelId": repo.repo_id,
+                    "sha": commit,
+                    "private": False,
+                    "gated": "auto" if repo.gated else False,
+                    "disabled": False,
+                    "tags": [],
+                    "downloads": 0,
+                    "likes": 0,
+                    "library_name": "transformers",
+                    "siblings": [self._file_json(f, tree=False) for f in repo.files.values()],
+                }
+            )
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", url.path):
             repo, commit = self._lookup(m[1], m[2])
             if commit is None:
@@ -227,8 +246,12 @@ class _Handler(BaseHTTPRequestHandler):
         if f is None or name in self.hub.gone:
             return self._error(404, "EntryNotFound", f"{name} does not exist at {commit}", head)
         size = self.hub.size_of(f)
-        headers = {"X-Repo-Commit": commit, "ETag": f'"{f.etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": commit,
+            "ETag": f'"{f.etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         if f.sha256:
             headers |= {"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": size}
         if head:
@@ -247,7 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        body = bytearray(data[start:end + 1])
+        body = bytearray(data[start : end + 1])
         if (at := self.hub.corrupt.get(name)) is not None and start <= at <= end:
             body[at - start] ^= 0xFF
         self.send_response(status)
@@ -261,7 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
         sent = 0
         try:
             while sent < stop:
-                chunk = bytes(body[sent:min(stop, sent + (1 << 16))])
+                chunk = bytes(body[sent : min(stop, sent + (1 << 16))])
                 self.wfile.write(chunk)
                 sent += len(chunk)
                 with self.hub._lock:

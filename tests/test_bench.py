@@ -11,17 +11,18 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from test_prune import other_arch_gguf
 
 from edgemoe_cli import bench
-from test_prune import other_arch_gguf
 
 EDGEMOE = Path(sys.executable).with_name("edgemoe")
 
 
 def edgemoe(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "edgemoe_cli.cli", *args], capture_output=True, text=True,
-                          timeout=1800, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "edgemoe_cli.cli", *args], capture_output=True, text=True, timeout=1800, env=env
+    )
 
 
 def test_active_bytes_count_top_k_of_n_routed_experts(tiny_gguf):
@@ -39,8 +40,11 @@ def test_copy_bandwidth_is_measured():
 
 
 def test_test_names_follow_llama_bench():
-    assert (bench.test_name(512, 0), bench.test_name(0, 128), bench.test_name(128, 128)) == ("pp512", "tg128",
-                                                                                           "pp128+tg128")
+    assert (bench.test_name(512, 0), bench.test_name(0, 128), bench.test_name(128, 128)) == (
+        "pp512",
+        "tg128",
+        "pp128+tg128",
+    )
 
 
 def test_errors_are_one_line_and_write_nothing(tiny_gguf, tmp_path):
@@ -71,8 +75,22 @@ def native_build() -> dict:
 def test_llama_bench_matrix_reports_and_plots(native_build, tiny_gguf, tmp_path):
     models = [str(tiny_gguf("thinking", "f16")), str(tiny_gguf("thinking", "q8_0"))]
     out = tmp_path / "bench"
-    proc = edgemoe("bench", *models, "--threads", "1,2", "--reps", "2", "--n-prompt", "64", "--n-gen", "16",
-                   "--pg", "16,16", "--out", str(out))
+    proc = edgemoe(
+        "bench",
+        *models,
+        "--threads",
+        "1,2",
+        "--reps",
+        "2",
+        "--n-prompt",
+        "64",
+        "--n-gen",
+        "16",
+        "--pg",
+        "16,16",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads((out / "bench.json").read_text())
     cells = {(Path(r["model"]).name, r["test"], r["threads"]) for r in data["rows"]}

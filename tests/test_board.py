@@ -29,6 +29,7 @@ def cpu(name: str, capacities: str | None = None) -> board.CpuInfo:
 
 # ---- parsing and core naming ----
 
+
 @pytest.mark.parametrize(
     "fname, n_cpus, names, arch_flags",
     [
@@ -39,8 +40,12 @@ def cpu(name: str, capacities: str | None = None) -> board.CpuInfo:
         # this kernel did not report i8mm/bf16 yet: the string must not claim them
         ("cpuinfo-neoverse-v1-graviton3-oldkernel.txt", 1, ["Neoverse V1"], "armv8.4-a+sve+dotprod"),
         ("cpuinfo-cix-p1-orion-o6.txt", 12, ["Cortex-A520", "Cortex-A720"], "armv9-a+sve2+i8mm+bf16+dotprod"),
-        ("cpuinfo-cortex-x4-exynos2400.txt", 10, ["Cortex-A520", "Cortex-A720", "Cortex-X4"],
-         "armv9-a+sve2+i8mm+bf16+dotprod"),
+        (
+            "cpuinfo-cortex-x4-exynos2400.txt",
+            10,
+            ["Cortex-A520", "Cortex-A720", "Cortex-X4"],
+            "armv9-a+sve2+i8mm+bf16+dotprod",
+        ),
         # Armv9.2 cores with SVE hidden by the vendor: no armv9-a (it implies sve2), i8mm/bf16 spelled out
         ("cpuinfo-cortex-a520-nosve-sd7sgen4.txt", 4, ["Cortex-A520"], "armv8.6-a+i8mm+bf16+dotprod+fp16"),
     ],
@@ -93,8 +98,10 @@ def test_x86_cpuinfo():
 
 
 def test_sme_and_bare_armv8():
-    assert board.arm_arch_flags(["asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme"]) == \
-        "armv9.2-a+sve2+i8mm+bf16+dotprod+sme"
+    assert (
+        board.arm_arch_flags(["asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme"])
+        == "armv9.2-a+sve2+i8mm+bf16+dotprod+sme"
+    )
     assert board.arm_arch_flags(["fp", "asimd"], [(0x41, 0xD08)]) == "armv8-a"
 
 
@@ -111,6 +118,7 @@ def test_empty_cpuinfo_is_a_user_error():
 
 
 # ---- memory fit, against numbers derived here independently ----
+
 
 def test_parameter_count_matches_llama_bench():
     # the Arm Learning Path's llama-bench prints 21.83 B params for ERNIE-4.5-21B-A3B
@@ -161,6 +169,7 @@ def test_fit_on_known_boards():
 
 # ---- board profiles ----
 
+
 @pytest.mark.parametrize("name", board.list_boards())
 def test_board_profiles_agree_with_arm_arch_flags(name):
     b = board.load_board(name)
@@ -169,8 +178,9 @@ def test_board_profiles_agree_with_arm_arch_flags(name):
 
 
 def test_known_boards_present():
-    assert {"radxa-orion-o6", "aws-graviton3", "aws-graviton4", "github-ubuntu-24.04-arm",
-            "raspberry-pi-5"} <= set(board.list_boards())
+    assert {"radxa-orion-o6", "aws-graviton3", "aws-graviton4", "github-ubuntu-24.04-arm", "raspberry-pi-5"} <= set(
+        board.list_boards()
+    )
 
 
 def test_unknown_and_malformed_board(tmp_path):
@@ -184,13 +194,29 @@ def test_unknown_and_malformed_board(tmp_path):
 
 # ---- doctor on this machine ----
 
+
 def test_doctor_json_on_this_machine():
     res = CliRunner().invoke(app, ["doctor", "--json", "--ctx", "8192"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
-    for key in ("os", "arch", "cpu_model", "n_cpus", "cores", "features", "sve_vector_bits", "ram_total_bytes",
-                "ram_available_bytes", "disk_free_bytes", "binding", "llama_error",
-                "native_build", "ggml_cpu_arm_arch", "recommendations", "fits"):
+    for key in (
+        "os",
+        "arch",
+        "cpu_model",
+        "n_cpus",
+        "cores",
+        "features",
+        "sve_vector_bits",
+        "ram_total_bytes",
+        "ram_available_bytes",
+        "disk_free_bytes",
+        "binding",
+        "llama_error",
+        "native_build",
+        "ggml_cpu_arm_arch",
+        "recommendations",
+        "fits",
+    ):
         assert key in rep
     assert rep["n_cpus"] == os.cpu_count()
     assert 0 < rep["ram_available_bytes"] <= rep["ram_total_bytes"]
@@ -215,8 +241,13 @@ def test_doctor_table_renders():
 def test_doctor_reports_a_missing_binding_instead_of_crashing(tmp_path):
     # a fresh interpreter, so llama_cpp is not already imported; the binding is pointed at a library that isn't
     env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(tmp_path / "nowhere"))
-    res = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli", "doctor", "--json"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "edgemoe_cli.cli", "doctor", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     rep = json.loads(res.stdout)
     assert rep["binding"] is None
@@ -225,16 +256,27 @@ def test_doctor_reports_a_missing_binding_instead_of_crashing(tmp_path):
 
 
 def test_doctor_rejects_bad_ctx():
-    res = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli", "doctor", "--ctx", "0"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "edgemoe_cli.cli", "doctor", "--ctx", "0"], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
 
 
 # ---- the stock-type rules against llama.cpp's own quantizer, on the tiny trained fixture ----
 
-TINY = board.ErnieShape(vocab=8192, hidden=256, n_layers=4, dense_ffn=1024, n_experts=16, expert_ffn=256,
-                        shared_ffn=512, n_head=4, n_kv_heads=2, head_dim=64)  # tests/../shared/fixtures config.json
+TINY = board.ErnieShape(
+    vocab=8192,
+    hidden=256,
+    n_layers=4,
+    dense_ffn=1024,
+    n_experts=16,
+    expert_ffn=256,
+    shared_ffn=512,
+    n_head=4,
+    n_kv_heads=2,
+    head_dim=64,
+)  # tests/../shared/fixtures config.json
 
 
 @pytest.mark.parametrize("ftype, code", [("Q4_0", 2), ("Q8_0", 7), ("Q4_K_M", 15)])

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from edgemoe_cli import board, plan
-from edgemoe_cli.errors import EdgeMoEError
 from edgemoe_cli.ernie21b import GIB
+from edgemoe_cli.errors import EdgeMoEError
 
 
 @pytest.mark.parametrize("name", board.list_boards())
@@ -28,9 +28,11 @@ def test_build_options_take_the_profiles_flags(name):
 
 def test_build_options_drop_i8mm_for_a_wide_sve_board(tmp_path):
     wide = tmp_path / "a64-512.toml"
-    wide.write_text('name = "wide"\narch = "aarch64"\nram_gib = 64\ncpus = 48\nsve_vector_bits = 512\n'
-                    'features = ["asimd", "asimddp", "i8mm", "sve"]\n'
-                    'ggml_cpu_arm_arch = "armv8.4-a+sve+i8mm+dotprod"\n')
+    wide.write_text(
+        'name = "wide"\narch = "aarch64"\nram_gib = 64\ncpus = 48\nsve_vector_bits = 512\n'
+        'features = ["asimd", "asimddp", "i8mm", "sve"]\n'
+        'ggml_cpu_arm_arch = "armv8.4-a+sve+i8mm+dotprod"\n'
+    )
     _, arch, notes = board.build_options(str(wide), None, host_machine="x86_64")
     assert arch == "armv8.4-a+sve+dotprod" and "512 bits" in notes[0]
     with pytest.raises(EdgeMoEError, match="not both"):
@@ -38,8 +40,13 @@ def test_build_options_drop_i8mm_for_a_wide_sve_board(tmp_path):
 
 
 def test_build_board_dry_run_cross_compiles_with_the_boards_flags():
-    p = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli", "build", "--board", "radxa-orion-o6", "--dry-run",
-                        "--json"], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    p = subprocess.run(
+        [sys.executable, "-m", "edgemoe_cli.cli", "build", "--board", "radxa-orion-o6", "--dry-run", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     if p.returncode != 0 and "cross compiler" in p.stderr:
         pytest.skip("no aarch64 cross compiler here")
     assert p.returncode == 0, p.stderr

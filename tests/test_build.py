@@ -51,7 +51,9 @@ def cross_gcc(monkeypatch):
 
     def use(version: int = 12):
         real_which = shutil.which
-        monkeypatch.setattr(B.shutil, "which", lambda n: f"/usr/bin/{n}" if n.startswith(B.CROSS_PREFIX) else real_which(n))
+        monkeypatch.setattr(
+            B.shutil, "which", lambda n: f"/usr/bin/{n}" if n.startswith(B.CROSS_PREFIX) else real_which(n)
+        )
         monkeypatch.setattr(B, "compiler_version", lambda cc: (f"{cc} (Debian {version}.2.0) {version}.2.0", version))
         monkeypatch.setattr(B.platform, "machine", lambda: "x86_64")
 
@@ -62,8 +64,15 @@ def test_cross_plan_flags_and_toolchain(fake_tree, builds, cross_gcc):
     cross_gcc(12)
     plan = B.plan_build(source=str(fake_tree), target="aarch64", arch="armv9-a+sve2+i8mm+dotprod", jobs=2)
     cfg = plan.configure
-    for flag in ("-DGGML_NATIVE=OFF", "-DGGML_CPU_ARM_ARCH=armv9-a+sve2+i8mm+dotprod", "-DGGML_CPU_KLEIDIAI=ON",
-                 "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DBUILD_SHARED_LIBS=ON", "-G"):
+    for flag in (
+        "-DGGML_NATIVE=OFF",
+        "-DGGML_CPU_ARM_ARCH=armv9-a+sve2+i8mm+dotprod",
+        "-DGGML_CPU_KLEIDIAI=ON",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DBUILD_SHARED_LIBS=ON",
+        "-G",
+    ):
         assert flag in cfg
     assert f"-DCMAKE_TOOLCHAIN_FILE={plan.toolchain_file}" in cfg
     assert "set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)" in plan.toolchain_text
@@ -117,8 +126,12 @@ def test_dry_run_prints_cmake_lines(fake_tree, builds, cross_gcc):
 
 def test_bad_inputs_are_one_line_errors(fake_tree, builds, tmp_path):
     def fails(*args: str) -> str:
-        proc = subprocess.run([str(EDGEMOE), "build", *args], capture_output=True, text=True,
-                              env={**os.environ, "EDGEMOE_BUILDS": str(builds)})
+        proc = subprocess.run(
+            [str(EDGEMOE), "build", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "EDGEMOE_BUILDS": str(builds)},
+        )
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
         return proc.stderr
@@ -172,8 +185,12 @@ def test_failed_build_names_the_error_and_the_log(fake_tree, builds, cross_gcc):
     cross_gcc(13)
     plan = B.plan_build(source=str(fake_tree), target="aarch64", kleidiai=False)
     plan.configure = ["sh", "-c", "echo '-- Configuring done'"]
-    plan.build = ["sh", "-c", "echo '[1/2] Building C object a.o'; "
-                  "echo 'x.c:3:1: internal compiler error: in vect_transform_reduction'; echo 'ninja: build stopped'; exit 1"]
+    plan.build = [
+        "sh",
+        "-c",
+        "echo '[1/2] Building C object a.o'; "
+        "echo 'x.c:3:1: internal compiler error: in vect_transform_reduction'; echo 'ninja: build stopped'; exit 1",
+    ]
     with pytest.raises(EdgeMoEError) as e:
         B.run_build(plan)
     assert "internal compiler error: in vect_transform_reduction" in e.value.message
@@ -186,7 +203,11 @@ def test_progress_steps_are_reported(fake_tree, builds, cross_gcc, tmp_path):
     cross_gcc(13)
     plan = B.plan_build(source=str(fake_tree), target="aarch64", kleidiai=False)
     plan.configure = ["true"]
-    plan.build = ["sh", "-c", "echo '[1/3] Building C object a.o'; echo warning; echo '[3/3] Linking llama-cli'; exit 3"]
+    plan.build = [
+        "sh",
+        "-c",
+        "echo '[1/3] Building C object a.o'; echo warning; echo '[3/3] Linking llama-cli'; exit 3",
+    ]
     seen = []
     with pytest.raises(EdgeMoEError):
         B.run_build(plan, progress=lambda d, t, what: seen.append((d, t, what)))
@@ -198,12 +219,22 @@ def _fake_installed_build(plan: B.BuildPlan) -> Path:
     (out / "bin").mkdir(parents=True)
     (out / "lib").mkdir()
     (out / "lib" / "libllama.so").write_bytes(b"")
-    (out / "build.json").write_text(json.dumps({
-        "key": plan.key, "target": plan.target, "arch": plan.arch, "kleidiai": plan.kleidiai,
-        "source_id": plan.source_id, "tools": ["llama-quantize"], "seconds": 1.0, "notes": [],
-        # proven earlier (a recorded smoke test is not run again); test_smoke.py runs real ones
-        "smoke": {"passed": True, "version": SMOKE_VERSION, "cases": []},
-    }))
+    (out / "build.json").write_text(
+        json.dumps(
+            {
+                "key": plan.key,
+                "target": plan.target,
+                "arch": plan.arch,
+                "kleidiai": plan.kleidiai,
+                "source_id": plan.source_id,
+                "tools": ["llama-quantize"],
+                "seconds": 1.0,
+                "notes": [],
+                # proven earlier (a recorded smoke test is not run again); test_smoke.py runs real ones
+                "smoke": {"passed": True, "version": SMOKE_VERSION, "cases": []},
+            }
+        )
+    )
     return out
 
 
@@ -217,8 +248,15 @@ def test_cache_hit_is_instant_and_current_needs_a_loadable_binding(fake_tree, bu
     assert res.cached and not res.current and not (builds / "native-current").exists()
     assert any("not made current" in n for n in res.notes)
 
-    monkeypatch.setattr(B, "check_binding", lambda lib: {"version": llamacpp.LLAMA_CPP_PYTHON_VERSION,
-                                                         "library": f"{lib}/libllama.so", "system_info": "CPU : X = 1"})
+    monkeypatch.setattr(
+        B,
+        "check_binding",
+        lambda lib: {
+            "version": llamacpp.LLAMA_CPP_PYTHON_VERSION,
+            "library": f"{lib}/libllama.so",
+            "system_info": "CPU : X = 1",
+        },
+    )
     res = B.run_build(plan)
     assert res.cached and res.current and res.system_info == "CPU : X = 1"
     assert (builds / "native-current").resolve() == out.resolve()
@@ -238,14 +276,18 @@ def test_sve_warning_only_for_wide_sve_native_builds(fake_tree, builds, cross_gc
     assert "512 bits" in warning and "--arch armv9-a+sve2+dotprod" in warning
     assert B.sve_warning(native, vector_bits=256) is None
     for arch in ("armv8.2-a+dotprod+i8mm", "armv8.2-a+sve+dotprod"):  # the broken path needs SVE and i8mm
-        assert B.sve_warning(B.BuildPlan(**{**cross.__dict__, "target": "native", "arch": arch}), vector_bits=512) is None
+        assert (
+            B.sve_warning(B.BuildPlan(**{**cross.__dict__, "target": "native", "arch": arch}), vector_bits=512) is None
+        )
 
 
 def test_last_error_prefers_compiler_errors():
-    log = "[5/9] Building x.o\nx.c:1:1: warning: foo\nx.c:9:2: error: expected ';'\nninja: build stopped: subcommand failed.\n"
+    log = "[5/9] Building x.o\nx.c:1:1: warning: foo\nx.c:9:2: error: expected ';'\nninja: build "
+    "stopped: subcommand failed.\n"
     assert llamacpp.last_error(log) == "x.c:9:2: error: expected ';'"
     assert llamacpp.last_error("CMake Error at a.cmake:3 (message):\n  KleidiAI target was not created\n").endswith(
-        "KleidiAI target was not created")
+        "KleidiAI target was not created"
+    )
 
 
 @pytest.fixture
@@ -273,7 +315,9 @@ def test_run_tool_returns_output_and_logs(fake_tool, tmp_path):
 
 
 def test_run_tool_failure_is_one_line_naming_tool_and_log(fake_tool):
-    fake_tool("llama-fake", "echo 'llama_model_load: error loading model: bad magic' >&2; echo 'main: failed' >&2; exit 1\n")
+    fake_tool(
+        "llama-fake", "echo 'llama_model_load: error loading model: bad magic' >&2; echo 'main: failed' >&2; exit 1\n"
+    )
     with pytest.raises(EdgeMoEError) as e:
         llamacpp.run_tool("llama-fake", [])
     assert e.value.message.startswith("llama-fake failed (exit 1): ")
@@ -332,12 +376,27 @@ def test_build_info_asks_the_loaded_library_when_the_binding_is_elsewhere(fake_t
     """With LLAMA_CPP_LIB_PATH naming another library, build_info reports that library's own system_info."""
     plan = B.plan_build(source=str(fake_tree), target="native", kleidiai=None)
     _fake_installed_build(plan)
-    monkeypatch.setattr(B, "check_binding", lambda lib: {"version": llamacpp.LLAMA_CPP_PYTHON_VERSION,
-                                                         "library": f"{lib}/libllama.so", "system_info": "CPU : X = 1"})
+    monkeypatch.setattr(
+        B,
+        "check_binding",
+        lambda lib: {
+            "version": llamacpp.LLAMA_CPP_PYTHON_VERSION,
+            "library": f"{lib}/libllama.so",
+            "system_info": "CPU : X = 1",
+        },
+    )
     B.run_build(plan)
     monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "/elsewhere/lib")
-    monkeypatch.setattr(llamacpp, "binding_info", lambda: llamacpp.BindingInfo(
-        library="/elsewhere/lib/libllama.so", source="LLAMA_CPP_LIB_PATH", llama_cpp_python="0", system_info="CPU : Y = 1"))
+    monkeypatch.setattr(
+        llamacpp,
+        "binding_info",
+        lambda: llamacpp.BindingInfo(
+            library="/elsewhere/lib/libllama.so",
+            source="LLAMA_CPP_LIB_PATH",
+            llama_cpp_python="0",
+            system_info="CPU : Y = 1",
+        ),
+    )
     info = llamacpp.build_info()
     assert info.binding_library == "/elsewhere/lib" and info.system_info == "CPU : Y = 1"
 
@@ -352,8 +411,10 @@ def test_vendored_source_is_pinned_and_extracted_once_under_concurrency(builds):
     src.mkdir(parents=True)
     shutil.copy2(sdist, src / sdist.name)
     code = "from edgemoe_cli.build import vendored_source; print(vendored_source()[0])"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-800:] for o in outs]
     assert outs[0][0] == outs[1][0]

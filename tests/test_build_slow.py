@@ -29,10 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from edgemoe_cli.errors import EdgeMoEError
 from edgemoe_cli import build as B
-from edgemoe_cli import smoke
-from edgemoe_cli import llamacpp
+from edgemoe_cli import llamacpp, smoke
+from edgemoe_cli.errors import EdgeMoEError
 from edgemoe_cli.store import builds_dir
 
 pytestmark = pytest.mark.slow
@@ -55,8 +54,8 @@ N_PREDICT = 24
 KL_BOUND = {"Q4_0": 5e-4, "Q8_0": 3e-3}
 SAME_TOP_MIN = 95.0  # % of positions where both builds pick the same top token (measured 99.2 and 96.8)
 # Debian 12's qemu 7.2 enables SME in `-cpu max`; KleidiAI then runs its SME kernels and the logits are garbage
-# (mean KLD 2.9-3.5 and same top token 2-7%, varying run to run; fine with GGML_KLEIDIAI_SME=0: test_qemu_sme_...). The boards in scope (Neoverse N2/V2,
-# Cortex-A720/X4) have no SME, so the emulated CPU leaves it out.
+# (mean KLD 2.9-3.5 and same top token 2-7%, varying run to run; fine with GGML_KLEIDIAI_SME=0: test_qemu_sme_...).
+# The boards in scope (Neoverse N2/V2, Cortex-A720/X4) have no SME, so the emulated CPU leaves it out.
 QEMU_CPU = B.QEMU_CPU  # max,sve-default-vector-length={vl},sme=off: what build.py smoke-tests cross builds with
 
 
@@ -166,15 +165,18 @@ def cross_build(cross_tools):
             B.check_kleidiai_reachable(B.plan_build(target="aarch64", arch=CROSS_ARCH))
         except EdgeMoEError:
             kleidiai = False  # no mirror, no network: still prove SVE/i8mm; the KleidiAI checks skip
-    plan = B.plan_build(target="aarch64", arch=CROSS_ARCH, kleidiai=kleidiai, kleidiai_src=ksrc,
-                        extra_targets=("test-quantize-fns",))
+    plan = B.plan_build(
+        target="aarch64", arch=CROSS_ARCH, kleidiai=kleidiai, kleidiai_src=ksrc, extra_targets=("test-quantize-fns",)
+    )
     result = B.run_build(plan)
     return plan, result
 
 
 def needs_kleidiai(plan) -> None:
     if not plan.kleidiai:
-        pytest.skip("cross build made without KleidiAI: no local source (EDGEMOE_KLEIDIAI_MIRROR) and GitHub unreachable")
+        pytest.skip(
+            "cross build made without KleidiAI: no local source (EDGEMOE_KLEIDIAI_MIRROR) and GitHub unreachable"
+        )
 
 
 def qemu(vl_bytes: int, exe: str | Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
@@ -228,8 +230,21 @@ def test_gcc12_really_ices_on_kleidiai_without_the_workaround(cross_build, tmp_p
     src = Path(plan.kleidiai_src) / B.KLEIDIAI_GCC12_FILES[0]
 
     def compile_(*flags: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["aarch64-linux-gnu-gcc", "-O3", "-march=armv8.2-a+bf16", *flags, f"-I{plan.kleidiai_src}",
-                               "-c", str(src), "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
+        return subprocess.run(
+            [
+                "aarch64-linux-gnu-gcc",
+                "-O3",
+                "-march=armv8.2-a+bf16",
+                *flags,
+                f"-I{plan.kleidiai_src}",
+                "-c",
+                str(src),
+                "-o",
+                str(tmp_path / "k.o"),
+            ],
+            capture_output=True,
+            text=True,
+        )
 
     assert "internal compiler error" in compile_().stderr
     assert compile_("-fno-tree-loop-vectorize").returncode == 0
@@ -245,8 +260,26 @@ def fixture_models(native_build, tiny_gguf, tmp_path_factory) -> dict[str, Path]
 
 
 def completion_args(model: Path) -> list[str]:
-    return ["-m", str(model), "-p", PROMPT, "-n", str(N_PREDICT), "--temp", "0", "--ignore-eos", "-no-cnv",
-            "--no-display-prompt", "--no-warmup", "-c", "256", "-t", "2", "--seed", "1"]
+    return [
+        "-m",
+        str(model),
+        "-p",
+        PROMPT,
+        "-n",
+        str(N_PREDICT),
+        "--temp",
+        "0",
+        "--ignore-eos",
+        "-no-cnv",
+        "--no-display-prompt",
+        "--no-warmup",
+        "-c",
+        "256",
+        "-t",
+        "2",
+        "--seed",
+        "1",
+    ]
 
 
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
@@ -257,8 +290,12 @@ def test_qemu_armv9_build_runs_fixture_greedy(cross_build, native_build, fixture
     is asserted on the logits, within KL_BOUND, by test_qemu_armv9_logits_match_x86_within_kl_bound."""
     _, result = cross_build
     model = fixture_models[quant]
-    x86 = subprocess.run([str(Path(native_build["bin_dir"]) / "llama-completion"), *completion_args(model)],
-                         capture_output=True, text=True, timeout=600)
+    x86 = subprocess.run(
+        [str(Path(native_build["bin_dir"]) / "llama-completion"), *completion_args(model)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert x86.returncode == 0, x86.stderr[-2000:]
     arm = qemu(vl_bytes, Path(result.bin_dir) / "llama-completion", *completion_args(model))
     assert arm.returncode == 0, arm.stderr[-2000:]
@@ -286,9 +323,21 @@ PPL_ARGS = ["-c", "128", "--chunks", "4", "-t", "2", "-b", "128"]
 def x86_logits(native_build, model: Path, tmp_path: Path) -> Path:
     """The x86 build's logits on the eval text (llama-perplexity --kl-divergence-base)."""
     base = tmp_path / f"x86-{model.stem}.kld"
-    proc = subprocess.run([str(Path(native_build["bin_dir"]) / "llama-perplexity"), "-m", str(model), *PPL_ARGS,
-                           "-f", str(perplexity_text(tmp_path)), "--kl-divergence-base", str(base)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            str(Path(native_build["bin_dir"]) / "llama-perplexity"),
+            "-m",
+            str(model),
+            *PPL_ARGS,
+            "-f",
+            str(perplexity_text(tmp_path)),
+            "--kl-divergence-base",
+            str(base),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return base
 
@@ -311,13 +360,24 @@ def kl_stats(run) -> tuple[float, float]:
 
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
 @pytest.mark.parametrize("vl_bytes", [16, 32])
-def test_qemu_armv9_logits_match_x86_within_kl_bound(cross_build, native_build, fixture_models, quant, vl_bytes,
-                                                     tmp_path):
+def test_qemu_armv9_logits_match_x86_within_kl_bound(
+    cross_build, native_build, fixture_models, quant, vl_bytes, tmp_path
+):
     _, result = cross_build
     model = fixture_models[quant]
     base = x86_logits(native_build, model, tmp_path)
-    mean_kld, same_top = kl_stats(lambda: qemu(vl_bytes, Path(result.bin_dir) / "llama-perplexity", "-m", str(model),
-                                               *PPL_ARGS, "--kl-divergence-base", str(base), "--kl-divergence"))
+    mean_kld, same_top = kl_stats(
+        lambda: qemu(
+            vl_bytes,
+            Path(result.bin_dir) / "llama-perplexity",
+            "-m",
+            str(model),
+            *PPL_ARGS,
+            "--kl-divergence-base",
+            str(base),
+            "--kl-divergence",
+        )
+    )
     print(f"{quant}: mean KLD(x86 || aarch64, {vl_bytes * 8}-bit SVE) = {mean_kld:.3g}, same top token {same_top}%")
     assert mean_kld < KL_BOUND[quant] and same_top >= SAME_TOP_MIN
 
@@ -327,8 +387,15 @@ def test_kl_scale_of_quantization_itself(native_build, fixture_models, tiny_gguf
     base = x86_logits(native_build, tiny_gguf("thinking", "f32"), tmp_path)
     kld = {}
     for quant, model in fixture_models.items():
-        cmd = [str(Path(native_build["bin_dir"]) / "llama-perplexity"), "-m", str(model), *PPL_ARGS,
-               "--kl-divergence-base", str(base), "--kl-divergence"]
+        cmd = [
+            str(Path(native_build["bin_dir"]) / "llama-perplexity"),
+            "-m",
+            str(model),
+            *PPL_ARGS,
+            "--kl-divergence-base",
+            str(base),
+            "--kl-divergence",
+        ]
         kld[quant], _ = kl_stats(lambda: subprocess.run(cmd, capture_output=True, text=True, timeout=600))
         print(f"x86 f32 -> {quant}: mean KLD {kld[quant]:.3g}")
     assert 0 < kld["Q8_0"] < kld["Q4_0"]
@@ -346,8 +413,15 @@ def test_qemu_sme_with_kleidiai(cross_build, native_build, fixture_models, tmp_p
     stats = {}
     for label, extra_env in (("SME kernels", {}), ("GGML_KLEIDIAI_SME=0", {"GGML_KLEIDIAI_SME": "0"})):
         env = {**os.environ, "QEMU_LD_PREFIX": SYSROOT, **extra_env}
-        stats[label] = kl_stats(lambda: subprocess.run(["qemu-aarch64", "-cpu", "max,sve-default-vector-length=32",
-                                                        *args], capture_output=True, text=True, env=env, timeout=1800))
+        stats[label] = kl_stats(
+            lambda: subprocess.run(
+                ["qemu-aarch64", "-cpu", "max,sve-default-vector-length=32", *args],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=1800,
+            )
+        )
         print(f"qemu -cpu max (SME on), {label}: mean KLD {stats[label][0]:.3g}, same top {stats[label][1]}%")
     assert stats["GGML_KLEIDIAI_SME=0"][0] < KL_BOUND["Q8_0"]
 
@@ -370,7 +444,16 @@ def test_quantize_fns_by_sve_length(cross_build, vl_bytes):
 
 def test_sve512_bsums_probe_shows_the_kernel_assumption(cross_tools, tmp_path):
     exe = tmp_path / "probe"
-    subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-march=armv9-a+sve2", str(REPO / "tests" / "data" / "sve512_q8k_bsums.c"),
-                    "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            "aarch64-linux-gnu-gcc",
+            "-O2",
+            "-march=armv9-a+sve2",
+            str(REPO / "tests" / "data" / "sve512_q8k_bsums.c"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     assert "lanes 8-15 are row 1: yes" in qemu(32, exe).stdout
     assert "lanes 8-15 are row 1: no" in qemu(64, exe).stdout

@@ -47,8 +47,13 @@ def test_broken_template_is_a_user_error():
     "raw, truncated, reasoning, answer, complete",
     [
         # the trained shape: <think> was in the prompt, so only </think> appears
-        ("Ones: 1 - 9 ...\n</think>\n<response>\nThe answer is 22.\n</response>", False,
-         "Ones: 1 - 9 ...", "The answer is 22.", True),
+        (
+            "Ones: 1 - 9 ...\n</think>\n<response>\nThe answer is 22.\n</response>",
+            False,
+            "Ones: 1 - 9 ...",
+            "The answer is 22.",
+            True,
+        ),
         # cut off mid-reasoning: everything is reasoning, there is no answer
         ("Ones: 11 - 9 = 2, borrow", True, "Ones: 11 - 9 = 2, borrow", "", False),
         # no tags at all, finished at end-of-sequence: the model answered directly
@@ -73,7 +78,9 @@ def test_parse_thinking_reply(raw, truncated, reasoning, answer, complete):
 
 
 def test_parse_tool_call():
-    raw = 'I need the weather.\n</think>\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    raw = (
+        'I need the weather.\n</think>\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    )
     reply = chat.parse_reply(raw, thinking=True)
     assert reply.reasoning == "I need the weather."
     assert json.loads(reply.tool_call) == {"name": "weather", "arguments": {"city": "Paris"}}
@@ -101,8 +108,26 @@ def stream(pieces, thinking=True):
 
 
 def test_splitter_follows_the_tags_token_by_token():
-    pieces = [" Ones", ":", " 1", " -", " 9", ".", "\n", "</think>", "\n", "<response>", "\n", "The", " answer",
-              " is", " 22", ".", "\n", "</response>"]
+    pieces = [
+        " Ones",
+        ":",
+        " 1",
+        " -",
+        " 9",
+        ".",
+        "\n",
+        "</think>",
+        "\n",
+        "<response>",
+        "\n",
+        "The",
+        " answer",
+        " is",
+        " 22",
+        ".",
+        "\n",
+        "</response>",
+    ]
     assert stream(pieces) == [("reasoning", "Ones: 1 - 9."), ("answer", "The answer is 22.")]
 
 
@@ -115,7 +140,8 @@ def test_splitter_agrees_with_parse_reply():
     raw = "x + y\n</think>\n<response>\nThe answer is 5.\n</response>"
     reply = chat.parse_reply(raw, thinking=True)
     assert stream([raw[i : i + 3] for i in range(0, len(raw), 3)]) == [
-        ("reasoning", reply.reasoning), ("answer", reply.answer)
+        ("reasoning", reply.reasoning),
+        ("answer", reply.answer),
     ]
 
 

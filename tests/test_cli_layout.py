@@ -47,15 +47,22 @@ def test_unwrap_help_joins_paragraphs_and_keeps_examples_and_items():
 
         edgemoe run x.gguf
     """
-    assert unwrap_help(doc) == ("Summary line.\n\nA paragraph wrapped in the source.\n\n- one item continued\n"
-                                "- another item\n\nExamples:\n\n    edgemoe run x.gguf")
+    assert unwrap_help(doc) == (
+        "Summary line.\n\nA paragraph wrapped in the source.\n\n- one item continued\n"
+        "- another item\n\nExamples:\n\n    edgemoe run x.gguf"
+    )
 
 
 @pytest.mark.parametrize("command", command_paths(), ids=" ".join)
 def test_help_at_80_columns_has_no_ragged_lines(command):
     env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
-    p = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli", *command, "--help"], capture_output=True, text=True,
-                       env=env, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "edgemoe_cli.cli", *command, "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     assert all(len(line) <= 80 for line in lines)

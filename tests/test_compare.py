@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_FIXTURES
 from test_prune import other_arch_gguf
+
 from edgemoe_cli import compare
 from edgemoe_cli.errors import EdgeMoEError
 
@@ -20,8 +20,9 @@ ARITH = SHARED_FIXTURES / "arith-dev.jsonl"
 
 def edgemoe(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "160"}  # wide enough for the metrics table's headers on one line
-    return subprocess.run([sys.executable, "-m", "edgemoe_cli.cli", *args], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "edgemoe_cli.cli", *args], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,25 @@ def compared(tiny_gguf, tmp_path_factory):
     if not ARITH.is_file():
         pytest.skip(f"{ARITH} not present")
     out = tmp_path_factory.mktemp("compare") / "report.md"
-    proc = edgemoe("compare", "--pt", str(tiny_gguf("pt", "f16")), "--thinking", str(tiny_gguf("thinking", "f16")),
-                   "--prompts", str(ARITH), "--limit", "4", "--max-tokens", "100", "--threads", "2",
-                   "--out", str(out), "--show", "2")
+    proc = edgemoe(
+        "compare",
+        "--pt",
+        str(tiny_gguf("pt", "f16")),
+        "--thinking",
+        str(tiny_gguf("thinking", "f16")),
+        "--prompts",
+        str(ARITH),
+        "--limit",
+        "4",
+        "--max-tokens",
+        "100",
+        "--threads",
+        "2",
+        "--out",
+        str(out),
+        "--show",
+        "2",
+    )
     assert proc.returncode == 0, proc.stderr
     return out, json.loads(out.with_suffix(".json").read_text()), proc.stdout
 
@@ -68,16 +85,19 @@ def test_terminal_shows_panels_and_metrics(compared):
     assert "PT" in stdout and "Thinking" in stdout and "gen tok/s" in stdout and "2 more prompts" in stdout
 
 
-@pytest.mark.parametrize("expected, check, answer, ok", [
-    ("22", "number", "The answer is 22.", True),
-    ("22", "number", "22 - 1 = 21, so 21", False),
-    ("1,250", "contains", "about 1,250 units", True),
-    ("专家", "contains", "混合专家模型", True),
-    (r"\bYES\b", "regex", "YES it is", True),
-    ("is_prime", "python", "```python\ndef is_prime(n):\n    return n > 1\n```", True),
-    ("is_prime", "python", "def is_prime(n) return", False),
-    (None, None, "anything", None),
-])
+@pytest.mark.parametrize(
+    "expected, check, answer, ok",
+    [
+        ("22", "number", "The answer is 22.", True),
+        ("22", "number", "22 - 1 = 21, so 21", False),
+        ("1,250", "contains", "about 1,250 units", True),
+        ("专家", "contains", "混合专家模型", True),
+        (r"\bYES\b", "regex", "YES it is", True),
+        ("is_prime", "python", "```python\ndef is_prime(n):\n    return n > 1\n```", True),
+        ("is_prime", "python", "def is_prime(n) return", False),
+        (None, None, "anything", None),
+    ],
+)
 def test_checks(expected, check, answer, ok):
     assert compare.is_correct(compare.Prompt(id="x", text="q", expected=expected, check=check), answer) is ok
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
 from conftest import fixture_dir
+
 from edgemoe_cli import cli
 from edgemoe_cli.convert import convert, writer
 from edgemoe_cli.convert.safetensors import TensorReader, checkpoint_tensors
@@ -50,31 +50,48 @@ def make_dense_checkpoint(dest: Path, seed: int = 0) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     hidden, n_head, n_kv, head_dim, ff, layers, vocab = 128, 4, 2, 32, 256, 2, 8192
     config = {
-        "architectures": ["Ernie4_5_ForCausalLM"], "model_type": "ernie4_5", "hidden_size": hidden,
-        "intermediate_size": ff, "num_hidden_layers": layers, "num_attention_heads": n_head,
-        "num_key_value_heads": n_kv, "head_dim": head_dim, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "vocab_size": vocab, "tie_word_embeddings": True, "use_bias": False,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "hidden_act": "silu",
+        "architectures": ["Ernie4_5_ForCausalLM"],
+        "model_type": "ernie4_5",
+        "hidden_size": hidden,
+        "intermediate_size": ff,
+        "num_hidden_layers": layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "vocab_size": vocab,
+        "tie_word_embeddings": True,
+        "use_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "hidden_act": "silu",
     }
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     for name in TOKENIZER_FILES:
         shutil.copy(fixture_dir("pt") / name, dest / name)
     rng = np.random.default_rng(seed)
-    tensors = {"model.embed_tokens.weight": ("BF16", bf16_bits(rng, (vocab, hidden))),
-               "model.norm.weight": ("BF16", bf16_bits(rng, (hidden,), 0.1) | 0x3F80)}
+    tensors = {
+        "model.embed_tokens.weight": ("BF16", bf16_bits(rng, (vocab, hidden))),
+        "model.norm.weight": ("BF16", bf16_bits(rng, (hidden,), 0.1) | 0x3F80),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        tensors.update({
-            p + "input_layernorm.weight": ("BF16", np.full(hidden, 0x3F80, np.uint16)),
-            p + "post_attention_layernorm.weight": ("BF16", np.full(hidden, 0x3F80, np.uint16)),
-            p + "self_attn.q_proj.weight": ("BF16", bf16_bits(rng, (n_head * head_dim, hidden))),
-            p + "self_attn.k_proj.weight": ("BF16", bf16_bits(rng, (n_kv * head_dim, hidden))),
-            p + "self_attn.v_proj.weight": ("BF16", bf16_bits(rng, (n_kv * head_dim, hidden))),
-            p + "self_attn.o_proj.weight": ("BF16", bf16_bits(rng, (hidden, n_head * head_dim))),
-            p + "mlp.gate_proj.weight": ("BF16", bf16_bits(rng, (ff, hidden))),
-            p + "mlp.up_proj.weight": ("BF16", bf16_bits(rng, (ff, hidden))),
-            p + "mlp.down_proj.weight": ("BF16", bf16_bits(rng, (hidden, ff))),
-        })
+        tensors.update(
+            {
+                p + "input_layernorm.weight": ("BF16", np.full(hidden, 0x3F80, np.uint16)),
+                p + "post_attention_layernorm.weight": ("BF16", np.full(hidden, 0x3F80, np.uint16)),
+                p + "self_attn.q_proj.weight": ("BF16", bf16_bits(rng, (n_head * head_dim, hidden))),
+                p + "self_attn.k_proj.weight": ("BF16", bf16_bits(rng, (n_kv * head_dim, hidden))),
+                p + "self_attn.v_proj.weight": ("BF16", bf16_bits(rng, (n_kv * head_dim, hidden))),
+                p + "self_attn.o_proj.weight": ("BF16", bf16_bits(rng, (hidden, n_head * head_dim))),
+                p + "mlp.gate_proj.weight": ("BF16", bf16_bits(rng, (ff, hidden))),
+                p + "mlp.up_proj.weight": ("BF16", bf16_bits(rng, (ff, hidden))),
+                p + "mlp.down_proj.weight": ("BF16", bf16_bits(rng, (hidden, ff))),
+            }
+        )
     write_safetensors(dest / "model.safetensors", tensors)
     return dest
 
@@ -175,7 +192,10 @@ def test_layout_types_and_metadata(tiny_gguf):
     assert value("ernie4_5-moe.expert_used_count") == cfg["moe_k"]
     assert value("ernie4_5-moe.leading_dense_block_count") == cfg["moe_layer_start_index"]
     assert value("ernie4_5-moe.expert_feed_forward_length") == moe_ff
-    assert value("ernie4_5-moe.expert_shared_feed_forward_length") == cfg["intermediate_size"] // cfg["num_key_value_heads"]
+    assert (
+        value("ernie4_5-moe.expert_shared_feed_forward_length")
+        == cfg["intermediate_size"] // cfg["num_key_value_heads"]
+    )
     assert value("ernie4_5-moe.rope.freq_base") == cfg["rope_theta"]
     assert value("tokenizer.chat_template").startswith("{%- if not add_generation_prompt")
     assert value("tokenizer.ggml.eos_token_id") == 2
@@ -312,10 +332,19 @@ def _break_missing_tokenizer(src: Path) -> str:
     return "tokenizer.model"
 
 
-@pytest.mark.parametrize("breakage", [
-    _break_config_missing, _break_config_malformed, _break_unknown_arch, _break_missing_shard, _break_truncated,
-    _break_truncated_header, _break_missing_tokenizer,
-], ids=lambda f: f.__name__[len("_break_"):])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        _break_config_missing,
+        _break_config_malformed,
+        _break_unknown_arch,
+        _break_missing_shard,
+        _break_truncated,
+        _break_truncated_header,
+        _break_missing_tokenizer,
+    ],
+    ids=lambda f: f.__name__[len("_break_") :],
+)
 def test_broken_checkpoints_are_one_line_errors(tmp_path, monkeypatch, capsys, breakage):
     src = copy_fixture("pt", tmp_path)
     names = breakage(src)
@@ -348,8 +377,9 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, monkeypatch, capsys):
 
 def test_cli_convert_json(tmp_path, monkeypatch, capsys):
     out = tmp_path / "pt.gguf"
-    monkeypatch.setattr(sys, "argv", ["edgemoe", "convert", str(fixture_dir("pt")), "--out", str(out),
-                                      "--outtype", "bf16", "--json"])
+    monkeypatch.setattr(
+        sys, "argv", ["edgemoe", "convert", str(fixture_dir("pt")), "--out", str(out), "--outtype", "bf16", "--json"]
+    )
     cli.main()
     result = json.loads(capsys.readouterr().out)
     assert result["out"] == str(out) and result["outtype"] == "bf16" and result["n_tensors"] == 53

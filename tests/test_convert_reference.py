@@ -17,11 +17,11 @@ from pathlib import Path
 
 import gguf
 import pytest
-
 from conftest import fixture_dir
+from test_convert import copy_fixture, make_dense_checkpoint, shard_checkpoint
+
 from edgemoe_cli.convert import convert
 from edgemoe_cli.llamacpp import LLAMA_CPP_PYTHON_VERSION
-from test_convert import copy_fixture, make_dense_checkpoint, shard_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,14 @@ VENV = CACHE / "refconvert-venv"
 # llama.cpp's requirements-convert_hf_to_gguf.txt, except torch: its torch==2.11.0 (from PyTorch's index) is replaced
 # by the CPU wheel these machines carry locally; any other torch spec pulls gigabytes of CUDA.
 REQUIREMENTS = [
-    "torch==2.13.0", "transformers==4.57.6", "sentencepiece>=0.1.98,<0.3.0", "numpy~=2.2.6",
-    "protobuf>=4.21.0,<5.0.0", "pyyaml>=5.1", "requests>=2.25", "tqdm>=4.27",
+    "torch==2.13.0",
+    "transformers==4.57.6",
+    "sentencepiece>=0.1.98,<0.3.0",
+    "numpy~=2.2.6",
+    "protobuf>=4.21.0,<5.0.0",
+    "pyyaml>=5.1",
+    "requests>=2.25",
+    "tqdm>=4.27",
 ]
 # Keys whose values may legitimately differ between the two converters, with the reason. None do today.
 KNOWN_KEY_DIFFERENCES: dict[str, str] = {}
@@ -63,14 +69,28 @@ def reference_script() -> Path:
         downloads.mkdir(parents=True, exist_ok=True)
         sdist = downloads / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
         if not sdist.is_file():
-            _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                  f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(downloads)], "download the sdist")
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+                    "-d",
+                    str(downloads),
+                ],
+                "download the sdist",
+            )
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
         wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
         with tarfile.open(sdist) as tar:
             members = []
             for m in tar.getmembers():
-                rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
+                rel = m.name[len(prefix) :] if m.name.startswith(prefix) else None
                 if rel and rel.startswith(wanted) and (m.isfile() or m.isdir()):
                     m.name = "llama.cpp/" + rel
                     members.append(m)
@@ -79,8 +99,11 @@ def reference_script() -> Path:
 
 
 def reference_convert(python: Path, script: Path, src: Path, out: Path, outtype: str) -> Path:
-    res = subprocess.run([str(python), str(script), str(src), "--outfile", str(out), "--outtype", outtype],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [str(python), str(script), str(src), "--outfile", str(out), "--outtype", outtype],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -102,9 +125,17 @@ def assert_same_gguf(ours: Path, theirs: Path) -> None:
         assert ours.read_bytes() == theirs.read_bytes()  # nothing else (alignment, padding) differs either
 
 
-@pytest.mark.parametrize("variant,outtype", [
-    ("pt", "f32"), ("pt", "f16"), ("pt", "bf16"), ("pt", "q8_0"), ("thinking", "f32"), ("thinking", "q8_0"),
-])
+@pytest.mark.parametrize(
+    "variant,outtype",
+    [
+        ("pt", "f32"),
+        ("pt", "f16"),
+        ("pt", "bf16"),
+        ("pt", "q8_0"),
+        ("thinking", "f32"),
+        ("thinking", "q8_0"),
+    ],
+)
 def test_moe_fixture_matches_llama_cpp(tmp_path, reference_python, reference_script, variant, outtype):
     src = fixture_dir(variant)
     theirs = reference_convert(reference_python, reference_script, src, tmp_path / "theirs.gguf", outtype)

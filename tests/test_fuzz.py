@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import fixture_dir
+
 from edgemoe_cli.store import configs_dir
 
 EDGEMOE = Path(sys.executable).with_name("edgemoe")
@@ -32,8 +32,34 @@ MEMORY_LIMIT = 2 << 30  # address space per run; the commands need about 1.2 GiB
 WORKERS = 2
 
 # values that break assumptions about types and ranges, for JSON and TOML fields alike
-WEIRD = [None, True, -1, 0, 2**31, 2**63, 2**64 + 5, -(2**40), 1.5, float("nan"), "", "x", "../../etc/passwd",
-         "(.|.)*Z", "(a+)+$", "[", "\\", "'", [], [1], [-1, 5], [0, 2**62], ["a", "b"], {}, {"content": 5}, "q4_k"]
+WEIRD = [
+    None,
+    True,
+    -1,
+    0,
+    2**31,
+    2**63,
+    2**64 + 5,
+    -(2**40),
+    1.5,
+    float("nan"),
+    "",
+    "x",
+    "../../etc/passwd",
+    "(.|.)*Z",
+    "(a+)+$",
+    "[",
+    "\\",
+    "'",
+    [],
+    [1],
+    [-1, 5],
+    [0, 2**62],
+    ["a", "b"],
+    {},
+    {"content": 5},
+    "q4_k",
+]
 
 
 def run_bounded(args: list, cwd: Path) -> subprocess.CompletedProcess:
@@ -42,8 +68,15 @@ def run_bounded(args: list, cwd: Path) -> subprocess.CompletedProcess:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
     try:
-        return subprocess.run([str(EDGEMOE), *map(str, args)], capture_output=True, text=True, timeout=TIME_LIMIT,
-                              preexec_fn=limits, cwd=cwd, env={**os.environ, "COLUMNS": "120"})
+        return subprocess.run(
+            [str(EDGEMOE), *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=TIME_LIMIT,
+            preexec_fn=limits,
+            cwd=cwd,
+            env={**os.environ, "COLUMNS": "120"},
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"hung past {TIME_LIMIT} s: edgemoe {' '.join(map(str, args))}")
 
@@ -117,7 +150,7 @@ def test_fuzz_safetensors_headers(tmp_path):
     rng = np.random.default_rng(SEED)
     raw = (fixture_dir("pt") / "model.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
     cases = []
     for i in range(CASES):
         src = checkpoint(tmp_path, i)
@@ -213,8 +246,11 @@ def test_fuzz_recipe_toml(tmp_path, tiny_gguf):
             if isinstance(rules, list):
                 for rule in rules:
                     lines.append("[[rules]]")
-                    lines += [f"{k} = {_toml_value(v)}" for k, v in (rule.items() if isinstance(rule, dict) else [])
-                              if v is not None]
+                    lines += [
+                        f"{k} = {_toml_value(v)}"
+                        for k, v in (rule.items() if isinstance(rule, dict) else [])
+                        if v is not None
+                    ]
             elif rules is not None:
                 lines.insert(0, f"rules = {_toml_value(rules)}")
             body = "\n".join(lines).encode()
@@ -239,16 +275,18 @@ def test_fuzz_gguf_headers(tmp_path, tiny_gguf):
         elif kind == 1:  # a count or length field somewhere in the header made enormous
             at = int(rng.integers(4, header_end - 8))
             huge = [2**31, 2**40, 2**63 - 1, 2**64 - 1][rng.integers(4)]
-            blob = raw[:at] + huge.to_bytes(8, "little") + raw[at + 8:]
+            blob = raw[:at] + huge.to_bytes(8, "little") + raw[at + 8 :]
         elif kind == 2:
             blob = raw[: int(rng.integers(4, header_end + 4096))]
         else:
             blob = raw[:4] + flip_bytes(rng, raw[4:24], n=4) + raw[24:]
         path = tmp_path / f"case{i}.gguf"
         path.write_bytes(blob)
-        commands = (["recipe", "show", "q4_0-uniform", "--model", path],
-                    ["prune", path, "--keep", "8", "--out", tmp_path / f"case{i}.keep8.gguf"],
-                    ["plan", path, "--budget", "2GiB", "--imatrix", tmp_path / "absent.imatrix"])
+        commands = (
+            ["recipe", "show", "q4_0-uniform", "--model", path],
+            ["prune", path, "--keep", "8", "--out", tmp_path / f"case{i}.keep8.gguf"],
+            ["plan", path, "--budget", "2GiB", "--imatrix", tmp_path / "absent.imatrix"],
+        )
         args = commands[(i // 4) % 3]  # every kind of damage reaches every command over 12 cases
         cases.append((f"gguf case {i} ({args[0]})", args, tmp_path))
     assert run_all(cases)["refused"] > 0

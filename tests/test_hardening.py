@@ -18,20 +18,26 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
 from conftest import fixture_dir
+
 from edgemoe_cli import registry, store
 from edgemoe_cli.errors import EdgeMoEError
 
 EDGEMOE = Path(sys.executable).with_name("edgemoe")
 CALIB = Path(__file__).resolve().parents[1] / "data" / "calib" / "calibration.txt"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "config.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "config.json",
+)
 
 
 def edgemoe(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(EDGEMOE), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [str(EDGEMOE), *map(str, args)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}
+    )
 
 
 def one_line_error(p: subprocess.CompletedProcess, *words: str) -> str:
@@ -57,7 +63,7 @@ def read_st(path: Path) -> tuple[dict, bytes]:
     """(header JSON, data section) of a safetensors file."""
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def write_st(path: Path, header, data: bytes) -> None:
@@ -115,8 +121,14 @@ def test_concurrent_converts_to_one_output_leave_one_of_the_two_whole(tmp_path):
     wanted = {store.sha256_file(p) for p in single.values()}
     out = tmp_path / "both.gguf"
     for _ in range(3):
-        procs = [subprocess.Popen([str(EDGEMOE), "convert", str(fixture_dir(v)), "--out", str(out), "--outtype", "f16"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for v in ("pt", "thinking")]
+        procs = [
+            subprocess.Popen(
+                [str(EDGEMOE), "convert", str(fixture_dir(v)), "--out", str(out), "--outtype", "f16"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for v in ("pt", "thinking")
+        ]
         for proc in procs:
             _, err = proc.communicate(timeout=300)
             assert proc.returncode == 0, err
@@ -144,8 +156,10 @@ def test_imatrix_and_plan_refuse_their_input_as_output(tiny_gguf, tmp_path):
     one_line_error(edgemoe("imatrix", model, "--text", CALIB, "--out", CALIB), "is an input")
     via_link = tmp_path / "link.gguf"
     via_link.symlink_to(model)
-    one_line_error(edgemoe("plan", model, "--max-size", "5MB", "--imatrix", tmp_path / "none.imatrix",
-                           "--out", via_link), "is an input")
+    one_line_error(
+        edgemoe("plan", model, "--max-size", "5MB", "--imatrix", tmp_path / "none.imatrix", "--out", via_link),
+        "is an input",
+    )
     assert store.sha256_file(model) == before
 
 
@@ -161,12 +175,15 @@ def test_a_runaway_varint_in_tokenizer_model_is_refused_at_once(tmp_path):
         read_sentencepiece(bad)
 
 
-@pytest.mark.parametrize("payload, needle", [
-    (b"\x0a\x7f" + b"\x0a\x01a", "runs past the end"),  # a piece claiming 127 bytes with 3 left
-    (b"\x0b", "wire type 3"),
-    (b"\x0a\x05\x12\x02ab", "runs past the end"),  # the nested piece string claims too much
-    (b"", "holds no pieces"),
-])
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        (b"\x0a\x7f" + b"\x0a\x01a", "runs past the end"),  # a piece claiming 127 bytes with 3 left
+        (b"\x0b", "wire type 3"),
+        (b"\x0a\x05\x12\x02ab", "runs past the end"),  # the nested piece string claims too much
+        (b"", "holds no pieces"),
+    ],
+)
 def test_malformed_tokenizer_model_is_one_error(tmp_path, payload, needle):
     from edgemoe_cli.convert.vocab import read_sentencepiece
 
@@ -185,17 +202,20 @@ def _mutate_first(header: dict, **fields) -> dict:
     return header
 
 
-@pytest.mark.parametrize("mutate, needle", [
-    (lambda h: _mutate_first(h, data_offsets=["0", "8"]), "data_offsets"),
-    (lambda h: _mutate_first(h, data_offsets=[0.0, 8.5]), "data_offsets"),
-    (lambda h: _mutate_first(h, data_offsets=[8, 0]), "data_offsets"),
-    (lambda h: _mutate_first(h, dtype=["BF16"]), "dtype"),
-    (lambda h: _mutate_first(h, shape=[-2, -128]), "shape"),
-    (lambda h: _mutate_first(h, shape="256"), "shape"),
-    (lambda h: {"__metadata__": {"format": "pt"}}, "holds no tensors"),
-    (lambda h: {}, "holds no tensors"),
-    (lambda h: [1, 2], "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda h: _mutate_first(h, data_offsets=["0", "8"]), "data_offsets"),
+        (lambda h: _mutate_first(h, data_offsets=[0.0, 8.5]), "data_offsets"),
+        (lambda h: _mutate_first(h, data_offsets=[8, 0]), "data_offsets"),
+        (lambda h: _mutate_first(h, dtype=["BF16"]), "dtype"),
+        (lambda h: _mutate_first(h, shape=[-2, -128]), "shape"),
+        (lambda h: _mutate_first(h, shape="256"), "shape"),
+        (lambda h: {"__metadata__": {"format": "pt"}}, "holds no tensors"),
+        (lambda h: {}, "holds no tensors"),
+        (lambda h: [1, 2], "not a JSON object"),
+    ],
+)
 def test_malformed_safetensors_headers_are_one_error(tmp_path, mutate, needle):
     src = checkpoint_copy(tmp_path)
     header, data = read_st(src / "model.safetensors")
@@ -262,20 +282,23 @@ def test_one_dimensional_expert_tensors_are_refused(tmp_path):
 # ---- config.json (item 5 and the traceback list) ----
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"num_hidden_layers": 100000}, "num_hidden_layers is 100000 but"),
-    ({"vocab_size": 100_000_000}, "vocab_size is 100000000 but"),
-    ({"vocab_size": -5}, "vocab_size is -5, outside 1"),
-    ({"text_config": [1]}, "text_config is not an object"),
-    ({"architectures": 5}, "architectures is 5"),
-    ({"rope_scaling": "yarn"}, "rope_scaling"),
-    ({"moe_num_experts": "16"}, "moe_num_experts is '16'"),
-    ({"moe_k": "4"}, "moe_k is '4'"),
-    ({"moe_k": 17}, "moe_k is 17"),
-    ({"moe_num_experts": 64}, "moe_num_experts is 64 but"),
-    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
-    ({"hidden_size": True}, "hidden_size is True"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"num_hidden_layers": 100000}, "num_hidden_layers is 100000 but"),
+        ({"vocab_size": 100_000_000}, "vocab_size is 100000000 but"),
+        ({"vocab_size": -5}, "vocab_size is -5, outside 1"),
+        ({"text_config": [1]}, "text_config is not an object"),
+        ({"architectures": 5}, "architectures is 5"),
+        ({"rope_scaling": "yarn"}, "rope_scaling"),
+        ({"moe_num_experts": "16"}, "moe_num_experts is '16'"),
+        ({"moe_k": "4"}, "moe_k is '4'"),
+        ({"moe_k": 17}, "moe_k is 17"),
+        ({"moe_num_experts": 64}, "moe_num_experts is 64 but"),
+        ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
+        ({"hidden_size": True}, "hidden_size is True"),
+    ],
+)
 def test_config_numbers_are_checked_before_anything_is_allocated(tmp_path, change, needle):
     src = checkpoint_copy(tmp_path)
     config = json.loads((src / "config.json").read_text())
@@ -287,16 +310,19 @@ def test_config_numbers_are_checked_before_anything_is_allocated(tmp_path, chang
 # ---- tokenizer_config.json and added_tokens.json ----
 
 
-@pytest.mark.parametrize("name, content, needle", [
-    ("tokenizer_config.json", [1, 2], "not an object"),
-    ("tokenizer_config.json", {"added_tokens_decoder": {"5": {"special": True}}}, "no string `content`"),
-    ("tokenizer_config.json", {"added_tokens_decoder": {"-3": {"content": "<x>"}}}, "not a token id"),
-    ("tokenizer_config.json", {"added_tokens_decoder": [1]}, "added_tokens_decoder is not an object"),
-    ("tokenizer_config.json", {"add_prefix_space": "yes"}, "add_prefix_space"),
-    ("added_tokens.json", ["<x>"], "not an object"),
-    ("added_tokens.json", {"<x>": "5"}, "has id '5'"),
-    ("added_tokens.json", {"<x>": -1}, "has id -1"),  # would overwrite the vocabulary's last token
-])
+@pytest.mark.parametrize(
+    "name, content, needle",
+    [
+        ("tokenizer_config.json", [1, 2], "not an object"),
+        ("tokenizer_config.json", {"added_tokens_decoder": {"5": {"special": True}}}, "no string `content`"),
+        ("tokenizer_config.json", {"added_tokens_decoder": {"-3": {"content": "<x>"}}}, "not a token id"),
+        ("tokenizer_config.json", {"added_tokens_decoder": [1]}, "added_tokens_decoder is not an object"),
+        ("tokenizer_config.json", {"add_prefix_space": "yes"}, "add_prefix_space"),
+        ("added_tokens.json", ["<x>"], "not an object"),
+        ("added_tokens.json", {"<x>": "5"}, "has id '5'"),
+        ("added_tokens.json", {"<x>": -1}, "has id -1"),  # would overwrite the vocabulary's last token
+    ],
+)
 def test_malformed_tokenizer_json_is_one_error(tmp_path, name, content, needle):
     src = checkpoint_copy(tmp_path)
     (src / name).write_text(json.dumps(content))
@@ -319,11 +345,14 @@ def test_recipe_names_cannot_leave_the_store(tiny_gguf, tmp_path, name):
     assert not (store.home() / "gguf").exists()
 
 
-@pytest.mark.parametrize("rule, needle", [
-    ("pattern = 5\ntype = 'q8_0'", "pattern is 5"),
-    ("pattern = 'x'\ntype = ['q8_0']", "type is ['q8_0']"),
-    ("pattern = 'x'\ntype = 8", "type is 8"),
-])
+@pytest.mark.parametrize(
+    "rule, needle",
+    [
+        ("pattern = 5\ntype = 'q8_0'", "pattern is 5"),
+        ("pattern = 'x'\ntype = ['q8_0']", "type is ['q8_0']"),
+        ("pattern = 'x'\ntype = 8", "type is 8"),
+    ],
+)
 def test_recipe_rule_values_must_be_strings(tiny_gguf, tmp_path, rule, needle):
     recipe = write_recipe(tmp_path / "r.toml", f"name = 'r'\n[[rules]]\n{rule}\n")
     one_line_error(edgemoe("recipe", "show", recipe, "--model", tiny_gguf("pt", "f16")), needle)
@@ -340,8 +369,12 @@ def test_a_backtracking_pattern_is_stopped(tiny_gguf, tmp_path):
 def test_recipe_toml_round_trips_any_pattern(tmp_path):
     from edgemoe_cli.recipe import Recipe, Rule, load_recipe
 
-    rules = [Rule("it's", "q8_0"), Rule(r"^blk\.\d+\.ffn_(up|gate)_exps", "q4_k"), Rule(r'"quoted"\d', "q6_k"),
-             Rule("tab\there", "q4_0")]
+    rules = [
+        Rule("it's", "q8_0"),
+        Rule(r"^blk\.\d+\.ffn_(up|gate)_exps", "q4_k"),
+        Rule(r'"quoted"\d', "q6_k"),
+        Rule("tab\there", "q4_0"),
+    ]
     recipe = Recipe("round-trip", 'says "hi"\nover two lines', "q4_0", "q6_k", None, rules)
     path = tmp_path / "r.toml"
     path.write_text(recipe.to_toml())
@@ -422,8 +455,20 @@ def test_concurrent_plans_of_one_model_do_not_share_work_files(tiny_gguf, tmp_pa
 
     def one():
         try:
-            results.append(plan.measure(model, im, CALIB, types=("q4_0", "q8_0"), calibration_type="q4_0", ctx=128,
-                                        max_chunks=1, threads=1, workdir=work, use_cache=False))
+            results.append(
+                plan.measure(
+                    model,
+                    im,
+                    CALIB,
+                    types=("q4_0", "q8_0"),
+                    calibration_type="q4_0",
+                    ctx=128,
+                    max_chunks=1,
+                    threads=1,
+                    workdir=work,
+                    use_cache=False,
+                )
+            )
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             errors.append(e)
 
@@ -449,8 +494,9 @@ def test_compare_out_json_would_overwrite_its_twin(tmp_path):
 def test_compare_rejects_a_non_numeric_number_check_before_running(tiny_gguf, tmp_path):
     prompts = tmp_path / "p.toml"
     prompts.write_text('[[prompt]]\ntext = "What is 2 + 2?"\nexpected = "four"\ncheck = "number"\n')
-    p = edgemoe("compare", "--pt", tiny_gguf("pt", "f16"), "--thinking", tiny_gguf("thinking", "f16"),
-                "--prompts", prompts)
+    p = edgemoe(
+        "compare", "--pt", tiny_gguf("pt", "f16"), "--thinking", tiny_gguf("thinking", "f16"), "--prompts", prompts
+    )
     one_line_error(p, "p.toml", "'four' is not a number")
 
 
@@ -467,8 +513,9 @@ def test_huge_sizes_are_refused_not_overflowed(text):
 
 @pytest.mark.parametrize("keep", ["inf%", "nan%", "-inf%", "150%", "1e999%"])
 def test_prune_keep_share_out_of_range_is_one_line(tiny_gguf, tmp_path, keep):
-    one_line_error(edgemoe("prune", tiny_gguf("pt", "f16"), "--keep", keep, "--out", tmp_path / "o.gguf"),
-                   "share of 0-100%")
+    one_line_error(
+        edgemoe("prune", tiny_gguf("pt", "f16"), "--keep", keep, "--out", tmp_path / "o.gguf"), "share of 0-100%"
+    )
 
 
 def test_prune_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_gguf, tmp_path):
@@ -476,9 +523,11 @@ def test_prune_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_gguf, tmp_path
         pytest.skip("needs unprivileged user and mount namespaces for a small tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
-    script = (f'mount -t tmpfs -o size=2m tmpfs "{disk}" || exit 99; '
-              f'"{EDGEMOE}" prune "{tiny_gguf("pt", "f16")}" --keep 8 --out "{disk}/o.gguf"; rc=$?; '
-              f'ls -A "{disk}" >&2; exit $rc')
+    script = (
+        f'mount -t tmpfs -o size=2m tmpfs "{disk}" || exit 99; '
+        f'"{EDGEMOE}" prune "{tiny_gguf("pt", "f16")}" --keep 8 --out "{disk}/o.gguf"; rc=$?; '
+        f'ls -A "{disk}" >&2; exit $rc'
+    )
     p = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
     if p.returncode == 99:
         pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
@@ -506,13 +555,16 @@ def test_damaged_store_manifests_are_listed_and_named(content):
 # ---- chat templates ----
 
 
-@pytest.mark.parametrize("template, needle", [
-    ("{{ 1/0 }}", "ZeroDivisionError"),
-    ("{{ 'a' * 10**10 }}", "10,000,000,000"),
-    ("{{ messages[0].nope.deeper }}", "render"),
-    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran longer"),
-    ("{% set ns = namespace(s='a') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "render"),
-])
+@pytest.mark.parametrize(
+    "template, needle",
+    [
+        ("{{ 1/0 }}", "ZeroDivisionError"),
+        ("{{ 'a' * 10**10 }}", "10,000,000,000"),
+        ("{{ messages[0].nope.deeper }}", "render"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran longer"),
+        ("{% set ns = namespace(s='a') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "render"),
+    ],
+)
 def test_chat_templates_that_fail_or_run_away_are_one_error(template, needle):
     from edgemoe_cli.chat import build_messages, render_prompt
 

@@ -12,12 +12,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hubserver import HubRepo, HubServer
+from test_pull import EDGEMOE, PT, THINKING, edgemoe, hub_repo, one_line_error, pulled
 
 from edgemoe_cli import models, registry, store
 from edgemoe_cli.errors import EdgeMoEError
 from edgemoe_cli.recipe import explain, load_recipe, read_tensors
-from hubserver import HubRepo, HubServer
-from test_pull import EDGEMOE, PT, THINKING, edgemoe, hub_repo, one_line_error, pulled
 
 QUESTION = "What is 3 + 4?"
 
@@ -64,8 +64,13 @@ def test_pull_quantize_run_by_name(name, hf_cache):
         os.utime(gguf_dir / "edge-balanced.gguf", (0, 0))  # make the order explicit, not a matter of timing
         _, said = run_json(hub, hf_cache, name)
         assert f"{name}:q4_0-uniform" in said
-        one_line_error(edgemoe(hub, hf_cache, "run", f"{name}:q9", "-p", QUESTION), f"no {name}:q9",
-                       f"{name}:bf16", f"{name}:edge-balanced", f"{name}:q4_0-uniform")
+        one_line_error(
+            edgemoe(hub, hf_cache, "run", f"{name}:q9", "-p", QUESTION),
+            f"no {name}:q9",
+            f"{name}:bf16",
+            f"{name}:edge-balanced",
+            f"{name}:q4_0-uniform",
+        )
 
         listing = json.loads(edgemoe(hub, hf_cache, "list", "--json").stdout)
         assert {i["ref"] for i in listing} == {name, f"{name}:bf16", f"{name}:edge-balanced", f"{name}:q4_0-uniform"}
@@ -76,8 +81,9 @@ def test_run_takes_the_pulled_gguf_or_lists_the_choices(hf_cache, tiny_gguf, tmp
     q4, q8 = tmp_path / "q4.gguf", tmp_path / "q8.gguf"
     shutil.copy(tiny_gguf("pt", "f16"), q4)
     shutil.copy(tiny_gguf("pt", "q8_0"), q8)
-    gguf_repo = HubRepo.from_dir(entry.gguf.repo, None, extra={
-        "ERNIE-4.5-21B-A3B-PT-Q4_0.gguf": q4, "ERNIE-4.5-21B-A3B-PT-Q8_0.gguf": q8})
+    gguf_repo = HubRepo.from_dir(
+        entry.gguf.repo, None, extra={"ERNIE-4.5-21B-A3B-PT-Q4_0.gguf": q4, "ERNIE-4.5-21B-A3B-PT-Q8_0.gguf": q8}
+    )
     with HubServer([gguf_repo]) as hub:
         pulled(edgemoe(hub, hf_cache, "pull", PT, "--format", "gguf", "--quant", "Q4_0", "--json"))
         _, said = run_json(hub, hf_cache, PT)
@@ -132,8 +138,28 @@ def test_compare_by_name_asks_every_prompt(tiny_gguf):
         made.mkdir(parents=True)
         shutil.copy(tiny_gguf(variant, "f16"), made / "f16.gguf")
     questions = ["What is 2 + 2?", "Name a colour."]
-    p = subprocess.run([str(EDGEMOE), "compare", "--pt", PT, "--thinking", THINKING, "-p", questions[0],
-                        "-p", questions[1], "-n", "8", "-t", "1", "--json"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            str(EDGEMOE),
+            "compare",
+            "--pt",
+            PT,
+            "--thinking",
+            THINKING,
+            "-p",
+            questions[0],
+            "-p",
+            questions[1],
+            "-n",
+            "8",
+            "-t",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     items = json.loads(p.stdout)["items"]
     assert [i["prompt"]["text"] for i in items] == questions

@@ -9,11 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from edgemoe_cli.units import parse_size
-
 from edgemoe_cli import plan
 from edgemoe_cli.errors import EdgeMoEError
 from edgemoe_cli.recipe import TensorInfo, resolve
+from edgemoe_cli.units import parse_size
 
 
 def test_parse_size():
@@ -30,9 +29,11 @@ def test_knapsack_is_exact_on_small_cases():
     for _ in range(20):
         options = {f"g{i}": {t: (int(rng.integers(10, 100)), float(rng.random())) for t in "abc"} for i in range(5)}
         budget = int(rng.integers(150, 400))
-        feasible = [(sum(options[g][t][1] for g, t in zip(options, combo)), combo)
-                    for combo in itertools.product("abc", repeat=5)
-                    if sum(options[g][t][0] for g, t in zip(options, combo)) <= budget]
+        feasible = [
+            (sum(options[g][t][1] for g, t in zip(options, combo)), combo)
+            for combo in itertools.product("abc", repeat=5)
+            if sum(options[g][t][0] for g, t in zip(options, combo)) <= budget
+        ]
         if not feasible:
             with pytest.raises(ValueError):
                 plan.solve(options, budget, bins=budget)
@@ -54,9 +55,13 @@ def _fake(names_shapes, gains):
 
 
 def test_plan_respects_the_budget_and_follows_sensitivities():
-    shapes = [("token_embd.weight", (256, 8192)), ("blk.1.attn_q.weight", (256, 256)),
-              ("blk.1.ffn_up_exps.weight", (256, 256, 16)), ("blk.1.ffn_down_exps.weight", (256, 256, 16)),
-              ("blk.1.attn_norm.weight", (256,))]
+    shapes = [
+        ("token_embd.weight", (256, 8192)),
+        ("blk.1.attn_q.weight", (256, 256)),
+        ("blk.1.ffn_up_exps.weight", (256, 256, 16)),
+        ("blk.1.ffn_down_exps.weight", (256, 256, 16)),
+        ("blk.1.attn_norm.weight", (256,)),
+    ]
     tensors, m = _fake(shapes, {"token_embd": 1.0, "attn_q": 1.0, "ffn_up_exps": 0.01, "ffn_down_exps": 1.0})
     for budget in (3_000_000, 4_000_000, 5_000_000):
         p = plan.plan_from_measurements(m, tensors, 1000, budget)
@@ -98,9 +103,11 @@ def test_file_budget_formula(tiny_gguf):
 
 def test_plan_cli_bad_input_is_one_line(tiny_gguf):
     model = str(tiny_gguf("thinking"))
-    for args, needle in ((["plan", model], "give exactly one of --budget, --board or --max-size"),
-                         (["plan", model, "--budget", "lots"], "cannot read the size 'lots'"),
-                         (["plan", "/nope.gguf", "--max-size", "5MB", "--imatrix", "/nope.im"], "does not exist")):
+    for args, needle in (
+        (["plan", model], "give exactly one of --budget, --board or --max-size"),
+        (["plan", model, "--budget", "lots"], "cannot read the size 'lots'"),
+        (["plan", "/nope.gguf", "--max-size", "5MB", "--imatrix", "/nope.im"], "does not exist"),
+    ):
         out = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli"] + args, capture_output=True, text=True)
         assert out.returncode == 2 and needle in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
@@ -130,12 +137,17 @@ def test_plan_end_to_end_on_the_fixture(tiny_gguf, tmp_path):
 
 
 def test_tensors_every_token_uses_keep_at_least_the_floor():
-    shapes = [("token_embd.weight", (256, 8192)), ("blk.1.attn_q.weight", (256, 256)),
-              ("blk.1.ffn_up_exps.weight", (256, 256, 16))]
+    shapes = [
+        ("token_embd.weight", (256, 8192)),
+        ("blk.1.attn_q.weight", (256, 256)),
+        ("blk.1.ffn_up_exps.weight", (256, 256, 16)),
+    ]
     # attn_q made insensitive: without the floor the cheapest type wins, with it never below q4_k
     tensors, m = _fake(shapes, {"token_embd": 1.0, "attn_q": 1e-9, "ffn_up_exps": 1e-9})
     # token_embd q4_k + experts q2_k + attn_q q2_k = 1,545,216 bytes; attn_q at q4_k adds 15,360
-    free = {c.tensor: c.type for c in plan.plan_from_measurements(m, tensors, 0, 1_550_000, min_every_token=None).choices}
+    free = {
+        c.tensor: c.type for c in plan.plan_from_measurements(m, tensors, 0, 1_550_000, min_every_token=None).choices
+    }
     floored = {c.tensor: c.type for c in plan.plan_from_measurements(m, tensors, 0, 1_600_000).choices}
     assert free["blk.1.attn_q.weight"] == "q2_k" and floored["blk.1.attn_q.weight"] in ("q4_k", "q8_0")
     assert floored["blk.1.ffn_up_exps.weight"] == "q2_k"  # routed experts are not floored
@@ -160,12 +172,14 @@ def test_assembled_calibration_model_is_what_llama_cpp_writes(tiny_gguf, tmp_pat
     whole = {}
     for ty in ("q3_k", "q8_0"):
         fits = [t.name for t in targets if t.shape[0] % plan._block(ty) == 0]
-        whole[ty] = quantize(model, plan._uniform(ty, fits), out=tmp_path / f"{ty}.gguf", imatrix=im,
-                             manifest=False).out
+        whole[ty] = quantize(
+            model, plan._uniform(ty, fits), out=tmp_path / f"{ty}.gguf", imatrix=im, manifest=False
+        ).out
     base = model if reference == "source" else whole["q8_0"]
     keep = targets if reference == "source" else None
-    direct = quantize(model, plan._uniform("q3_k", members, keep), out=tmp_path / "direct.gguf", imatrix=im,
-                      manifest=False).out
+    direct = quantize(
+        model, plan._uniform("q3_k", members, keep), out=tmp_path / "direct.gguf", imatrix=im, manifest=False
+    ).out
     n = plan.assemble(base, {m: whole["q3_k"] for m in members}, tmp_path / "assembled.gguf")
 
     a, d = gguf.GGUFReader(tmp_path / "assembled.gguf"), gguf.GGUFReader(direct)
@@ -176,7 +190,9 @@ def test_assembled_calibration_model_is_what_llama_cpp_writes(tiny_gguf, tmp_pat
         y = by_name[x.name]
         assert x.tensor_type == y.tensor_type, x.name
         # shapes agree but for trailing 1s (llama.cpp writes n_dims without them: [16, 1] -> [16])
-        assert np.trim_zeros(np.asarray(x.shape) - 1, "b").tolist() == np.trim_zeros(np.asarray(y.shape) - 1, "b").tolist()
+        assert (
+            np.trim_zeros(np.asarray(x.shape) - 1, "b").tolist() == np.trim_zeros(np.asarray(y.shape) - 1, "b").tolist()
+        )
         assert np.array_equal(np.asarray(x.data).view(np.uint8).ravel(), np.asarray(y.data).view(np.uint8).ravel())
     assert n == sum(int(t.n_bytes) for t in d.tensors)
     assert a.get_field("general.file_type").contents() == d.get_field("general.file_type").contents()

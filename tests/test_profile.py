@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_FIXTURES
-from edgemoe_cli import profile
 from test_bench import native_build  # noqa: F401  (the cached `edgemoe build`, for llama-imatrix)
+
+from edgemoe_cli import profile
 
 CALIB = SHARED_FIXTURES / "calib.txt"
 
@@ -25,8 +25,21 @@ def profiled(tiny_gguf, tmp_path_factory):
     if not CALIB.is_file():
         pytest.skip(f"{CALIB} not present")
     out = tmp_path_factory.mktemp("profile")
-    proc = edgemoe("profile", str(tiny_gguf("thinking", "f16")), "--text", str(CALIB), "--out", str(out),
-                   "--max-tokens", "600", "--ctx", "256", "--threads", "2", "--json")
+    proc = edgemoe(
+        "profile",
+        str(tiny_gguf("thinking", "f16")),
+        "--text",
+        str(CALIB),
+        "--out",
+        str(out),
+        "--max-tokens",
+        "600",
+        "--ctx",
+        "256",
+        "--threads",
+        "2",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     return out, json.loads(proc.stdout)
 
@@ -85,7 +98,7 @@ def test_errors(tmp_path, tiny_gguf):
 
 
 @pytest.mark.slow
-def test_routing_agrees_with_llama_imatrix_expert_counts(native_build, tiny_gguf, tmp_path):
+def test_routing_agrees_with_llama_imatrix_expert_counts(native_build, tiny_gguf, tmp_path):  # noqa: F811
     """llama-imatrix counts the tokens each expert's matmul received: an independent reading of the same routing."""
     from edgemoe_cli.imatrix import compute_imatrix, expert_usage
 

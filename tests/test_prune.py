@@ -10,12 +10,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
-from edgemoe_cli.units import parse_size
-
 from conftest import SHARED_FIXTURES
+
 from edgemoe_cli import generate, prune
 from edgemoe_cli.errors import EdgeMoEError
+from edgemoe_cli.units import parse_size
 
 CALIB = SHARED_FIXTURES / "calib.txt"
 
@@ -55,10 +54,12 @@ def test_slices_every_expert_tensor_consistently(pruned_reap):
             name = f"blk.{il}.ffn_{proj}_exps.weight"
             assert list(after[name].shape) == list(before[name].shape[:2]) + [12]
             np.testing.assert_array_equal(after[name].data, before[name].data[kept])
-        np.testing.assert_array_equal(after[f"blk.{il}.ffn_gate_inp.weight"].data,
-                                      before[f"blk.{il}.ffn_gate_inp.weight"].data[kept])
-        np.testing.assert_array_equal(after[f"blk.{il}.exp_probs_b.bias"].data,
-                                      before[f"blk.{il}.exp_probs_b.bias"].data[..., kept])
+        np.testing.assert_array_equal(
+            after[f"blk.{il}.ffn_gate_inp.weight"].data, before[f"blk.{il}.ffn_gate_inp.weight"].data[kept]
+        )
+        np.testing.assert_array_equal(
+            after[f"blk.{il}.exp_probs_b.bias"].data, before[f"blk.{il}.exp_probs_b.bias"].data[..., kept]
+        )
     for name, t in before.items():  # everything that is not per-expert is copied byte for byte
         if "exps" not in name and "gate_inp" not in name and "exp_probs_b" not in name:
             np.testing.assert_array_equal(after[name].data, t.data)
@@ -109,14 +110,16 @@ def test_budget_picks_the_largest_count_that_fits(tiny_gguf, tmp_path):
 def test_usage_scores_from_a_profile(tiny_gguf, tmp_path):
     src = tiny_gguf("pt", "f16")
     counts = np.arange(48).reshape(3, 16) % 16  # expert e used e times: the top experts are 11..15 in every layer
-    (tmp_path / "profile.json").write_text(json.dumps(
-        {"counts": counts.tolist(), "layers": [{"layer": il} for il in (1, 2, 3)]}))
+    (tmp_path / "profile.json").write_text(
+        json.dumps({"counts": counts.tolist(), "layers": [{"layer": il} for il in (1, 2, 3)]})
+    )
     result = prune.prune(src, keep=5, usage=tmp_path / "profile.json", out=tmp_path / "u.gguf")
     assert result.score == "usage" and all(k == [11, 12, 13, 14, 15] for k in result.kept.values())
 
 
-@pytest.mark.parametrize("text, expected", [("12G", 12 * 2**30), ("900M", 900 * 2**20), ("1.5GiB", int(1.5 * 2**30)),
-                                            ("4096", 4096)])
+@pytest.mark.parametrize(
+    "text, expected", [("12G", 12 * 2**30), ("900M", 900 * 2**20), ("1.5GiB", int(1.5 * 2**30)), ("4096", 4096)]
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -133,13 +136,16 @@ def other_arch_gguf(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--keep", "17"], "more than the 16 experts"),
-    (["--keep", "3"], "fewer than the 4 experts"),
-    (["--keep", "16"], "nothing to prune"),
-    (["--budget", "1M"], "fewer than the 4 used per token"),
-    (["--keep", "8", "--budget", "10M"], "exactly one of --keep and --budget"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--keep", "17"], "more than the 16 experts"),
+        (["--keep", "3"], "fewer than the 4 experts"),
+        (["--keep", "16"], "nothing to prune"),
+        (["--budget", "1M"], "fewer than the 4 used per token"),
+        (["--keep", "8", "--budget", "10M"], "exactly one of --keep and --budget"),
+    ],
+)
 def test_errors_are_one_line_and_write_nothing(tiny_gguf, tmp_path, args, message):
     out = tmp_path / "out.gguf"
     proc = edgemoe("prune", str(tiny_gguf("pt", "f16")), *args, "--out", str(out))

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import fixture_dir
-from edgemoe_cli import registry, store
 from hubserver import HubRepo, HubServer
+
+from edgemoe_cli import registry, store
 
 EDGEMOE = Path(sys.executable).with_name("edgemoe")
 MODEL = "model.safetensors"
@@ -42,8 +42,14 @@ def hf_cache(tmp_path) -> Path:
 
 
 def edgemoe(hub: HubServer, hf_cache: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(hf_cache), "HF_HUB_DISABLE_TELEMETRY": "1",
-                "COLUMNS": "200", **env}
+    full_env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_CACHE": str(hf_cache),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "COLUMNS": "200",
+        **env,
+    }
     full_env.pop("HF_TOKEN", None) if "HF_TOKEN" not in env else None
     return subprocess.run([str(EDGEMOE), *args], capture_output=True, text=True, env=full_env, timeout=300)
 
@@ -84,8 +90,9 @@ def test_full_pull_of_both_variants_then_convert_and_run(repos, hf_cache, tiny_g
             assert conv.returncode == 0, conv.stderr
             replies = []
             for gguf in (out, tiny_gguf(registry.get(name).variant, "f16")):  # pulled vs the fixture on disk
-                run = edgemoe(hub, hf_cache, "run", str(gguf), "-p", question, "--temp", "0", "-n", "48", "-t", "1",
-                              "--json")
+                run = edgemoe(
+                    hub, hf_cache, "run", str(gguf), "-p", question, "--temp", "0", "-n", "48", "-t", "1", "--json"
+                )
                 assert run.returncode == 0, run.stderr
                 replies.append(json.loads(run.stdout))
             assert replies[0]["completion_tokens"] > 0 and replies[0]["raw"] == replies[1]["raw"]
@@ -147,16 +154,17 @@ def test_too_little_disk_is_refused_before_any_byte(repos, hf_cache):
 
 def test_hub_errors_are_one_line_exit_2(repos, hf_cache):
     with HubServer([repos[PT], hub_repo(THINKING, gated=True)]) as hub:
-        one_line_error(edgemoe(hub, hf_cache, "pull", PT, "--revision", "no-such-branch"), "no-such-branch",
-                       "does not exist")
-        one_line_error(edgemoe(hub, hf_cache, "pull", PT, "--format", "gguf"), "unsloth/ERNIE-4.5-21B-A3B-PT-GGUF",
-                       "not found")
+        one_line_error(
+            edgemoe(hub, hf_cache, "pull", PT, "--revision", "no-such-branch"), "no-such-branch", "does not exist"
+        )
+        one_line_error(
+            edgemoe(hub, hf_cache, "pull", PT, "--format", "gguf"), "unsloth/ERNIE-4.5-21B-A3B-PT-GGUF", "not found"
+        )
         one_line_error(edgemoe(hub, hf_cache, "pull", THINKING), "gated", "--token")
         assert hub.content_bytes() == 0
         result = pulled(edgemoe(hub, hf_cache, "pull", THINKING, "--token", "hf_accepted", "--json"))
         assert result["repo"] == "baidu/ERNIE-4.5-21B-A3B-Thinking"
-        one_line_error(edgemoe(hub, hf_cache, "pull", "ernie-4.5-21b-a3b-tinking"), "did you mean",
-                       THINKING)
+        one_line_error(edgemoe(hub, hf_cache, "pull", "ernie-4.5-21b-a3b-tinking"), "did you mean", THINKING)
 
 
 def test_offline_uses_the_cache_or_names_what_is_missing(repos, hf_cache):
@@ -176,19 +184,28 @@ def test_gguf_quant_pulls_only_that_file(repos, hf_cache, tiny_gguf, tmp_path):
     q4, q8 = tmp_path / "q4.gguf", tmp_path / "q8.gguf"
     shutil.copy(tiny_gguf("pt", "f16"), q4)  # stand-ins named like the real quants
     shutil.copy(tiny_gguf("pt", "q8_0"), q8)
-    gguf_repo = HubRepo.from_dir(entry.gguf.repo, None, extra={
-        "ERNIE-4.5-21B-A3B-PT-Q4_0.gguf": q4, "ERNIE-4.5-21B-A3B-PT-Q8_0.gguf": q8, "README.md": tmp_path / "q4.gguf"})
+    gguf_repo = HubRepo.from_dir(
+        entry.gguf.repo,
+        None,
+        extra={
+            "ERNIE-4.5-21B-A3B-PT-Q4_0.gguf": q4,
+            "ERNIE-4.5-21B-A3B-PT-Q8_0.gguf": q8,
+            "README.md": tmp_path / "q4.gguf",
+        },
+    )
     with HubServer([gguf_repo]) as hub:
         result = pulled(edgemoe(hub, hf_cache, "pull", PT, "--format", "gguf", "--quant", "Q4_0", "--json"))
         assert [f["name"] for f in result["files"]] == ["ERNIE-4.5-21B-A3B-PT-Q4_0.gguf"]
         assert hub.content_bytes() == q4.stat().st_size
         path = registry.resolve(PT, fmt="gguf", quant="Q4_0")
         assert path.name == "ERNIE-4.5-21B-A3B-PT-Q4_0.gguf" and store.sha256_file(path) == store.sha256_file(q4)
-        run = edgemoe(hub, hf_cache, "run", str(path), "-p", "What is 2 + 2?", "--temp", "0", "-n", "16", "-t", "1",
-                      "--json")
+        run = edgemoe(
+            hub, hf_cache, "run", str(path), "-p", "What is 2 + 2?", "--temp", "0", "-n", "16", "-t", "1", "--json"
+        )
         assert run.returncode == 0, run.stderr
-        one_line_error(edgemoe(hub, hf_cache, "pull", PT, "--format", "gguf", "--quant", "Q9_X"), "no Q9_X",
-                       "Q4_0", "Q8_0")
+        one_line_error(
+            edgemoe(hub, hf_cache, "pull", PT, "--format", "gguf", "--quant", "Q9_X"), "no Q9_X", "Q4_0", "Q8_0"
+        )
 
 
 def test_dest_and_hf_home_choose_the_cache(repos, hf_cache, tmp_path):
@@ -208,13 +225,16 @@ def test_dest_and_hf_home_choose_the_cache(repos, hf_cache, tmp_path):
 # ---- a hostile or broken endpoint (issue 13) ----
 
 
-@pytest.mark.parametrize("field, value", [
-    ("sha256", "/ABSOLUTE"),  # the proven attack: an absolute path as the LFS sha256 was "cached", failed, unlinked
-    ("sha256", "../../../victim"),
-    ("oid", "/ABSOLUTE"),
-    ("path", "../../../victim.safetensors"),
-    ("commit", "../../../victim"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("sha256", "/ABSOLUTE"),  # the proven attack: an absolute path as the LFS sha256 was "cached", failed, unlinked
+        ("sha256", "../../../victim"),
+        ("oid", "/ABSOLUTE"),
+        ("path", "../../../victim.safetensors"),
+        ("commit", "../../../victim"),
+    ],
+)
 def test_ids_from_the_endpoint_are_checked_before_any_use(repos, hf_cache, tmp_path, field, value):
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
@@ -231,8 +251,11 @@ def test_ids_from_the_endpoint_are_checked_before_any_use(repos, hf_cache, tmp_p
         files[MODEL] = dataclasses.replace(files[MODEL], **{field: value})
         hostile = dataclasses.replace(good, files=files)
     with HubServer([hostile]) as hub:
-        err = one_line_error(edgemoe(hub, hf_cache, "pull", PT, "--json",
-                                     *(["--revision", "main"] if field == "commit" else [])), "invalid", "HF_ENDPOINT")
+        err = one_line_error(
+            edgemoe(hub, hf_cache, "pull", PT, "--json", *(["--revision", "main"] if field == "commit" else [])),
+            "invalid",
+            "HF_ENDPOINT",
+        )
         assert hub.content_bytes() == 0, err
     assert victim.read_bytes() == b"precious" and (tmp_path / "victim.safetensors").read_bytes() == b"precious"
     assert not (registry.store_entry(PT) / "manifest.json").exists()

@@ -65,12 +65,21 @@ def test_silent_fallback_fails_loudly(tiny_gguf, tmp_path, monkeypatch):
     real = quantize_mod._run_llama_quantize
 
     def sneaky(model, part, ftype, overrides, imatrix, threads, progress):
-        return real(model, part, ftype, [(p, "q8_0" if "ffn_down_exps" in p else t) for p, t in overrides],
-                    imatrix, threads, progress)
+        return real(
+            model,
+            part,
+            ftype,
+            [(p, "q8_0" if "ffn_down_exps" in p else t) for p, t in overrides],
+            imatrix,
+            threads,
+            progress,
+        )
 
     monkeypatch.setattr(quantize_mod, "_run_llama_quantize", sneaky)
     out = tmp_path / "x.gguf"
-    with pytest.raises(EdgeMoEError, match=r"wrote blk\.\d\.ffn_down_exps\.weight as q8_0 but the recipe asked for q5_k"):
+    with pytest.raises(
+        EdgeMoEError, match=r"wrote blk\.\d\.ffn_down_exps\.weight as q8_0 but the recipe asked for q5_k"
+    ):
         quantize_mod.quantize(tiny_gguf("thinking"), "edge-balanced", out=out, threads=2)
     assert not out.exists() and not (tmp_path / "x.gguf.part").exists()
 
@@ -108,7 +117,10 @@ def test_imatrix_of_another_model_is_a_one_line_error(tiny_gguf, tmp_path):
     w.add_string("general.type", "imatrix")
     w.add_tensor("blk.1.ffn_down_exps.weight.in_sum2", np.ones((8, 128), np.float32))
     w.add_tensor("blk.1.ffn_down_exps.weight.counts", np.ones((8, 1), np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(EdgeMoEError, match="has 1024 values for blk.1.ffn_down_exps.weight, the model needs 4096"):
         quantize_mod.quantize(tiny_gguf("thinking"), "edge-balanced", out=tmp_path / "o.gguf", imatrix=path)
 
@@ -128,17 +140,23 @@ def test_eval_model_against_itself_and_a_quantization(tiny_gguf, tmp_path):
     assert res.kld_p99 >= res.kld_median and res.tokens_scored == same.tokens_scored == 2 * 127
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["quantize", "/nope.gguf", "--recipe", "edge-balanced"], "model /nope.gguf does not exist"),
-    (["quantize", "{model}", "--recipe", "nope"], "no recipe named 'nope'"),
-    (["quantize", "{model}", "--recipe", "stock:Q9_X"], "unknown llama.cpp file type"),
-    (["eval", "{model}", "--base", "{model}", "--text", "/nope.txt"], "text /nope.txt does not exist"),
-    (["imatrix", "{model}", "--text", "/nope.txt"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["quantize", "/nope.gguf", "--recipe", "edge-balanced"], "model /nope.gguf does not exist"),
+        (["quantize", "{model}", "--recipe", "nope"], "no recipe named 'nope'"),
+        (["quantize", "{model}", "--recipe", "stock:Q9_X"], "unknown llama.cpp file type"),
+        (["eval", "{model}", "--base", "{model}", "--text", "/nope.txt"], "text /nope.txt does not exist"),
+        (["imatrix", "{model}", "--text", "/nope.txt"], "does not exist"),
+    ],
+)
 def test_bad_input_is_one_red_line_exit_2(tiny_gguf, args, needle):
     model = str(tiny_gguf("thinking"))
-    out = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli"] + [a.replace("{model}", model) for a in args],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgemoe_cli.cli"] + [a.replace("{model}", model) for a in args],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2, out.stderr
     assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
 

@@ -7,8 +7,17 @@ from typer.testing import CliRunner
 
 from edgemoe_cli.cli import app
 from edgemoe_cli.errors import EdgeMoEError
-from edgemoe_cli.recipe import (Recipe, Rule, TensorInfo, builtin_names, explain, load_recipe, parse_recipe,
-                                resolve, tensor_bytes)
+from edgemoe_cli.recipe import (
+    Recipe,
+    Rule,
+    TensorInfo,
+    builtin_names,
+    explain,
+    load_recipe,
+    parse_recipe,
+    resolve,
+    tensor_bytes,
+)
 
 
 def _t(name, shape, type_="f32"):
@@ -42,11 +51,17 @@ def test_builtins_load_and_cover_the_issue():
 
 
 def test_first_matching_rule_wins_and_embedding_default_takes_precedence():
-    recipe = Recipe("t", default="q8_0", token_embedding="q6_k",
-                    rules=[Rule(r"ffn_down", "q5_k"), Rule(r"_exps\.", "q4_k"), Rule(r"token_embd", "q2_k")])
+    recipe = Recipe(
+        "t",
+        default="q8_0",
+        token_embedding="q6_k",
+        rules=[Rule(r"ffn_down", "q5_k"), Rule(r"_exps\.", "q4_k"), Rule(r"token_embd", "q2_k")],
+    )
     plans, problems = resolve(recipe, TENSORS)
     by = {p.name: p for p in plans}
-    assert by["blk.1.ffn_down_exps.weight"].type == "q5_k" and by["blk.1.ffn_down_exps.weight"].rule.startswith("rule 1")
+    assert by["blk.1.ffn_down_exps.weight"].type == "q5_k" and by["blk.1.ffn_down_exps.weight"].rule.startswith(
+        "rule 1"
+    )
     assert by["blk.1.ffn_up_exps.weight"].type == "q4_k"
     assert by["blk.1.ffn_down_shexp.weight"].type == "q5_k"
     assert by["blk.1.attn_q.weight"].type == "q8_0" and by["blk.1.attn_q.weight"].rule == "default"
@@ -73,13 +88,16 @@ def test_validation_reports_what_llama_cpp_would_change_or_refuse():
     assert not [p for p in ok if p.severity == "error"]
 
 
-@pytest.mark.parametrize("data, needle", [
-    ({"default": "q4_z"}, "unknown quantization type 'q4_z'"),
-    ({"rules": [{"pattern": "blk.(", "type": "q4_0"}]}, "not a valid regex"),
-    ({"rules": [{"pattern": "x"}]}, "must have exactly `pattern` and `type`"),
-    ({"rulez": []}, "unknown key(s) rulez"),
-    ({"token_embedding": "q9_k"}, "unknown quantization type"),
-])
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"default": "q4_z"}, "unknown quantization type 'q4_z'"),
+        ({"rules": [{"pattern": "blk.(", "type": "q4_0"}]}, "not a valid regex"),
+        ({"rules": [{"pattern": "x"}]}, "must have exactly `pattern` and `type`"),
+        ({"rulez": []}, "unknown key(s) rulez"),
+        ({"token_embedding": "q9_k"}, "unknown quantization type"),
+    ],
+)
 def test_parse_errors_are_one_line(data, needle):
     with pytest.raises(EdgeMoEError) as e:
         parse_recipe(data, "bad.toml")
@@ -91,7 +109,12 @@ def test_toml_round_trip(tmp_path):
     path = tmp_path / "copy.toml"
     path.write_text(r.to_toml())
     back = load_recipe(path)
-    assert (back.name, back.default, back.token_embedding, back.rules) == (r.name, r.default, r.token_embedding, r.rules)
+    assert (back.name, back.default, back.token_embedding, back.rules) == (
+        r.name,
+        r.default,
+        r.token_embedding,
+        r.rules,
+    )
 
 
 def test_explain_on_the_fixture_predicts_sizes(tiny_gguf):
@@ -117,10 +140,14 @@ def test_cli_recipe_show_and_errors(tiny_gguf, tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli", "recipe", "show", str(bad), "--model", str(model)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgemoe_cli.cli", "recipe", "show", str(bad), "--model", str(model)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert "not a valid regex" in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    out = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli", "recipe", "show", "no-such-recipe"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgemoe_cli.cli", "recipe", "show", "no-such-recipe"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "no recipe named 'no-such-recipe'" in out.stderr

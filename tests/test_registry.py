@@ -22,15 +22,27 @@ def test_hub_entries_name_repo_revision_variant_files_and_gguf():
         assert (e.source, e.repo, e.variant, e.chat_template) == ("hub", repo, variant, f"ernie-{variant}")
         assert e.revision
         # the allow patterns take what a conversion reads and leave the rest of the repo behind
-        real_files = ["model-00001-of-00009.safetensors", "model.safetensors.index.json", "config.json",
-                      "tokenizer.model", "tokenizer_config.json", "generation_config.json"]
+        real_files = [
+            "model-00001-of-00009.safetensors",
+            "model.safetensors.index.json",
+            "config.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ]
         for f in real_files:
             assert any(fnmatch.fnmatch(f, p) for p in e.allow_patterns), f
         assert not any(fnmatch.fnmatch("benchmark.png", p) for p in e.allow_patterns)
         # one quant selects one file of the GGUF repo (single or split), not its neighbours
-        gguf_files = [f"ERNIE-4.5-21B-A3B-{variant.upper()}-Q4_0.gguf", f"ERNIE-4.5-21B-A3B-{variant.upper()}-Q4_K_M.gguf",
-                      f"BF16/ERNIE-4.5-21B-A3B-{variant.upper()}-BF16-00001-of-00002.gguf"]
-        pick = lambda q: [f for f in gguf_files if any(fnmatch.fnmatch(f, p) for p in e.gguf.allow_patterns(q))]
+        gguf_files = [
+            f"ERNIE-4.5-21B-A3B-{variant.upper()}-Q4_0.gguf",
+            f"ERNIE-4.5-21B-A3B-{variant.upper()}-Q4_K_M.gguf",
+            f"BF16/ERNIE-4.5-21B-A3B-{variant.upper()}-BF16-00001-of-00002.gguf",
+        ]
+
+        def pick(q, e=e):
+            return [f for f in gguf_files if any(fnmatch.fnmatch(f, p) for p in e.gguf.allow_patterns(q))]
+
         assert pick("Q4_0") == gguf_files[:1] and pick("BF16") == gguf_files[2:]
         assert e.gguf.repo.endswith("-GGUF") and e.gguf.default_quant == "Q4_0"
 
@@ -81,17 +93,29 @@ def test_list_reads_manifests_and_ggufs(tmp_path):
     (snapshot / "config.json").write_text("{}")
     entry = registry.store_entry("ernie-4.5-21b-a3b-pt")
     entry.mkdir(parents=True)
-    store.write_manifest(entry, kind="pull", name="ernie-4.5-21b-a3b-pt", repo="baidu/ERNIE-4.5-21B-A3B-PT",
-                         commit="a" * 40, format="safetensors", quant=None, path=str(snapshot), total_bytes=2,
-                         files=[{"name": "config.json", "size": 2, "sha256": "x", "lfs": False}])
+    store.write_manifest(
+        entry,
+        kind="pull",
+        name="ernie-4.5-21b-a3b-pt",
+        repo="baidu/ERNIE-4.5-21B-A3B-PT",
+        commit="a" * 40,
+        format="safetensors",
+        quant=None,
+        path=str(snapshot),
+        total_bytes=2,
+        files=[{"name": "config.json", "size": 2, "sha256": "x", "lfs": False}],
+    )
     gguf_dir = store.home() / "gguf" / "tiny-ernie-pt"
     gguf_dir.mkdir(parents=True)
     (gguf_dir / "f16.gguf").write_bytes(b"GGUF" + bytes(60))
     (gguf_dir / "mix.gguf").write_bytes(b"GGUF" + bytes(28))
     store.write_manifest(gguf_dir / "mix.gguf", recipe="q4-experts")
     items = {(i["name"], i["state"], i["size"]) for i in json.loads(runner.invoke(app, ["list", "--json"]).stdout)}
-    assert items == {("ernie-4.5-21b-a3b-pt", "pulled", 2), ("tiny-ernie-pt", "converted", 64),
-                     ("tiny-ernie-pt", "quantized", 32)}
+    assert items == {
+        ("ernie-4.5-21b-a3b-pt", "pulled", 2),
+        ("tiny-ernie-pt", "converted", 64),
+        ("tiny-ernie-pt", "quantized", 32),
+    }
     (snapshot / "config.json").unlink()
     assert models.store_items()[0].state == "pulled (files missing)"
 

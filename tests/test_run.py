@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_FIXTURES, SHARED_SOURCE, SHIPPED_FIXTURES
+
 from edgemoe_cli import generate
 from edgemoe_cli.cli import main
 from edgemoe_cli.errors import EdgeMoEError
@@ -20,12 +20,28 @@ from edgemoe_cli.errors import EdgeMoEError
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = SHIPPED_FIXTURES
 DEMO_FILES = (
-    "config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
-    "special_tokens_map.json", "reference/logits.npz", "reference/README.txt",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "reference/logits.npz",
+    "reference/README.txt",
 )
 JSON_KEYS = {
-    "reasoning", "answer", "raw", "prompt_tokens", "completion_tokens", "ttft_s", "prompt_tps", "gen_tps",
-    "peak_rss_bytes", "tool_call", "finish_reason", "library",
+    "reasoning",
+    "answer",
+    "raw",
+    "prompt_tokens",
+    "completion_tokens",
+    "ttft_s",
+    "prompt_tps",
+    "gen_tps",
+    "peak_rss_bytes",
+    "tool_call",
+    "finish_reason",
+    "library",
 }
 QUESTION = "What is 93 + 16?"
 
@@ -264,8 +280,9 @@ def test_make_demo_answers_with_both_fixtures(tmp_path):
     if not exe.exists():
         pytest.skip(f"{exe} not installed (pip install -e .)")
     env = {**os.environ, "EDGEMOE": str(exe), "DEMO_OUT": str(tmp_path), "DEMO_THREADS": "1"}
-    p = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], capture_output=True, text=True, env=env,
-                       timeout=600)
+    p = subprocess.run(
+        ["bash", str(REPO / "scripts" / "demo.sh")], capture_output=True, text=True, env=env, timeout=600
+    )
     assert p.returncode == 0, p.stderr
     pt, thinking = p.stdout.split("== tiny-ernie-thinking")
     assert "The answer is 22." in pt and "The answer is 22." in thinking

@@ -18,8 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_FIXTURES
+
 from edgemoe_cli import generate, serve
 
 openai = pytest.importorskip("openai")
@@ -45,8 +45,23 @@ class Server:
         self.log = tmp / f"serve-{self.port}.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgemoe_cli.cli", "serve", str(model), "--port", str(self.port), "--api-key",
-                 KEY, "--ctx", str(CTX), *args], stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "edgemoe_cli.cli",
+                    "serve",
+                    str(model),
+                    "--port",
+                    str(self.port),
+                    "--api-key",
+                    KEY,
+                    "--ctx",
+                    str(CTX),
+                    *args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         for _ in range(600):  # 60 s at most
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited {self.proc.returncode}: {self.log.read_text()}")
@@ -65,8 +80,11 @@ class Server:
     def metrics(self) -> dict[str, float]:
         status, text = http("GET", self.url + "/metrics")
         assert status == 200
-        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-                if line and not line.startswith("#")}
+        return {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -87,8 +105,10 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
 def servers(tiny_gguf, tmp_path_factory):
     """One Thinking server with 2 slots (1 thread each) and one PT server with 1 slot (1 thread)."""
     tmp = tmp_path_factory.mktemp("serve")
-    started = {"thinking": Server(tiny_gguf("thinking"), tmp, "--parallel", "2", "--threads", "2"),
-               "pt": Server(tiny_gguf("pt"), tmp, "--parallel", "1", "--threads", "1", "--queue", "0")}
+    started = {
+        "thinking": Server(tiny_gguf("thinking"), tmp, "--parallel", "2", "--threads", "2"),
+        "pt": Server(tiny_gguf("pt"), tmp, "--parallel", "1", "--threads", "1", "--queue", "0"),
+    }
     yield started
     for s in started.values():
         assert s.stop() == 0
@@ -109,8 +129,13 @@ def expected(tiny_gguf):
 
 
 def ask(client, question: str, **kw):
-    return client.chat.completions.create(model=client_model(client), messages=[{"role": "user", "content": question}],
-                                          temperature=0, max_tokens=256, **kw)
+    return client.chat.completions.create(
+        model=client_model(client),
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=256,
+        **kw,
+    )
 
 
 def client_model(client) -> str:
@@ -176,8 +201,13 @@ def test_pt_chat_is_plain_content(servers, expected):
 def test_completions_raw_text(servers):
     client = servers["pt"].client()
     model = client_model(client)
-    args = {"model": model, "prompt": "The Debian", "max_tokens": 24, "temperature": 0,
-            "extra_body": {"ignore_eos": True}}
+    args = {
+        "model": model,
+        "prompt": "The Debian",
+        "max_tokens": 24,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
     whole = client.completions.create(**args)
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 24
     pieces = [c.choices[0].text for c in client.completions.create(**args, stream=True)]
@@ -201,24 +231,34 @@ def test_eight_concurrent_clients_all_answered_right(servers, expected):
         t.join(timeout=300)
     assert sorted(replies) == sorted(QUESTIONS)
     for q in QUESTIONS:
-        assert (replies[q].model_extra["reasoning_content"], replies[q].content) == \
-            (expected["thinking", q].reasoning, expected["thinking", q].answer), q
+        assert (replies[q].model_extra["reasoning_content"], replies[q].content) == (
+            expected["thinking", q].reasoning,
+            expected["thinking", q].answer,
+        ), q
 
 
 # ---- tool calls: the ERNIE format into OpenAI's shape, checked with openai's own types ----------------------------
 
 
-TOOL_REPLY = ('The user wants the weather; I should call the tool.\n</think>\n\n<tool_call>\n'
-              '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>')
+TOOL_REPLY = (
+    "The user wants the weather; I should call the tool.\n</think>\n\n<tool_call>\n"
+    '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+)
 
 
 def test_tool_call_message_shape():
     from openai.types.chat import ChatCompletion
 
     message, finish = serve.chat_message(TOOL_REPLY, thinking=True, finish="stop")
-    reply = ChatCompletion.model_validate({
-        "id": "x", "object": "chat.completion", "created": 0, "model": "m",
-        "choices": [{"index": 0, "message": message, "finish_reason": finish}]})
+    reply = ChatCompletion.model_validate(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        }
+    )
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     call = choice.message.tool_calls[0]
@@ -233,12 +273,21 @@ def test_tool_call_streamed_shape():
     stream = serve.ChatStream(thinking=True)
     deltas = []
     for at in range(0, len(TOOL_REPLY), 3):  # pieces that cut tags in half
-        deltas += stream.feed(TOOL_REPLY[at:at + 3])
+        deltas += stream.feed(TOOL_REPLY[at : at + 3])
     tail, finish = stream.finish("stop")
     deltas += tail
-    chunks = [ChatCompletionChunk.model_validate({"id": "x", "object": "chat.completion.chunk", "created": 0,
-                                                  "model": "m", "choices": [{"index": 0, "delta": d}]})
-              for d in deltas]
+    chunks = [
+        ChatCompletionChunk.model_validate(
+            {
+                "id": "x",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "delta": d}],
+            }
+        )
+        for d in deltas
+    ]
     assert finish == "tool_calls"
     assert not any(c.choices[0].delta.content for c in chunks)  # the call's JSON is not leaked as content
     calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
@@ -273,8 +322,9 @@ def test_bad_requests_get_openai_errors_and_the_server_lives(servers, tiny_gguf)
     assert error(http("POST", url, json.dumps({"model": model}).encode())) == (400, "missing_messages")
     assert error(http("POST", url, json.dumps({"messages": []}).encode())) == (400, "missing_messages")
     assert error(http("POST", url, json.dumps({"messages": [{"content": "hi"}]}).encode()))[0] == 400
-    assert error(http("POST", url, json.dumps({"messages": [{"role": "user", "content": "hi"}],
-                                               "temperature": "hot"}).encode())) == (400, "invalid_value")
+    assert error(
+        http("POST", url, json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}).encode())
+    ) == (400, "invalid_value")
     assert error(http("GET", server.url + "/v1/nothing")) == (404, "not_found")
     assert error(http("GET", url)) == (405, "method_not_allowed")
 
@@ -298,8 +348,9 @@ def test_bad_requests_get_openai_errors_and_the_server_lives(servers, tiny_gguf)
 
 def _hold_the_slot(client, model: str):
     """A streamed request that generates until its context is full; returns it once its first piece arrived."""
-    stream = client.completions.create(model=model, prompt="The Debian", max_tokens=CTX, temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=model, prompt="The Debian", max_tokens=CTX, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     next(iter(stream))
     return stream
 
@@ -350,17 +401,40 @@ def test_port_in_use_is_one_line(tiny_gguf, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli", "serve", str(tiny_gguf("pt")), "--port",
-                               str(port)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgemoe_cli.cli", "serve", str(tiny_gguf("pt")), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert proc.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_install_systemd_writes_a_unit_and_does_not_enable_it(tiny_gguf, tmp_path):
     unit_path = tmp_path / "units" / "edgemoe-serve.service"
-    proc = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli", "serve", str(tiny_gguf("thinking")),
-                           "--install-systemd", "--unit-path", str(unit_path), "--port", "8099", "--threads", "3",
-                           "--api-key", "s3cret%", "--json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgemoe_cli.cli",
+            "serve",
+            str(tiny_gguf("thinking")),
+            "--install-systemd",
+            "--unit-path",
+            str(unit_path),
+            "--port",
+            "8099",
+            "--threads",
+            "3",
+            "--api-key",
+            "s3cret%",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["path"] == str(unit_path) and "enable --now edgemoe-serve.service" in result["enable"][-1]

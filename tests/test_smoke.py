@@ -42,7 +42,7 @@ def native_plan(active_build):
 
 def _file_offset(elf: bytes, vaddr: int) -> int:
     """Where virtual address `vaddr` of an ELF64 shared library is in the file (through its PT_LOAD segments)."""
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     for i in range(phnum):
         p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
@@ -61,7 +61,7 @@ def broken_copy(active_build: Path, dest: Path, symbol: str, code: bytes) -> Pat
     vaddr = next(int(line.split()[0], 16) for line in nm.splitlines() if line.split()[-1] == symbol)
     data = bytearray(lib.read_bytes())
     at = _file_offset(bytes(data), vaddr)
-    data[at:at + len(code)] = code
+    data[at : at + len(code)] = code
     lib.write_bytes(bytes(data))
     manifest = json.loads((dest / "build.json").read_text())
     manifest.pop("smoke", None)
@@ -123,8 +123,9 @@ def isolated_builds(tmp_path, monkeypatch, native_plan):
 
 
 @pytest.mark.slow  # runs the smoke test: ~20 s each on 2 cores
-def test_a_broken_build_is_not_activated_and_the_error_names_the_type(active_build, native_plan, isolated_builds,
-                                                                      monkeypatch):
+def test_a_broken_build_is_not_activated_and_the_error_names_the_type(
+    active_build, native_plan, isolated_builds, monkeypatch
+):
     good = isolated_builds / "native-good"
     shutil.copytree(active_build, good, symlinks=True)
     (isolated_builds / "native-current").symlink_to("native-good")
@@ -186,19 +187,26 @@ def test_amx_off_flags_remove_what_ggml_tests_even_after_march(tmp_path):
     if platform_machine() != "x86_64" or shutil.which("gcc") is None:
         pytest.skip("x86 gcc")
     flags = B.KNOWN_BAD_FEATURES[0].cmake[0].split("=", 1)[1].split()
-    proc = subprocess.run(["gcc", *flags, "-march=sapphirerapids", "-mamx-tile", "-mamx-int8", "-dM", "-E", "-"],
-                          input="", capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        ["gcc", *flags, "-march=sapphirerapids", "-mamx-tile", "-mamx-int8", "-dM", "-E", "-"],
+        input="",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "__AMX_INT8__" not in proc.stdout and "__AMX_TILE__" not in proc.stdout
     assert "__AVX512F__" in proc.stdout
 
 
 def test_doctor_and_build_json_report_the_active_builds_smoke_test(active_build):
     edgemoe = Path(sys.executable).with_name("edgemoe")
-    built = json.loads(subprocess.run([str(edgemoe), "build", "--json"], capture_output=True, text=True,
-                                      check=True).stdout)
+    built = json.loads(
+        subprocess.run([str(edgemoe), "build", "--json"], capture_output=True, text=True, check=True).stdout
+    )
     assert built["smoke"]["passed"] is True and built["current"]
-    doctor = json.loads(subprocess.run([str(edgemoe), "doctor", "--json"], capture_output=True, text=True,
-                                       check=True).stdout)
+    doctor = json.loads(
+        subprocess.run([str(edgemoe), "doctor", "--json"], capture_output=True, text=True, check=True).stdout
+    )
     assert doctor["build_smoke"]["summary"] == built["smoke"]["summary"]
     assert doctor["build_smoke"]["summary"].startswith("passed: F16, Q8_0, Q4_0, Q4_K_M, Q6_K, IQ4_NL")
 
@@ -208,14 +216,20 @@ def test_bare_import_llama_cpp_in_the_venv_finds_the_active_build(active_build):
     if sys.prefix == sys.base_prefix:
         pytest.skip("not running in a virtual environment")
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
-    code = ("import os, llama_cpp; print(os.environ['LLAMA_CPP_LIB_PATH']); "
-            "print([l.split()[-1] for l in open('/proc/self/maps') if 'libllama.so' in l][0])")
+    code = (
+        "import os, llama_cpp; print(os.environ['LLAMA_CPP_LIB_PATH']); "
+        "print([l.split()[-1] for l in open('/proc/self/maps') if 'libllama.so' in l][0])"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     lib_dir, loaded = proc.stdout.split()
     assert Path(lib_dir).resolve() == (active_build / "lib").resolve()
     assert Path(loaded).resolve().parent == (active_build / "lib").resolve()
     # the user's own choice still wins
-    proc = subprocess.run([sys.executable, "-c", "import os, edgemoe_cli; print(os.environ['LLAMA_CPP_LIB_PATH'])"],
-                          capture_output=True, text=True, env={**env, "LLAMA_CPP_LIB_PATH": "/somewhere/else"})
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os, edgemoe_cli; print(os.environ['LLAMA_CPP_LIB_PATH'])"],
+        capture_output=True,
+        text=True,
+        env={**env, "LLAMA_CPP_LIB_PATH": "/somewhere/else"},
+    )
     assert proc.stdout.strip() == "/somewhere/else"

@@ -22,8 +22,11 @@ def test_load_toml_parses_and_names_the_file_on_bad_syntax():
 
 
 def test_no_module_imports_tomllib_but_tomlfile():
-    users = [p.relative_to(REPO) for p in (REPO / "edgemoe_cli").rglob("*.py")
-             if "tomllib" in p.read_text() and p.name != "tomlfile.py"]
+    users = [
+        p.relative_to(REPO)
+        for p in (REPO / "edgemoe_cli").rglob("*.py")
+        if "tomllib" in p.read_text() and p.name != "tomlfile.py"
+    ]
     assert users == []
 
 

@@ -6,10 +6,19 @@ from edgemoe_cli.errors import EdgeMoEError
 from edgemoe_cli.units import human_bytes, parse_size
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("4096", 4096), ("900M", 900 * 2**20), ("12G", 12 * 2**30), ("12GiB", 12 * 2**30), ("1.5 GiB", int(1.5 * 2**30)),
-    ("11.5GB", 11_500_000_000), ("512mb", 512_000_000), (" 2T ", 2 * 2**40),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("4096", 4096),
+        ("900M", 900 * 2**20),
+        ("12G", 12 * 2**30),
+        ("12GiB", 12 * 2**30),
+        ("1.5 GiB", int(1.5 * 2**30)),
+        ("11.5GB", 11_500_000_000),
+        ("512mb", 512_000_000),
+        (" 2T ", 2 * 2**40),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 

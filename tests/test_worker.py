@@ -20,7 +20,8 @@ from edgemoe_cli.llamacpp import native_build_dir
 
 needs_rpc = pytest.mark.skipif(
     native_build_dir() is None or not (native_build_dir() / "bin" / "ggml-rpc-server").exists(),
-    reason="the active llama.cpp build has no ggml-rpc-server (rebuild with `edgemoe build`)")
+    reason="the active llama.cpp build has no ggml-rpc-server (rebuild with `edgemoe build`)",
+)
 EDGEMOE = [sys.executable, "-m", "edgemoe_cli.cli"]
 QUESTION = "What is 84 + 17?"
 
@@ -38,12 +39,15 @@ class WorkerProc:
         self.port = free_port()
         self.out = tmp / f"worker-{self.port}.json"
         with open(self.out, "w") as out:
-            self.proc = subprocess.Popen([*EDGEMOE, "worker", "--port", str(self.port), "--threads", "1", "--json",
-                                          *args], stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [*EDGEMOE, "worker", "--port", str(self.port), "--threads", "1", "--json", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         for _ in range(600):  # 60 s at most
             text = self.out.read_text()
             if text.rstrip().endswith("}"):
-                self.info = json.loads(text[text.index("{"):])
+                self.info = json.loads(text[text.index("{") :])
                 return
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited {self.proc.returncode}: {text}")
@@ -66,8 +70,12 @@ def two_workers(tmp_path):
 
 
 def run_json(model: Path, *args: str) -> dict:
-    proc = subprocess.run([*EDGEMOE, "run", str(model), "-p", QUESTION, "--temp", "0", "--threads", "1", "--ctx",
-                           "512", "--json", *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*EDGEMOE, "run", str(model), "-p", QUESTION, "--temp", "0", "--threads", "1", "--ctx", "512", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -101,8 +109,12 @@ def test_worker_binds_loopback_and_prints_its_address(tmp_path):
     """Bound to 127.0.0.1 by default, and its rpc-server dies with it (even when it is SIGKILLed)."""
     import psutil
 
-    others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-              if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    others = [
+        a.address
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
     w = WorkerProc(tmp_path)
     try:
         assert w.info["listen"] == f"127.0.0.1:{w.port}" and w.info["address"] == f"127.0.0.1:{w.port}"
@@ -140,8 +152,12 @@ def test_two_workers_give_the_single_process_tokens(variant, tiny_gguf, two_work
 @needs_rpc
 def test_unreachable_worker_is_one_line(tiny_gguf):
     port = free_port()
-    proc = subprocess.run([*EDGEMOE, "run", str(tiny_gguf("pt")), "-p", "hi", "--workers", f"127.0.0.1:{port}"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*EDGEMOE, "run", str(tiny_gguf("pt")), "-p", "hi", "--workers", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert f"worker 127.0.0.1:{port} is not reachable" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -154,9 +170,23 @@ def test_worker_killed_mid_generation_is_one_line_exit_2(tiny_gguf, two_workers,
     victim = two_workers[1]
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        server = subprocess.Popen([*EDGEMOE, "serve", str(tiny_gguf("pt")), "--port", str(port), "--threads", "1",
-                                   "--ctx", "4096", "--workers", ",".join(w.info["address"] for w in two_workers)],
-                                  stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [
+                *EDGEMOE,
+                "serve",
+                str(tiny_gguf("pt")),
+                "--port",
+                str(port),
+                "--threads",
+                "1",
+                "--ctx",
+                "4096",
+                "--workers",
+                ",".join(w.info["address"] for w in two_workers),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         for _ in range(600):
             try:
@@ -165,10 +195,12 @@ def test_worker_killed_mid_generation_is_one_line_exit_2(tiny_gguf, two_workers,
             except OSError:
                 assert server.poll() is None, log.read_text()
                 time.sleep(0.1)
-        body = json.dumps({"prompt": "The Debian", "max_tokens": 4000, "temperature": 0, "stream": True,
-                           "ignore_eos": True}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                     {"Content-Type": "application/json"})
+        body = json.dumps(
+            {"prompt": "The Debian", "max_tokens": 4000, "temperature": 0, "stream": True, "ignore_eos": True}
+        ).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as stream:
             assert stream.readline().startswith(b"data: ")  # generating across the workers
             os.kill(victim.info["pid"], signal.SIGKILL)  # its ggml-rpc-server, as a crash or power cut would
@@ -182,8 +214,10 @@ def test_worker_killed_mid_generation_is_one_line_exit_2(tiny_gguf, two_workers,
             server.wait()
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     error = [line for line in lines if line.startswith("error:")]
-    assert error == [f"error: worker {victim.info['address']} stopped answering mid-run (connection refused) — "
-                     "restart `edgemoe worker` there, then run again"]
+    assert error == [
+        f"error: worker {victim.info['address']} stopped answering mid-run (connection refused) — "
+        "restart `edgemoe worker` there, then run again"
+    ]
     assert not any("GGML_ABORT" in line or "Traceback" in line for line in lines)
 
 
@@ -192,8 +226,16 @@ def test_bench_with_workers(tiny_gguf, two_workers, tmp_path):
     from edgemoe_cli import bench
 
     model = tiny_gguf("thinking")
-    result = bench.bench([model], threads=[1], reps=1, n_prompt=16, n_gen=8, pg=(8, 8), bandwidth=False,
-                         workers=cluster.parse_workers(",".join(w.info["address"] for w in two_workers)))
+    result = bench.bench(
+        [model],
+        threads=[1],
+        reps=1,
+        n_prompt=16,
+        n_gen=8,
+        pg=(8, 8),
+        bandwidth=False,
+        workers=cluster.parse_workers(",".join(w.info["address"] for w in two_workers)),
+    )
     assert {r.test for r in result.rows} == {"pp16", "tg8", "pp8+tg8"} and all(r.mean_tps > 0 for r in result.rows)
     parts = result.splits[str(model)]
     assert [p["device"] for p in parts] == ["local", *(w.info["address"] for w in two_workers)]

@@ -10,15 +10,31 @@ from __future__ import annotations
 
 import inspect
 import sys
+from typing import Annotated
 
 import typer
-from typing import Annotated
 
 from .. import __version__
 from ..errors import EdgeMoEError
 from . import (
-    bench, board, build, cluster, compare, convert, evaluate, generate, hub, imatrix, models, plan, profile, prune,
-    quantize, recipe, registry, serve,
+    bench,
+    board,
+    build,
+    cluster,
+    compare,
+    convert,
+    evaluate,
+    generate,
+    hub,
+    imatrix,
+    models,
+    plan,
+    profile,
+    prune,
+    quantize,
+    recipe,
+    registry,
+    serve,
 )
 from .common import console, err_console
 

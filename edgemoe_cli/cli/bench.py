@@ -10,17 +10,42 @@ import typer
 from ..units import human_bytes
 from .common import console, emit_json, json_option, progress_bars, run_model
 
-
-ModelsArg = Annotated[Optional[list[str]], typer.Argument(help="GGUF models to measure (e.g. one per recipe): paths or NAME[:TAG].")]
-ModelsOptOpt = Annotated[Optional[str], typer.Option("--models", help="The models as one comma-separated list (instead of, or with, the arguments).")]
-BuildsOpt = Annotated[Optional[str], typer.Option("--builds", help="Comma-separated build directories or names in the build cache (default: the current build).")]
+ModelsArg = Annotated[
+    Optional[list[str]], typer.Argument(help="GGUF models to measure (e.g. one per recipe): paths or NAME[:TAG].")
+]
+ModelsOptOpt = Annotated[
+    Optional[str],
+    typer.Option("--models", help="The models as one comma-separated list (instead of, or with, the arguments)."),
+]
+BuildsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--builds", help="Comma-separated build directories or names in the build cache (default: the current build)."
+    ),
+]
 ThreadsOpt = Annotated[str, typer.Option("--threads", "-t", help="Comma-separated thread counts.")]
-RepsOpt = Annotated[int, typer.Option("--reps", "-r", min=1, help="Repetitions of each test (mean and stddev over them).")]
+RepsOpt = Annotated[
+    int, typer.Option("--reps", "-r", min=1, help="Repetitions of each test (mean and stddev over them).")
+]
 NPromptOpt = Annotated[int, typer.Option("--n-prompt", "-p", min=1, help="Prompt-processing test length (ppN).")]
 NGenOpt = Annotated[int, typer.Option("--n-gen", "-n", min=1, help="Text-generation test length (tgN).")]
 PgOpt = Annotated[str, typer.Option("--pg", help="The combined prompt+generation test, PP,TG.")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for bench.json, bench.md and the PNG plots.")]
-NoBandwidthOpt = Annotated[bool, typer.Option("--no-bandwidth", help="Skip the copy-bandwidth measurement and the tg ceiling.")]
+OutOpt = Annotated[
+    Optional[Path], typer.Option("--out", "-o", help="Directory for bench.json, bench.md and the PNG plots.")
+]
+NoBandwidthOpt = Annotated[
+    bool, typer.Option("--no-bandwidth", help="Skip the copy-bandwidth measurement and the tg ceiling.")
+]
+
+
+WorkersOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--workers",
+        help="HOST:PORT,... of `edgemoe worker`s: split each "
+        "model across them and this machine by memory, as run does.",
+    ),
+]
 
 
 def bench(
@@ -35,8 +60,7 @@ def bench(
     out: OutOpt = Path("bench"),
     no_bandwidth: NoBandwidthOpt = False,
     as_json: bool = json_option("the results"),
-    workers: Optional[str] = typer.Option(None, "--workers", help="HOST:PORT,... of `edgemoe worker`s: split each "
-                                          "model across them and this machine by memory, as run does."),
+    workers: WorkersOpt = None,
 ) -> None:
     """Measure prompt and generation speed with llama-bench over models x builds x thread counts.
 
@@ -65,11 +89,19 @@ def bench(
     worker_list = cluster.parse_workers(workers) if workers is not None else None
     pg_lengths = stage.parse_pg(pg)
     with progress_bars(as_json) as progress:
-        result = stage.bench([run_model(m) for m in (*(models or []), *stage.split_list(models_opt))],
-                             builds=stage.split_list(builds) or None,
-                             threads=stage.parse_threads(threads), reps=reps, n_prompt=n_prompt, n_gen=n_gen,
-                             pg=pg_lengths, out_dir=out, bandwidth=not no_bandwidth, progress=progress,
-                             workers=worker_list)
+        result = stage.bench(
+            [run_model(m) for m in (*(models or []), *stage.split_list(models_opt))],
+            builds=stage.split_list(builds) or None,
+            threads=stage.parse_threads(threads),
+            reps=reps,
+            n_prompt=n_prompt,
+            n_gen=n_gen,
+            pg=pg_lengths,
+            out_dir=out,
+            bandwidth=not no_bandwidth,
+            progress=progress,
+            workers=worker_list,
+        )
     if as_json:
         emit_json(result)
         return
@@ -81,21 +113,39 @@ def _print_bench(result) -> None:
 
     table = Table(title="llama-bench (measured here)")
     for col in ("build", "model", "recipe", "size", "test", "threads", "tok/s", "± sd"):
-        table.add_column(col, justify="right" if col in ("size", "threads", "tok/s", "± sd") else "left",
-                         no_wrap=col in ("size", "test"))
+        table.add_column(
+            col,
+            justify="right" if col in ("size", "threads", "tok/s", "± sd") else "left",
+            no_wrap=col in ("size", "test"),
+        )
     for r in result.rows:
-        table.add_row(r.build, Path(r.model).name, r.recipe, human_bytes(r.model_bytes), r.test, str(r.threads),
-                      f"{r.mean_tps:.2f}", f"{r.stddev_tps:.2f}")
+        table.add_row(
+            r.build,
+            Path(r.model).name,
+            r.recipe,
+            human_bytes(r.model_bytes),
+            r.test,
+            str(r.threads),
+            f"{r.mean_tps:.2f}",
+            f"{r.stddev_tps:.2f}",
+        )
     console.print(table)
     for c in result.ceilings:
         share = f" — best tg {c.best_tg_tps:.2f} tok/s is {c.share_of_ceiling:.0%} of it" if c.best_tg_tps else ""
-        console.print(f"tg ceiling for {Path(c.model).name}: {human_bytes(c.active_bytes_per_token)} read per token at "
-                      f"{c.copy_gbs:.1f} GB/s copy bandwidth -> {c.tg_ceiling_tps:.1f} tok/s{share}", highlight=False)
+        console.print(
+            f"tg ceiling for {Path(c.model).name}: {human_bytes(c.active_bytes_per_token)} read per token at "
+            f"{c.copy_gbs:.1f} GB/s copy bandwidth -> {c.tg_ceiling_tps:.1f} tok/s{share}",
+            highlight=False,
+        )
     ext = "; ".join(f"{e['build']}: pp512 {e['pp512_tps']}, tg128 {e['tg128_tps']}" for e in result.external)
-    console.print(f"[dim]external reference, not measured here — Arm Learning Path, Orion O6, ERNIE-4.5-21B-A3B-"
-                  f"Thinking Q4_0, 8 threads: {ext}[/]", highlight=False)
+    console.print(
+        f"[dim]external reference, not measured here — Arm Learning Path, Orion O6, ERNIE-4.5-21B-A3B-"
+        f"Thinking Q4_0, 8 threads: {ext}[/]",
+        highlight=False,
+    )
     for model, parts in result.splits.items():
-        console.print(f"{Path(model).name} layers: " + ", ".join(f"{p['device']} {p['layers']}" for p in parts),
-                      highlight=False)
+        console.print(
+            f"{Path(model).name} layers: " + ", ".join(f"{p['device']} {p['layers']}" for p in parts), highlight=False
+        )
     if result.outputs:
         console.print(f"wrote {result.outputs['markdown']}, {result.outputs['json']} and the plots", highlight=False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 from .common import console, ctx_option, emit_json, json_option
 
 

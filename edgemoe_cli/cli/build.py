@@ -10,23 +10,62 @@ import typer
 
 from .common import console, emit_json, err_console, json_option
 
-
-SourceOpt = Annotated[str, typer.Option("--source", help="`vendored` (the llama.cpp inside the pinned "
-                               "llama-cpp-python sdist, the binding's own commit) or a llama.cpp checkout DIR.")]
-TargetOpt = Annotated[str, typer.Option("--target", help="`native` (this machine) or `aarch64` (cross-compile "
-                               "with aarch64-linux-gnu-gcc from an x86 host).")]
-BoardOpt = Annotated[Optional[str], typer.Option("--board", help="Build for a board profile (configs/boards/NAME.toml, or a .toml file): its flags, cross-compiled from a non-Arm host.")]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="GGML_CPU_ARM_ARCH (-march), e.g. "
-                                       "armv9-a+sve2+i8mm+dotprod. Default: from this CPU's features (native) or "
-                                       "armv9-a+sve2+i8mm+bf16+dotprod (aarch64).")]
-KleidiaiOpt = Annotated[Optional[bool], typer.Option("--kleidiai/--no-kleidiai", help="Arm's KleidiAI matmul "
-                                            "kernels (default: on for Arm targets).")]
-KleidiaiSrcOpt = Annotated[Optional[Path], typer.Option("--kleidiai-src", help="Extracted KleidiAI source for "
-                                                "boards without network (else CMake downloads it).")]
-JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Parallel compile jobs (default: all CPUs).")]
-ActivateOpt = Annotated[bool, typer.Option("--activate/--no-activate", help="Make a native build the one the binding "
-                                  "and tools use (builds/native-current). --no-activate builds for comparison only.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the cmake lines (and generated files); build nothing.")]
+SourceOpt = Annotated[
+    str,
+    typer.Option(
+        "--source",
+        help="`vendored` (the llama.cpp inside the pinned "
+        "llama-cpp-python sdist, the binding's own commit) or a llama.cpp checkout DIR.",
+    ),
+]
+TargetOpt = Annotated[
+    str,
+    typer.Option(
+        "--target",
+        help="`native` (this machine) or `aarch64` (cross-compile with aarch64-linux-gnu-gcc from an x86 host).",
+    ),
+]
+BoardOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--board",
+        help="Build for a board profile (configs/boards/NAME.toml, or a .toml file): its flags, "
+        "cross-compiled from a non-Arm host.",
+    ),
+]
+ArchOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--arch",
+        help="GGML_CPU_ARM_ARCH (-march), e.g. "
+        "armv9-a+sve2+i8mm+dotprod. Default: from this CPU's features (native) or "
+        "armv9-a+sve2+i8mm+bf16+dotprod (aarch64).",
+    ),
+]
+KleidiaiOpt = Annotated[
+    Optional[bool],
+    typer.Option("--kleidiai/--no-kleidiai", help="Arm's KleidiAI matmul kernels (default: on for Arm targets)."),
+]
+KleidiaiSrcOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--kleidiai-src", help="Extracted KleidiAI source for boards without network (else CMake downloads it)."
+    ),
+]
+JobsOpt = Annotated[
+    Optional[int], typer.Option("--jobs", "-j", min=1, help="Parallel compile jobs (default: all CPUs).")
+]
+ActivateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--activate/--no-activate",
+        help="Make a native build the one the binding "
+        "and tools use (builds/native-current). --no-activate builds for comparison only.",
+    ),
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the cmake lines (and generated files); build nothing.")
+]
 
 
 def build(
@@ -91,8 +130,14 @@ def _plan(board: str | None, source, target, arch, kleidiai, kleidiai_src, jobs)
     notes: list[str] = []
     if board is not None:
         target, arch, notes = build_options(board, arch)
-    plan = plan_build(source=source, target=target, arch=arch, kleidiai=kleidiai,
-                      kleidiai_src=str(kleidiai_src) if kleidiai_src else None, jobs=jobs)
+    plan = plan_build(
+        source=source,
+        target=target,
+        arch=arch,
+        kleidiai=kleidiai,
+        kleidiai_src=str(kleidiai_src) if kleidiai_src else None,
+        jobs=jobs,
+    )
     plan.notes += notes
     return plan
 
@@ -102,8 +147,16 @@ def _run_with_bar(plan, activate: bool, disable: bool):
 
     from ..build import run_build
 
-    with Progress(TextColumn("[bold]build[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=err_console, transient=True, disable=disable) as bar:
+    with Progress(
+        TextColumn("[bold]build[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=err_console,
+        transient=True,
+        disable=disable,
+    ) as bar:
         task = bar.add_task("", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
@@ -113,9 +166,11 @@ def _run_with_bar(plan, activate: bool, disable: bool):
 
 
 def _announce(plan) -> None:
-    err_console.print(f"building llama.cpp [bold]{plan.key}[/] ({plan.target}, arch {plan.arch}, "
-                      f"KleidiAI {'on' if plan.kleidiai else 'off'}, -j{plan.jobs}) - log in {plan.work_dir}/build.log",
-                      highlight=False)
+    err_console.print(
+        f"building llama.cpp [bold]{plan.key}[/] ({plan.target}, arch {plan.arch}, "
+        f"KleidiAI {'on' if plan.kleidiai else 'off'}, -j{plan.jobs}) - log in {plan.work_dir}/build.log",
+        highlight=False,
+    )
     _print_notes(plan.notes)
 
 

@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from ..errors import EdgeMoEError
 from ..units import human_bytes
-from .common import console, emit_json, err_console
+from .common import console, emit_json, err_console, json_option, threads_option
+
+HostOpt = Annotated[
+    str,
+    typer.Option(
+        "--host",
+        help="Address to bind. WARNING: ggml-rpc-server has NO "
+        "authentication; give a private-network address only, never a public one.",
+    ),
+]
+PortOpt = Annotated[int, typer.Option("--port", help="TCP port.")]
+MemoryOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--memory",
+        help="Memory this worker offers (e.g. 6GiB); default: what is free. Printed into the address the others use.",
+    ),
+]
 
 
 def worker(
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. WARNING: ggml-rpc-server has NO "
-                             "authentication; give a private-network address only, never a public one."),
-    port: int = typer.Option(50052, "--port", help="TCP port."),
-    memory: Optional[str] = typer.Option(None, "--memory", help="Memory this worker offers (e.g. 6GiB); "
-                                         "default: what is free. Printed into the address the others use."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: the "
-                                          "physical cores)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the ready line as JSON."),
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 50052,
+    memory: MemoryOpt = None,
+    threads: Optional[int] = threads_option("the physical cores"),
+    as_json: bool = json_option("the ready line"),
 ) -> None:
     """Lend this board's CPU and memory to a model run elsewhere (llama.cpp's RPC backend).
 
@@ -39,14 +53,21 @@ def worker(
 
     w = cluster.Worker(host=host, port=port, memory=memory, threads=threads)
     if w.info.public:
-        err_console.print(f"[bold yellow]warning:[/] listening on {w.info.listen}: {cluster.NO_AUTH_WARNING}",
-                          highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold yellow]warning:[/] listening on {w.info.listen}: {cluster.NO_AUTH_WARNING}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if as_json:
         emit_json(w.info)
     else:
-        console.print(f"worker ready on {w.info.listen} ({w.info.threads} threads, "
-                      f"{human_bytes(w.info.memory_bytes or w.info.free_bytes)} offered); on the other board:\n"
-                      f"  edgemoe run MODEL --workers {w.info.address} ...", highlight=False, soft_wrap=True)
+        console.print(
+            f"worker ready on {w.info.listen} ({w.info.threads} threads, "
+            f"{human_bytes(w.info.memory_bytes or w.info.free_bytes)} offered); on the other board:\n"
+            f"  edgemoe run MODEL --workers {w.info.address} ...",
+            highlight=False,
+            soft_wrap=True,
+        )
     sys.stdout.flush()
     code = w.wait()
     if code not in (0, -15, 143):  # killed by our own SIGTERM is the normal end

@@ -54,13 +54,18 @@ def say_choice(choice) -> None:
         err_console.print(f"[dim]model {choice.ref} ({choice.path}): {choice.why}[/]", highlight=False, soft_wrap=True)
 
 
-def run_model(text: str) -> Path:
+def model_choice(text: str):
     """The GGUF a command runs or measures: a path, NAME or NAME:TAG (models.resolve_gguf), said on stderr."""
     from ..models import resolve_gguf
 
     choice = resolve_gguf(text)
     say_choice(choice)
-    return choice.path
+    return choice
+
+
+def run_model(text: str) -> Path:
+    """model_choice's file."""
+    return model_choice(text).path
 
 
 def source_model(text: str, progress: Progress | None = None) -> Path:
@@ -83,8 +88,9 @@ class _Count(ProgressColumn):
         if task.fields.get("unit") == "bytes":
             total = human_bytes(int(task.total)) if task.total is not None else "?"
             return Text(f"{human_bytes(int(task.completed))}/{total}", style="progress.download")
-        return Text(f"{int(task.completed)}/{int(task.total) if task.total is not None else '?'}",
-                    style="progress.download")
+        return Text(
+            f"{int(task.completed)}/{int(task.total) if task.total is not None else '?'}", style="progress.download"
+        )
 
 
 @contextmanager
@@ -94,8 +100,16 @@ def progress_bars(disable: bool = False) -> Iterator[Progress]:
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as Bars
 
-    with Bars(TextColumn("[bold]{task.description}[/]"), BarColumn(), _Count(), TextColumn("{task.fields[detail]}"),
-              TimeElapsedColumn(), console=err_console, transient=True, disable=disable) as bars:
+    with Bars(
+        TextColumn("[bold]{task.description}[/]"),
+        BarColumn(),
+        _Count(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=disable,
+    ) as bars:
         tasks: dict[str, TaskID] = {}
 
         def progress(step: str, done: int, total: int | None, detail: str = "", unit: str = "") -> None:

@@ -9,17 +9,28 @@ import typer
 
 from .common import console, ctx_option, emit_json, json_option, progress_bars, run_model, threads_option
 
-
 ThinkingOpt = Annotated[Optional[str], typer.Option("--thinking", help="The Thinking model: a GGUF or NAME[:TAG].")]
 PtOpt = Annotated[Optional[str], typer.Option("--pt", help="The PT model: a GGUF or NAME[:TAG].")]
-PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: TOML [[prompt]] tables or JSON Lines {q, answer} (default: configs/prompts/compare.toml).")]
-PromptOpt = Annotated[Optional[list[str]], typer.Option("-p", "--prompt", help="A prompt instead of a file; repeat -p to ask several.")]
+PromptsOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--prompts",
+        help="Prompt file: TOML [[prompt]] tables or JSON Lines {q, answer} (default: configs/prompts/compare.toml).",
+    ),
+]
+PromptOpt = Annotated[
+    Optional[list[str]], typer.Option("-p", "--prompt", help="A prompt instead of a file; repeat -p to ask several.")
+]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N prompts of the file.")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Stop each reply after this many tokens.")]
-TempOpt = Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature (default 0: greedy, deterministic).")]
+TempOpt = Annotated[
+    float, typer.Option("--temp", min=0.0, help="Sampling temperature (default 0: greedy, deterministic).")
+]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed, for repeatable runs at --temp > 0.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="A system message for both variants.")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write a Markdown report here (and its .json twin).")]
+OutOpt = Annotated[
+    Optional[Path], typer.Option("--out", "-o", help="Write a Markdown report here (and its .json twin).")
+]
 ShowOpt = Annotated[int, typer.Option("--show", min=0, help="Side-by-side panels for at most this many prompts.")]
 
 
@@ -53,17 +64,27 @@ def compare(
     Examples:
 
         edgemoe compare --pt ernie-pt-q4_0.gguf --thinking ernie-thinking-q4_0.gguf --out compare.md
-
         edgemoe compare --pt pt.gguf --thinking thinking.gguf --prompts arith-dev.jsonl --limit 50 --max-tokens 256
     """
     from .. import compare as stage
 
     with progress_bars(as_json) as progress:
-        thinking_path = run_model(thinking) if thinking is not None else None
-        pt_path = run_model(pt) if pt is not None else None
-        result = stage.compare(thinking_path, pt_path, prompts_file=prompts, prompt=prompt or None, limit=limit,
-                               max_tokens=max_tokens, temp=temp, seed=seed, system=system, threads=threads, ctx=ctx,
-                               out=out, progress=progress)
+        thinking_path, pt_path = (run_model(m) if m is not None else None for m in (thinking, pt))
+        result = stage.compare(
+            thinking_path,
+            pt_path,
+            prompts_file=prompts,
+            prompt=prompt or None,
+            limit=limit,
+            max_tokens=max_tokens,
+            temp=temp,
+            seed=seed,
+            system=system,
+            threads=threads,
+            ctx=ctx,
+            out=out,
+            progress=progress,
+        )
     if as_json:
         emit_json(result)
         return
@@ -84,17 +105,21 @@ def _print_panels(items) -> None:
     mark = {True: " [green]✓[/]", False: " [red]✗[/]", None: ""}
     width = max(30, (console.width - 4) // 2)
     for n, it in enumerate(items, 1):
-        console.rule(f"{n}. {it.prompt.text.splitlines()[0][:console.width - 10]}", align="left", style="dim")
+        console.rule(f"{n}. {it.prompt.text.splitlines()[0][: console.width - 10]}", align="left", style="dim")
         folded = Text()
         if it.thinking.reasoning:
             first = " ".join(it.thinking.reasoning.split())
             cut = first if len(first) <= width - 20 else first[: width - 21] + "…"
             folded.append(f"▸ {cut} ({it.thinking.reasoning_tokens} tok)\n", style="dim")
         folded.append(it.thinking.answer or "(no answer)")
-        console.print(Columns([
-            Panel(Text(it.pt.answer or "(no answer)"), title="PT" + mark[it.pt.correct], width=width),
-            Panel(folded, title="Thinking" + mark[it.thinking.correct], width=width),
-        ]))
+        console.print(
+            Columns(
+                [
+                    Panel(Text(it.pt.answer or "(no answer)"), title="PT" + mark[it.pt.correct], width=width),
+                    Panel(folded, title="Thinking" + mark[it.thinking.correct], width=width),
+                ]
+            )
+        )
 
 
 def _print_metrics(headers: list[str], rows: list) -> None:
@@ -106,6 +131,11 @@ def _print_metrics(headers: list[str], rows: list) -> None:
     for row in rows:
         table.add_column("PT" if row[0] == "pt" else "Thinking", justify="right")
     for i, h in enumerate(headers[1:], 1):
-        table.add_row(h, *[f"{row[i]:.2f}" if isinstance(row[i], float) else ("–" if row[i] is None else str(row[i]))
-                           for row in rows])
+        table.add_row(
+            h,
+            *[
+                f"{row[i]:.2f}" if isinstance(row[i], float) else ("–" if row[i] is None else str(row[i]))
+                for row in rows
+            ],
+        )
     console.print(table)

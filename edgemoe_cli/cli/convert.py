@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
-from typing import Annotated
 
 from .common import console, emit_json, json_option, progress_bars
 
-
-SrcArg = Annotated[str, typer.Argument(help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model), or a model name from `edgemoe models` (pulled or local).")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="GGUF file to write (written as OUT.part, renamed when complete).")]
+SrcArg = Annotated[
+    str,
+    typer.Argument(
+        help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model), or a "
+        "model name from `edgemoe models` (pulled or local)."
+    ),
+]
+OutOpt = Annotated[
+    Path, typer.Option("--out", "-o", help="GGUF file to write (written as OUT.part, renamed when complete).")
+]
 OuttypeOpt = Annotated[str, typer.Option("--outtype", help="Weight type: f32, f16, bf16 or q8_0.")]
 
 

@@ -9,10 +9,14 @@ import typer
 
 from .common import console, ctx_option, emit_json, json_option, progress_bars, run_model, source_model, threads_option
 
-
 ModelArg = Annotated[str, typer.Argument(help="The GGUF to judge (e.g. a quantization), or NAME[:TAG].")]
-BaseOpt = Annotated[str, typer.Option("--base", help="The reference GGUF (the unquantized model), or a model NAME (its unquantized GGUF).")]
-TextOpt = Annotated[Path, typer.Option("--text", help="Evaluation text; keep it disjoint from the imatrix's calibration text.")]
+BaseOpt = Annotated[
+    str,
+    typer.Option("--base", help="The reference GGUF (the unquantized model), or a model NAME (its unquantized GGUF)."),
+]
+TextOpt = Annotated[
+    Path, typer.Option("--text", help="Evaluation text; keep it disjoint from the imatrix's calibration text.")
+]
 ChunksOpt = Annotated[Optional[int], typer.Option("--chunks", min=1, help="Use at most this many chunks.")]
 
 
@@ -38,8 +42,7 @@ def eval_cmd(
 
     with progress_bars(as_json) as progress:
         model_path, base_path = run_model(model), source_model(base, progress)
-        result = evaluate(model_path, base_path, text, ctx=ctx, threads=threads, max_chunks=chunks,
-                          progress=progress)
+        result = evaluate(model_path, base_path, text, ctx=ctx, threads=threads, max_chunks=chunks, progress=progress)
     if as_json:
         emit_json(result)
         return
@@ -48,4 +51,6 @@ def eval_cmd(
         f"  PPL {result.ppl:.4f} (base {result.base_ppl:.4f})\n"
         f"  KLD mean {result.kld_mean:.6f} ± {result.kld_stderr:.6f}, median {result.kld_median:.6f}, "
         f"p99 {result.kld_p99:.6f}, max {result.kld_max:.4f}\n"
-        f"  top-1 agreement {result.top1_agreement:.2%}", highlight=False)
+        f"  top-1 agreement {result.top1_agreement:.2%}",
+        highlight=False,
+    )

@@ -12,15 +12,33 @@ import typer
 from ..errors import EdgeMoEError
 from .common import console, ctx_option, emit_json, err_console, json_option, run_model, threads_option
 
-
-ModelArg = Annotated[str, typer.Argument(help="A GGUF file, or NAME[:TAG] from `edgemoe list` (NAME alone: the GGUF you made last, else the pulled one).")]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="A GGUF file, or NAME[:TAG] from `edgemoe list` (NAME alone: the GGUF you made last, else the pulled one)."
+    ),
+]
 PromptOpt = Annotated[Optional[list[str]], typer.Option("-p", "--prompt", help="The user message.")]
-PromptFileOpt = Annotated[Optional[Path], typer.Option("-f", "--file", help="Read the user message from FILE (- = stdin).")]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", help="A system message, placed as the chat template says.")]
+PromptFileOpt = Annotated[
+    Optional[Path], typer.Option("-f", "--file", help="Read the user message from FILE (- = stdin).")
+]
+SystemOpt = Annotated[
+    Optional[str], typer.Option("--system", help="A system message, placed as the chat template says.")
+]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Stop after this many generated tokens.")]
 TempOpt = Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 = greedy and deterministic.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed, for repeatable runs at --temp > 0.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also print the library loaded and its system_info.")]
+
+
+WorkersOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--workers",
+        help="HOST:PORT,... of `edgemoe worker`s: split the "
+        "model's layers across them and this machine by free memory.",
+    ),
+]
 
 
 def run(
@@ -35,8 +53,7 @@ def run(
     seed: SeedOpt = None,
     verbose: VerboseOpt = False,
     as_json: bool = json_option("the reply and its timings, without streaming,"),
-    workers: Optional[str] = typer.Option(None, "--workers", help="HOST:PORT,... of `edgemoe worker`s: split the "
-                                          "model's layers across them and this machine by free memory."),
+    workers: WorkersOpt = None,
 ) -> None:
     """Ask a GGUF model one question, with its own chat template, and stream the reply.
 
@@ -59,29 +76,38 @@ def run(
     from .. import cluster, generate
 
     if prompt and len(prompt) > 1:
-        raise EdgeMoEError(f"run asks one question, and -p was given {len(prompt)} times",
-                           "ask them one run at a time, or all at once with `edgemoe compare -p A -p B`")
+        raise EdgeMoEError(
+            f"run asks one question, and -p was given {len(prompt)} times",
+            "ask them one run at a time, or all at once with `edgemoe compare -p A -p B`",
+        )
     text = generate.read_prompt(prompt[0] if prompt else None, prompt_file)
     worker_list = cluster.parse_workers(workers) if workers is not None else None
     if worker_list and not cluster.supervised():  # the child does the run; this process names a worker that dies
         raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))
     model_path = run_model(model)
     if verbose and not as_json:
-        info = generate.binding_info()
-        err_console.print(
-            f"[dim]libllama: {info.library} ({info.source})\n{info.system_info}[/]", highlight=False, soft_wrap=True
-        )
+        _say_library(generate.binding_info())
+    settings = dict(system=system, max_tokens=max_tokens, threads=threads, ctx=ctx, temp=temp, seed=seed)
     on_text = None if as_json else _streamer()
     if worker_list:
-        result, split = cluster.run_split(model_path, text, worker_list, system=system, max_tokens=max_tokens,
-                                          threads=threads, ctx=ctx, temp=temp, seed=seed, on_text=on_text)
+        result, split = cluster.run_split(model_path, text, worker_list, on_text=on_text, **settings)
     else:
-        result, split = generate.run(model_path, text, system=system, max_tokens=max_tokens, threads=threads, ctx=ctx,
-                                     temp=temp, seed=seed, on_text=on_text), None
+        result, split = generate.run(model_path, text, on_text=on_text, **settings), None
     if as_json:
         emit_json({**asdict(result), "split": asdict(split)} if split else result)
         return
     sys.stdout.write("\n")
+    _print_timings(result, split)
+
+
+def _say_library(info) -> None:
+    err_console.print(
+        f"[dim]libllama: {info.library} ({info.source})\n{info.system_info}[/]", highlight=False, soft_wrap=True
+    )
+
+
+def _print_timings(result, split) -> None:
+    """One line on stderr: prompt and generation speed, time to first token, peak memory (and the layer split)."""
     gen = f"{result.gen_tps:.1f} tok/s" if result.gen_tps is not None else "-"
     cut = " [yellow](stopped at --max-tokens)[/]" if result.finish_reason == "length" else ""
     err_console.print(
@@ -92,8 +118,9 @@ def run(
         soft_wrap=True,
     )
     if split:
-        err_console.print("[dim]layers: " + ", ".join(f"{p.device} {p.layers}" for p in split.parts) + "[/]",
-                          highlight=False)
+        err_console.print(
+            "[dim]layers: " + ", ".join(f"{p.device} {p.layers}" for p in split.parts) + "[/]", highlight=False
+        )
 
 
 def _streamer():

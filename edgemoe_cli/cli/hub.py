@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,13 +11,20 @@ import typer
 from ..units import human_bytes
 from .common import console, emit_json, err_console, json_option
 
-
 NameArg = Annotated[str, typer.Argument(help="A model name from `edgemoe models`, e.g. ernie-4.5-21b-a3b-thinking.")]
-RevisionOpt = Annotated[Optional[str], typer.Option("--revision", "-r", help="Branch, tag or commit (default: the registry's pin).")]
+RevisionOpt = Annotated[
+    Optional[str], typer.Option("--revision", "-r", help="Branch, tag or commit (default: the registry's pin).")
+]
 FmtOpt = Annotated[str, typer.Option("--format", help="safetensors (to convert yourself) or gguf (ready-made).")]
-QuantOpt = Annotated[Optional[str], typer.Option("--quant", "-q", help="With --format gguf: which quant, e.g. Q4_0, Q4_K_M.")]
-DestOpt = Annotated[Optional[Path], typer.Option("--dest", help="Hugging Face cache directory to use instead of $HF_HOME/hub.")]
-TokenOpt = Annotated[Optional[str], typer.Option("--token", help="Hub token for gated/private repos (default: $HF_TOKEN).")]
+QuantOpt = Annotated[
+    Optional[str], typer.Option("--quant", "-q", help="With --format gguf: which quant, e.g. Q4_0, Q4_K_M.")
+]
+DestOpt = Annotated[
+    Optional[Path], typer.Option("--dest", help="Hugging Face cache directory to use instead of $HF_HOME/hub.")
+]
+TokenOpt = Annotated[
+    Optional[str], typer.Option("--token", help="Hub token for gated/private repos (default: $HF_TOKEN).")
+]
 
 
 def pull(
@@ -44,14 +52,32 @@ def pull(
       edgemoe pull ernie-4.5-21b-a3b-thinking
       edgemoe pull ernie-4.5-21b-a3b-pt --format gguf --quant Q4_0     # one ~12 GB file instead of ~44 GB
     """
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    from ..hub import PullProgress
     from ..hub import pull as run_pull
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=err_console, transient=True, disable=as_json) as bars:
+    with _file_bars(name, disable=as_json) as progress:
+        result = run_pull(name, fmt=fmt, quant=quant, revision=revision, dest=dest, token=token, progress=progress)
+    if as_json:
+        emit_json(result)
+        return
+    fresh = sum(f.status != "cached" for f in result.files)
+    state = "from the cache (offline)" if result.offline else f"{fresh} downloaded, {len(result.files) - fresh} cached"
+    console.print(
+        f"[bold]{result.name}[/]: {result.repo}@{result.commit[:12]}, {len(result.files)} files "
+        f"({human_bytes(result.total_bytes)}; {state}), sha256 verified",
+        highlight=False,
+    )
+    console.print(f"  files:    {result.path}\n  manifest: {result.manifest}", highlight=False)
+
+
+@contextmanager
+def _file_bars(name: str, disable: bool):
+    """hub.PullProgress on rich bars: one for the whole pull, one for the file being fetched."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from ..hub import PullProgress
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=err_console, transient=True, disable=disable) as bars:
 
         class Bars(PullProgress):
             def begin(self, files, total, done):
@@ -67,12 +93,4 @@ def pull(
             def file_end(self, fname):
                 bars.remove_task(self.one)
 
-        result = run_pull(name, fmt=fmt, quant=quant, revision=revision, dest=dest, token=token, progress=Bars())
-    if as_json:
-        emit_json(result)
-        return
-    fresh = sum(f.status != "cached" for f in result.files)
-    state = "from the cache (offline)" if result.offline else f"{fresh} downloaded, {len(result.files) - fresh} cached"
-    console.print(f"[bold]{result.name}[/]: {result.repo}@{result.commit[:12]}, {len(result.files)} files "
-                  f"({human_bytes(result.total_bytes)}; {state}), sha256 verified", highlight=False)
-    console.print(f"  files:    {result.path}\n  manifest: {result.manifest}", highlight=False)
+        yield Bars()

@@ -9,10 +9,13 @@ import typer
 
 from .common import console, ctx_option, emit_json, json_option, progress_bars, source_model, threads_option
 
-
 ModelArg = Annotated[str, typer.Argument(help="The GGUF to measure (f32/f16/bf16 or Q8_0), or a model NAME[:TAG].")]
-TextOpt = Annotated[Optional[Path], typer.Option("--text", help="Calibration text (default: edgemoe's own data/calib/calibration.txt).")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output imatrix (default: MODEL.imatrix.gguf beside the model).")]
+TextOpt = Annotated[
+    Optional[Path], typer.Option("--text", help="Calibration text (default: edgemoe's own data/calib/calibration.txt).")
+]
+OutOpt = Annotated[
+    Optional[Path], typer.Option("--out", "-o", help="Output imatrix (default: MODEL.imatrix.gguf beside the model).")
+]
 ChunksOpt = Annotated[Optional[int], typer.Option("--chunks", min=1, help="Use at most this many chunks of the text.")]
 
 
@@ -38,10 +41,14 @@ def imatrix_cmd(
     from ..imatrix import compute_imatrix
 
     with progress_bars(as_json) as progress:
-        result = compute_imatrix(source_model(model, progress), text, out, ctx=ctx, threads=threads, chunks=chunks,
-                                 progress=progress)
+        result = compute_imatrix(
+            source_model(model, progress), text, out, ctx=ctx, threads=threads, chunks=chunks, progress=progress
+        )
     if as_json:
         emit_json(result)
         return
-    console.print(f"wrote [bold]{result.out}[/] ({result.tensors} tensors, {result.chunks} chunks of "
-                  f"{result.chunk_size} tokens) in {result.seconds:.1f} s", highlight=False)
+    console.print(
+        f"wrote [bold]{result.out}[/] ({result.tensors} tensors, {result.chunks} chunks of "
+        f"{result.chunk_size} tokens) in {result.seconds:.1f} s",
+        highlight=False,
+    )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict
+from typing import Annotated
 
 import typer
-from typing import Annotated
 
 from ..errors import EdgeMoEError
 from ..units import human_bytes
@@ -39,7 +39,10 @@ def list_store(as_json: bool = json_option("the store contents")) -> None:
     console.print(table)
 
 
-ModelArg = Annotated[str, typer.Argument(help="NAME (everything the store holds for it) or NAME:TAG (one GGUF), as `edgemoe list` shows.")]
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="NAME (everything the store holds for it) or NAME:TAG (one GGUF), as `edgemoe list` shows."),
+]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting.")]
 
 
@@ -58,8 +61,9 @@ def rm(
     removal = plan_removal(model)
     if not yes:
         if as_json or not sys.stdin.isatty():
-            raise EdgeMoEError(f"rm {model} would delete {len(removal.paths)} path(s); not asking without a terminal",
-                               "add --yes")
+            raise EdgeMoEError(
+                f"rm {model} would delete {len(removal.paths)} path(s); not asking without a terminal", "add --yes"
+            )
         for path in removal.paths:
             console.print(f"  {path}", highlight=False)
         if not typer.confirm(f"delete these ({human_bytes(removal.bytes)})?", default=False):

@@ -10,21 +10,54 @@ import typer
 from ..units import human_bytes
 from .common import console, ctx_option, emit_json, json_option, progress_bars, source_model, threads_option
 
-
 ModelArg = Annotated[str, typer.Argument(help="The f32/f16/bf16 GGUF to plan for, or a model NAME.")]
-BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="RAM budget, e.g. 12GiB (KV cache and reserve are subtracted).")]
-BoardOpt = Annotated[Optional[str], typer.Option("--board", help="A board's RAM as the budget: a profile from configs/boards/ (e.g. radxa-orion-o6), a .toml file, or `this` (this machine's, as doctor detects it).")]
-MaxSizeOpt = Annotated[Optional[str], typer.Option("--max-size", help="Budget the file size directly (no KV/reserve subtracted).")]
+BudgetOpt = Annotated[
+    Optional[str], typer.Option("--budget", help="RAM budget, e.g. 12GiB (KV cache and reserve are subtracted).")
+]
+BoardOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--board",
+        help="A board's RAM as the budget: a profile from configs/boards/ (e.g. radxa-orion-o6), a "
+        ".toml file, or `this` (this machine's, as doctor detects it).",
+    ),
+]
+MaxSizeOpt = Annotated[
+    Optional[str], typer.Option("--max-size", help="Budget the file size directly (no KV/reserve subtracted).")
+]
 ReserveOpt = Annotated[Optional[str], typer.Option("--reserve", help="Runtime reserve (default: doctor's, 1 GiB).")]
-ImatrixOpt = Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix (default: computed with `edgemoe imatrix` on --text).")]
-TextOpt = Annotated[Optional[Path], typer.Option("--text", help="Calibration text for the imatrix and the KLD measurements (default: data/calib/calibration.txt).")]
+ImatrixOpt = Annotated[
+    Optional[Path],
+    typer.Option("--imatrix", help="Importance matrix (default: computed with `edgemoe imatrix` on --text)."),
+]
+TextOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--text",
+        help="Calibration text for the imatrix and the KLD measurements (default: data/calib/calibration.txt).",
+    ),
+]
 ArmFastOpt = Annotated[bool, typer.Option("--arm-fast", help="Only Q4_0, IQ4_NL and Q8_0 (fast Arm kernels).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the plan as a recipe TOML here.")]
 DoQuantizeOpt = Annotated[bool, typer.Option("--quantize", help="Apply the plan: quantize MODEL with it.")]
 GgufOutOpt = Annotated[Optional[Path], typer.Option("--gguf-out", help="With --quantize: the output GGUF.")]
 ChunksOpt = Annotated[int, typer.Option("--chunks", min=1, help="Chunks of --text per KLD calibration measurement.")]
-MinEveryTokenOpt = Annotated[str, typer.Option("--min-every-token", help="Lowest type for tensors every token uses (attention, shared experts, dense FFN, embedding); `none` for no floor.")]
-ReferenceOpt = Annotated[str, typer.Option("--reference", help="Measure gains against the model as given (source) or at Q8_0 (q8_0: half the RAM, for 21B on a 32 GB machine).")]
+MinEveryTokenOpt = Annotated[
+    str,
+    typer.Option(
+        "--min-every-token",
+        help="Lowest type for tensors every token uses (attention, shared experts, dense FFN, "
+        "embedding); `none` for no floor.",
+    ),
+]
+ReferenceOpt = Annotated[
+    str,
+    typer.Option(
+        "--reference",
+        help="Measure gains against the model as given (source) or at Q8_0 (q8_0: half the RAM, for "
+        "21B on a 32 GB machine).",
+    ),
+]
 
 
 def plan_cmd(
@@ -48,16 +81,11 @@ def plan_cmd(
 ) -> None:
     """Choose a quantization type per tensor that fits a memory budget with the least predicted quality loss.
 
-    File budget = RAM budget - KV cache for --ctx tokens (f16 K and V) - runtime reserve (1 GiB, as doctor).
-    Prediction, measured on this model: every tensor is quantized to every candidate type (Q2_K, Q3_K, IQ4_XS, Q4_K,
-    Q5_K, Q6_K, Q8_0; with --arm-fast Q4_0, IQ4_NL, Q8_0) and its imatrix-weighted output error computed; one
-    KL-divergence gain per tensor role (attn_q, ffn_down_exps, token_embd, ...) is measured by lowering only that
-    role and evaluating against the unquantized model. Predicted KLD of a mix = sum over tensors of gain x error; an
-    exact knapsack picks the mix. The lowered models are assembled by copying tensors out of the whole-model
-    quantizations (no re-quantizing), so measuring costs one quantization per candidate type plus one KLD eval per
-    role, per layer and for the Q8_0 floor (README: the cost at 21B). Measurements are cached: a second plan for
-    another budget is instant. The plan is a recipe TOML (one rule per role and type, layers listed) you can read,
-    edit and reuse.
+    File budget = RAM budget - KV cache for --ctx tokens (f16 K and V) - runtime reserve (1 GiB, as doctor). The loss
+    is measured on this model: every tensor's imatrix-weighted error at every candidate type (Q2_K ... Q8_0; with
+    --arm-fast Q4_0, IQ4_NL, Q8_0), turned into KL divergence by gains measured per tensor role and per layer; an
+    exact knapsack picks the mix (README "quantize and plan": the method and its cost at 21B). Measurements are
+    cached, so a second budget is instant. The plan is a recipe TOML you can read, edit and reuse.
 
     Example: edgemoe plan ernie-thinking-bf16.gguf --budget 16GiB --ctx 8192 --out my16.toml --quantize
     """
@@ -68,32 +96,47 @@ def plan_cmd(
     text = text or default_calibration_text()
     with progress_bars(as_json) as progress:
         model = source_model(model, progress)
-        imatrix = imatrix or ensure_imatrix(model, text, threads=threads,
-                                            progress=progress)
-        result = stage.plan(model, imatrix, text, ram=ram, ctx=ctx, max_size=size, reserve=reserve_bytes,
-                            arm_fast=arm_fast, out=out,
-                            threads=threads, max_chunks=chunks, progress=progress, reference=reference,
-                            min_every_token=None if min_every_token.lower() == "none" else min_every_token,
-                            ram_source=ram_source)
+        imatrix = imatrix or ensure_imatrix(model, text, threads=threads, progress=progress)
+        result = stage.plan(
+            model,
+            imatrix,
+            text,
+            ram=ram,
+            ctx=ctx,
+            max_size=size,
+            reserve=reserve_bytes,
+            arm_fast=arm_fast,
+            out=out,
+            threads=threads,
+            max_chunks=chunks,
+            progress=progress,
+            reference=reference,
+            min_every_token=None if min_every_token.lower() == "none" else min_every_token,
+            ram_source=ram_source,
+        )
         if do_quantize:
-            from ..quantize import quantize as run_quantize
-
-            q = run_quantize(model, stage.plan_recipe(result, out), out=gguf_out, imatrix=imatrix, threads=threads,
-                             progress=progress)
-            result.quantized = q.out
+            result.quantized = _quantize(model, stage.plan_recipe(result, out), gguf_out, imatrix, threads, progress)
     if as_json:
         emit_json(result)
         return
     _print_plan(result, out)
 
 
+def _quantize(model, recipe, out, imatrix, threads, progress) -> str:
+    from ..quantize import quantize
+
+    return quantize(model, recipe, out=out, imatrix=imatrix, threads=threads, progress=progress).out
+
+
 def _print_plan(result, out) -> None:
     from collections import Counter
 
     console.print(f"file budget {human_bytes(result.budget_bytes)} = {result.budget_formula}", highlight=False)
-    console.print(f"plan: {human_bytes(result.predicted_bytes)}, predicted mean KLD {result.predicted_kld:.5f}; types: "
-                  + ", ".join(f"{n} {t}" for t, n in Counter(c.type for c in result.choices).most_common()),
-                  highlight=False)
+    console.print(
+        f"plan: {human_bytes(result.predicted_bytes)}, predicted mean KLD {result.predicted_kld:.5f}; types: "
+        + ", ".join(f"{n} {t}" for t, n in Counter(c.type for c in result.choices).most_common()),
+        highlight=False,
+    )
     if not out:
         console.print(result.recipe_toml, highlight=False, markup=False)
     else:

@@ -9,14 +9,23 @@ import typer
 
 from .common import console, emit_json, json_option, progress_bars, run_model, threads_option
 
-
 ModelArg = Annotated[str, typer.Argument(help="An ERNIE-4.5 MoE GGUF (any quantization), or NAME[:TAG].")]
-KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Experts to keep per MoE layer: a count (48) or a share (75%).")]
-BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Keep as many experts as fit this file size (12G, 900M).")]
+KeepOpt = Annotated[
+    Optional[str], typer.Option("--keep", help="Experts to keep per MoE layer: a count (48) or a share (75%).")
+]
+BudgetOpt = Annotated[
+    Optional[str], typer.Option("--budget", help="Keep as many experts as fit this file size (12G, 900M).")
+]
 TextOpt = Annotated[Optional[Path], typer.Option("--text", help="Score experts by REAP on this text (recommended).")]
-UsageOpt = Annotated[Optional[Path], typer.Option("--usage", help="Score experts by usage counts from `edgemoe profile`'s profile.json.")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output GGUF (default: MODEL.keepN.gguf beside MODEL).")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="With --text: route at most this many tokens.")]
+UsageOpt = Annotated[
+    Optional[Path], typer.Option("--usage", help="Score experts by usage counts from `edgemoe profile`'s profile.json.")
+]
+OutOpt = Annotated[
+    Optional[Path], typer.Option("--out", "-o", help="Output GGUF (default: MODEL.keepN.gguf beside MODEL).")
+]
+MaxTokensOpt = Annotated[
+    int, typer.Option("--max-tokens", "-n", min=1, help="With --text: route at most this many tokens.")
+]
 
 
 def prune(
@@ -52,8 +61,17 @@ def prune(
     from .. import prune as stage
 
     with progress_bars(as_json) as progress:
-        result = stage.prune(run_model(model), keep=keep, budget=budget, text=text, usage=usage, out=out,
-                             max_tokens=max_tokens, threads=threads, progress=progress)
+        result = stage.prune(
+            run_model(model),
+            keep=keep,
+            budget=budget,
+            text=text,
+            usage=usage,
+            out=out,
+            max_tokens=max_tokens,
+            threads=threads,
+            progress=progress,
+        )
     if as_json:
         emit_json(result)
         return

@@ -10,11 +10,28 @@ import typer
 from ..units import human_bytes
 from .common import console, emit_json, err_console, json_option, progress_bars, source_model, threads_option
 
-
-ModelArg = Annotated[str, typer.Argument(help="The f32/f16/bf16 GGUF to quantize, or a model NAME (its pulled checkpoint is converted into the store first when needed).")]
-RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name, recipe .toml file, or stock:FTYPE (llama.cpp's own mix, e.g. stock:Q4_K_M).")]
-ImatrixOpt = Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix from `edgemoe imatrix` (strongly advised below 5 bits).")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output GGUF (default: <store>/gguf/<model>/<recipe>.gguf).")]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="The f32/f16/bf16 GGUF to quantize, or a model NAME (its pulled checkpoint is converted "
+        "into the store first when needed)."
+    ),
+]
+RecipeOpt = Annotated[
+    str,
+    typer.Option(
+        "--recipe",
+        "-r",
+        help="Recipe name, recipe .toml file, or stock:FTYPE (llama.cpp's own mix, e.g. stock:Q4_K_M).",
+    ),
+]
+ImatrixOpt = Annotated[
+    Optional[Path],
+    typer.Option("--imatrix", help="Importance matrix from `edgemoe imatrix` (strongly advised below 5 bits)."),
+]
+OutOpt = Annotated[
+    Optional[Path], typer.Option("--out", "-o", help="Output GGUF (default: <store>/gguf/<model>/<recipe>.gguf).")
+]
 
 
 def quantize(
@@ -43,13 +60,15 @@ def quantize(
 
     with progress_bars(as_json) as progress:
         source = source_model(model, progress)
-        result = run_quantize(source, recipe, out=out, imatrix=imatrix, threads=threads,
-                              progress=progress)
+        result = run_quantize(source, recipe, out=out, imatrix=imatrix, threads=threads, progress=progress)
     if as_json:
         emit_json(result)
         return
     types = ", ".join(f"{n} {t}" for t, n in sorted(result.types.items(), key=lambda kv: -kv[1]))
-    console.print(f"wrote [bold]{result.out}[/] ({human_bytes(result.bytes)}, {result.bpw:.2f} bpw; {types}) "
-                  f"in {result.seconds:.1f} s; verified every tensor's type", highlight=False)
+    console.print(
+        f"wrote [bold]{result.out}[/] ({human_bytes(result.bytes)}, {result.bpw:.2f} bpw; {types}) "
+        f"in {result.seconds:.1f} s; verified every tensor's type",
+        highlight=False,
+    )
     for w in result.warnings:
         err_console.print(f"[yellow]llama.cpp:[/] {w}", highlight=False)

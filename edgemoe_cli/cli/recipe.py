@@ -10,9 +10,9 @@ import typer
 from ..units import human_bytes
 from .common import console, emit_json, err_console, json_option
 
-
-recipe_app = typer.Typer(help="Quantization recipes: ordered `pattern -> type` rules over GGUF tensor names.",
-                         no_args_is_help=True)
+recipe_app = typer.Typer(
+    help="Quantization recipes: ordered `pattern -> type` rules over GGUF tensor names.", no_args_is_help=True
+)
 
 
 def _print_problems(problems) -> None:
@@ -36,8 +36,13 @@ def recipe_list(as_json: bool = json_option("the recipes")) -> None:
 
 NameArg = Annotated[str, typer.Argument(help="A built-in recipe name (`edgemoe recipe list`) or a recipe .toml file.")]
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="A GGUF to apply it to (f32/f16/bf16).")]
-ImatrixOpt = Annotated[bool, typer.Option("--imatrix/--no-imatrix", help="Whether you will quantize with an imatrix (IQ2/IQ1 types need one).")]
-AllTensorsOpt = Annotated[bool, typer.Option("--all", help="Also list tensors llama.cpp never quantizes (norms, router).")]
+ImatrixOpt = Annotated[
+    bool,
+    typer.Option("--imatrix/--no-imatrix", help="Whether you will quantize with an imatrix (IQ2/IQ1 types need one)."),
+]
+AllTensorsOpt = Annotated[
+    bool, typer.Option("--all", help="Also list tensors llama.cpp never quantizes (norms, router).")
+]
 
 
 @recipe_app.command("show")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-
 from .common import console, emit_json, json_option
 
 
@@ -24,6 +23,11 @@ def models(as_json: bool = json_option("the registry")) -> None:
     table = Table("name", "variant", "from", "revision", "gguf (default quant)", box=None, header_style="bold")
     table.columns[0].no_wrap = True
     for e in entries:
-        table.add_row(e.name, e.variant, e.repo if e.source == "hub" else f"local: {e.path}", (e.revision or "")[:12],
-                      f"{e.gguf.repo} ({e.gguf.default_quant})" if e.gguf else "")
+        table.add_row(
+            e.name,
+            e.variant,
+            e.repo if e.source == "hub" else f"local: {e.path}",
+            (e.revision or "")[:12],
+            f"{e.gguf.repo} ({e.gguf.default_quant})" if e.gguf else "",
+        )
     console.print(table)

@@ -4,35 +4,76 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
-from .common import console, emit_json, err_console, say_choice
+from .common import console, ctx_option, emit_json, err_console, json_option, model_choice, threads_option
+
+ModelArg = Annotated[
+    str, typer.Argument(help="The GGUF model to serve (loaded once): a file, or NAME[:TAG] from `edgemoe list`.")
+]
+HostOpt = Annotated[
+    str, typer.Option("--host", help="Address to listen on; 0.0.0.0 opens it to the network (then give --api-key).")
+]
+PortOpt = Annotated[int, typer.Option("--port", help="TCP port.")]
+ApiKeyOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--api-key",
+        envvar="EDGEMOE_API_KEY",
+        help="Require `Authorization: Bearer KEY` on /v1/* (env EDGEMOE_API_KEY).",
+    ),
+]
+ParallelOpt = Annotated[
+    int, typer.Option("--parallel", "-np", min=1, help="Slots: requests generated at the same time.")
+]
+QueueOpt = Annotated[int, typer.Option("--queue", min=0, help="Requests that may wait for a slot; more get 503.")]
+ModelIdOpt = Annotated[
+    Optional[str], typer.Option("--model-id", help="The model name clients use (default: the file name without .gguf).")
+]
+InstallSystemdOpt = Annotated[
+    bool,
+    typer.Option(
+        "--install-systemd", help="Write a systemd unit that runs this command on boot (not enabled) and exit."
+    ),
+]
+UnitPathOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--unit-path",
+        help="Where --install-systemd writes (default: /etc/systemd/system as root, else ~/.config/systemd/user).",
+    ),
+]
+WorkersOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--workers",
+        help="HOST:PORT,... of `edgemoe worker`s: split the "
+        "model's layers across them and this machine by free memory (one slot).",
+    ),
+]
 
 
 def serve(
-    model: str = typer.Argument(..., help="The GGUF model to serve (loaded once): a file, or NAME[:TAG] from `edgemoe list`."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 opens it to the network "
-                             "(then give --api-key)."),
-    port: int = typer.Option(8080, "--port", help="TCP port."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGEMOE_API_KEY",
-                                          help="Require `Authorization: Bearer KEY` on /v1/* (env EDGEMOE_API_KEY)."),
-    ctx: int = typer.Option(4096, "--ctx", "-c", min=0, help="Context per request (prompt + reply) in tokens; "
-                            "each slot holds its own KV cache of this size (0 = the model's own)."),
-    parallel: int = typer.Option(1, "--parallel", "-np", min=1, help="Slots: requests generated at the same time."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads in all, split "
-                                          "between the slots (default: the physical cores this process may use)."),
-    queue: int = typer.Option(16, "--queue", min=0, help="Requests that may wait for a slot; more get 503."),
-    model_id: Optional[str] = typer.Option(None, "--model-id", help="The model name clients use (default: the "
-                                           "file name without .gguf)."),
-    install_systemd: bool = typer.Option(False, "--install-systemd", help="Write a systemd unit that runs this "
-                                         "command on boot (not enabled) and exit."),
-    unit_path: Optional[Path] = typer.Option(None, "--unit-path", help="Where --install-systemd writes (default: "
-                                             "/etc/systemd/system as root, else ~/.config/systemd/user)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the ready line (or the unit) as JSON."),
-    workers: Optional[str] = typer.Option(None, "--workers", help="HOST:PORT,... of `edgemoe worker`s: split the "
-                                          "model's layers across them and this machine by free memory (one slot)."),
+    model: ModelArg,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8080,
+    api_key: ApiKeyOpt = None,
+    ctx: int = ctx_option(
+        4096,
+        "Context per request (prompt + reply) in tokens; each slot holds its own KV cache of this size "
+        "(0 = the model's own).",
+        minimum=0,
+    ),
+    parallel: ParallelOpt = 1,
+    threads: Optional[int] = threads_option("the physical cores this process may use, split between the slots"),
+    queue: QueueOpt = 16,
+    model_id: ModelIdOpt = None,
+    install_systemd: InstallSystemdOpt = False,
+    unit_path: UnitPathOpt = None,
+    as_json: bool = json_option("the ready line (or the unit)"),
+    workers: WorkersOpt = None,
 ) -> None:
     """Serve a GGUF over an OpenAI-compatible HTTP API, ERNIE Thinking parsed right.
 
@@ -61,39 +102,53 @@ def serve(
     worker_list = cluster.parse_workers(workers) if workers is not None else None
     if worker_list and not install_systemd and not cluster.supervised():
         raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))
-    from ..models import resolve_gguf
-
-    choice = resolve_gguf(model)  # a name serves as NAME:TAG unless --model-id says otherwise
-    say_choice(choice)
-    opts = serving.ServeOptions(model=choice.path, host=host, port=port, api_key=api_key, ctx=ctx, parallel=parallel,
-                                threads=threads, queue=queue, model_id=model_id or choice.ref, workers=worker_list)
+    choice = model_choice(model)  # a name serves as NAME:TAG unless --model-id says otherwise
+    network = dict(host=host, port=port, api_key=api_key, queue=queue, model_id=model_id or choice.ref)
+    slots = dict(ctx=ctx, parallel=parallel, threads=threads, workers=worker_list)
+    opts = serving.ServeOptions(model=choice.path, **slots, **network)
     if install_systemd:
-        unit = serving.install_systemd(opts, unit_path)
-        if as_json:
-            emit_json(unit)
-            return
-        console.print(f"wrote {unit.path} (not enabled); to start it now and on every boot:", highlight=False)
-        for line in unit.enable:
-            console.print(f"  {line}", highlight=False)
+        _install_unit(serving.install_systemd(opts, unit_path), as_json)
         return
+    summary = serving.serve(opts, _ready_printer(as_json), _log)
+    err_console.print(
+        f"[dim]stopped: {summary.requests} requests, {summary.errors} errors, {summary.cancelled} "
+        f"cancelled, {summary.completion_tokens} tokens generated[/]",
+        highlight=False,
+    )
+
+
+def _install_unit(unit, as_json: bool) -> None:
+    if as_json:
+        emit_json(unit)
+        return
+    console.print(f"wrote {unit.path} (not enabled); to start it now and on every boot:", highlight=False)
+    for line in unit.enable:
+        console.print(f"  {line}", highlight=False)
+
+
+def _ready_printer(as_json: bool):
+    """serve's on_ready: the address, slots and threads once the model is loaded (stdout, flushed for scripts)."""
 
     def on_ready(info) -> None:
         if as_json:
             emit_json(info)
         else:
             kind = "Thinking" if info.thinking else "plain"
-            console.print(f"serving {info.model_id} ({kind}) on {info.url}/v1 · {info.slots} slot(s) x "
-                          f"{info.threads_per_slot} thread(s) · ctx {info.ctx} · queue {info.queue}"
-                          f"{' · API key required' if info.api_key else ''}", highlight=False)
+            console.print(
+                f"serving {info.model_id} ({kind}) on {info.url}/v1 · {info.slots} slot(s) x "
+                f"{info.threads_per_slot} thread(s) · ctx {info.ctx} · queue {info.queue}"
+                f"{' · API key required' if info.api_key else ''}",
+                highlight=False,
+            )
             if info.split:
-                console.print("layers: " + ", ".join(f"{p['device']} {p['layers']}" for p in info.split),
-                              highlight=False)
+                console.print(
+                    "layers: " + ", ".join(f"{p['device']} {p['layers']}" for p in info.split), highlight=False
+                )
         sys.stdout.flush()
 
-    def log(line: str) -> None:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+    return on_ready
 
-    summary = serving.serve(opts, on_ready, log)
-    err_console.print(f"[dim]stopped: {summary.requests} requests, {summary.errors} errors, {summary.cancelled} "
-                      f"cancelled, {summary.completion_tokens} tokens generated[/]", highlight=False)
+
+def _log(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

@@ -15,12 +15,11 @@ from pathlib import Path
 import gguf
 
 from ..errors import EdgeMoEError
+from ..progress import Progress
 from ..store import atomic_output, refuse_input_as_output
-from .arch import (OUTTYPES, add_hparams, check_against_tensors, check_config, hparams, model_arch,
-                   plan_tensors)
+from .arch import OUTTYPES, add_hparams, check_against_tensors, check_config, hparams, model_arch, plan_tensors
 from .safetensors import TensorReader, checkpoint_tensors
 from .vocab import build_vocab, read_json_object
-from ..progress import Progress
 from .writer import StreamingGGUFWriter, write_gguf
 
 __all__ = ["ConvertResult", "convert", "OUTTYPES"]
@@ -70,8 +69,15 @@ def _metadata(writer: gguf.GGUFWriter, src: Path) -> None:
 
 
 def _tokenizer_files(src: Path) -> list[Path]:
-    names = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",
-             "generation_config.json", "tokenizer.json", "model.safetensors.index.json")
+    names = (
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "added_tokens.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "model.safetensors.index.json",
+    )
     return [src / n for n in names if (src / n).exists()]
 
 
@@ -89,8 +95,10 @@ def _vocab(writer: gguf.GGUFWriter, src: Path, vocab_size: int | None) -> None:
         tok_config = read_json_object(config)
         if "add_prefix_space" in tok_config:
             if not isinstance(tok_config["add_prefix_space"], bool):
-                raise EdgeMoEError(f"{config}: add_prefix_space is {tok_config['add_prefix_space']!r}, not true/false",
-                                   "fix or re-download tokenizer_config.json")
+                raise EdgeMoEError(
+                    f"{config}: add_prefix_space is {tok_config['add_prefix_space']!r}, not true/false",
+                    "fix or re-download tokenizer_config.json",
+                )
             writer.add_add_space_prefix(tok_config["add_prefix_space"])
 
 
@@ -112,8 +120,9 @@ def convert(src: str | Path, out: str | Path, outtype: str = "f16", progress: Pr
         if not isinstance(config.get(key), int):
             raise EdgeMoEError(f"{src / 'config.json'} lacks an integer {key}", "download config.json again")
     if not (src / "tokenizer.model").is_file():
-        raise EdgeMoEError(f"tokenizer {src / 'tokenizer.model'} is missing",
-                           "download tokenizer.model with the checkpoint")
+        raise EdgeMoEError(
+            f"tokenizer {src / 'tokenizer.model'} is missing", "download tokenizer.model with the checkpoint"
+        )
     refs = checkpoint_tensors(src)
     check_against_tensors(arch, config, refs, src / "config.json")
     refuse_input_as_output(out, [src / "config.json", *{r.file for r in refs}, *_tokenizer_files(src)])
@@ -132,13 +141,26 @@ def convert(src: str | Path, out: str | Path, outtype: str = "f16", progress: Pr
     try:
         with atomic_output(out) as part:
             step = f"convert to {outtype}"
-            write_gguf(writer, part, plan, reader, progress and (
-                lambda done, total, i, n, name: progress(step, done, total, f"{i}/{n} tensors {name}", "bytes")))
+            write_gguf(
+                writer,
+                part,
+                plan,
+                reader,
+                progress
+                and (lambda done, total, i, n, name: progress(step, done, total, f"{i}/{n} tensors {name}", "bytes")),
+            )
     except OSError as e:
         raise EdgeMoEError(f"cannot write {out}: {e.strerror}", "check free disk space and permissions") from e
     finally:
         reader.close()
     return ConvertResult(
-        out=str(out), src=str(src), hf_arch=hf_arch, arch=gguf.MODEL_ARCH_NAMES[arch], outtype=outtype,
-        n_tensors=len(plan), n_params=n_params, n_bytes=out.stat().st_size, seconds=time.perf_counter() - t0,
+        out=str(out),
+        src=str(src),
+        hf_arch=hf_arch,
+        arch=gguf.MODEL_ARCH_NAMES[arch],
+        outtype=outtype,
+        n_tensors=len(plan),
+        n_params=n_params,
+        n_bytes=out.stat().st_size,
+        seconds=time.perf_counter() - t0,
     )

@@ -32,8 +32,12 @@ OUTTYPES = {
 }
 
 # llama.cpp keeps these in f32 whatever the output type (base.py prepare_tensors)
-_ALWAYS_F32 = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP, gguf.MODEL_TENSOR.POS_EMBD,
-               gguf.MODEL_TENSOR.TOKEN_TYPES)
+_ALWAYS_F32 = (
+    gguf.MODEL_TENSOR.FFN_GATE_INP,
+    gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+    gguf.MODEL_TENSOR.POS_EMBD,
+    gguf.MODEL_TENSOR.TOKEN_TYPES,
+)
 # Multi-token-prediction heads: llama.cpp's ERNIE graph has no use for them
 _MTP = re.compile(r"model\.(mtp_block|mtp_emb_norm|mtp_hidden_norm|mtp_linear_proj)\.\d+")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -66,24 +70,57 @@ class PlannedTensor:
 # the config class's default (transformers 4.57, the version llama.cpp pins). The defaults that reach the GGUF:
 TRANSFORMERS_DEFAULTS = {
     "ernie4_5_moe": dict(
-        vocab_size=103424, hidden_size=2560, intermediate_size=12288, num_hidden_layers=28, num_attention_heads=20,
-        num_key_value_heads=4, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-        moe_intermediate_size=1536, moe_k=6, moe_num_experts=64, moe_num_shared_experts=2, moe_layer_start_index=1,
+        vocab_size=103424,
+        hidden_size=2560,
+        intermediate_size=12288,
+        num_hidden_layers=28,
+        num_attention_heads=20,
+        num_key_value_heads=4,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        moe_intermediate_size=1536,
+        moe_k=6,
+        moe_num_experts=64,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
         moe_layer_interval=1,
     ),
     "ernie4_5": dict(
-        vocab_size=103424, hidden_size=1024, intermediate_size=3072, num_hidden_layers=18, num_attention_heads=16,
-        num_key_value_heads=2, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, head_dim=128,
+        vocab_size=103424,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=18,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        head_dim=128,
     ),
 }
 
 
 # config.json keys that size or shape the model: whole numbers, at least the bound given
 _INT_KEYS = {
-    "num_hidden_layers": 1, "hidden_size": 1, "num_attention_heads": 1, "vocab_size": 1, "num_key_value_heads": 1,
-    "intermediate_size": 1, "head_dim": 1, "max_position_embeddings": 1, "moe_num_experts": 1, "moe_k": 1,
-    "moe_intermediate_size": 1, "moe_num_shared_experts": 0, "moe_layer_start_index": 0, "moe_layer_interval": 1,
-    "prefix_dense_intermediate_size": 1, "dense_intermediate_size": 1, "n_ctx": 1, "n_positions": 1,
+    "num_hidden_layers": 1,
+    "hidden_size": 1,
+    "num_attention_heads": 1,
+    "vocab_size": 1,
+    "num_key_value_heads": 1,
+    "intermediate_size": 1,
+    "head_dim": 1,
+    "max_position_embeddings": 1,
+    "moe_num_experts": 1,
+    "moe_k": 1,
+    "moe_intermediate_size": 1,
+    "moe_num_shared_experts": 0,
+    "moe_layer_start_index": 0,
+    "moe_layer_interval": 1,
+    "prefix_dense_intermediate_size": 1,
+    "dense_intermediate_size": 1,
+    "n_ctx": 1,
+    "n_positions": 1,
 }
 _FLOAT_KEYS = ("rms_norm_eps", "rope_theta")
 _UINT32_MAX = 2**32 - 1
@@ -95,6 +132,7 @@ def check_config(config: dict, config_path) -> None:
     """config.json's structure and numbers, before anything is derived from them: the file may come from anywhere.
 
     `config` is the merged view read_config makes (text_config already checked to be an object)."""
+
     def bad(what: str) -> EdgeMoEError:
         return EdgeMoEError(f"{config_path}: {what}", "download config.json again, or fix it")
 
@@ -132,9 +170,11 @@ def check_config(config: dict, config_path) -> None:
 def check_against_tensors(arch: gguf.MODEL_ARCH, hp: dict, refs: list[TensorRef], config_path) -> None:
     """The counts config.json gives (layers, vocabulary, experts) must be those of the tensors present: they size
     tables and loops later, so a wrong one would allocate or iterate for a model that is not there."""
+
     def bad(what: str) -> EdgeMoEError:
-        return EdgeMoEError(f"{config_path}: {what}", "the config does not belong to these safetensors; "
-                            "download the checkpoint again")
+        return EdgeMoEError(
+            f"{config_path}: {what}", "the config does not belong to these safetensors; download the checkpoint again"
+        )
 
     layers = {int(m[1]) for r in refs if (m := _LAYER.match(r.name))}
     n_layers = hp["num_hidden_layers"]
@@ -149,19 +189,24 @@ def check_against_tensors(arch: gguf.MODEL_ARCH, hp: dict, refs: list[TensorRef]
         if embed.shape[0] != hp["vocab_size"]:
             raise bad(f"vocab_size is {hp['vocab_size']} but model.embed_tokens.weight has {embed.shape[0]} rows")
         if embed.shape[1] != hp["hidden_size"]:
-            raise bad(f"hidden_size is {hp['hidden_size']} but model.embed_tokens.weight rows are {embed.shape[1]} wide")
+            raise bad(
+                f"hidden_size is {hp['hidden_size']} but model.embed_tokens.weight rows are {embed.shape[1]} wide"
+            )
     elif hp["vocab_size"] > 1 << 22:
         raise bad(f"vocab_size is {hp['vocab_size']}, and no embedding tensor says otherwise")
     if arch == gguf.MODEL_ARCH.ERNIE4_5_MOE:
         experts = {int(m[2]) for r in refs if (m := _EXPERT.match(r.name.replace("ernie.", "model.")))}
         if experts and experts != set(range(hp["moe_num_experts"])):
-            raise bad(f"moe_num_experts is {hp['moe_num_experts']} but the checkpoint holds experts "
-                      f"0-{max(experts)} ({len(experts)} distinct)")
+            raise bad(
+                f"moe_num_experts is {hp['moe_num_experts']} but the checkpoint holds experts "
+                f"0-{max(experts)} ({len(experts)} distinct)"
+            )
         if hp["moe_k"] > hp["moe_num_experts"]:
             raise bad(f"moe_k is {hp['moe_k']}, more than the {hp['moe_num_experts']} experts")
     if hp["hidden_size"] % hp["num_attention_heads"] and hp.get("head_dim") is None:
-        raise bad(f"hidden_size {hp['hidden_size']} is not a multiple of num_attention_heads "
-                  f"{hp['num_attention_heads']}")
+        raise bad(
+            f"hidden_size {hp['hidden_size']} is not a multiple of num_attention_heads {hp['num_attention_heads']}"
+        )
 
 
 def hparams(config: dict) -> dict:
@@ -196,14 +241,18 @@ def add_hparams(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, hp: dict, ftype:
     if (n_ctx := _find(hp, "max_position_embeddings", "n_ctx", "n_positions")) is not None:
         writer.add_context_length(n_ctx)
     writer.add_embedding_length(hp["hidden_size"])
-    if (n_ff := _find(hp, "prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size")) is not None:
+    if (
+        n_ff := _find(hp, "prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size")
+    ) is not None:
         writer.add_feed_forward_length(n_ff)
     writer.add_head_count(hp["num_attention_heads"])
     if (n_kv := hp.get("num_key_value_heads")) is not None:
         writer.add_head_count_kv(n_kv)
     rope = hp.get("rope_parameters") or hp.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type")) not in (None, "default"):
-        raise EdgeMoEError(f"rope scaling {rope} is not supported by convert", "convert an unscaled ERNIE-4.5 checkpoint")
+        raise EdgeMoEError(
+            f"rope scaling {rope} is not supported by convert", "convert an unscaled ERNIE-4.5 checkpoint"
+        )
     if (theta := rope.get("rope_theta", hp.get("rope_theta"))) is not None:
         writer.add_rope_freq_base(theta)
     if (eps := hp.get("rms_norm_eps")) is not None:
@@ -229,8 +278,15 @@ def add_hparams(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, hp: dict, ftype:
             writer.add_expert_shared_feed_forward_length(hp["intermediate_size"] // hp["num_key_value_heads"])
 
 
-def _qtype(name: str, n_dims: int, tmap_types: dict, out: gguf.GGMLQuantizationType, row_len: int) -> gguf.GGMLQuantizationType:
-    if n_dims <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or tmap_types.get(name) in _ALWAYS_F32:
+def _qtype(
+    name: str, n_dims: int, tmap_types: dict, out: gguf.GGMLQuantizationType, row_len: int
+) -> gguf.GGMLQuantizationType:
+    if (
+        n_dims <= 1
+        or name.endswith("_norm.weight")
+        or not name.endswith(".weight")
+        or tmap_types.get(name) in _ALWAYS_F32
+    ):
         return Q.F32
     block, _ = gguf.GGML_QUANT_SIZES[out]
     # llama.cpp falls back to f16 for rows that do not split into whole quant blocks
@@ -275,14 +331,21 @@ def plan_tensors(arch: gguf.MODEL_ARCH, hp: dict, refs: list[TensorRef], outtype
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     experts = [layer.pop((x, proj)) for x in range(n_experts)]
                     if len(experts[0].shape) != 2:
-                        raise EdgeMoEError(f"{experts[0].file}: expert tensor {experts[0].name} has shape "
-                                           f"{list(experts[0].shape)}, not [rows, columns]",
-                                           "the checkpoint is inconsistent; download it again")
+                        raise EdgeMoEError(
+                            f"{experts[0].file}: expert tensor {experts[0].name} has shape "
+                            f"{list(experts[0].shape)}, not [rows, columns]",
+                            "the checkpoint is inconsistent; download it again",
+                        )
                     rows, cols = experts[0].shape
                     if any(e.shape != (rows, cols) for e in experts):
-                        raise EdgeMoEError(f"layer {bid}: experts' {proj} shapes differ", "the checkpoint is inconsistent")
-                    emit(f"model.layers.{bid}.mlp.experts.{proj}.weight", (n_experts, rows, cols),
-                         [p for e in experts for p in whole(e)])
+                        raise EdgeMoEError(
+                            f"layer {bid}: experts' {proj} shapes differ", "the checkpoint is inconsistent"
+                        )
+                    emit(
+                        f"model.layers.{bid}.mlp.experts.{proj}.weight",
+                        (n_experts, rows, cols),
+                        [p for e in experts for p in whole(e)],
+                    )
                 del pending[bid]
             continue
 
@@ -292,15 +355,20 @@ def plan_tensors(arch: gguf.MODEL_ARCH, hp: dict, refs: list[TensorRef], outtype
             head_dim = hp.get("head_dim") or hp["hidden_size"] // n_head
             bounds = [0, n_head * head_dim, (n_head + n_kv) * head_dim, (n_head + 2 * n_kv) * head_dim]
             if len(ref.shape) != 2 or ref.shape[0] != bounds[-1]:
-                raise EdgeMoEError(f"{ref.file}: {ref.name} has shape {list(ref.shape)}, config.json's heads need "
-                                   f"[{bounds[-1]}, hidden]", "the checkpoint is inconsistent; download it again")
+                raise EdgeMoEError(
+                    f"{ref.file}: {ref.name} has shape {list(ref.shape)}, config.json's heads need "
+                    f"[{bounds[-1]}, hidden]",
+                    "the checkpoint is inconsistent; download it again",
+                )
             for part, a, b in zip(("q_proj", "k_proj", "v_proj"), bounds, bounds[1:]):
                 emit(name.replace("qkv_proj", part), (b - a, *ref.shape[1:]), [Piece(ref, a, b)])
             continue
         if arch == gguf.MODEL_ARCH.ERNIE4_5 and "up_gate_proj" in name:
             if len(ref.shape) != 2 or ref.shape[0] % 2:
-                raise EdgeMoEError(f"{ref.file}: {ref.name} has shape {list(ref.shape)}, not [2 x rows, hidden]",
-                                   "the checkpoint is inconsistent; download it again")
+                raise EdgeMoEError(
+                    f"{ref.file}: {ref.name} has shape {list(ref.shape)}, not [2 x rows, hidden]",
+                    "the checkpoint is inconsistent; download it again",
+                )
             half = ref.shape[0] // 2  # the first half is the gate, despite the name
             emit(name.replace("up_gate_proj", "gate_proj"), (half, *ref.shape[1:]), [Piece(ref, 0, half)])
             emit(name.replace("up_gate_proj", "up_proj"), (half, *ref.shape[1:]), [Piece(ref, half, ref.shape[0])])
@@ -309,6 +377,8 @@ def plan_tensors(arch: gguf.MODEL_ARCH, hp: dict, refs: list[TensorRef], outtype
         emit(name, ref.shape, whole(ref))
 
     if left := [k for layer in pending.values() for k in layer]:
-        raise EdgeMoEError(f"{len(left)} expert tensors have incomplete layers (e.g. expert {left[0]})",
-                           "the checkpoint is missing experts; download it again")
+        raise EdgeMoEError(
+            f"{len(left)} expert tensors have incomplete layers (e.g. expert {left[0]})",
+            "the checkpoint is missing experts; download it again",
+        )
     return plan

@@ -75,8 +75,10 @@ def read_header(path: Path) -> list[TensorRef]:
                 raise _truncated(path, 8, size)
             n = int.from_bytes(head, "little")
             if n > MAX_HEADER_BYTES:
-                raise EdgeMoEError(f"{path}: the safetensors header claims {n:,} bytes, more than the format's "
-                                   f"{MAX_HEADER_BYTES:,}", "this is not a safetensors file; download it again")
+                raise EdgeMoEError(
+                    f"{path}: the safetensors header claims {n:,} bytes, more than the format's {MAX_HEADER_BYTES:,}",
+                    "this is not a safetensors file; download it again",
+                )
             if 8 + n > size:
                 raise _truncated(path, 8 + n, size)
             raw = f.read(n)
@@ -108,6 +110,7 @@ def read_header(path: Path) -> list[TensorRef]:
 
 def _entry(path: Path, name: str, meta, base: int, size: int) -> TensorRef:
     """One header entry, every field's type and value checked: the header is data from the file."""
+
     def bad(what: str) -> EdgeMoEError:
         return EdgeMoEError(f"{path}: tensor {name} {what}", "download the file again")
 
@@ -117,11 +120,17 @@ def _entry(path: Path, name: str, meta, base: int, size: int) -> TensorRef:
     if not isinstance(dtype, str):
         raise bad(f"has dtype {dtype!r}, not a name")
     if dtype not in DTYPES:
-        raise EdgeMoEError(f"{path}: tensor {name} has unsupported dtype {dtype}", "convert from a bf16/f16/f32 checkpoint")
+        raise EdgeMoEError(
+            f"{path}: tensor {name} has unsupported dtype {dtype}", "convert from a bf16/f16/f32 checkpoint"
+        )
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"has shape {shape!r}, not a list of non-negative whole numbers")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
         raise bad(f"has data_offsets {offsets!r}, not [start, end] in bytes")
     start, end = offsets
     if end - start != math.prod(shape) * DTYPES[dtype][1]:
@@ -151,8 +160,11 @@ def checkpoint_tensors(src: Path) -> list[TensorRef]:
         for tensor, shard in weight_map.items():
             # a shard name from the index is opened as src/NAME: a plain file name in the checkpoint, nothing else
             if not isinstance(shard, str) or not _SHARD_NAME.fullmatch(shard):
-                raise EdgeMoEError(f"{index}: tensor {tensor} is in shard {shard!r}, not a .safetensors file name "
-                                   "in the checkpoint directory", "download the checkpoint's index again")
+                raise EdgeMoEError(
+                    f"{index}: tensor {tensor} is in shard {shard!r}, not a .safetensors file name "
+                    "in the checkpoint directory",
+                    "download the checkpoint's index again",
+                )
         shards = sorted(set(weight_map.values()))
         for shard in shards:
             if not (src / shard).is_file():
@@ -164,8 +176,10 @@ def checkpoint_tensors(src: Path) -> list[TensorRef]:
         seen: dict[str, Path] = {}
         for r in refs:
             if (other := seen.setdefault(r.name, r.file)) != r.file:
-                raise EdgeMoEError(f"tensor {r.name} is in two shards, {other.name} and {r.file.name}",
-                                   "the checkpoint is inconsistent; download it again")
+                raise EdgeMoEError(
+                    f"tensor {r.name} is in two shards, {other.name} and {r.file.name}",
+                    "the checkpoint is inconsistent; download it again",
+                )
         have = {r.name for r in refs}
         if missing := sorted(set(weight_map) - have):
             raise EdgeMoEError(
@@ -209,8 +223,12 @@ class TensorReader:
     def read_rows(self, ref: TensorRef, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of `ref`: its stored bits (uint16 for bf16), shaped like the rows, read-only."""
         np_dtype, itemsize = DTYPES[ref.dtype]
-        arr = np.frombuffer(self._map(ref.file), dtype=np_dtype, count=(stop - start) * ref.row_nbytes // itemsize,
-                            offset=ref.offset + start * ref.row_nbytes)
+        arr = np.frombuffer(
+            self._map(ref.file),
+            dtype=np_dtype,
+            count=(stop - start) * ref.row_nbytes // itemsize,
+            offset=ref.offset + start * ref.row_nbytes,
+        )
         return arr.reshape((stop - start, *ref.shape[1:])) if ref.shape else arr.reshape(())
 
     def rows(self, ref: TensorRef, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -249,5 +267,3 @@ def to_float32(bits: np.ndarray, dtype: str, out: np.ndarray | None = None) -> n
         return bits.astype(np.float32)
     out[...] = bits
     return out
-
-

@@ -52,12 +52,12 @@ def _fields(buf):
             n = 8 if wire == 1 else 4
             if pos + n > end:
                 raise ValueError("message ends early")
-            value, pos = buf[pos:pos + n], pos + n
+            value, pos = buf[pos : pos + n], pos + n
         elif wire == 2:
             n, pos = _varint(buf, pos)
             if n > end - pos:
                 raise ValueError(f"a field of {n} bytes runs past the end of its message")
-            value, pos = buf[pos:pos + n], pos + n
+            value, pos = buf[pos : pos + n], pos + n
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
         yield field, wire, value
@@ -68,8 +68,11 @@ def read_sentencepiece(path: Path, limit: int | None = None) -> list[tuple[bytes
     when given (llama.cpp's converter ignores pieces beyond the model's vocab_size too)."""
     try:
         if path.stat().st_size > MAX_TOKENIZER_BYTES:
-            raise EdgeMoEError(f"tokenizer {path} is {path.stat().st_size:,} bytes, more than a SentencePiece "
-                               f"model's {MAX_TOKENIZER_BYTES:,} at most", "download tokenizer.model again")
+            raise EdgeMoEError(
+                f"tokenizer {path} is {path.stat().st_size:,} bytes, more than a SentencePiece "
+                f"model's {MAX_TOKENIZER_BYTES:,} at most",
+                "download tokenizer.model again",
+            )
         data = path.read_bytes()
     except FileNotFoundError:
         raise EdgeMoEError(f"tokenizer {path} is missing", "download tokenizer.model with the checkpoint") from None
@@ -92,7 +95,9 @@ def read_sentencepiece(path: Path, limit: int | None = None) -> list[tuple[bytes
                     kind = v
             pieces.append((piece, score, kind))
     except (ValueError, IndexError, struct.error) as e:  # the reader's own checks, all ValueError
-        raise EdgeMoEError(f"tokenizer {path} is not a SentencePiece model ({e})", "download tokenizer.model again") from e
+        raise EdgeMoEError(
+            f"tokenizer {path} is not a SentencePiece model ({e})", "download tokenizer.model again"
+        ) from e
     if not pieces:
         raise EdgeMoEError(f"tokenizer {path} holds no pieces", "download tokenizer.model again")
     return pieces
@@ -124,8 +129,10 @@ def build_vocab(src: Path, vocab_size: int | None) -> tuple[list[bytes], list[fl
     if added.is_file():
         for text, token_id in read_json_object(added).items():
             if type(token_id) is not int or token_id < 0:
-                raise EdgeMoEError(f"{added}: token {text!r} has id {token_id!r}, not a non-negative whole number",
-                                   "fix or re-download added_tokens.json")
+                raise EdgeMoEError(
+                    f"{added}: token {text!r} has id {token_id!r}, not a non-negative whole number",
+                    "fix or re-download added_tokens.json",
+                )
             if token_id < n:
                 tokens[token_id], scores[token_id], types[token_id] = text.encode(), -1000.0, USER_DEFINED
 
@@ -140,11 +147,14 @@ def build_vocab(src: Path, vocab_size: int | None) -> tuple[list[bytes], list[fl
             except ValueError:
                 token_id = -1
             if token_id < 0 or not key.isdigit():
-                raise EdgeMoEError(f"{config}: added_tokens_decoder key {key!r} is not a token id",
-                                   "fix or re-download tokenizer_config.json")
+                raise EdgeMoEError(
+                    f"{config}: added_tokens_decoder key {key!r} is not a token id",
+                    "fix or re-download tokenizer_config.json",
+                )
             if not isinstance(data, dict) or not isinstance(data.get("content"), str):
-                raise EdgeMoEError(f"{config}: added token {key} has no string `content`",
-                                   "fix or re-download tokenizer_config.json")
+                raise EdgeMoEError(
+                    f"{config}: added token {key} has no string `content`", "fix or re-download tokenizer_config.json"
+                )
             text = data["content"]
             if token_id >= n:
                 continue
@@ -164,6 +174,7 @@ def read_json_object(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise EdgeMoEError(f"{path} is not valid JSON ({e})", f"fix or re-download {path.name}") from e
     if not isinstance(data, dict):
-        raise EdgeMoEError(f"{path} holds a JSON {type(data).__name__}, not an object",
-                           f"fix or re-download {path.name}")
+        raise EdgeMoEError(
+            f"{path} holds a JSON {type(data).__name__}, not an object", f"fix or re-download {path.name}"
+        )
     return data

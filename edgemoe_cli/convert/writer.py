@@ -41,8 +41,13 @@ class StreamingGGUFWriter(gguf.GGUFWriter):
     _BULK = {float: ("<f4", GGUFValueType.FLOAT32), int: ("<i4", GGUFValueType.INT32)}
 
     def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
-        if (vtype != GGUFValueType.ARRAY or sub_type is not None or self.endianess != gguf.GGUFEndian.LITTLE
-                or not isinstance(val, (list, tuple)) or len(val) < 256):
+        if (
+            vtype != GGUFValueType.ARRAY
+            or sub_type is not None
+            or self.endianess != gguf.GGUFEndian.LITTLE
+            or not isinstance(val, (list, tuple))
+            or len(val) < 256
+        ):
             return super()._pack_val(val, vtype, add_vtype, sub_type)
         kind = type(val[0])
         if kind not in (float, int, str, bytes) or any(type(v) is not kind for v in val):
@@ -72,7 +77,9 @@ class Scratch:
         return buf[:nbytes].view(dtype).reshape(shape)
 
 
-def encode(bits: np.ndarray, src_dtype: str, qtype: gguf.GGMLQuantizationType, scratch: Scratch | None = None) -> np.ndarray:
+def encode(
+    bits: np.ndarray, src_dtype: str, qtype: gguf.GGMLQuantizationType, scratch: Scratch | None = None
+) -> np.ndarray:
     """Stored checkpoint values -> the bytes of `qtype`, exactly as llama.cpp's converter computes them.
 
     llama.cpp widens anything that is not f16/f32 (bf16) to f32 and then casts or quantizes with gguf.quants;
@@ -122,8 +129,13 @@ def _bf16_to_f16(bits: np.ndarray, scratch: Scratch) -> np.ndarray:
     return out.view(np.float16)
 
 
-def write_gguf(writer: gguf.GGUFWriter, path: Path, plan: list[PlannedTensor], reader: TensorReader,
-               progress: Progress | None = None) -> None:
+def write_gguf(
+    writer: gguf.GGUFWriter,
+    path: Path,
+    plan: list[PlannedTensor],
+    reader: TensorReader,
+    progress: Progress | None = None,
+) -> None:
     """Write the file: `writer` already holds the keys and every planned tensor's info, in plan order.
 
     Blocks are converted on ENCODE_THREADS threads (numpy releases the GIL) and written in order by one writer
