@@ -151,9 +151,10 @@ def recipe_of(model: Path) -> str:
     return label
 
 
-def split_list(text: str | None) -> list[str]:
-    """A comma-separated option (--models, --builds) as its non-empty items."""
-    return [item.strip() for item in (text or "").split(",") if item.strip()]
+def split_list(values: str | Sequence[str] | None) -> list[str]:
+    """A comma-separated option (--models, --builds), given once or repeated, as its non-empty items."""
+    values = [values] if isinstance(values, str) else values or []
+    return [item.strip() for text in values for item in text.split(",") if item.strip()]
 
 
 def parse_pg(text: str) -> tuple[int, int]:

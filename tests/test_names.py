@@ -165,3 +165,27 @@ def test_compare_by_name_asks_every_prompt(tiny_gguf):
     assert [i["prompt"]["text"] for i in items] == questions
     assert all(i["pt"]["completion_tokens"] > 0 and i["thinking"]["completion_tokens"] > 0 for i in items)
     assert f"{PT}:f16" in p.stderr and f"{THINKING}:f16" in p.stderr
+
+
+def test_serve_by_name_writes_the_resolved_file_and_the_name_into_its_unit(tiny_gguf, tmp_path):
+    made = store.home() / "gguf" / PT
+    made.mkdir(parents=True)
+    shutil.copy(tiny_gguf("pt", "f16"), made / "f16.gguf")
+    unit = tmp_path / "edgemoe.service"
+    p = subprocess.run(
+        [str(EDGEMOE), "serve", PT, "--install-systemd", "--unit-path", str(unit), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    exec_start = next(line for line in unit.read_text().splitlines() if line.startswith("ExecStart="))
+    assert f'"{(made / "f16.gguf").resolve()}"' in exec_start and f'"--model-id" "{PT}:f16"' in exec_start
+
+
+def test_repeated_list_options_add_up():
+    from edgemoe_cli import bench
+
+    assert bench.split_list(["a.gguf,b.gguf", "c.gguf"]) == ["a.gguf", "b.gguf", "c.gguf"]
+    assert bench.split_list("x, y,") == ["x", "y"] and bench.split_list(None) == []
+    assert bench.parse_threads(",".join(["1", "4,2"])) == [1, 2, 4]

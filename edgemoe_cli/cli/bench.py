@@ -14,16 +14,19 @@ ModelsArg = Annotated[
     Optional[list[str]], typer.Argument(help="GGUF models to measure (e.g. one per recipe): paths or NAME[:TAG].")
 ]
 ModelsOptOpt = Annotated[
-    Optional[str],
-    typer.Option("--models", help="The models as one comma-separated list (instead of, or with, the arguments)."),
+    Optional[list[str]],
+    typer.Option("--models", help="Models as a comma-separated list, instead of or with the arguments (repeatable)."),
 ]
 BuildsOpt = Annotated[
-    Optional[str],
+    Optional[list[str]],
     typer.Option(
-        "--builds", help="Comma-separated build directories or names in the build cache (default: the current build)."
+        "--builds",
+        help="Build directories or names in the build cache, comma-separated or repeated (default: the current build).",
     ),
 ]
-ThreadsOpt = Annotated[str, typer.Option("--threads", "-t", help="Comma-separated thread counts.")]
+ThreadsOpt = Annotated[
+    list[str], typer.Option("--threads", "-t", help="Thread counts, comma-separated or repeated (-t 1 -t 4).")
+]
 RepsOpt = Annotated[
     int, typer.Option("--reps", "-r", min=1, help="Repetitions of each test (mean and stddev over them).")
 ]
@@ -52,7 +55,7 @@ def bench(
     models: ModelsArg = None,
     models_opt: ModelsOptOpt = None,
     builds: BuildsOpt = None,
-    threads: ThreadsOpt = "1,2,4,8",
+    threads: ThreadsOpt = ["1,2,4,8"],
     reps: RepsOpt = 3,
     n_prompt: NPromptOpt = 512,
     n_gen: NGenOpt = 128,
@@ -92,7 +95,7 @@ def bench(
         result = stage.bench(
             [run_model(m) for m in (*(models or []), *stage.split_list(models_opt))],
             builds=stage.split_list(builds) or None,
-            threads=stage.parse_threads(threads),
+            threads=stage.parse_threads(",".join(threads)),
             reps=reps,
             n_prompt=n_prompt,
             n_gen=n_gen,
