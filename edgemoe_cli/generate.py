@@ -9,13 +9,14 @@ llama-bench's text-generation number on the same GGUF, build and threads.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import functools
 import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +45,7 @@ class RunResult:
     tool_call: str | None  # JSON text of a <tool_call>, when the Thinking model made one
     finish_reason: str  # "stop" (end-of-sequence) or "length" (max_tokens or context full)
     library: str  # the libllama that ran it
+    streaming: dict | None = None  # stream.StreamStats when --memory made the run stream experts, else None
 
 
 def default_threads() -> int:
@@ -55,19 +57,57 @@ def default_threads() -> int:
     return max(1, min(usable, physical))
 
 
-def load_model(path: str | Path, ctx: int = 4096, threads: int | None = None):
-    """Load a GGUF language model for chat; returns a llama_cpp.Llama (n_ctx=0 takes the model's trained length)."""
+@contextlib.contextmanager
+def _llama_defaults(llama_cpp, repack: bool, cb_eval):
+    """Llama() starts from llama.cpp's default model and context params and has no argument for extra buffer types
+    (weight repacking) or an eval callback: change those defaults while it loads, and only then."""
+    module = llama_cpp.llama_cpp
+    model_defaults, context_defaults = module.llama_model_default_params, module.llama_context_default_params
+
+    def model_params():
+        params = model_defaults()
+        params.use_extra_bufts = repack
+        return params
+
+    def context_params():
+        params = context_defaults()
+        if cb_eval is not None:
+            params.cb_eval, params.cb_eval_user_data = cb_eval, None
+        return params
+
+    module.llama_model_default_params, module.llama_context_default_params = model_params, context_params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params, module.llama_context_default_params = model_defaults, context_defaults
+
+
+def load_model(
+    path: str | Path,
+    ctx: int = 4096,
+    threads: int | None = None,
+    n_ubatch: int = 512,
+    repack: bool = True,
+    cb_eval=None,
+):
+    """Load a GGUF language model for chat; returns a llama_cpp.Llama (n_ctx=0 takes the model's trained length).
+
+    `repack=False` keeps every weight in the file's own layout, mapped from the file (llama.cpp's extra buffer
+    types copy repackable weights into anonymous memory); `cb_eval` is a ggml scheduler eval callback.
+    """
     path = check_gguf(path)
     llama_cpp = import_binding()
     threads = threads or default_threads()
     try:
-        return llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
+        with _llama_defaults(llama_cpp, repack, cb_eval):
+            return llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_ubatch=n_ubatch,
+                verbose=False,
+            )
     except (ValueError, RuntimeError, OSError) as e:
         arch = architecture(path)
         what = f"architecture {arch!r}" if arch else "no general.architecture key"
@@ -184,8 +224,10 @@ def chat_reply(
     temp: float = 0.0,
     seed: int | None = None,
     on_text: OnText | None = None,
+    prompt_done: Callable[[], None] | None = None,
 ) -> RunResult:
-    """Generate one reply to `prompt` with a loaded model; `on_text` receives the reply as it streams."""
+    """Generate one reply to `prompt` with a loaded model; `on_text` receives the reply as it streams,
+    `prompt_done` is called once the prompt is processed (the expert streamer splits its counts there)."""
     llama_cpp = import_binding()
     t_request = time.perf_counter()
     text, thinking = chat_prompt(llm, prompt, system)
@@ -222,6 +264,8 @@ def chat_reply(
         _decode(llama_cpp, llm, tokens)
         token = pick()
         t_first = t_last = time.perf_counter()
+        if prompt_done is not None:
+            prompt_done()
         sampled, finish = 1, "length"
         while True:
             stop = stops.get(token)
@@ -281,15 +325,48 @@ def run(
     temp: float = 0.0,
     seed: int | None = None,
     on_text: OnText | None = None,
+    memory: str | int | None = None,
+    repack: bool = True,
 ) -> RunResult:
-    """`edgemoe run`: load `model`, answer `prompt` once, free the model."""
+    """`edgemoe run`: load `model`, answer `prompt` once, free the model.
+
+    `memory` (bytes, a size or "auto") caps what the run keeps resident: a model that does not fit streams its
+    routed experts from the file (stream.py). `repack=False` runs without llama.cpp's weight repacking (what
+    streaming itself runs with; the benchmark's plain mmap baseline).
+    """
     if not prompt.strip():
         raise EdgeMoEError("the prompt is empty", "give a question with -p TEXT or -f FILE")
-    llm = load_model(model, ctx=ctx, threads=threads)
+    streamer = None
+    if memory is not None:
+        from . import stream
+
+        plan = stream.plan_memory(check_gguf(model), memory, ctx)  # too small: an error before loading
+        if plan.streams:
+            llm, streamer = stream.load_streaming(model, plan, ctx, threads or default_threads())
+    if streamer is None:
+        llm = load_model(model, ctx=ctx, threads=threads, repack=repack)
     try:
-        return chat_reply(llm, prompt, system, max_tokens=max_tokens, temp=temp, seed=seed, on_text=on_text)
+        started = time.perf_counter()
+        result = chat_reply(
+            llm,
+            prompt,
+            system,
+            max_tokens=max_tokens,
+            temp=temp,
+            seed=seed,
+            on_text=on_text,
+            prompt_done=streamer.prompt_done if streamer is not None else None,
+        )
+        if streamer is not None:
+            streamer.check()
+            stats = streamer.stats()
+            stats.compute_s = round(time.perf_counter() - started - stats.read_wait_s - stats.hook_s, 6)
+            result.streaming = asdict(stats)
+        return result
     finally:
-        llm.close()
+        llm.close()  # before the streamer: the model's expert tensors point into the streamer's regions
+        if streamer is not None:
+            streamer.close()
 
 
 def read_prompt(prompt: str | None, prompt_file: str | Path | None) -> str:

@@ -42,6 +42,7 @@ JSON_KEYS = {
     "tool_call",
     "finish_reason",
     "library",
+    "streaming",
 }
 QUESTION = "What is 93 + 16?"
 

@@ -29,6 +29,16 @@ MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="St
 TempOpt = Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 = greedy and deterministic.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed, for repeatable runs at --temp > 0.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also print the library loaded and its system_info.")]
+MemoryOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--memory",
+        "-m",
+        metavar="SIZE|auto",
+        help="Keep resident memory within SIZE (e.g. 6GiB; auto = the RAM available now): a larger model streams "
+        "its routed experts from the file.",
+    ),
+]
 
 
 WorkersOpt = Annotated[
@@ -54,6 +64,7 @@ def run(
     verbose: VerboseOpt = False,
     as_json: bool = json_option("the reply and its timings, without streaming,"),
     workers: WorkersOpt = None,
+    memory: MemoryOpt = None,
 ) -> None:
     """Ask a GGUF model one question, with its own chat template, and stream the reply.
 
@@ -68,10 +79,18 @@ def run(
     peak resident memory.
 
     --json prints {reasoning, answer, raw, prompt_tokens, completion_tokens, ttft_s, prompt_tps, gen_tps,
-    peak_rss_bytes, tool_call, finish_reason, library} instead of streaming.
+    peak_rss_bytes, tool_call, finish_reason, library, streaming} instead of streaming.
+
+    --memory SIZE runs a model larger than SIZE: the weights every token uses, the KV cache and the runtime stay
+    resident, the rest of SIZE is a cache of routed experts read from the GGUF when a token is routed to them. The
+    output is the same as the resident run's (without weight repacking). The timing line (and `streaming` in
+    --json) then gives the cache size, its hit rate, the bytes read from storage per generated token and the seconds
+    spent waiting on reads vs computing. A model that fits in SIZE runs as without --memory; a SIZE too small for the
+    non-expert weights is an error before loading.
 
     Examples: edgemoe run model.gguf -p "What is 51 - 29?" --temp 0
               edgemoe run model.gguf -f question.txt --system "Be brief." --json
+              edgemoe run big.gguf -p "Hello" --memory 6GiB
     """
     from .. import cluster, generate
 
@@ -82,6 +101,8 @@ def run(
         )
     text = generate.read_prompt(prompt[0] if prompt else None, prompt_file)
     worker_list = cluster.parse_workers(workers) if workers is not None else None
+    if worker_list and memory is not None:
+        raise EdgeMoEError("--memory and --workers do not combine yet", "give one of them")
     if worker_list and not cluster.supervised():  # the child does the run; this process names a worker that dies
         raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))
     model_path = run_model(model)
@@ -92,7 +113,7 @@ def run(
     if worker_list:
         result, split = cluster.run_split(model_path, text, worker_list, on_text=on_text, **settings)
     else:
-        result, split = generate.run(model_path, text, on_text=on_text, **settings), None
+        result, split = generate.run(model_path, text, on_text=on_text, memory=memory, **settings), None
     if as_json:
         emit_json({**asdict(result), "split": asdict(split)} if split else result)
         return
@@ -113,7 +134,7 @@ def _print_timings(result, split) -> None:
     err_console.print(
         f"[dim]prompt {result.prompt_tokens} tok @ {result.prompt_tps:.1f} tok/s · "
         f"generated {result.completion_tokens} tok @ {gen} · TTFT {result.ttft_s:.3f} s · "
-        f"peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB[/]{cut}",
+        f"peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB{_streaming_note(result.streaming)}[/]{cut}",
         highlight=False,
         soft_wrap=True,
     )
@@ -121,6 +142,18 @@ def _print_timings(result, split) -> None:
         err_console.print(
             "[dim]layers: " + ", ".join(f"{p.device} {p.layers}" for p in split.parts) + "[/]", highlight=False
         )
+
+
+def _streaming_note(streaming: Optional[dict]) -> str:
+    """The timing line's part for a run that streamed experts (--memory): cache, hits, reads, wait vs compute."""
+    if not streaming:
+        return ""
+    compute = streaming.get("compute_s")
+    return (
+        f" · experts: cache {streaming['cache_bytes'] / 2**20:.0f} MiB, hits {streaming['hit_rate']:.0%}, "
+        f"read {streaming['bytes_read_per_token'] / 2**20:.1f} MiB/tok, waited {streaming['read_wait_s']:.2f} s"
+        + (f" vs computed {compute:.2f} s" if compute is not None else "")
+    )
 
 
 def _streamer():
