@@ -1,0 +1,121 @@
+"""`edgemoe run --memory`: experts streamed from the GGUF give the fully resident run's greedy tokens, within budget."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from edgemoe_cli import generate, stream
+from edgemoe_cli.cli import main
+from edgemoe_cli.errors import EdgeMoEError
+
+PROMPT = "What is 93 + 16? Show the ones and the tens, then give the answer in one sentence."
+CTX = 512
+
+
+def _forcing_cap(path, share: float) -> tuple[int, stream.MemoryPlan]:
+    """A --memory that streams with an expert cache of about `share` of the model's expert bytes."""
+    whole = stream.plan_memory(path, 2**40, CTX)
+    # slack for the interpreter growing between planning here and planning inside run()
+    cap = stream.minimum_memory(path, CTX) + int(share * whole.expert_bytes) + 2 * 2**20
+    return cap, whole
+
+
+@pytest.mark.parametrize("variant", ["pt", "thinking"])
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_streaming_gives_the_resident_runs_tokens(tiny_gguf, variant, outtype):
+    path = tiny_gguf(variant, outtype)
+    resident = generate.run(path, PROMPT, max_tokens=24, threads=1, ctx=CTX, temp=0)
+    cap, whole = _forcing_cap(path, 0.25)
+    assert cap < whole.model_bytes + whole.kv_bytes + whole.runtime_bytes  # it cannot run resident under `cap`
+    streamed = generate.run(path, PROMPT, max_tokens=24, threads=1, ctx=CTX, temp=0, memory=cap)
+    assert resident.streaming is None
+    assert streamed.raw == resident.raw and streamed.completion_tokens == resident.completion_tokens
+    assert streamed.completion_tokens >= 5  # the PT fixture answers in 7 tokens, the Thinking one reasons on
+
+    s = streamed.streaming
+    plan = s["plan"]
+    assert plan["streams"] and plan["memory_bytes"] == cap
+    assert s["hits"] + s["misses"] == s["lookups"] > 0
+    # a quarter of the experts cannot hold every layer's used experts: the cache must have evicted and re-read
+    assert s["misses"] > s["cache_experts"]
+    # every miss and every prefetch reads one expert's gate, up and down slices, nothing else (the same types in
+    # every layer here)
+    assert s["bytes_read"] == (s["misses"] + s["prefetch_reads"]) * plan["expert_set_bytes"] > 0
+    assert s["prefetch_used"] <= s["prefetch_reads"]
+    # one step per generated token after the first (the last one sampled at --max-tokens is never decoded)
+    assert s["decode_tokens"] == streamed.completion_tokens - (streamed.finish_reason == "length")
+    assert s["bytes_read_per_token"] > 0
+    assert 0 < s["peak_expert_bytes"] <= s["cache_bytes"] < whole.expert_bytes
+    assert 0 <= s["hit_rate"] < 1 and s["read_wait_s"] > 0 and s["compute_s"] > 0
+
+
+def test_the_smallest_cap_splits_the_prompt_and_keeps_the_tokens(tiny_gguf):
+    """At the minimum a layer's experts for one token barely fit: the prompt goes through in tiny ubatches."""
+    path = tiny_gguf("pt", "f16")
+    resident = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0)
+    cap, _ = _forcing_cap(path, 0.0)
+    streamed = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0, memory=cap)
+    assert streamed.raw == resident.raw
+    plan = streamed.streaming["plan"]
+    assert plan["n_ubatch"] * plan["n_expert_used"] <= streamed.streaming["cache_experts"] < plan["n_expert"]
+    assert plan["n_ubatch"] < streamed.prompt_tokens
+    assert streamed.streaming["peak_expert_bytes"] <= streamed.streaming["cache_bytes"]
+
+
+def test_prefetching_keeps_the_tokens(tiny_gguf, monkeypatch):
+    """The opt-in prefetcher reads guessed experts on another thread while a layer computes: still lossless."""
+    path = tiny_gguf("thinking", "q8_0")
+    resident = generate.run(path, PROMPT, max_tokens=24, threads=1, ctx=CTX, temp=0)
+    cap, _ = _forcing_cap(path, 0.25)
+    monkeypatch.setenv("EDGEMOE_STREAM_PREFETCH", "1")
+    streamed = generate.run(path, PROMPT, max_tokens=24, threads=1, ctx=CTX, temp=0, memory=cap)
+    assert streamed.raw == resident.raw
+    s = streamed.streaming
+    assert s["prefetch_reads"] > 0 and s["prefetch_used"] <= s["prefetch_reads"]
+    assert s["bytes_read"] == (s["misses"] + s["prefetch_reads"]) * s["plan"]["expert_set_bytes"]
+    assert s["peak_expert_bytes"] <= s["cache_bytes"]
+
+
+def test_a_cap_the_model_fits_in_runs_as_without_memory(tiny_gguf):
+    path = tiny_gguf("pt", "q8_0")
+    plain = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0)
+    roomy = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0, memory="64GiB")
+    assert roomy.streaming is None and roomy.raw == plain.raw
+    assert not stream.plan_memory(path, "64GiB", CTX).streams
+
+
+def test_memory_auto_is_the_ram_available(tiny_gguf):
+    import psutil
+
+    auto = stream.parse_memory("auto")
+    assert 0 < auto <= psutil.virtual_memory().total
+    assert stream.parse_memory("1.5GiB") == 1.5 * 2**30
+
+
+def test_a_cap_below_the_resident_weights_fails_before_loading(tiny_gguf, monkeypatch, capsys):
+    path = tiny_gguf("thinking", "q8_0")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although the cap was too small")
+
+    monkeypatch.setattr(generate, "load_model", no_loading)
+    monkeypatch.setattr(stream, "load_streaming", no_loading)
+    with pytest.raises(EdgeMoEError, match="too small"):
+        generate.run(path, PROMPT, memory="2M", ctx=CTX)
+    monkeypatch.setattr(sys, "argv", ["edgemoe", "run", str(path), "-p", PROMPT, "--memory", "2MiB"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "too small" in err and "--memory" in err
+
+
+def test_unreadable_memory_size_is_a_one_line_error(tiny_gguf, monkeypatch, capsys):
+    path = tiny_gguf("pt", "q8_0")
+    monkeypatch.setattr(sys, "argv", ["edgemoe", "run", str(path), "-p", "hi", "--memory", "lots"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "--memory" in err
