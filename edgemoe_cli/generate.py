@@ -342,7 +342,7 @@ def run(
 
         plan = stream.plan_memory(check_gguf(model), memory, ctx)  # too small: an error before loading
         if plan.streams:
-            llm, streamer = stream.load_streaming(model, plan, ctx, threads or default_threads())
+            llm, streamer = stream.load_streaming(model, plan, functools.partial(load_model, ctx=ctx, threads=threads))
     if streamer is None:
         llm = load_model(model, ctx=ctx, threads=threads, repack=repack)
     try:

@@ -194,9 +194,10 @@ def anonymous_rss() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    from .generate import peak_rss_bytes
+    import resource
 
-    return peak_rss_bytes()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc (macOS: bytes): an upper bound
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _own_cgroup_dirs() -> list[Path]:
@@ -847,34 +848,24 @@ def _op_codes(llama_cpp) -> dict:
 # ---- loading a model that streams ----
 
 
-def load_streaming(path: str | Path, plan: MemoryPlan, ctx: int, threads: int):
-    """(llama_cpp.Llama, ExpertStreamer) for a model that streams its experts under `plan`.
+def load_streaming(path: str | Path, plan: MemoryPlan, load):
+    """(llama_cpp.Llama, ExpertStreamer) for a model that streams its experts under `plan`; `load` is
+    generate.load_model with the run's context and threads bound (passed in: generate imports this module).
 
     EDGEMOE_STREAM_PREFETCH=1 turns on the next-layer prefetcher (off by default: on the benchmark model its guesses
     were right for ~30% of what it read, and the wasted reads cost more than the overlap gained; bench/stream.md).
     """
-    from .generate import check_gguf, load_model
+    from .gguffile import check_gguf
 
     path = check_gguf(path)
     streamer = ExpertStreamer(path, plan, prefetch=os.environ.get("EDGEMOE_STREAM_PREFETCH", "0") == "1")
     try:
         # no repacking: experts must stay in the file's layout, where a slice is `e * nb[2]` into the tensor
-        llm = load_model(
-            path, ctx=ctx, threads=threads, n_ubatch=plan.n_ubatch, repack=False, cb_eval=streamer.callback
-        )
+        llm = load(path, n_ubatch=plan.n_ubatch, repack=False, cb_eval=streamer.callback)
     except BaseException:
         streamer.close()
         raise
     return llm, streamer
-
-
-def describe(stats: StreamStats) -> str:
-    """The timing line's streaming part."""
-    return (
-        f"experts: cache {human_bytes(stats.cache_bytes)}, hits {stats.hit_rate:.0%}, "
-        f"{human_bytes(stats.bytes_read_per_token)}/tok read, waited {stats.read_wait_s:.2f} s"
-        + (f" vs computed {stats.compute_s:.2f} s" if stats.compute_s is not None else "")
-    )
 
 
 if sys.platform != "linux":  # MAP_NORESERVE and /proc are Linux's; elsewhere the region is reserved normally

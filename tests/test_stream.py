@@ -78,6 +78,20 @@ def test_prefetching_keeps_the_tokens(tiny_gguf, monkeypatch):
     assert s["peak_expert_bytes"] <= s["cache_bytes"]
 
 
+def test_buffered_reads_where_direct_io_is_missing_keep_the_tokens(tiny_gguf, monkeypatch):
+    """Without O_DIRECT (another OS, a file system refusing it) slices are read through the page cache."""
+    import os
+
+    path = tiny_gguf("pt", "q8_0")
+    resident = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0)
+    cap, _ = _forcing_cap(path, 0.25)
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    streamed = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0, memory=cap)
+    assert streamed.raw == resident.raw
+    s = streamed.streaming
+    assert s["bytes_read"] == (s["misses"] + s["prefetch_reads"]) * s["plan"]["expert_set_bytes"] > 0
+
+
 def test_a_cap_the_model_fits_in_runs_as_without_memory(tiny_gguf):
     path = tiny_gguf("pt", "q8_0")
     plain = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0)

@@ -79,18 +79,11 @@ def run(
     peak resident memory.
 
     --json prints {reasoning, answer, raw, prompt_tokens, completion_tokens, ttft_s, prompt_tps, gen_tps,
-    peak_rss_bytes, tool_call, finish_reason, library, streaming} instead of streaming.
-
-    --memory SIZE runs a model larger than SIZE: the weights every token uses, the KV cache and the runtime stay
-    resident, the rest of SIZE is a cache of routed experts read from the GGUF when a token is routed to them. The
-    output is the same as the resident run's (without weight repacking). The timing line (and `streaming` in
-    --json) then gives the cache size, its hit rate, the bytes read from storage per generated token and the seconds
-    spent waiting on reads vs computing. A model that fits in SIZE runs as without --memory; a SIZE too small for the
-    non-expert weights is an error before loading.
+    peak_rss_bytes, tool_call, finish_reason, library, streaming} instead of streaming; `streaming` (and the timing
+    line) report the expert cache of --memory, which runs a larger model within SIZE, experts read as needed.
 
     Examples: edgemoe run model.gguf -p "What is 51 - 29?" --temp 0
               edgemoe run model.gguf -f question.txt --system "Be brief." --json
-              edgemoe run big.gguf -p "Hello" --memory 6GiB
     """
     from .. import cluster, generate
 
@@ -101,8 +94,7 @@ def run(
         )
     text = generate.read_prompt(prompt[0] if prompt else None, prompt_file)
     worker_list = cluster.parse_workers(workers) if workers is not None else None
-    if worker_list and memory is not None:
-        raise EdgeMoEError("--memory and --workers do not combine yet", "give one of them")
+    _one_of_memory_and_workers(memory, worker_list)
     if worker_list and not cluster.supervised():  # the child does the run; this process names a worker that dies
         raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))
     model_path = run_model(model)
@@ -119,6 +111,11 @@ def run(
         return
     sys.stdout.write("\n")
     _print_timings(result, split)
+
+
+def _one_of_memory_and_workers(memory: Optional[str], worker_list) -> None:
+    if worker_list and memory is not None:
+        raise EdgeMoEError("--memory and --workers do not combine yet", "give one of the two")
 
 
 def _say_library(info) -> None:
