@@ -230,7 +230,9 @@ def _run_variant(model: str, prompts: list[dict], settings: dict, queue) -> None
         from . import generate
 
         t0 = time.perf_counter()
-        llm = generate.load_model(model, ctx=settings["ctx"], threads=settings["threads"])
+        llm, streamer = generate.load_within(
+            model, settings.get("memory"), ctx=settings["ctx"], threads=settings["threads"]
+        )
         load_s = time.perf_counter() - t0
 
         def count(text: str) -> int:
@@ -248,6 +250,8 @@ def _run_variant(model: str, prompts: list[dict], settings: dict, queue) -> None
                     temp=settings["temp"],
                     seed=settings["seed"],
                 )
+                if streamer is not None:
+                    streamer.check()
                 wall = time.perf_counter() - t
                 answers.append(
                     {
@@ -260,6 +264,8 @@ def _run_variant(model: str, prompts: list[dict], settings: dict, queue) -> None
                 queue.put(("progress", i + 1))
         finally:
             llm.close()
+            if streamer is not None:
+                streamer.close()
         queue.put(("done", answers, load_s, generate.peak_rss_bytes(), generate.binding_info().library))
     except EdgeMoEError as e:
         queue.put(("error", e.message, e.hint))
@@ -318,6 +324,7 @@ def compare(
     ctx: int = 4096,
     out: str | Path | None = None,
     progress: Progress | None = None,
+    memory: str | None = None,
 ) -> CompareResult:
     """Answer the prompts with PT then Thinking; if `out` is given, write `out` (Markdown) and its .json twin.
 
@@ -341,6 +348,10 @@ def compare(
         prompts = load_prompts(prompts_file, limit)
         source = str(prompts_file or default_prompts_file())
     settings = {"max_tokens": max_tokens, "temp": temp, "seed": seed, "system": system, "threads": threads, "ctx": ctx}
+    if memory is not None:  # read here, before either model runs (each child plans for its own model)
+        from .stream import parse_memory
+
+        settings["memory"] = parse_memory(memory)
 
     answers: dict[str, list[Answer]] = {}
     summary: dict[str, VariantSummary] = {}

@@ -336,15 +336,7 @@ def run(
     """
     if not prompt.strip():
         raise EdgeMoEError("the prompt is empty", "give a question with -p TEXT or -f FILE")
-    streamer = None
-    if memory is not None:
-        from . import stream
-
-        plan = stream.plan_memory(check_gguf(model), memory, ctx)  # too small: an error before loading
-        if plan.streams:
-            llm, streamer = stream.load_streaming(model, plan, functools.partial(load_model, ctx=ctx, threads=threads))
-    if streamer is None:
-        llm = load_model(model, ctx=ctx, threads=threads, repack=repack)
+    llm, streamer = load_within(model, memory, ctx=ctx, threads=threads, repack=repack)
     try:
         started = time.perf_counter()
         result = chat_reply(
@@ -367,6 +359,24 @@ def run(
         llm.close()  # before the streamer: the model's expert tensors point into the streamer's regions
         if streamer is not None:
             streamer.close()
+
+
+def load_within(
+    model: str | Path, memory: str | int | None, ctx: int = 4096, threads: int | None = None, repack: bool = True
+):
+    """(Llama, stream.ExpertStreamer or None): `model` loaded to live within `memory` (bytes, a size, "auto" or
+    None for no cap) — streaming its routed experts when it does not fit (stream.py), today's load when it does.
+
+    The one way run, compare and serve load under --memory. Close the Llama before the streamer: the model's
+    expert tensors point into the streamer's regions.
+    """
+    if memory is not None:
+        from . import stream
+
+        plan = stream.plan_memory(check_gguf(model), memory, ctx)  # too small: an error before loading
+        if plan.streams:
+            return stream.load_streaming(model, plan, functools.partial(load_model, ctx=ctx, threads=threads))
+    return load_model(model, ctx=ctx, threads=threads, repack=repack), None
 
 
 def read_prompt(prompt: str | None, prompt_file: str | Path | None) -> str:

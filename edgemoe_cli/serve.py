@@ -54,6 +54,7 @@ class ServeOptions:
     queue: int = 16  # requests waiting for a slot beyond those being generated; more get 503
     model_id: str | None = None  # the name /v1/models reports and requests must use (default: the file's stem)
     workers: list | None = None  # cluster.WorkerAddress list: the layers split across `edgemoe worker`s
+    memory: str | int | None = None  # --memory: stay within it, streaming routed experts if the model is larger
 
 
 @dataclass
@@ -111,7 +112,8 @@ class Metrics:
             if g.finish_reason == "cancelled":
                 self.cancelled += 1
 
-    def render(self, queue_depth: int, slots: int) -> str:
+    def render(self, queue_depth: int, slots: int, streaming=None) -> str:
+        """`streaming`: stream.StreamStats of the expert cache when the model streams under --memory."""
         with self.lock:
             mean_tps = self.completion_tokens / self.gen_seconds if self.gen_seconds > 0 else 0.0
             lines = [
@@ -149,6 +151,21 @@ class Metrics:
                 "# TYPE edgemoe_slots gauge",
                 f"edgemoe_slots {slots}",
             ]
+            if streaming is not None:
+                lines += [
+                    "# HELP edgemoe_expert_cache_bytes Expert cache under --memory (routed experts kept resident).",
+                    "# TYPE edgemoe_expert_cache_bytes gauge",
+                    f"edgemoe_expert_cache_bytes {streaming.cache_bytes}",
+                    "# HELP edgemoe_expert_cache_hit_ratio Expert lookups found in the cache, since start.",
+                    "# TYPE edgemoe_expert_cache_hit_ratio gauge",
+                    f"edgemoe_expert_cache_hit_ratio {streaming.hit_rate}",
+                    "# HELP edgemoe_expert_bytes_read_total Bytes of experts read from the GGUF.",
+                    "# TYPE edgemoe_expert_bytes_read_total counter",
+                    f"edgemoe_expert_bytes_read_total {streaming.bytes_read}",
+                    "# HELP edgemoe_expert_read_wait_seconds_total Seconds spent waiting on expert reads.",
+                    "# TYPE edgemoe_expert_read_wait_seconds_total counter",
+                    f"edgemoe_expert_read_wait_seconds_total {streaming.read_wait_s}",
+                ]
         return "\n".join(lines) + "\n"
 
 
@@ -166,6 +183,9 @@ class Engine:
         total_threads = opts.threads or generate.default_threads()
         self.slot_threads = max(1, total_threads // opts.parallel)
         self.split = None
+        self.streamer = None
+        if opts.workers and opts.memory is not None:
+            raise EdgeMoEError("--memory and --workers do not go together", "split across workers, or stream: not both")
         if opts.workers:
             from . import cluster
 
@@ -178,7 +198,17 @@ class Engine:
             )
             self.llm = llm
         else:
-            self.llm = llm = generate.load_model(opts.model, ctx=opts.ctx, threads=self.slot_threads)
+            self.llm, self.streamer = generate.load_within(
+                opts.model, opts.memory, ctx=opts.ctx, threads=self.slot_threads
+            )
+            llm = self.llm
+            if self.streamer is not None and opts.parallel != 1:
+                # the expert cache is the model's: two slots at different layers would evict what the other reads
+                self.close()
+                raise EdgeMoEError(
+                    "a model streamed under --memory serves one request at a time",
+                    "drop --parallel, or give --memory enough for the whole model",
+                )
         self.model_id = opts.model_id or Path(opts.model).stem
         self.n_ctx = llm.n_ctx()
         self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
@@ -326,6 +356,8 @@ class Engine:
         finally:
             if sampler is not None:
                 llama_cpp.llama_sampler_free(sampler)
+        if self.streamer is not None:
+            self.streamer.check()  # a failed expert read: what was generated is not valid
         tail = held + utf8.decode(b"", final=True)
         if tail and finish != "cancelled":
             text.append(tail)
@@ -338,10 +370,14 @@ class Engine:
             self.jobs.put(None)
         for w in getattr(self, "workers", []):
             w.join(timeout=30)
-        for ctx in self._own_contexts:
+        for ctx in getattr(self, "_own_contexts", []):
             self.llama_cpp.llama_free(ctx)
         self._own_contexts = []
-        self.llm.close()
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+        if getattr(self, "streamer", None) is not None:
+            self.streamer.close()  # after the model: its expert tensors point into the streamer's regions
+            self.streamer = None
 
 
 # ---- OpenAI request and response shapes ----------------------------------------------------------------------------
@@ -682,7 +718,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _metrics(self) -> None:
         engine = self.server.engine
-        body = engine.metrics.render(engine.queue_depth(), len(engine.contexts)).encode()
+        streaming = engine.streamer.stats() if engine.streamer is not None else None
+        body = engine.metrics.render(engine.queue_depth(), len(engine.contexts), streaming).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4")
         self.send_header("Content-Length", str(len(body)))
@@ -1020,6 +1057,8 @@ def install_systemd(opts: ServeOptions, path: Path | None = None) -> SystemdUnit
         "--queue",
         str(opts.queue),
     ]
+    if opts.memory is not None:
+        argv += ["--memory", str(opts.memory)]
     if opts.workers:
         argv += [
             "--workers",

@@ -57,3 +57,14 @@ def tiny_gguf(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def streaming_cap(path, share: float, ctx: int):
+    """(--memory, the whole model's stream.MemoryPlan): a cap under which `path` streams its experts with a cache of
+    about `share` of the model's expert bytes (run, compare and serve tests of --memory)."""
+    from edgemoe_cli import stream
+
+    whole = stream.plan_memory(path, 2**40, ctx)
+    # slack for the interpreter growing between planning here and planning inside the run
+    cap = stream.minimum_memory(path, ctx) + int(share * whole.expert_bytes) + 2 * 2**20
+    return cap, whole

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_FIXTURES
+from conftest import SHARED_FIXTURES, streaming_cap
 from test_prune import other_arch_gguf
 
 from edgemoe_cli import compare
@@ -140,3 +140,13 @@ def test_toml_prompt_without_text_is_refused(tmp_path):
     path.write_text('[[prompt]]\nid = "a"\nexpected = "1"\n')
     with pytest.raises(EdgeMoEError, match="has no text"):
         compare.load_prompts(path)
+
+
+def test_memory_streams_each_variant_and_keeps_the_answers(tiny_gguf):
+    """compare --memory: each variant streams its experts under the cap and answers as it does resident."""
+    models = {v: tiny_gguf(v, "f16") for v in ("pt", "thinking")}
+    cap = max(streaming_cap(m, 0.25, 512)[0] for m in models.values())
+    kwargs = dict(prompt=["What is 51 - 29?", "What is 17 + 25?"], max_tokens=32, threads=1, ctx=512)
+    resident = compare.compare(models["thinking"], models["pt"], **kwargs)
+    streamed = compare.compare(models["thinking"], models["pt"], memory=str(cap), **kwargs)
+    assert [(i.pt.raw, i.thinking.raw) for i in streamed.items] == [(i.pt.raw, i.thinking.raw) for i in resident.items]

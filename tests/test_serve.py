@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import SHARED_FIXTURES
@@ -476,3 +477,49 @@ def test_queue_is_first_come_first_served(tiny_gguf, tmp_path):
         assert finished == ["B", "C"]
     finally:
         assert server.stop() == 0
+
+
+def server_streaming_cap(model: Path, share: float):
+    """streaming_cap as the server process will plan it: the plan counts the process's own anonymous memory, which
+    in this test process (pytest, models loaded by other tests) is far larger than in a fresh `edgemoe serve`."""
+    code = (
+        "import json, sys; sys.path.insert(0, 'tests'); import edgemoe_cli.cli, edgemoe_cli.serve;"
+        "from edgemoe_cli.llamacpp import import_binding; import_binding();"
+        "from conftest import streaming_cap;"
+        "cap, whole = streaming_cap(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]));"
+        "print(json.dumps([cap, whole.expert_bytes]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model), str(share), str(CTX)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
+    cap, expert_bytes = json.loads(out.splitlines()[-1])
+    return cap, SimpleNamespace(expert_bytes=expert_bytes)
+
+
+def test_memory_streams_experts_and_answers_as_run(tiny_gguf, tmp_path, expected):
+    """serve --memory: the model streams its experts (a cache of a quarter of them) and answers as run does; the
+    expert cache shows in /metrics."""
+    model = tiny_gguf("thinking")
+    cap, whole = server_streaming_cap(model, 0.5)
+    server = Server(model, tmp_path, "--memory", str(cap), "--threads", "1")
+    try:
+        q = QUESTIONS[0]
+        message, run = ask(server.client(), q).choices[0].message, expected["thinking", q]
+        assert message.model_extra["reasoning_content"] == run.reasoning and message.content == run.answer
+        metrics = server.metrics()
+        assert 0 < metrics["edgemoe_expert_cache_bytes"] < whole.expert_bytes
+        assert metrics["edgemoe_expert_bytes_read_total"] > 0 and 0 <= metrics["edgemoe_expert_cache_hit_ratio"] < 1
+    finally:
+        assert server.stop() == 0
+
+
+def test_memory_with_several_slots_is_one_line(tiny_gguf):
+    model = tiny_gguf("pt")
+    cap, _ = server_streaming_cap(model, 0.5)
+    args = ["serve", str(model), "--memory", str(cap), "--parallel", "2", "--port", str(free_port())]
+    proc = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "one request at a time" in proc.stderr and "Traceback" not in proc.stderr

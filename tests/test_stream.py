@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+from conftest import streaming_cap
 
 from edgemoe_cli import generate, stream
 from edgemoe_cli.cli import main
@@ -15,11 +16,7 @@ CTX = 512
 
 
 def _forcing_cap(path, share: float) -> tuple[int, stream.MemoryPlan]:
-    """A --memory that streams with an expert cache of about `share` of the model's expert bytes."""
-    whole = stream.plan_memory(path, 2**40, CTX)
-    # slack for the interpreter growing between planning here and planning inside run()
-    cap = stream.minimum_memory(path, CTX) + int(share * whole.expert_bytes) + 2 * 2**20
-    return cap, whole
+    return streaming_cap(path, share, CTX)
 
 
 @pytest.mark.parametrize("variant", ["pt", "thinking"])

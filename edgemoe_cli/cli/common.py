@@ -9,7 +9,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -36,6 +36,18 @@ def emit_json(result) -> None:
 def json_option(what: str = "the result") -> Any:
     """--json: machine output instead of tables."""
     return typer.Option(False, "--json", help=f"Print {what} as one JSON document on stdout.")
+
+
+# --memory on run, compare and serve: the same option, read by generate.load_within
+MemoryOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--memory",
+        metavar="SIZE|auto",
+        help="Keep resident memory within SIZE (e.g. 6GiB; auto = the RAM available now): a larger model streams "
+        "its routed experts from the file.",
+    ),
+]
 
 
 def threads_option(default: str = "the physical cores this process may use") -> Any:

@@ -7,7 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import console, ctx_option, emit_json, json_option, progress_bars, run_model, threads_option
+from .common import (
+    MemoryOpt,
+    console,
+    ctx_option,
+    emit_json,
+    json_option,
+    progress_bars,
+    run_model,
+    threads_option,
+)
 
 ThinkingOpt = Annotated[Optional[str], typer.Option("--thinking", help="The Thinking model: a GGUF or NAME[:TAG].")]
 PtOpt = Annotated[Optional[str], typer.Option("--pt", help="The PT model: a GGUF or NAME[:TAG].")]
@@ -46,6 +55,7 @@ def compare(
     system: SystemOpt = None,
     threads: Optional[int] = threads_option(),
     ctx: int = ctx_option(4096, "Context length in tokens.", minimum=0),
+    memory: MemoryOpt = None,
     out: OutOpt = None,
     show: ShowOpt = 8,
     as_json: bool = json_option("the whole comparison"),
@@ -59,7 +69,7 @@ def compare(
     line, then the answer), then a metrics table: prompt and completion tokens, reasoning vs answer tokens, time to
     first token, generation tokens/s, wall time, load time, peak RSS and accuracy where prompts have expected
     answers (see configs/prompts/compare.toml for the format and the checks). --out writes everything, both replies
-    in full, as Markdown plus JSON.
+    in full, as Markdown plus JSON. --memory SIZE runs each variant within SIZE, as `edgemoe run --memory` does.
 
     Examples:
 
@@ -82,6 +92,7 @@ def compare(
             system=system,
             threads=threads,
             ctx=ctx,
+            memory=memory,
             out=out,
             progress=progress,
         )

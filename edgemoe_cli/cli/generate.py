@@ -10,7 +10,16 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import EdgeMoEError
-from .common import console, ctx_option, emit_json, err_console, json_option, run_model, threads_option
+from .common import (
+    MemoryOpt,
+    console,
+    ctx_option,
+    emit_json,
+    err_console,
+    json_option,
+    run_model,
+    threads_option,
+)
 
 ModelArg = Annotated[
     str,
@@ -29,16 +38,6 @@ MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="St
 TempOpt = Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 = greedy and deterministic.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed, for repeatable runs at --temp > 0.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also print the library loaded and its system_info.")]
-MemoryOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--memory",
-        "-m",
-        metavar="SIZE|auto",
-        help="Keep resident memory within SIZE (e.g. 6GiB; auto = the RAM available now): a larger model streams "
-        "its routed experts from the file.",
-    ),
-]
 
 
 WorkersOpt = Annotated[

@@ -8,7 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import console, ctx_option, emit_json, err_console, json_option, model_choice, threads_option
+from .common import (
+    MemoryOpt,
+    console,
+    ctx_option,
+    emit_json,
+    err_console,
+    json_option,
+    model_choice,
+    threads_option,
+)
 
 ModelArg = Annotated[
     str, typer.Argument(help="The GGUF model to serve (loaded once): a file, or NAME[:TAG] from `edgemoe list`.")
@@ -74,6 +83,7 @@ def serve(
     unit_path: UnitPathOpt = None,
     as_json: bool = json_option("the ready line (or the unit)"),
     workers: WorkersOpt = None,
+    memory: MemoryOpt = None,
 ) -> None:
     """Serve a GGUF over an OpenAI-compatible HTTP API, ERNIE Thinking parsed right.
 
@@ -92,6 +102,10 @@ def serve(
     Requests wait in one first-come-first-served queue for a slot; a client
     that disconnects stops its generation. SIGTERM or Ctrl-C stops cleanly.
 
+    --memory SIZE serves a model larger than SIZE as `edgemoe run --memory`
+    does (routed experts streamed from the file, one slot); /metrics then
+    also reports the expert cache: size, hit ratio, bytes read, read wait.
+
     Examples: edgemoe serve model.gguf --port 8080
               edgemoe serve model.gguf --host 0.0.0.0 --api-key "$KEY" --parallel 2
               edgemoe serve model.gguf --install-systemd
@@ -104,7 +118,7 @@ def serve(
         raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))
     choice = model_choice(model)  # a name serves as NAME:TAG unless --model-id says otherwise
     network = dict(host=host, port=port, api_key=api_key, queue=queue, model_id=model_id or choice.ref)
-    slots = dict(ctx=ctx, parallel=parallel, threads=threads, workers=worker_list)
+    slots = dict(ctx=ctx, parallel=parallel, threads=threads, workers=worker_list, memory=memory)
     opts = serving.ServeOptions(model=choice.path, **slots, **network)
     if install_systemd:
         _install_unit(serving.install_systemd(opts, unit_path), as_json)
