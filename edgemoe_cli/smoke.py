@@ -191,6 +191,12 @@ def run_smoke(
     return result
 
 
+def completion_args(model: Path, prompt: str, n_tokens: int) -> list[str]:
+    """llama-completion's arguments for a repeatable greedy run of `prompt` (raw text, no chat mode)."""
+    return ["-m", str(model), "-p", prompt, "-n", str(n_tokens), "--temp", "0", "--ignore-eos", "-no-cnv",
+            "--no-display-prompt", "--no-warmup", "-c", "256", "-t", "2", "--seed", "1"]  # fmt: skip
+
+
 def _tools_cases(
     result: SmokeResult,
     bin_dir: Path,
@@ -203,28 +209,7 @@ def _tools_cases(
 ) -> None:
     reference: Optional[list[str]] = None
     for ftype, model in models.items():
-        cmd = [
-            *(runner or []),
-            str(bin_dir / "llama-completion"),
-            "-m",
-            str(model),
-            "-p",
-            prompt,
-            "-n",
-            str(N_TOKENS),
-            "--temp",
-            "0",
-            "--ignore-eos",
-            "-no-cnv",
-            "--no-display-prompt",
-            "--no-warmup",
-            "-c",
-            "256",
-            "-t",
-            "2",
-            "--seed",
-            "1",
-        ]
+        cmd = [*(runner or []), str(bin_dir / "llama-completion"), *completion_args(model, prompt, N_TOKENS)]
         rc, out, err = _run(cmd, log, timeout, runner_env)
         if not result.system_info:
             # "0.00.077.923 I system_info: n_threads = 2 (...) / 2 | CPU : SSE3 = 1 | ..."

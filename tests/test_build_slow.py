@@ -260,26 +260,7 @@ def fixture_models(native_build, tiny_gguf, tmp_path_factory) -> dict[str, Path]
 
 
 def completion_args(model: Path) -> list[str]:
-    return [
-        "-m",
-        str(model),
-        "-p",
-        PROMPT,
-        "-n",
-        str(N_PREDICT),
-        "--temp",
-        "0",
-        "--ignore-eos",
-        "-no-cnv",
-        "--no-display-prompt",
-        "--no-warmup",
-        "-c",
-        "256",
-        "-t",
-        "2",
-        "--seed",
-        "1",
-    ]
+    return smoke.completion_args(model, PROMPT, N_PREDICT)
 
 
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
