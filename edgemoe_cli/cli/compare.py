@@ -80,22 +80,11 @@ def compare(
 
     with progress_bars(as_json) as progress:
         thinking_path, pt_path = (run_model(m) if m is not None else None for m in (thinking, pt))
+        generation = dict(max_tokens=max_tokens, temp=temp, seed=seed, system=system, threads=threads, ctx=ctx)
         result = stage.compare(
-            thinking_path,
-            pt_path,
-            prompts_file=prompts,
-            prompt=prompt or None,
-            limit=limit,
-            max_tokens=max_tokens,
-            temp=temp,
-            seed=seed,
-            system=system,
-            threads=threads,
-            ctx=ctx,
-            memory=memory,
-            out=out,
-            progress=progress,
-        )
+            thinking_path, pt_path, prompts_file=prompts, prompt=prompt or None, limit=limit, memory=memory,
+            out=out, progress=progress, **generation,
+        )  # fmt: skip
     if as_json:
         emit_json(result)
         return

@@ -99,16 +99,11 @@ def serve(
     <tool_call> becomes OpenAI's tool_calls. A PT model's reply is plain
     content.
 
-    Requests wait in one first-come-first-served queue for a slot; a client
-    that disconnects stops its generation. SIGTERM or Ctrl-C stops cleanly.
-
-    --memory SIZE serves a model larger than SIZE as `edgemoe run --memory`
-    does (routed experts streamed from the file, one slot); /metrics then
-    also reports the expert cache: size, hit ratio, bytes read, read wait.
+    Requests wait in one first-come-first-served queue for a slot; a client that disconnects stops its generation.
+    SIGTERM or Ctrl-C stops cleanly. --memory SIZE serves a model larger than SIZE as `run --memory` does (one slot).
 
     Examples: edgemoe serve model.gguf --port 8080
-              edgemoe serve model.gguf --host 0.0.0.0 --api-key "$KEY" --parallel 2
-              edgemoe serve model.gguf --install-systemd
+              edgemoe serve model.gguf --host 0.0.0.0 --api-key "$KEY" --parallel 2 (or --install-systemd)
     """
     from .. import cluster
     from .. import serve as serving
