@@ -1,0 +1,413 @@
+"""What `edgemoe plan` costs per stage at ERNIE-4.5-21B-A3B's real tensor widths, and the 21B's predicted total.
+
+Issue 14, first deliverable. The model is made by /work/shared/tools/make_wide_ernie.py (real 21B shapes: hidden
+2560, 64 experts x 1536, dense layer 0 of 12288, only fewer layers and an 8192-token vocabulary; its weights are
+random, so its KLDs mean nothing and its costs are real). Each stage runs the functions plan.measure runs, in its
+own child process so that its peak RSS (wait4's ru_maxrss, which includes the llama.cpp children it waited for) is
+its own:
+
+  convert     edgemoe convert, checkpoint -> bf16 GGUF (before plan; timed for the record)
+  imatrix     edgemoe imatrix on --imatrix-chunks chunks (plan needs one; not part of plan's cost)
+  quantize/T  quantize.quantize with plan._uniform(T, ...) for each of plan's 7 candidate types, then
+              plan.tensor_errors on the result: weights/s quantized and weights/s error-scored, per type
+  assemble    plan.assemble (the calibration-model copy), twice with shared readers as plan does: bytes/s
+  eval_base   evaluate.base_logprobs: the reference's own pass (plan's 44th eval)
+  eval        evaluate.evaluate of one assembled calibration model against the reference: tokens/s
+
+By default every stage does its whole work, as plan does it (--sample all). For a model too big to quantize 7 times
+in the time at hand, --sample TENSORS (comma-separated; `blk1` = the MoE block's routed gate and down experts,
+attention and shared experts: the tensor kinds that are 99% of the 21B) quantizes and scores only those per type,
+the other tensors kept in bf16 (plan._uniform's `keep`), and the table says so. Evals use --chunks chunks of 512
+tokens (plan's default 16); their rate is scaled to the 21B by active weights per token (the README's method).
+The calibration model assembled is a layer run of plan's (blk.1's tensors swapped to Q3_K).
+
+Run:  .venv/bin/python bench/plan_cost.py /work/bench-models/wide-ernie-2L --work /work/bench-models/plan-cost
+Writes bench/plan_cost.json and bench/plan_cost.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edgemoe_cli.plan import DEFAULT_TYPES  # noqa: E402
+
+BLK1_SAMPLE = (
+    "blk.1.ffn_gate_exps.weight",
+    "blk.1.ffn_down_exps.weight",
+    "blk.1.attn_q.weight",
+    "blk.1.attn_k.weight",
+    "blk.1.attn_v.weight",
+    "blk.1.attn_output.weight",
+    "blk.1.ffn_gate_shexp.weight",
+    "blk.1.ffn_up_shexp.weight",
+    "blk.1.ffn_down_shexp.weight",
+)
+O6_PP512 = 38.51  # tokens/s, Radxa Orion O6, Q4_0 (Arm Learning Path; quoted, not measured here)
+N_TYPES, N_ASSEMBLED, N_EVALS = 7, 42, 44  # README "quantize and plan": 14 roles + 28 layers; + floor + reference
+PLAN_CHUNKS = 16  # plan's default --chunks
+
+
+def _paths(work: Path) -> dict[str, Path]:
+    return {
+        "bf16": work / "wide-bf16.gguf",
+        "imatrix": work / "wide-bf16.imatrix.gguf",
+        "calibration": work / "wide-calibration.gguf",  # a layer run: blk.1 lowered to Q3_K
+        "calibration_role": work / "wide-calibration-role.gguf",  # a role run: attn_q lowered, the rest bf16
+    }
+
+
+def _quantized(work: Path, type_: str) -> Path:
+    return work / f"wide-sample-{type_}.gguf"
+
+
+def _elements(path: Path, names) -> int:
+    from edgemoe_cli.recipe import read_tensors
+
+    tensors, _ = read_tensors(path)
+    return sum(t.n_elements for t in tensors if t.name in set(names))
+
+
+def _sample(bf16: Path, type_: str, sample) -> tuple[list[str], list]:
+    """The sample's tensors (None: all) whose rows fit the type's block (plan's own filter), and the quantizable
+    rest."""
+    from edgemoe_cli.plan import _block
+    from edgemoe_cli.recipe import quantizable, read_tensors
+
+    tensors, _ = read_tensors(bf16)
+    targets = [t for t in tensors if quantizable(t)]
+    fits = [t.name for t in targets if (sample is None or t.name in sample) and t.shape[0] % _block(type_) == 0]
+    rest = [t for t in targets if t.name not in fits]
+    return fits, rest
+
+
+def stage(name: str, args) -> dict:
+    """One stage, run in this (child) process; returns what it measured."""
+    work, threads = Path(args.work), args.threads
+    p = _paths(work)
+    t0 = time.perf_counter()
+    if name == "convert":
+        from edgemoe_cli.convert import convert
+
+        convert(args.checkpoint, p["bf16"], "bf16")
+        return {"seconds": time.perf_counter() - t0, "bytes": p["bf16"].stat().st_size}
+    if name == "imatrix":
+        from edgemoe_cli.imatrix import compute_imatrix
+
+        compute_imatrix(p["bf16"], args.text, p["imatrix"], ctx=512, threads=threads, chunks=args.imatrix_chunks)
+        return {"seconds": time.perf_counter() - t0, "chunks": args.imatrix_chunks}
+    if name.startswith("quantize/"):
+        from edgemoe_cli.imatrix import read_imatrix
+        from edgemoe_cli.plan import _uniform, tensor_errors
+        from edgemoe_cli.quantize import quantize
+
+        type_ = name.split("/", 1)[1]
+        fits, rest = _sample(p["bf16"], type_, args.sample)
+        out = _quantized(work, type_)
+        quantize(
+            p["bf16"], _uniform(type_, fits, keep=rest), out=out, imatrix=p["imatrix"], threads=threads, manifest=False
+        )
+        t1 = time.perf_counter()
+        tensor_errors(p["bf16"], out, read_imatrix(p["imatrix"]), fits)
+        t2 = time.perf_counter()
+        if type_ not in ("q3_k", "q8_0"):  # plan keeps only these two for assembling
+            out.unlink()
+        return {"weights": _elements(p["bf16"], fits), "quantize_seconds": t1 - t0, "error_seconds": t2 - t1}
+    if name == "assemble":
+        from edgemoe_cli.plan import assemble
+
+        fits, _ = _sample(p["bf16"], "q3_k", None)
+        fits = [f for f in fits if f.startswith("blk.1.")]
+        readers: dict = {}
+        runs = []
+        for _ in range(2):  # the first also parses the files; plan's other 41 reuse the parsed readers
+            t = time.perf_counter()
+            n = assemble(p["bf16"], {f: _quantized(work, "q3_k") for f in fits}, p["calibration"], readers)
+            runs.append({"bytes": n, "seconds": time.perf_counter() - t})
+        role_run = [f for f in _sample(p["bf16"], "q3_k", None)[0] if f.endswith(".attn_q.weight")]
+        assemble(p["bf16"], {f: _quantized(work, "q3_k") for f in role_run}, p["calibration_role"], readers)
+        return {"runs": runs, "file_bytes": p["calibration"].stat().st_size}
+    if name == "eval_base":
+        from edgemoe_cli.evaluate import _cache_key, base_logprobs
+        from edgemoe_cli.store import home
+
+        # the reference's log-probs are cached by content: an earlier run of this script left them; time the pass
+        cached = home() / "cache" / "eval" / f"{_cache_key(p['bf16'], Path(args.text), 512, args.chunks)}.npy"
+        cached.unlink(missing_ok=True)
+        cached.with_suffix(".top1.npy").unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        _, chunks = base_logprobs(p["bf16"], args.text, 512, threads, args.chunks)
+        return {"seconds": time.perf_counter() - t0, "tokens": len(chunks) * 512}
+    if name in ("eval", "eval_layer"):
+        from edgemoe_cli.evaluate import evaluate
+
+        model = p["calibration_role"] if name == "eval" else p["calibration"]
+        res = evaluate(model, p["bf16"], args.text, ctx=512, threads=threads, max_chunks=args.chunks)
+        return {"seconds": time.perf_counter() - t0, "tokens": res.chunks * 512, "kld_mean": res.kld_mean}
+    raise SystemExit(f"unknown stage {name}")
+
+
+def run_stage(name: str, args, results: dict, save) -> dict:
+    """The stage in a child process: its result plus its wall time and peak RSS (self and waited-for children)."""
+    if name in results:
+        return results[name]
+    cmd = [
+        sys.executable,
+        __file__,
+        args.checkpoint,
+        "--work",
+        args.work,
+        "--stage",
+        name,
+        "--threads",
+        str(args.threads),
+        "--chunks",
+        str(args.chunks),
+        "--imatrix-chunks",
+        str(args.imatrix_chunks),
+        "--text",
+        str(args.text),
+        "--sample",
+        args.sample_arg,
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {name} failed ({proc.returncode})")
+    res = json.loads(out.decode().strip().splitlines()[-1])
+    res["wall_seconds"] = time.perf_counter() - t0
+    res["peak_rss_bytes"] = usage.ru_maxrss * 1024
+    results[name] = res
+    save()
+    print(f"{name}: {json.dumps(res)}", file=sys.stderr, flush=True)
+    return res
+
+
+def active_weights(tensors: list[tuple[str, int]], n_used: int = 6, n_expert: int = 64) -> float:
+    """Weights one token multiplies: routed experts count top-k/n; the tied embedding once (as the output head)."""
+    return sum(n * n_used / n_expert if "_exps." in name else n for name, n in tensors if not name.endswith("bias"))
+
+
+def predict(results: dict, args) -> dict:
+    from edgemoe_cli.ernie21b import ernie_tensors, model_bytes, n_params
+    from edgemoe_cli.recipe import read_tensors
+
+    weights_21b = n_params()
+    per_type = {}
+    for t in DEFAULT_TYPES:
+        r = results[f"quantize/{t}"]
+        per_type[t] = {
+            "r_quant": r["weights"] / r["quantize_seconds"],
+            "r_error": r["weights"] / r["error_seconds"],
+            "peak_rss_bytes": r["peak_rss_bytes"],
+        }
+    quant_s = sum(weights_21b / v["r_quant"] for v in per_type.values())
+    error_s = sum(weights_21b / v["r_error"] for v in per_type.values())
+    steady = results["assemble"]["runs"][-1]
+    r_copy = steady["bytes"] / steady["seconds"]
+    ref_bytes = {"source (bf16)": 2 * weights_21b, "q8_0": model_bytes("Q8_0")}
+    ev = results["eval"]
+    r_pp = ev["tokens"] / ev["seconds"]
+    tensors, _ = read_tensors(_paths(Path(args.work))["bf16"])
+    act_wide = active_weights([(t.name, t.n_elements) for t in tensors])
+    act_21b = active_weights([(n, e) for n, e, _ in ernie_tensors()])
+    r_pp_21b = r_pp * act_wide / act_21b
+    eval_tokens = N_EVALS * 512 * PLAN_CHUNKS
+    assemble_s = {k: N_ASSEMBLED * b / r_copy for k, b in ref_bytes.items()}
+    box = quant_s + error_s + assemble_s["source (bf16)"] + eval_tokens / r_pp_21b
+    o6 = quant_s + error_s + assemble_s["source (bf16)"] + eval_tokens / O6_PP512
+    return {
+        "weights_21b": weights_21b,
+        "per_type": per_type,
+        "quantize_seconds_21b": quant_s,
+        "error_seconds_21b": error_s,
+        "r_copy": r_copy,
+        "reference_bytes_21b": ref_bytes,
+        "assemble_seconds_21b": assemble_s,
+        "r_pp_wide": r_pp,
+        "active_wide": act_wide,
+        "active_21b": act_21b,
+        "r_pp_21b_box": r_pp_21b,
+        "eval_tokens_21b": eval_tokens,
+        "eval_seconds_21b_box": eval_tokens / r_pp_21b,
+        "eval_seconds_21b_o6": eval_tokens / O6_PP512,
+        "total_seconds_box": box,
+        "total_seconds_o6_evals": o6,
+    }
+
+
+def _h(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def write_md(results: dict, pred: dict, args, command: str, load: tuple, path: Path) -> None:
+    gb = 1e9
+    r = results
+    if args.sample is None:
+        scope = (
+            f"**Every stage measured whole**, as plan runs it on this model: each type quantizes and scores all "
+            f"{r['quantize/q8_0']['weights'] / 1e6:.0f} M quantizable weights; assembly writes the whole model with "
+            f"blk.1 swapped to Q3_K (one of plan's layer runs); evals of {args.chunks} x 512 tokens"
+            f"{' (plan default)' if args.chunks == PLAN_CHUNKS else ''}. What is not measured: the 21B itself."
+        )
+    else:
+        scope = (
+            f"**Measured on part of a stage only**: quantize and error passes ran on a sample, not the whole model: "
+            f"{', '.join(args.sample)} ({r['quantize/q8_0']['weights'] / 1e6:.0f} M weights; the other tensors kept "
+            f"in bf16). Assembly wrote the whole model once with blk.1 swapped; evals of {args.chunks} x 512 tokens."
+        )
+    lines = [
+        "# What `edgemoe plan` costs at ERNIE-4.5-21B-A3B's widths (issue 14)",
+        "",
+        f"Written by `bench/plan_cost.py` (`{command}`); load average before/after: "
+        f"{load[0]} / {load[1]} (2-core x86 box, nothing else running). Model: `make_wide_ernie.py "
+        f"--layers {args.layers_note} --router-skew 0.05 --vocab 8192` (real 21B tensor shapes, random weights), "
+        f"converted to bf16 by edgemoe ({r['convert']['bytes'] / gb:.2f} GB). Each stage calls the function plan "
+        "calls, in its own process; peak RSS is that process's and its llama.cpp children's.",
+        "",
+        scope,
+        "",
+        "## Per stage",
+        "",
+        "| stage | what the rate is | work measured | seconds | rate | peak RSS |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    lines.append(
+        f"| convert (before plan) | checkpoint -> bf16 GGUF | {r['convert']['bytes'] / gb:.2f} GB | "
+        f"{r['convert']['seconds']:.1f} | {r['convert']['bytes'] / r['convert']['seconds'] / 1e6:.0f} MB/s | "
+        f"{r['convert']['peak_rss_bytes'] / gb:.2f} GB |"
+    )
+    lines.append(
+        f"| imatrix (plan's input) | llama-imatrix, {args.imatrix_chunks} x 512 tokens | "
+        f"{args.imatrix_chunks * 512} tokens | {r['imatrix']['seconds']:.1f} | "
+        f"{args.imatrix_chunks * 512 / r['imatrix']['seconds']:.1f} tokens/s | "
+        f"{r['imatrix']['peak_rss_bytes'] / gb:.2f} GB |"
+    )
+    for t in DEFAULT_TYPES:
+        q = r[f"quantize/{t}"]
+        lines.append(
+            f"| quantize {t} | weights/s llama.cpp quantizes (imatrix, 2 threads, incl. load/write) | "
+            f"{q['weights'] / 1e6:.0f} M weights | {q['quantize_seconds']:.1f} | "
+            f"{q['weights'] / q['quantize_seconds'] / 1e6:.1f} M/s | {q['peak_rss_bytes'] / gb:.2f} GB |"
+        )
+        lines.append(
+            f"| error pass {t} | weights/s plan.tensor_errors scores (dequantize + imatrix-weighted error) | "
+            f"{q['weights'] / 1e6:.0f} M weights | {q['error_seconds']:.1f} | "
+            f"{q['weights'] / q['error_seconds'] / 1e6:.1f} M/s | (same process) |"
+        )
+    for i, run in enumerate(r["assemble"]["runs"]):
+        lines.append(
+            f"| assemble, run {i + 1}{' (parses the files)' if i == 0 else ' (readers reused, as plan)'} | "
+            f"tensor bytes/s plan.assemble writes (page cache) | {run['bytes'] / gb:.2f} GB | {run['seconds']:.1f} | "
+            f"{run['bytes'] / run['seconds'] / 1e6:.0f} MB/s | {r['assemble']['peak_rss_bytes'] / gb:.2f} GB |"
+        )
+    for key, label in (
+        ("eval_base", "reference pass (bf16; also caches its log-probs)"),
+        ("eval", "role run (attn_q at Q3_K, rest bf16) vs reference"),
+        ("eval_layer", "layer run (blk.1 at Q3_K) vs reference"),
+    ):
+        e = r[key]
+        lines.append(
+            f"| eval: {label} | tokens/s of this {args.layers_note}-layer model, incl. load | {e['tokens']} tokens | "
+            f"{e['seconds']:.1f} | {e['tokens'] / e['seconds']:.1f} tokens/s | {e['peak_rss_bytes'] / gb:.2f} GB |"
+        )
+    p = pred
+    lines += [
+        "",
+        f"## Predicted for ERNIE-4.5-21B-A3B (28 layers, {p['weights_21b'] / 1e9:.2f} B weights)",
+        "",
+        "README formula: `7 x W x (1/r_quant + 1/r_error) + 42 x reference bytes / r_copy + 44 x 512 x 16 / r_pp`, "
+        "with each type's own rates.",
+        "",
+        "| term | this box | Orion O6 |",
+        "|---|---:|---:|",
+        f"| 7 whole-model quantizations | {_h(p['quantize_seconds_21b'])} | (this box's rate: not measured on O6) |",
+        f"| 7 error passes | {_h(p['error_seconds_21b'])} | (this box's rate) |",
+        f"| 42 assemblies, reference bf16 ({p['reference_bytes_21b']['source (bf16)'] / gb:.1f} GB) at "
+        f"{p['r_copy'] / 1e6:.0f} MB/s | {_h(p['assemble_seconds_21b']['source (bf16)'])} | (this box's rate) |",
+        f"| (42 assemblies with --reference q8_0, {p['reference_bytes_21b']['q8_0'] / gb:.1f} GB) | "
+        f"{_h(p['assemble_seconds_21b']['q8_0'])} | |",
+        f"| 44 evals x 8192 tokens | {_h(p['eval_seconds_21b_box'])} at {p['r_pp_21b_box']:.2f} tokens/s "
+        f"(measured {p['r_pp_wide']:.1f} tokens/s (role run) x active weights {p['active_wide'] / 1e6:.0f} M / "
+        f"{p['active_21b'] / 1e6:.0f} M) | {_h(p['eval_seconds_21b_o6'])} at pp512 {O6_PP512} tokens/s (quoted) |",
+        f"| **total** | **{_h(p['total_seconds_box'])}** | **{_h(p['total_seconds_o6_evals'])}** "
+        "(evals at O6 rate, the rest at this box's) |",
+        "",
+        "What the rates are: r_quant = weights quantized / wall time of `quantize.quantize` (llama.cpp in-process with "
+        "the imatrix; includes reading the bf16 file and writing the output, so any tensor kept in bf16 is copied in "
+        "it); r_error = weights scored / time of `plan.tensor_errors`; r_copy = tensor bytes written by "
+        "`plan.assemble` / its time, source and quantized file in page cache (on a slower disk divide by its rate); "
+        "r_pp = evaluated tokens / wall time of `evaluate.evaluate` on the role run (model load included, base "
+        "log-probs cached): at 21B, 41 of plan's 42 calibration models lower one role or one layer out of 28 and "
+        "keep the rest in the reference's type, so the mostly-bf16 role run is the representative one, not the "
+        "layer run (here blk.1 is most of the model). Peak RSS counts the pages of the GGUFs a process maps and "
+        "touches (file-backed, reclaimable), e.g. the source and the quantized file in the error pass. "
+        "The 21B eval rate on this box is an extrapolation by active weights (compute-bound prompt processing, "
+        "as llama.cpp's pp512 is): the 21B in bf16 (43.7 GB), even at Q8_0 (23.2 GB), does not fit this box's "
+        "23 GiB, so plan's evals could not run here from RAM at all; streamed from disk they would be slower.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a make_wide_ernie.py output directory")
+    ap.add_argument("--work", required=True, help="where the GGUFs go (outside git)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--chunks", type=int, default=16, help="512-token chunks per eval (plan's default: 16)")
+    ap.add_argument("--imatrix-chunks", type=int, default=2)
+    ap.add_argument("--text", default=str(ROOT / "data" / "calib" / "calibration.txt"))
+    ap.add_argument("--sample", default="all", help="all, blk1, or comma-separated tensors quantized per type")
+    ap.add_argument("--stage", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "plan_cost.md"))
+    args = ap.parse_args()
+    args.sample_arg = args.sample
+    args.sample = {"all": None, "blk1": list(BLK1_SAMPLE)}.get(args.sample, args.sample.split(","))
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.stage:
+        print(json.dumps(stage(args.stage, args)))
+        return
+    state = Path(args.work) / "plan_cost.results.json"
+    results = json.loads(state.read_text()) if state.is_file() else {}
+
+    def save():
+        state.write_text(json.dumps(results, indent=1))
+
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    for name in [
+        "convert",
+        "imatrix",
+        *(f"quantize/{t}" for t in DEFAULT_TYPES),
+        "assemble",
+        "eval_base",
+        "eval",
+        "eval_layer",
+    ]:
+        run_stage(name, args, results, save)
+    load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results.setdefault("load_before", load_before)
+    save()
+    config = json.loads((Path(args.checkpoint) / "config.json").read_text())
+    args.layers_note = config["num_hidden_layers"]
+    pred = predict(results, args)
+    command = "python bench/plan_cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"results": results, "predicted": pred}, indent=1))
+    write_md(results, pred, args, command, (results["load_before"], load_after), Path(args.out))
+    print(Path(args.out).read_text())
+
+
+if __name__ == "__main__":
+    main()
