@@ -168,20 +168,29 @@ def _by_tag(name: str, tag: str, candidates: list[StoreGGUF]) -> StoreGGUF:
     return match[0]  # a made GGUF wins over a pulled one of the same tag, as store_ggufs orders them
 
 
+def _path_or_tagged(text: str | Path) -> tuple[ModelChoice | None, str, list[StoreGGUF]]:
+    """What every resolver settles first: an existing path as given, NAME:TAG as tagged (choice, NAME, its GGUFs);
+    for a bare NAME the choice is None and the caller picks among NAME's GGUFs by its own rule."""
+    path = Path(str(text)).expanduser()
+    if path.exists():
+        return ModelChoice(str(text), path), "", []
+    name, tag = _lookup_name(str(text))
+    candidates = store_ggufs(name)
+    if tag is not None:
+        pick = _by_tag(name, tag, candidates)
+        return ModelChoice(str(text), _present(pick), pick.ref, "as tagged"), name, candidates
+    return None, name, candidates
+
+
 def resolve_gguf(text: str | Path) -> ModelChoice:
     """A GGUF to run or measure: an existing path as given, else NAME[:TAG] from the store.
 
     Without a tag: the GGUF the user last made for NAME (newest file under gguf/NAME/), else the pulled ready-made
     GGUF; several pulled quants and nothing made is ambiguous and lists the tags.
     """
-    path = Path(str(text)).expanduser()
-    if path.exists():
-        return ModelChoice(str(text), path)
-    name, tag = _lookup_name(str(text))
-    candidates = store_ggufs(name)
-    if tag is not None:
-        pick = _by_tag(name, tag, candidates)
-        return ModelChoice(str(text), _present(pick), pick.ref, "as tagged")
+    choice, name, candidates = _path_or_tagged(text)
+    if choice is not None:
+        return choice
     made = [c for c in candidates if c.kind == "made"]
     if made:
         pick = max(made, key=lambda c: c.mtime)
@@ -236,14 +245,9 @@ def source_gguf(text: str | Path, progress: Progress | None = None) -> ModelChoi
     store's converted GGUF (the most precise), converting the pulled checkpoint into gguf/NAME/ first when the store
     has none.
     """
-    path = Path(str(text)).expanduser()
-    if path.exists():
-        return ModelChoice(str(text), path)
-    name, tag = _lookup_name(str(text))
-    candidates = store_ggufs(name)
-    if tag is not None:
-        pick = _by_tag(name, tag, candidates)
-        return ModelChoice(str(text), _present(pick), pick.ref, "as tagged")
+    choice, name, candidates = _path_or_tagged(text)
+    if choice is not None:
+        return choice
     converted = [c for c in candidates if c.state == "converted"]
     if converted:
         rank = {t: i for i, t in enumerate(_SOURCE_ORDER)}
