@@ -58,7 +58,7 @@ def default_threads() -> int:
 
 
 @contextlib.contextmanager
-def _llama_defaults(llama_cpp, repack: bool, cb_eval):
+def _llama_defaults(llama_cpp, repack: bool, cb_eval, cb_eval_user_data=None):
     """Llama() starts from llama.cpp's default model and context params and has no argument for extra buffer types
     (weight repacking) or an eval callback: change those defaults while it loads, and only then."""
     module = llama_cpp.llama_cpp
@@ -72,7 +72,7 @@ def _llama_defaults(llama_cpp, repack: bool, cb_eval):
     def context_params():
         params = context_defaults()
         if cb_eval is not None:
-            params.cb_eval, params.cb_eval_user_data = cb_eval, None
+            params.cb_eval, params.cb_eval_user_data = cb_eval, cb_eval_user_data
         return params
 
     module.llama_model_default_params, module.llama_context_default_params = model_params, context_params
@@ -89,17 +89,19 @@ def load_model(
     n_ubatch: int = 512,
     repack: bool = True,
     cb_eval=None,
+    cb_eval_user_data: int | None = None,
 ):
     """Load a GGUF language model for chat; returns a llama_cpp.Llama (n_ctx=0 takes the model's trained length).
 
     `repack=False` keeps every weight in the file's own layout, mapped from the file (llama.cpp's extra buffer
-    types copy repackable weights into anonymous memory); `cb_eval` is a ggml scheduler eval callback.
+    types copy repackable weights into anonymous memory); `cb_eval` is a ggml scheduler eval callback, called with
+    `cb_eval_user_data` (an address).
     """
     path = check_gguf(path)
     llama_cpp = import_binding()
     threads = threads or default_threads()
     try:
-        with _llama_defaults(llama_cpp, repack, cb_eval):
+        with _llama_defaults(llama_cpp, repack, cb_eval, cb_eval_user_data):
             return llama_cpp.Llama(
                 model_path=str(path),
                 n_ctx=ctx,

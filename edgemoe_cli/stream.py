@@ -22,6 +22,12 @@ buffered and dropped from the page cache at once. The expert ranges of llama.cpp
 Greedy output is identical to the resident run without repacking: the same bytes reach the same kernels. (With
 repacking, the default when a model fits, llama.cpp runs other kernels whose rounding differs.)
 
+The callback runs for every graph node (~600 calls per token at 28 layers): stream_cb.c, compiled once per machine
+into the store, answers the nodes streaming ignores in C and hands only the routing results and expert matmuls to
+Python (without a C compiler, or with EDGEMOE_STREAM_NATIVE=0, Python answers all of them, the same way). Reads
+are asynchronous: the routing node starts them, in the order the layer's expert matmuls run, and each matmul waits
+only for its own tensor's slices, so the up projection computes while gate and down are still being read.
+
 Opt-in (EDGEMOE_STREAM_PREFETCH=1): a thread reads the experts the next layer's router would pick from this
 layer's FFN input while this layer computes; measured to cost more than it gains on the benchmark model
 (bench/stream.md), so it is off by default.
@@ -36,10 +42,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import hashlib
 import mmap
 import os
+import platform
 import queue
 import re
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -118,6 +129,9 @@ class StreamStats:
     prefetch_used: int = 0  # of those, asked for before being evicted
     prefetch_wait_s: float = 0.0  # waiting for a prefetch read of an expert the layer needed
     compute_s: float | None = None  # run time minus read wait and hook time, filled in by the caller
+    native_callback: bool = False  # stream_cb.c answered the nodes streaming ignores (else Python did)
+    callbacks: int = 0  # node callbacks over the run, and how many of them reached Python
+    python_callbacks: int = 0
     plan: dict = field(default_factory=dict)
 
 
@@ -372,6 +386,50 @@ def _libc():
 _MADV_RANDOM, _MADV_DONTNEED = 1, 4
 
 
+class _NativeState(ctypes.Structure):
+    """stream_cb.c's `struct edgemoe_stream_state`."""
+
+    _fields_ = [
+        ("off_op", ctypes.c_int64),
+        ("off_name", ctypes.c_int64),
+        ("op_mul_mat_id", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+        ("python", ctypes.c_void_p),
+        ("calls", ctypes.c_uint64),
+        ("python_calls", ctypes.c_uint64),
+    ]
+
+
+def _native_callback():
+    """stream_cb.c compiled for this machine (once, into the store), or None: no C compiler, or
+    EDGEMOE_STREAM_NATIVE=0. Without it the Python callback answers every node itself, the same way, slower."""
+    from .store import atomic_output, home
+
+    if os.environ.get("EDGEMOE_STREAM_NATIVE", "1") == "0":
+        return None
+    source = Path(__file__).with_name("stream_cb.c")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not source.is_file() or not cc:
+        return None
+    key = hashlib.sha256(source.read_bytes() + f"{cc}|{platform.machine()}|{sys.platform}".encode()).hexdigest()[:16]
+    lib = home() / "cache" / "native" / f"stream_cb-{key}.so"
+    try:
+        if not lib.is_file():
+            with atomic_output(lib) as part:
+                subprocess.run(
+                    [cc, "-O2", "-shared", "-fPIC", "-o", str(part), str(source)],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                )
+        native = ctypes.CDLL(str(lib))
+        native.edgemoe_stream_eval.restype = ctypes.c_bool
+        native.edgemoe_stream_eval.argtypes = [ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p]
+        return native
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 class ExpertStreamer:
     """The cb_eval callback, the expert stand-ins and the expert cache of one loaded model (see the module doc)."""
 
@@ -420,6 +478,7 @@ class ExpertStreamer:
         self.first_layer = min(self.by_layer) if self.by_layer else 0
         self.lookups = self.hits = self.misses = self.bytes_read = 0
         self.read_s = self.hook_s = 0.0
+        self.python_calls = 0
         self.steps = 0  # ubatches seen (counted at the first MoE layer)
         self.at_prompt_end: tuple | None = None  # counters when the prompt was done: the rest is generation
         self.error: BaseException | None = None  # raised by the callback, re-raised by check()
@@ -444,19 +503,45 @@ class ExpertStreamer:
         if self.routers:
             self.worker = threading.Thread(target=self._prefetcher, name="edgemoe-expert-prefetch", daemon=True)
             self.worker.start()
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
+        # reads started at a routing node and not yet waited for: (layer, projection) -> futures, in the order the
+        # layer's expert matmuls run (learnt from the graph: `order`), so the first matmul waits only for its own
+        self.pending: dict[tuple[int, str], list] = {}
+        self.reading: dict[tuple[int, int], int] = {}  # (layer, expert) -> its slices still being read
+        self.order: list[str] = list(_PROJECTIONS)
+        self.seen_order: dict[int, list[str]] = {}
+        self.python_callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
+        self.native = _native_callback()
+        if self.native is not None:
+            lib, self.state = self.native, _NativeState()
+            self.state.off_op, self.state.off_name = self._off_op, self._off_name
+            self.state.op_mul_mat_id = self._ops["MUL_MAT_ID"]
+            self.state.python = ctypes.cast(self.python_callback, ctypes.c_void_p).value
+            address = ctypes.cast(lib.edgemoe_stream_eval, ctypes.c_void_p).value
+            self.callback = llama_cpp.ggml_backend_sched_eval_callback(address)
+            self.user_data = ctypes.addressof(self.state)
+        else:
+            self.state, self.callback, self.user_data = None, self.python_callback, None
 
     # -- the callback --
 
     def _on_node(self, t_ptr: int, ask: bool, _user) -> bool:
+        """The scheduler asks about each node before computing (ask=True: stop after it?) and hands over the ones
+        we said yes to once computed (ask=False). Routing nodes: yes, then start reading the routed experts.
+        Expert matmuls: bind the tensor to its stand-in (once), wait for this projection's reads, and stop after
+        it while other projections of the layer are still being read, so the next matmul's wait holds back
+        nothing computed before it. Waiting in the ask holds back the nodes since the last stop, which are
+        the few between the routing node, or the previous expert matmul, and this one."""
         start = time.perf_counter()
         read_before = self.read_s
+        self.python_calls += 1
         try:
             op = ctypes.c_int.from_address(t_ptr + self._off_op).value
             if ask:
                 if op == self._ops["MUL_MAT_ID"]:
                     try:
-                        self._bind(ctypes.c_void_p.from_address(t_ptr + self._off_src0).value)
+                        src0 = ctypes.c_void_p.from_address(t_ptr + self._off_src0).value
+                        self._bind(src0)
+                        return self._await(self.bound.get(src0, ""))
                     except BaseException as e:
                         self.error = self.error or e
                     return False
@@ -486,6 +571,27 @@ class ExpertStreamer:
             return True
         finally:
             self.hook_s += time.perf_counter() - start - (self.read_s - read_before)
+
+    def _await(self, name: str) -> bool:
+        """Before an expert matmul: wait for the reads of its tensor's routed experts; True (stop after this
+        node) while reads of another projection of the layer are still going on."""
+        t = self.tensors.get(name)
+        if t is None:
+            return False
+        seen = self.seen_order.setdefault(t.layer, [])
+        if t.projection not in seen:  # the graph's order of a layer's expert matmuls: reads follow it
+            seen.append(t.projection)
+            if len(seen) == len(_PROJECTIONS):
+                self.order = list(seen)
+        futures = self.pending.pop((t.layer, t.projection), None)
+        if futures:
+            started = time.perf_counter()
+            try:
+                for f in futures:
+                    f.result()
+            finally:
+                self.read_s += time.perf_counter() - started
+        return any(key[0] == t.layer for key in self.pending)
 
     def _predict_next(self, node, layer: int) -> None:
         """Queue the experts the next MoE layer's router picks for this layer's FFN input (a guess: never needed
@@ -527,10 +633,13 @@ class ExpertStreamer:
 
     def ensure(self, layer: int, experts: list[int]) -> None:
         """Make `experts` of `layer` present in the stand-ins, evicting the least recently used others."""
+        self._drain()  # reads of a layer none of whose matmuls awaited them (not expected; kept safe)
         with self.lock:
             self.pinned = {(layer, e) for e in experts}  # the previous layer's matmuls are done
             waited = time.perf_counter()
-            while self.pinned & self.in_flight:  # the prefetcher is reading some of them: let it finish
+            # the prefetcher may be reading some of them, and the previous layer's reads must be out of flight
+            # before they may be evicted: let both finish
+            while self.pinned & self.in_flight or self.reading:
                 self.lock.wait()
             self.prefetch_wait_s += time.perf_counter() - waited
             missing = []
@@ -556,18 +665,44 @@ class ExpertStreamer:
             self.resident += self.set_bytes[layer] * len(missing)
             self.peak = max(self.peak, self.resident)
             self.in_flight.update((layer, e) for e in missing)
-        try:
-            started = time.perf_counter()
-            # one read per tensor and run of adjacent experts, a few at a time: page faults and copies in the
-            # kernel then use the cores ggml is not using while it waits for us, and the disk sees a queue
-            jobs = [(layer, run[0], len(run), t) for run in _runs(missing) for t in self.by_layer[layer]]
-            for _ in self.readers.map(lambda job: self._read(*job), jobs):
-                pass
-            self.read_s += time.perf_counter() - started
-        finally:
-            with self.lock:
-                self.in_flight.difference_update((layer, e) for e in missing)
-                self.lock.notify_all()
+            for e in missing:
+                self.reading[(layer, e)] = len(self.by_layer[layer])  # slices still to come
+        # one read per tensor and run of adjacent experts, a few at a time, in the order the layer's matmuls will
+        # want them: page faults and copies in the kernel use the core ggml is not using, the disk sees a queue,
+        # and the first matmul starts as soon as its own slices are in while the others' are still coming
+        by_projection = {t.projection: t for t in self.by_layer[layer]}
+        runs = _runs(missing)
+        for projection in sorted(by_projection, key=self._rank):
+            t = by_projection[projection]
+            futures = []
+            for run in runs:
+                f = self.readers.submit(self._read, layer, run[0], len(run), t)
+                f.add_done_callback(functools.partial(self._slice_read, [(layer, e) for e in run]))
+                futures.append(f)
+            self.pending[(layer, projection)] = futures
+
+    def _slice_read(self, keys: list[tuple[int, int]], _future) -> None:
+        """A read ended (well or not: whoever awaits it sees a failure): experts with all slices in are no
+        longer in flight."""
+        with self.lock:
+            for key in keys:
+                self.reading[key] -= 1
+                if self.reading[key] == 0:
+                    del self.reading[key]
+                    self.in_flight.discard(key)
+            self.lock.notify_all()
+
+    def _rank(self, projection: str) -> int:
+        return self.order.index(projection) if projection in self.order else len(self.order)
+
+    def _drain(self) -> None:
+        """Wait for every read still going on (a layer whose matmuls were not all seen, or closing)."""
+        for key in list(self.pending):
+            for f in self.pending.pop(key, []):
+                try:
+                    f.result()
+                except BaseException as e:
+                    self.error = self.error or e
 
     def _make_room(self, need: int) -> bool:
         """Evict until `need` more bytes fit: the least often routed expert first, the least recently used among
@@ -723,10 +858,14 @@ class ExpertStreamer:
             prefetch_reads=self.prefetch_reads,
             prefetch_used=self.prefetch_used,
             prefetch_wait_s=round(self.prefetch_wait_s, 6),
+            native_callback=self.state is not None,
+            callbacks=self.state.calls if self.state is not None else self.python_calls,
+            python_callbacks=self.state.python_calls if self.state is not None else self.python_calls,
             plan=asdict(self.plan),
         )
 
     def close(self) -> None:
+        self._drain()
         if self.worker is not None:
             self.jobs.put(None)
             self.worker.join()
@@ -861,7 +1000,9 @@ def load_streaming(path: str | Path, plan: MemoryPlan, load):
     streamer = ExpertStreamer(path, plan, prefetch=os.environ.get("EDGEMOE_STREAM_PREFETCH", "0") == "1")
     try:
         # no repacking: experts must stay in the file's layout, where a slice is `e * nb[2]` into the tensor
-        llm = load(path, n_ubatch=plan.n_ubatch, repack=False, cb_eval=streamer.callback)
+        llm = load(
+            path, n_ubatch=plan.n_ubatch, repack=False, cb_eval=streamer.callback, cb_eval_user_data=streamer.user_data
+        )
     except BaseException:
         streamer.close()
         raise

@@ -130,3 +130,19 @@ def test_unreadable_memory_size_is_a_one_line_error(tiny_gguf, monkeypatch, caps
         main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "--memory" in err
+
+
+def test_the_c_callback_and_the_python_one_give_the_same_tokens(tiny_gguf, monkeypatch):
+    """stream_cb.c answers the nodes streaming ignores in C; without a compiler (EDGEMOE_STREAM_NATIVE=0 here) the
+    Python callback answers all of them the same way: the same tokens, the same reads."""
+    path = tiny_gguf("thinking", "q8_0")
+    cap, _ = _forcing_cap(path, 0.25)
+    native = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0, memory=cap)
+    monkeypatch.setenv("EDGEMOE_STREAM_NATIVE", "0")
+    python = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0, memory=cap)
+    assert native.raw == python.raw
+    n, p = native.streaming, python.streaming
+    assert n["native_callback"] and not p["native_callback"]
+    assert p["callbacks"] == p["python_callbacks"] > 0 and n["callbacks"] > 0
+    # what reaches Python with the C callback: the routing results and the expert matmuls, a few per layer
+    assert 0 < n["python_callbacks"] < n["callbacks"] / 10
