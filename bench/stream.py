@@ -50,13 +50,14 @@ import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 from edgemoe_cli import generate, stream
 model, mode, memory, prompt = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[7]
+warm = sys.argv[8] or None
 tokens, threads = int(sys.argv[5]), int(sys.argv[6])
 peak_anon = [0]
 def sample(kind, text):  # anonymous memory while generating: after run() returns the model is freed
     peak_anon[0] = max(peak_anon[0], stream.anonymous_rss())
 start = time.perf_counter()
 r = generate.run(model, prompt, max_tokens=tokens, threads=threads, temp=0, on_text=sample,
-                 memory=int(memory) if mode == "stream" else None, repack=False)
+                 memory=int(memory) if mode == "stream" else None, repack=False, warm=warm)
 print(json.dumps({"gen_tps": r.gen_tps, "raw": r.raw, "completion_tokens": r.completion_tokens,
                   "prompt_tokens": r.prompt_tokens, "ttft_s": r.ttft_s, "wall_s": time.perf_counter() - start,
                   "peak_rss_bytes": r.peak_rss_bytes, "anon_rss_bytes": peak_anon[0],
@@ -192,6 +193,7 @@ def run_point(
     threads: int,
     timeout: float,
     tag: str,
+    warm: str | None = None,
 ) -> dict:
     drop_cache(model)
     groups = Cgroups(tag, limit, device, read_bps)
@@ -213,9 +215,11 @@ def run_point(
                 str(tokens),
                 str(threads),
                 PROMPT,
+                warm if mode.endswith("-warm") and warm else "",
             ]
         start = time.perf_counter()
-        # stream-prefetch: streaming with the next-layer prefetcher (off by default)
+        # stream-prefetch: streaming with the next-layer prefetcher (off by default); stream-warm: the cache filled
+        # from `edgemoe profile`'s profile.json of the model (--warm) before the first token
         env = {**os.environ, "EDGEMOE_STREAM_PREFETCH": "1" if mode.endswith("-prefetch") else "0"}
         try:
             # a random-weight model's text may cut a UTF-8 sequence in two
@@ -315,7 +319,13 @@ def plot(points: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     colours = {"1.5GB": "C0", "300MB": "C1", "80MB": "C2"}
-    styles = {"stream": ("-", "o"), "mmap": ("--", "s"), "llama": (":", "x"), "stream-prefetch": ("-.", "^")}
+    styles = {
+        "stream": ("-", "o"),
+        "mmap": ("--", "s"),
+        "llama": (":", "x"),
+        "stream-prefetch": ("-.", "^"),
+        "stream-warm": ("-", "D"),
+    }
     skews = sorted({p["skew"] for p in points})
     fig, axes = plt.subplots(1, len(skews), figsize=(6.5 * len(skews), 4.5), squeeze=False, sharey=True)
     for ax, skew in zip(axes[0], skews):
@@ -362,6 +372,7 @@ def main() -> int:
     ap.add_argument("--storage", default="80MB,300MB,1.5GB")
     ap.add_argument("--modes", default="mmap,stream")
     ap.add_argument("--points", help="only these SKEW:STORAGE:CAP[:MODE+MODE] points (comma-separated), in order")
+    ap.add_argument("--warm", action="append", default=[], help="SKEW=profile.json for the stream-warm mode")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=400)
@@ -383,6 +394,7 @@ def main() -> int:
     models = dict(m.split("=", 1) for m in a.model)
     models = {k: Path(v).resolve() for k, v in models.items()}
     gguf = {k: p.stat().st_size for k, p in models.items()}
+    warm = dict(w.split("=", 1) for w in a.warm)
     modes = a.modes.split(",")
     if a.points:  # SKEW:STORAGE:CAP[:MODE+MODE...]
         grid = [
@@ -403,7 +415,16 @@ def main() -> int:
         limit = baseline + gguf[skew] * cap // 100
         for mode in point_modes:
             p = run_point(
-                models[skew], mode, limit, parse_size(storage), device, a.tokens, a.threads, a.timeout, f"{i}-{mode}"
+                models[skew],
+                mode,
+                limit,
+                parse_size(storage),
+                device,
+                a.tokens,
+                a.threads,
+                a.timeout,
+                f"{i}-{mode}",
+                warm.get(skew),
             )
             p.update(skew=skew, storage=storage, cap_pct=cap)
             points.append(p)

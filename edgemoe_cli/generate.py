@@ -329,16 +329,18 @@ def run(
     on_text: OnText | None = None,
     memory: str | int | None = None,
     repack: bool = True,
+    warm: str | Path | None = None,
 ) -> RunResult:
     """`edgemoe run`: load `model`, answer `prompt` once, free the model.
 
     `memory` (bytes, a size or "auto") caps what the run keeps resident: a model that does not fit streams its
     routed experts from the file (stream.py). `repack=False` runs without llama.cpp's weight repacking (what
-    streaming itself runs with; the benchmark's plain mmap baseline).
+    streaming itself runs with; the benchmark's plain mmap baseline). `warm`: a profile.json whose most routed
+    experts fill the expert cache before the first token (only when the run streams).
     """
     if not prompt.strip():
         raise EdgeMoEError("the prompt is empty", "give a question with -p TEXT or -f FILE")
-    llm, streamer = load_within(model, memory, ctx=ctx, threads=threads, repack=repack)
+    llm, streamer = load_within(model, memory, ctx=ctx, threads=threads, repack=repack, warm=warm)
     try:
         started = time.perf_counter()
         result = chat_reply(
@@ -364,7 +366,12 @@ def run(
 
 
 def load_within(
-    model: str | Path, memory: str | int | None, ctx: int = 4096, threads: int | None = None, repack: bool = True
+    model: str | Path,
+    memory: str | int | None,
+    ctx: int = 4096,
+    threads: int | None = None,
+    repack: bool = True,
+    warm: str | Path | None = None,
 ):
     """(Llama, stream.ExpertStreamer or None): `model` loaded to live within `memory` (bytes, a size, "auto" or
     None for no cap) — streaming its routed experts when it does not fit (stream.py), today's load when it does.
@@ -372,12 +379,15 @@ def load_within(
     The one way run, compare and serve load under --memory. Close the Llama before the streamer: the model's
     expert tensors point into the streamer's regions.
     """
+    if warm is not None and memory is None:
+        raise EdgeMoEError("--warm fills the expert cache of --memory", "give --memory SIZE too, or drop --warm")
     if memory is not None:
         from . import stream
 
         plan = stream.plan_memory(check_gguf(model), memory, ctx)  # too small: an error before loading
         if plan.streams:
-            return stream.load_streaming(model, plan, functools.partial(load_model, ctx=ctx, threads=threads))
+            load = functools.partial(load_model, ctx=ctx, threads=threads)
+            return stream.load_streaming(model, plan, load, warm=warm)
     return load_model(model, ctx=ctx, threads=threads, repack=repack), None
 
 

@@ -55,6 +55,7 @@ class ServeOptions:
     model_id: str | None = None  # the name /v1/models reports and requests must use (default: the file's stem)
     workers: list | None = None  # cluster.WorkerAddress list: the layers split across `edgemoe worker`s
     memory: str | int | None = None  # --memory: stay within it, streaming routed experts if the model is larger
+    warm: str | Path | None = None  # --warm: a profile.json whose hottest experts fill the expert cache at start
 
 
 @dataclass
@@ -199,7 +200,7 @@ class Engine:
             self.llm = llm
         else:
             self.llm, self.streamer = generate.load_within(
-                opts.model, opts.memory, ctx=opts.ctx, threads=self.slot_threads
+                opts.model, opts.memory, ctx=opts.ctx, threads=self.slot_threads, warm=opts.warm
             )
             llm = self.llm
             if self.streamer is not None and opts.parallel != 1:
@@ -1059,6 +1060,8 @@ def install_systemd(opts: ServeOptions, path: Path | None = None) -> SystemdUnit
     ]
     if opts.memory is not None:
         argv += ["--memory", str(opts.memory)]
+    if opts.warm is not None:
+        argv += ["--warm", str(Path(opts.warm).resolve())]
     if opts.workers:
         argv += [
             "--workers",

@@ -128,6 +128,7 @@ class StreamStats:
     prefetch_reads: int = 0  # experts read ahead by the prefetcher (next layer's router on this layer's input)
     prefetch_used: int = 0  # of those, asked for before being evicted
     prefetch_wait_s: float = 0.0  # waiting for a prefetch read of an expert the layer needed
+    warm_bytes: int = 0  # read from the file before the first token, from a profile (not in bytes_read)
     compute_s: float | None = None  # run time minus read wait and hook time, filled in by the caller
     native_callback: bool = False  # stream_cb.c answered the nodes streaming ignores (else Python did)
     callbacks: int = 0  # node callbacks over the run, and how many of them reached Python
@@ -479,6 +480,7 @@ class ExpertStreamer:
         self.lookups = self.hits = self.misses = self.bytes_read = 0
         self.read_s = self.hook_s = 0.0
         self.python_calls = 0
+        self.warm_bytes = 0  # read before the first token from a profile (warm)
         self.steps = 0  # ubatches seen (counted at the first MoE layer)
         self.at_prompt_end: tuple | None = None  # counters when the prompt was done: the rest is generation
         self.error: BaseException | None = None  # raised by the callback, re-raised by check()
@@ -704,6 +706,47 @@ class ExpertStreamer:
                 except BaseException as e:
                     self.error = self.error or e
 
+    def warm(self, counts, layers: list[int]) -> int:
+        """Read the experts a profile routed most (counts [moe layer, expert] for blocks `layers`, from
+        `edgemoe profile`'s profile.json) into the cache before the first token, hottest first until the cache is
+        full; they start with one use each, so what the run routes decides from then on. Returns bytes read."""
+        import numpy as np
+
+        counts = np.asarray(counts, dtype=np.float64)
+        ranked = sorted(
+            (
+                (float(counts[i, e]), layer, e)
+                for i, layer in enumerate(layers)
+                if layer in self.by_layer
+                for e in range(counts.shape[1])
+                if counts[i, e] > 0
+            ),
+            reverse=True,
+        )
+        chosen: dict[int, list[int]] = {}
+        room = self.plan.cache_bytes - self.resident
+        for _, layer, e in ranked:
+            if self.set_bytes[layer] > room:
+                break
+            if (layer, e) not in self.cache:
+                chosen.setdefault(layer, []).append(e)
+                room -= self.set_bytes[layer]
+        before = self.bytes_read
+        for layer, experts in sorted(chosen.items()):
+            experts.sort()
+            with self.lock:
+                for e in experts:
+                    self.cache[(layer, e)] = self.set_bytes[layer]
+                    self.uses[(layer, e)] = 1
+                self.resident += self.set_bytes[layer] * len(experts)
+                self.peak = max(self.peak, self.resident)
+            jobs = [(layer, run[0], len(run), t) for run in _runs(experts) for t in self.by_layer[layer]]
+            for _ in self.readers.map(lambda job: self._read(*job), jobs):
+                pass
+        # counted apart: what streaming reads while running is what the run's statistics report
+        self.warm_bytes, self.bytes_read = self.bytes_read - before, before
+        return self.warm_bytes
+
     def _make_room(self, need: int) -> bool:
         """Evict until `need` more bytes fit: the least often routed expert first, the least recently used among
         equals; never a pinned or in-flight one. (On recorded decode routing of the benchmark model, frequency
@@ -858,6 +901,7 @@ class ExpertStreamer:
             prefetch_reads=self.prefetch_reads,
             prefetch_used=self.prefetch_used,
             prefetch_wait_s=round(self.prefetch_wait_s, 6),
+            warm_bytes=self.warm_bytes,
             native_callback=self.state is not None,
             callbacks=self.state.calls if self.state is not None else self.python_calls,
             python_callbacks=self.state.python_calls if self.state is not None else self.python_calls,
@@ -987,26 +1031,45 @@ def _op_codes(llama_cpp) -> dict:
 # ---- loading a model that streams ----
 
 
-def load_streaming(path: str | Path, plan: MemoryPlan, load):
+def load_streaming(path: str | Path, plan: MemoryPlan, load, warm: str | Path | None = None):
     """(llama_cpp.Llama, ExpertStreamer) for a model that streams its experts under `plan`; `load` is
     generate.load_model with the run's context and threads bound (passed in: generate imports this module).
+
+    `warm`: a profile.json of `edgemoe profile` for this model; its most routed experts are read into the cache
+    before the first token (ExpertStreamer.warm).
 
     EDGEMOE_STREAM_PREFETCH=1 turns on the next-layer prefetcher (off by default: on the benchmark model its guesses
     were right for ~30% of what it read, and the wasted reads cost more than the overlap gained; bench/stream.md).
     """
     from .gguffile import check_gguf
+    from .profile import load_usage
 
     path = check_gguf(path)
+    usage = load_usage(warm) if warm is not None else None
     streamer = ExpertStreamer(path, plan, prefetch=os.environ.get("EDGEMOE_STREAM_PREFETCH", "0") == "1")
     try:
+        if usage is not None:
+            _check_usage(usage, streamer, warm, path)
         # no repacking: experts must stay in the file's layout, where a slice is `e * nb[2]` into the tensor
         llm = load(
             path, n_ubatch=plan.n_ubatch, repack=False, cb_eval=streamer.callback, cb_eval_user_data=streamer.user_data
         )
+        if usage is not None:
+            streamer.warm(*usage)
     except BaseException:
         streamer.close()
         raise
     return llm, streamer
+
+
+def _check_usage(usage, streamer: ExpertStreamer, warm, path: Path) -> None:
+    counts, layers = usage
+    if counts.ndim != 2 or counts.shape[1] != streamer.plan.n_expert or sorted(layers) != sorted(streamer.by_layer):
+        raise EdgeMoEError(
+            f"{warm} profiles a different model ({counts.shape[0]} MoE layers x {counts.shape[-1]} experts, "
+            f"{path.name} has {len(streamer.by_layer)} x {streamer.plan.n_expert})",
+            f"run `edgemoe profile {path.name} --text FILE` and pass its profile.json",
+        )
 
 
 if sys.platform != "linux":  # MAP_NORESERVE and /proc are Linux's; elsewhere the region is reserved normally

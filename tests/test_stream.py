@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import streaming_cap
+from conftest import SHARED_FIXTURES, streaming_cap
 
 from edgemoe_cli import generate, stream
 from edgemoe_cli.cli import main
@@ -146,3 +146,41 @@ def test_the_c_callback_and_the_python_one_give_the_same_tokens(tiny_gguf, monke
     assert p["callbacks"] == p["python_callbacks"] > 0 and n["callbacks"] > 0
     # what reaches Python with the C callback: the routing results and the expert matmuls, a few per layer
     assert 0 < n["python_callbacks"] < n["callbacks"] / 10
+
+
+def test_warming_from_a_profile_keeps_the_tokens(tiny_gguf, tmp_path):
+    """--warm profile.json reads the profile's most routed experts before the first token: the same tokens, the
+    cache filled within its budget, and those reads kept apart from the run's own."""
+    from edgemoe_cli import profile
+
+    path = tiny_gguf("thinking", "q8_0")
+    resident = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0)
+    prof = profile.profile(path, SHARED_FIXTURES / "calib.txt", tmp_path / "prof", max_tokens=256, ctx=CTX, threads=1)
+    cap, _ = _forcing_cap(path, 0.25)
+    warmed = generate.run(
+        path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0, memory=cap, warm=prof.outputs["json"]
+    )
+    assert warmed.raw == resident.raw
+    s = warmed.streaming
+    assert 0 < s["warm_bytes"] <= s["cache_bytes"] and s["warm_bytes"] % s["plan"]["expert_set_bytes"] == 0
+    assert s["bytes_read"] == s["misses"] * s["plan"]["expert_set_bytes"]  # warming is not counted as a miss
+
+
+def test_a_profile_of_another_model_is_a_one_line_error(tiny_gguf, tmp_path):
+    import json
+
+    path = tiny_gguf("pt", "q8_0")
+    bad = tmp_path / "profile.json"
+    bad.write_text(json.dumps({"counts": [[1, 2, 3]], "layers": [{"layer": 1}]}))
+    cap, _ = _forcing_cap(path, 0.25)
+    with pytest.raises(EdgeMoEError, match="profiles a different model"):
+        generate.run(path, PROMPT, max_tokens=4, threads=1, ctx=CTX, memory=cap, warm=bad)
+
+
+def test_warm_without_memory_is_a_one_line_error(tiny_gguf, tmp_path, monkeypatch, capsys):
+    path = tiny_gguf("pt", "q8_0")
+    monkeypatch.setattr(sys, "argv", ["edgemoe", "run", str(path), "-p", "hi", "--warm", str(tmp_path / "p.json")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "--memory" in err

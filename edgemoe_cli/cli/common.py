@@ -50,6 +50,18 @@ MemoryOpt = Annotated[
 ]
 
 
+# --warm on run and serve: a profile.json whose hottest experts fill the --memory expert cache before the first token
+WarmOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--warm",
+        metavar="PROFILE.json",
+        help="With --memory, when the model streams: read the experts this `edgemoe profile` output routed most "
+        "into the expert cache before the first token.",
+    ),
+]
+
+
 def threads_option(default: str = "the physical cores this process may use") -> Any:
     """--threads / -t: CPU threads for llama.cpp; None lets the stage choose."""
     return typer.Option(None, "--threads", "-t", min=1, help=f"CPU threads (default: {default}).")

@@ -12,6 +12,7 @@ import typer
 from ..errors import EdgeMoEError
 from .common import (
     MemoryOpt,
+    WarmOpt,
     console,
     ctx_option,
     emit_json,
@@ -64,6 +65,7 @@ def run(
     as_json: bool = json_option("the reply and its timings, without streaming,"),
     workers: WorkersOpt = None,
     memory: MemoryOpt = None,
+    warm: WarmOpt = None,
 ) -> None:
     """Ask a GGUF model one question, with its own chat template, and stream the reply.
 
@@ -73,9 +75,8 @@ def run(
     `<response>` tags are not shown. Generation stops at end-of-sequence (`</s>`, `<|end_of_sentence|>`,
     `<|im_end|>`) or after --max-tokens.
 
-    The reply goes to stdout, one line of timings to stderr: prompt tokens and prompt tokens/s, generated tokens and
-    generation tokens/s (decode steps after the first token, as llama-bench counts them), time to first token, and
-    peak resident memory.
+    The reply goes to stdout, one line of timings to stderr: prompt tokens and tokens/s, generated tokens and tokens/s
+    (decode steps after the first token, as llama-bench counts them), time to first token, peak resident memory.
 
     --json prints {reasoning, answer, raw, prompt_tokens, completion_tokens, ttft_s, prompt_tps, gen_tps,
     peak_rss_bytes, tool_call, finish_reason, library, streaming} instead of streaming; `streaming` (and the timing
@@ -104,7 +105,7 @@ def run(
     if worker_list:
         result, split = cluster.run_split(model_path, text, worker_list, on_text=on_text, **settings)
     else:
-        result, split = generate.run(model_path, text, on_text=on_text, memory=memory, **settings), None
+        result, split = generate.run(model_path, text, on_text=on_text, memory=memory, warm=warm, **settings), None
     if as_json:
         emit_json({**asdict(result), "split": asdict(split)} if split else result)
         return

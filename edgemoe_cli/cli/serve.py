@@ -10,6 +10,7 @@ import typer
 
 from .common import (
     MemoryOpt,
+    WarmOpt,
     console,
     ctx_option,
     emit_json,
@@ -84,6 +85,7 @@ def serve(
     as_json: bool = json_option("the ready line (or the unit)"),
     workers: WorkersOpt = None,
     memory: MemoryOpt = None,
+    warm: WarmOpt = None,
 ) -> None:
     """Serve a GGUF over an OpenAI-compatible HTTP API, ERNIE Thinking parsed right.
 
@@ -92,15 +94,13 @@ def serve(
     GET /health and GET /metrics (Prometheus text: tokens/s, queue depth,
     requests, errors; /health and /metrics need no key).
 
-    Prompts use the chat template stored in the GGUF, as `edgemoe run`
-    does. A Thinking model's reply comes back split: the reasoning in
-    message.reasoning_content, the answer without tags in message.content
-    (streamed as delta.reasoning_content, then delta.content); a
-    <tool_call> becomes OpenAI's tool_calls. A PT model's reply is plain
-    content.
+    Prompts use the chat template stored in the GGUF, as `edgemoe run` does. A Thinking model's reply comes back
+    split: the reasoning in message.reasoning_content, the answer without tags in message.content (streamed as
+    delta.reasoning_content, then delta.content); a <tool_call> becomes OpenAI's tool_calls. A PT model's reply is
+    plain content.
 
     Requests wait in one first-come-first-served queue for a slot; a client that disconnects stops its generation.
-    SIGTERM or Ctrl-C stops cleanly. --memory SIZE serves a model larger than SIZE as `run --memory` does (one slot).
+    SIGTERM or Ctrl-C stops cleanly. --memory SIZE (--warm) serves a model larger than SIZE as `run` does (one slot).
 
     Examples: edgemoe serve model.gguf --port 8080
               edgemoe serve model.gguf --host 0.0.0.0 --api-key "$KEY" --parallel 2 (or --install-systemd)
@@ -113,7 +113,7 @@ def serve(
         raise typer.Exit(cluster.supervise(sys.argv[1:], worker_list))
     choice = model_choice(model)  # a name serves as NAME:TAG unless --model-id says otherwise
     network = dict(host=host, port=port, api_key=api_key, queue=queue, model_id=model_id or choice.ref)
-    slots = dict(ctx=ctx, parallel=parallel, threads=threads, workers=worker_list, memory=memory)
+    slots = dict(ctx=ctx, parallel=parallel, threads=threads, workers=worker_list, memory=memory, warm=warm)
     opts = serving.ServeOptions(model=choice.path, **slots, **network)
     if install_systemd:
         _install_unit(serving.install_systemd(opts, unit_path), as_json)
