@@ -48,6 +48,9 @@ TABLE_BEGIN, TABLE_END = "<!-- bench/stream.py table: begin -->", "<!-- bench/st
 CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
+# this checkout's edgemoe, not the one a venv's .pth hook imported at start-up (edgemoe-llama-lib.pth)
+for name in [m for m in sys.modules if m == "edgemoe_cli" or m.startswith("edgemoe_cli.")]:
+    del sys.modules[name]
 from edgemoe_cli import generate, stream
 model, mode, memory, prompt = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[7]
 warm = sys.argv[8] or None
