@@ -22,11 +22,13 @@ buffered and dropped from the page cache at once. The expert ranges of llama.cpp
 Greedy output is identical to the resident run without repacking: the same bytes reach the same kernels. (With
 repacking, the default when a model fits, llama.cpp runs other kernels whose rounding differs.)
 
-The callback runs for every graph node (~600 calls per token at 28 layers): stream_cb.c, compiled once per machine
-into the store, answers the nodes streaming ignores in C and hands only the routing results and expert matmuls to
-Python (without a C compiler, or with EDGEMOE_STREAM_NATIVE=0, Python answers all of them, the same way). Reads
-are asynchronous: the routing node starts them, in the order the layer's expert matmuls run, and each matmul waits
-only for its own tensor's slices, so the up projection computes while gate and down are still being read.
+The callback runs for every graph node (~600 calls per token at 28 layers), and reads are asynchronous: the
+routing node queues them in the order the layer's expert matmuls run, and each matmul waits only for its own
+tensor's slices, so the first projection computes while the others are still being read. stream_cb.c, compiled
+once per machine into the store, does the per-node answers, the reads (POSIX threads) and the waits in C; Python
+sees one call per MoE layer and step (what to read, what to evict) and none of the interpreter-lock contention that
+reader threads in Python cause. Without a C compiler, or with EDGEMOE_STREAM_NATIVE=0, Python does all of it, the
+same way, slower.
 
 Opt-in (EDGEMOE_STREAM_PREFETCH=1): a thread reads the experts the next layer's router would pick from this
 layer's FFN input while this layer computes; measured to cost more than it gains on the benchmark model
@@ -387,23 +389,9 @@ def _libc():
 _MADV_RANDOM, _MADV_DONTNEED = 1, 4
 
 
-class _NativeState(ctypes.Structure):
-    """stream_cb.c's `struct edgemoe_stream_state`."""
-
-    _fields_ = [
-        ("off_op", ctypes.c_int64),
-        ("off_name", ctypes.c_int64),
-        ("op_mul_mat_id", ctypes.c_int32),
-        ("pad", ctypes.c_int32),
-        ("python", ctypes.c_void_p),
-        ("calls", ctypes.c_uint64),
-        ("python_calls", ctypes.c_uint64),
-    ]
-
-
-def _native_callback():
+def _native_library():
     """stream_cb.c compiled for this machine (once, into the store), or None: no C compiler, or
-    EDGEMOE_STREAM_NATIVE=0. Without it the Python callback answers every node itself, the same way, slower."""
+    EDGEMOE_STREAM_NATIVE=0. Without it Python answers every node and reads on Python threads, the same way, slower."""
     from .store import atomic_output, home
 
     if os.environ.get("EDGEMOE_STREAM_NATIVE", "1") == "0":
@@ -418,17 +406,29 @@ def _native_callback():
         if not lib.is_file():
             with atomic_output(lib) as part:
                 subprocess.run(
-                    [cc, "-O2", "-shared", "-fPIC", "-o", str(part), str(source)],
+                    [cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(part), str(source)],
                     check=True,
                     capture_output=True,
                     timeout=120,
                 )
         native = ctypes.CDLL(str(lib))
-        native.edgemoe_stream_eval.restype = ctypes.c_bool
-        native.edgemoe_stream_eval.argtypes = [ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p]
-        return native
     except (OSError, subprocess.SubprocessError):
         return None
+    i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+    native.edgemoe_stream_eval.restype = ctypes.c_bool
+    native.edgemoe_stream_eval.argtypes = [ptr, ctypes.c_bool, ptr]
+    native.edgemoe_stream_new.restype = ptr
+    native.edgemoe_stream_new.argtypes = [i64, i64, i64, i32, ptr, i32, i32]
+    native.edgemoe_stream_bind.restype = i32
+    native.edgemoe_stream_bind.argtypes = [ptr, i32, ptr, i32]
+    native.edgemoe_stream_submit.restype = i32
+    native.edgemoe_stream_submit.argtypes = [ptr, i32, i32, ptr, i64, i64, i64, i32]
+    for name in ("edgemoe_stream_drain", "edgemoe_stream_free"):
+        getattr(native, name).restype = None
+        getattr(native, name).argtypes = [ptr]
+    native.edgemoe_stream_stats.restype = None
+    native.edgemoe_stream_stats.argtypes = [ptr, ctypes.POINTER(i64 * 6)]
+    return native
 
 
 class ExpertStreamer:
@@ -512,17 +512,28 @@ class ExpertStreamer:
         self.order: list[str] = list(_PROJECTIONS)
         self.seen_order: dict[int, list[str]] = {}
         self.python_callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
-        self.native = _native_callback()
+        # C: the per-node answers, the reads and the waits (stream_cb.c); else all of it here, on Python threads
+        self.slots = {name: i for i, name in enumerate(sorted(self.tensors))}
+        self.native, self.state = _native_library(), None
         if self.native is not None:
-            lib, self.state = self.native, _NativeState()
-            self.state.off_op, self.state.off_name = self._off_op, self._off_name
-            self.state.op_mul_mat_id = self._ops["MUL_MAT_ID"]
-            self.state.python = ctypes.cast(self.python_callback, ctypes.c_void_p).value
-            address = ctypes.cast(lib.edgemoe_stream_eval, ctypes.c_void_p).value
+            self.state = self.native.edgemoe_stream_new(
+                self._off_op,
+                self._off_name,
+                self._off_src0,
+                self._ops["MUL_MAT_ID"],
+                ctypes.cast(self.python_callback, ctypes.c_void_p).value,
+                len(self.slots),
+                _READERS,
+            )
+        if self.state:
+            for name, slot in self.slots.items():
+                self.native.edgemoe_stream_bind(self.state, slot, None, self.tensors[name].layer)
+            address = ctypes.cast(self.native.edgemoe_stream_eval, ctypes.c_void_p).value
             self.callback = llama_cpp.ggml_backend_sched_eval_callback(address)
-            self.user_data = ctypes.addressof(self.state)
+            self.user_data = self.state
         else:
-            self.state, self.callback, self.user_data = None, self.python_callback, None
+            self.native = self.state = None
+            self.callback, self.user_data = self.python_callback, None
 
     # -- the callback --
 
@@ -543,6 +554,8 @@ class ExpertStreamer:
                     try:
                         src0 = ctypes.c_void_p.from_address(t_ptr + self._off_src0).value
                         self._bind(src0)
+                        if self.state is not None:
+                            return False  # C waits for the reads of the tensor now bound
                         return self._await(self.bound.get(src0, ""))
                     except BaseException as e:
                         self.error = self.error or e
@@ -623,6 +636,8 @@ class ExpertStreamer:
         original = struct.data
         ctypes.c_void_p.from_address(tensor_ptr + self._off_data).value = self.addresses[name]
         self.bound[tensor_ptr] = name
+        if self.state is not None:
+            self.native.edgemoe_stream_bind(self.state, self.slots[name], tensor_ptr, t.layer)
         # the mapping's pages of this tensor are never read again: drop them from this process and the page cache
         lo = (original + _PAGE - 1) // _PAGE * _PAGE
         hi = (original + t.nbytes) // _PAGE * _PAGE
@@ -636,6 +651,8 @@ class ExpertStreamer:
     def ensure(self, layer: int, experts: list[int]) -> None:
         """Make `experts` of `layer` present in the stand-ins, evicting the least recently used others."""
         self._drain()  # reads of a layer none of whose matmuls awaited them (not expected; kept safe)
+        if self.state is not None:
+            self._native_error()
         with self.lock:
             self.pinned = {(layer, e) for e in experts}  # the previous layer's matmuls are done
             waited = time.perf_counter()
@@ -674,6 +691,22 @@ class ExpertStreamer:
         # and the first matmul starts as soon as its own slices are in while the others' are still coming
         by_projection = {t.projection: t for t in self.by_layer[layer]}
         runs = _runs(missing)
+        if self.state is not None:  # C reads them, and C's callback waits for them before each matmul
+            with self.lock:
+                self.in_flight.difference_update((layer, e) for e in missing)
+                for e in missing:
+                    self.reading.pop((layer, e), None)
+            for projection in sorted(by_projection, key=self._rank):
+                t = by_projection[projection]
+                for run in runs:
+                    fd, into, offset, size, need, drop = self._geometry(t, run[0], len(run))
+                    address = self.addresses[t.name] - self.shift[t.name] + into
+                    slot = self.slots[t.name]
+                    if self.native.edgemoe_stream_submit(self.state, slot, fd, address, offset, size, need, drop):
+                        raise RuntimeError(f"{t.name}: the read could not be queued")
+            with self.lock:
+                self.bytes_read += len(missing) * self.set_bytes[layer]  # what the queued reads bring in
+            return
         for projection in sorted(by_projection, key=self._rank):
             t = by_projection[projection]
             futures = []
@@ -699,6 +732,8 @@ class ExpertStreamer:
 
     def _drain(self) -> None:
         """Wait for every read still going on (a layer whose matmuls were not all seen, or closing)."""
+        if self.state is not None:
+            self.native.edgemoe_stream_drain(self.state)
         for key in list(self.pending):
             for f in self.pending.pop(key, []):
                 try:
@@ -798,27 +833,29 @@ class ExpertStreamer:
                         self.prefetch_reads += 1
                         self.lock.notify_all()
 
+    def _geometry(self, t: ExpertTensor, first: int, count: int) -> tuple[int, int, int, int, int, int]:
+        """How to read experts first..first+count-1 of `t`: (fd, offset in its region, file offset, bytes to read,
+        bytes that must arrive, drop from the page cache after)."""
+        at, size = first * t.slice_bytes, count * t.slice_bytes
+        if self.direct_fd >= 0:
+            # whole pages around the slice: the extra bytes are the file's own (a neighbour's, or padding)
+            lo = (t.file_offset + at) // _PAGE * _PAGE
+            hi = min(-(-(t.file_offset + at + size) // _PAGE) * _PAGE, -(-self.file_size // _PAGE) * _PAGE)
+            into = self.shift[t.name] + at - (t.file_offset + at - lo)
+            return self.direct_fd, into, lo, hi - lo, t.file_offset + at + size - lo, 0
+        # buffered: the file's pages are dropped after, they would compete with the hot weights
+        return self.fd, self.shift[t.name] + at, t.file_offset + at, size, size, 1
+
     def _read(self, layer: int, first: int, count: int, only: ExpertTensor | None = None) -> None:
-        """Read experts first..first+count-1 of `layer` (of one tensor `only`, or all three) into the regions."""
+        """Read experts first..first+count-1 of `layer` (of one tensor `only`, or all three) into the regions, on
+        this thread."""
         n = 0
         for t in [only] if only is not None else self.by_layer[layer]:
-            at, size = first * t.slice_bytes, count * t.slice_bytes
-            if self.direct_fd >= 0:
-                # whole pages around the slice: the extra bytes are the file's own (a neighbour's, or padding)
-                lo = (t.file_offset + at) // _PAGE * _PAGE
-                hi = min(-(-(t.file_offset + at + size) // _PAGE) * _PAGE, -(-self.file_size // _PAGE) * _PAGE)
-                into = self.shift[t.name] + at - (t.file_offset + at - lo)
-                try:
-                    self._pread(self.direct_fd, t, into, lo, hi - lo, need=t.file_offset + at + size - lo)
-                    n += size
-                    continue
-                except OSError:  # EINVAL: direct I/O refused after all; buffered from now on
-                    os.close(self.direct_fd)
-                    self.direct_fd = -1
-            self._pread(self.fd, t, self.shift[t.name] + at, t.file_offset + at, size, need=size)
-            # keep the file's pages out of the page cache: they would compete with the hot weights
-            os.posix_fadvise(self.fd, t.file_offset + at, size, os.POSIX_FADV_DONTNEED)
-            n += size
+            fd, into, offset, size, need, drop = self._geometry(t, first, count)
+            self._pread(fd, t, into, offset, size, need=need)
+            if drop:
+                os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
+            n += count * t.slice_bytes
         with self.lock:
             self.bytes_read += n
 
@@ -861,13 +898,33 @@ class ExpertStreamer:
 
     def check(self) -> None:
         """Raise what went wrong inside the callback (a read failing): the tokens generated since are not valid."""
+        if self.error is None and self.state is not None:
+            try:
+                self._native_error()
+            except RuntimeError as e:
+                self.error = e
         if self.error is not None:
             raise EdgeMoEError(
                 f"streaming experts from the GGUF failed: {self.error}", "check the model file and its disk"
             ) from self.error
 
     def _counters(self) -> tuple:
-        return self.steps, self.bytes_read, self.read_s, self.lookups, self.hits
+        return self.steps, self.bytes_read, self._read_wait(), self.lookups, self.hits
+
+    def _native_stats(self) -> list[int]:
+        """stream_cb.c's counters: calls, python_calls, bytes_read, reads, wait_ns, error."""
+        out = (ctypes.c_int64 * 6)()
+        self.native.edgemoe_stream_stats(self.state, ctypes.byref(out))
+        return list(out)
+
+    def _read_wait(self) -> float:
+        """Seconds blocked waiting for reads: here, and in C's callback."""
+        return self.read_s + (self._native_stats()[4] / 1e9 if self.state is not None else 0.0)
+
+    def _native_error(self) -> None:
+        err = self._native_stats()[5] if self.state is not None else 0
+        if err:
+            raise RuntimeError("the GGUF ended early (truncated while running?)" if err < 0 else os.strerror(err))
 
     def prompt_done(self) -> None:
         """Called once the prompt is processed: what follows counts as generation (per-token numbers)."""
@@ -879,6 +936,7 @@ class ExpertStreamer:
         steps, read, read_s, lookups, hits = (
             a - b for a, b in zip(self._counters(), self.at_prompt_end or self._counters())
         )
+        native = self._native_stats() if self.state is not None else None
 
         return StreamStats(
             cache_bytes=self.plan.cache_bytes,
@@ -891,7 +949,7 @@ class ExpertStreamer:
             misses=self.misses,
             hit_rate=round(self.hits / self.lookups, 4) if self.lookups else 0.0,
             bytes_read=self.bytes_read,
-            read_wait_s=round(self.read_s, 6),
+            read_wait_s=round(self._read_wait(), 6),
             hook_s=round(self.hook_s, 6),
             decode_tokens=steps,
             decode_bytes_read=read,
@@ -903,8 +961,8 @@ class ExpertStreamer:
             prefetch_wait_s=round(self.prefetch_wait_s, 6),
             warm_bytes=self.warm_bytes,
             native_callback=self.state is not None,
-            callbacks=self.state.calls if self.state is not None else self.python_calls,
-            python_callbacks=self.state.python_calls if self.state is not None else self.python_calls,
+            callbacks=native[0] if native else self.python_calls,
+            python_callbacks=native[1] if native else self.python_calls,
             plan=asdict(self.plan),
         )
 
@@ -915,6 +973,9 @@ class ExpertStreamer:
             self.worker.join()
             self.worker = None
         self.readers.shutdown(wait=True)
+        if self.state is not None:  # after the model: its context called into this state until it was freed
+            self.native.edgemoe_stream_free(self.state)
+            self.state = None
         for region in self.regions.values():
             try:
                 region.close()

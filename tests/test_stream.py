@@ -184,3 +184,28 @@ def test_warm_without_memory_is_a_one_line_error(tiny_gguf, tmp_path, monkeypatc
         main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "--memory" in err
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_a_read_that_fails_is_an_error_not_a_reply(tiny_gguf, monkeypatch, native):
+    """A disk that stops delivering (here: the GGUF's descriptors swapped for /dev/null, which reads as end of
+    file) must surface as one EdgeMoEError after decoding, from the C readers and from the Python ones alike."""
+    import os
+
+    monkeypatch.setenv("EDGEMOE_STREAM_NATIVE", native)
+    path = tiny_gguf("pt", "q8_0")
+    cap, _ = _forcing_cap(path, 0.25)
+    llm, streamer = generate.load_within(path, cap, ctx=CTX, threads=1)
+    try:
+        assert (streamer.native is not None) == (native == "1")
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd in (streamer.fd, streamer.direct_fd):
+            if fd >= 0:
+                os.dup2(null, fd)
+        os.close(null)
+        generate.chat_reply(llm, PROMPT, max_tokens=4, temp=0)
+        with pytest.raises(EdgeMoEError, match="streaming experts from the GGUF failed"):
+            streamer.check()
+    finally:
+        llm.close()
+        streamer.close()
