@@ -389,6 +389,21 @@ def _libc():
 _MADV_RANDOM, _MADV_DONTNEED = 1, 4
 
 
+class _NativeRead(ctypes.Structure):
+    """stream_cb.c's `struct edgemoe_read`."""
+
+    _fields_ = [
+        ("slot", ctypes.c_int32),
+        ("fd", ctypes.c_int32),
+        ("drop_cache", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+        ("into", ctypes.c_int64),
+        ("offset", ctypes.c_int64),
+        ("size", ctypes.c_int64),
+        ("need", ctypes.c_int64),
+    ]
+
+
 def _native_library():
     """stream_cb.c compiled for this machine (once, into the store), or None: no C compiler, or
     EDGEMOE_STREAM_NATIVE=0. Without it Python answers every node and reads on Python threads, the same way, slower."""
@@ -422,7 +437,7 @@ def _native_library():
     native.edgemoe_stream_bind.restype = i32
     native.edgemoe_stream_bind.argtypes = [ptr, i32, ptr, i32]
     native.edgemoe_stream_submit.restype = i32
-    native.edgemoe_stream_submit.argtypes = [ptr, i32, i32, ptr, i64, i64, i64, i32]
+    native.edgemoe_stream_submit.argtypes = [ptr, ctypes.POINTER(_NativeRead), i32]
     for name in ("edgemoe_stream_drain", "edgemoe_stream_free"):
         getattr(native, name).restype = None
         getattr(native, name).argtypes = [ptr]
@@ -696,14 +711,22 @@ class ExpertStreamer:
                 self.in_flight.difference_update((layer, e) for e in missing)
                 for e in missing:
                     self.reading.pop((layer, e), None)
-            for projection in sorted(by_projection, key=self._rank):
-                t = by_projection[projection]
-                for run in runs:
-                    fd, into, offset, size, need, drop = self._geometry(t, run[0], len(run))
-                    address = self.addresses[t.name] - self.shift[t.name] + into
-                    slot = self.slots[t.name]
-                    if self.native.edgemoe_stream_submit(self.state, slot, fd, address, offset, size, need, drop):
-                        raise RuntimeError(f"{t.name}: the read could not be queued")
+            reads = [
+                (self.slots[t.name], t, *self._geometry(t, run[0], len(run)))
+                for t in sorted(by_projection.values(), key=lambda t: self._rank(t.projection))
+                for run in runs
+            ]
+            batch = (_NativeRead * len(reads))()
+            for r, (slot, t, fd, into, offset, size, need, drop) in zip(batch, reads):
+                r.slot, r.fd, r.drop_cache = slot, fd, drop
+                r.into, r.offset, r.size, r.need = (
+                    self.addresses[t.name] - self.shift[t.name] + into,
+                    offset,
+                    size,
+                    need,
+                )
+            if self.native.edgemoe_stream_submit(self.state, batch, len(reads)):
+                raise RuntimeError(f"layer {layer}: the reads could not be queued")
             with self.lock:
                 self.bytes_read += len(missing) * self.set_bytes[layer]  # what the queued reads bring in
             return

@@ -148,25 +148,46 @@ int32_t edgemoe_stream_bind(struct edgemoe_stream *s, int32_t slot, void *tensor
     return 0;
 }
 
-/* read `size` bytes at `offset` of `fd` into `into`, at least `need` of them, for `slot`; in submission order */
-int32_t edgemoe_stream_submit(struct edgemoe_stream *s, int32_t slot, int32_t fd, void *into, int64_t offset,
-                              int64_t size, int64_t need, int32_t drop_cache) {
-    if (slot < 0 || slot >= s->n_slots || need > size || need < 0) return -1;
-    struct job *j = (struct job *)calloc(1, sizeof *j);
-    if (!j) return -1;
-    j->slot = slot;
-    j->fd = fd;
-    j->into = (char *)into;
-    j->offset = offset;
-    j->size = size;
-    j->need = need;
-    j->drop_cache = drop_cache;
+/* one read as Python describes it: `size` bytes at `offset` of `fd` into `into`, at least `need` of them */
+struct edgemoe_read {
+    int32_t slot, fd, drop_cache, pad;
+    int64_t into, offset, size, need;
+};
+
+/* queue `n` reads, in this order, with one wake-up of the readers (a layer's reads come together) */
+int32_t edgemoe_stream_submit(struct edgemoe_stream *s, const struct edgemoe_read *reads, int32_t n) {
+    struct job *first = NULL, *last = NULL;
+    for (int32_t i = 0; i < n; i++) {
+        const struct edgemoe_read *r = &reads[i];
+        struct job *j = (r->slot < 0 || r->slot >= s->n_slots || r->need > r->size || r->need < 0)
+                            ? NULL
+                            : (struct job *)calloc(1, sizeof *j);
+        if (!j) {
+            while (first) {
+                struct job *next = first->next;
+                free(first);
+                first = next;
+            }
+            return -1;
+        }
+        j->slot = r->slot;
+        j->fd = r->fd;
+        j->into = (char *)(intptr_t)r->into;
+        j->offset = r->offset;
+        j->size = r->size;
+        j->need = r->need;
+        j->drop_cache = r->drop_cache;
+        if (last) last->next = j;
+        else first = j;
+        last = j;
+    }
+    if (!first) return 0;
     pthread_mutex_lock(&s->lock);
-    s->pending[slot]++;
-    if (s->tail) s->tail->next = j;
-    else s->head = j;
-    s->tail = j;
-    pthread_cond_signal(&s->work);
+    for (struct job *j = first; j; j = j->next) s->pending[j->slot]++;
+    if (s->tail) s->tail->next = first;
+    else s->head = first;
+    s->tail = last;
+    pthread_cond_broadcast(&s->work);
     pthread_mutex_unlock(&s->lock);
     return 0;
 }
