@@ -209,3 +209,18 @@ def test_a_read_that_fails_is_an_error_not_a_reply(tiny_gguf, monkeypatch, nativ
     finally:
         llm.close()
         streamer.close()
+
+
+@pytest.mark.parametrize("cc", ["cc", "aarch64-linux-gnu-gcc"])
+def test_the_c_part_compiles_cleanly_for_this_machine_and_for_arm(cc, tmp_path):
+    """stream_cb.c is compiled on the user's board by its own compiler: no warnings with -Wall -Wextra, here and
+    for aarch64 (the boards edgemoe is for) where the cross compiler is installed."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which(cc) is None:
+        pytest.skip(f"{cc} not installed")
+    source = Path(stream.__file__).with_name("stream_cb.c")
+    flags = ["-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-pthread"]
+    subprocess.run([cc, *flags, "-o", str(tmp_path / "stream_cb.so"), str(source)], check=True)
