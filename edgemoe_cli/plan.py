@@ -6,11 +6,15 @@ with ernie21b.kv_cache_bytes (f16 K and V for `ctx` tokens, this model's layers/
 and ernie21b.RUNTIME_RESERVE_BYTES (compute buffers, process, OS minimum) — the same numbers `doctor` uses.
 
 Prediction (measured, not a fixed table). For every quantizable tensor W and candidate type t:
-1. error: quantize the whole model to t once (llama.cpp, with the imatrix), dequantize each tensor with gguf.quants
-   and compute the imatrix-weighted squared error  E(W,t) = sum_e sum_j s_ej * sum_rows (W_q - W)_rj^2 / N,
+1. error: quantize W to t (llama.cpp's own ggml_quantize_chunk, with the imatrix), dequantize it and compute the
+   imatrix-weighted squared error  E(W,t) = sum_e sum_j s_ej * sum_rows (W_q - W)_rj^2 / N,
    where s_ej is the imatrix's sum of x_j^2 over the tokens routed to expert e and N the tokens seen: the expected
    squared norm of the output error ||(W_q - W) x||^2 per token (diagonal approximation of E[x x^T]).
    Tensors without activations in the imatrix (the token embedding, a lookup table) get s = 1.
+   Quantization is per row, so E is estimated from a stratified sample of rows (every expert sampled, --error-sample
+   of the rows, at least qerror.MIN_ROWS per tensor), quantized in process: edgemoe_cli/qerror.py, whose rows'
+   bytes are llama.cpp's and whose estimate at fraction 1 is tensor_errors' on llama.cpp's output (tested);
+   bench/qerror_convergence.md shows the sample's error.
 2. calibration: KL divergence is second order in a small output perturbation, so dKLD ~ g * E. One gain g per
    tensor role (attn_q, ffn_down_exps, token_embd, ...) is measured: lower only that role's tensors, in every
    layer, to the calibration type (Q3_K), measure the KLD against the unquantized model on the calibration text,
@@ -21,8 +25,9 @@ Prediction (measured, not a fixed table). For every quantizable tensor W and can
    its prediction (quantized matmuls also quantize their activations), the same for every mix.
 3. choice: an exact multiple-choice knapsack (dynamic programming over bytes in 1/4000ths of the budget) picks one
    type per tensor minimising the summed prediction with total bytes <= budget.
-Cost. llama.cpp quantizes the whole model once per candidate type (step 1); every calibration model of step 2 is
-then assembled, not re-quantized: its tensors are copied byte for byte from the kept Q3_K quantization (the
+Cost. Step 1 quantizes only the sample; llama.cpp quantizes the whole model only to the calibration type and Q8_0,
+and every calibration model of step 2 is assembled from those, not re-quantized: its tensors are copied byte for
+byte from the kept Q3_K quantization (the
 lowered ones) and from the reference (the rest) — quantization is per tensor, so this is exactly the file
 llama.cpp would write for that mix (tests/test_plan.py checks it), at the cost of a file copy. What remains is
 one KLD eval per role, per layer and for the floor.
@@ -88,6 +93,7 @@ class Measurements:
     floor_kld: float = 0.0  # measured KLD of the all-Q8_0 model beyond its prediction (activation quantization)
     seconds: dict[str, float] = field(default_factory=dict)  # quantize, errors, assemble, eval
     work: dict[str, int] = field(default_factory=dict)  # assembled_bytes, eval_tokens, runs: what the seconds bought
+    error_sample: float = 1.0  # fraction of rows E was estimated from (qerror; 1.0: every row)
 
     def predicted(self, tensor: str, type_: str) -> float:
         return self.gains[role(tensor)] * self.layer_factors.get(layer(tensor), 1.0) * self.errors[tensor][type_]
@@ -120,13 +126,26 @@ def tensor_errors(source: Path, quantized: Path, imatrix, names: list[str]) -> d
     return out
 
 
-def _cache_path(model: Path, imatrix: Path, text: Path, types, cal_type, max_chunks, reference) -> Path:
+def check_error_sample(fraction: float | None) -> float | None:
+    """--error-sample as given, or an EdgeMoEError when it is no fraction of the rows."""
+    if fraction is not None and not 0 < fraction <= 1:
+        raise EdgeMoEError(f"--error-sample {fraction:g} is not in (0, 1]", "e.g. 0.0625, or 1 for every row")
+    return fraction
+
+
+def _cache_path(
+    model: Path, imatrix: Path, text: Path, types, cal_type, max_chunks, reference, error_sample: float
+) -> Path:
+    from .qerror import MIN_ROWS
+
     h = hashlib.sha256()
     st = model.stat()
     h.update(
         f"v3|{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|"
         f"{reference}|".encode()
     )
+    if error_sample < 1:  # every row (1.0) is what v3 measured with llama-quantize: the same numbers, the same key
+        h.update(f"sample|{error_sample!r}|{MIN_ROWS}|ratio|".encode())
     h.update(sha256_file(imatrix).encode())
     h.update(sha256_file(text).encode())
     return home() / "cache" / "plan" / f"{h.hexdigest()[:20]}.json"
@@ -190,18 +209,23 @@ def measure(
     workdir: str | Path | None = None,
     use_cache: bool = True,
     reference: str = "source",
+    error_sample: float | None = None,
 ) -> Measurements:
     """Errors of every tensor at every candidate type and one measured KLD gain per tensor role (cached).
+
+    error_sample: the fraction of each tensor's rows its error is estimated from (qerror.sampled_errors; default
+    qerror.DEFAULT_FRACTION, 1.0 every row).
 
     reference="source": gains are measured against the input model, everything else kept in its source type
     (needs RAM for the whole bf16 model: ~44 GB at 21B). reference="q8_0": against the model at Q8_0, everything
     else Q8_0 (half the RAM; Q8_0's own KLD is two orders of magnitude below the types being chosen).
 
-    llama.cpp quantizes the model once per candidate type; the calibration-type and Q8_0 files are kept while
-    measuring, and every calibration model is assembled from them (plan.assemble: raw bytes copied, no
-    re-quantization). Disk: the source, those two files, one more candidate and one calibration model.
+    Errors are scored in process on a sample of rows (qerror); llama.cpp quantizes the whole model only to the
+    calibration type and Q8_0, kept while measuring: every calibration model is assembled from them (plan.assemble:
+    raw bytes copied, no re-quantization). Disk: the source, those two files and one calibration model.
     """
     from .imatrix import read_imatrix
+    from .qerror import DEFAULT_FRACTION
 
     model, imatrix, text = Path(model), Path(imatrix), Path(text)
     for p, what in ((model, "model"), (imatrix, "imatrix"), (text, "text")):
@@ -209,7 +233,8 @@ def measure(
             raise EdgeMoEError(f"{what} {p} does not exist", "check the path")
     if reference not in ("source", "q8_0"):
         raise EdgeMoEError(f"unknown reference {reference!r}", "use source or q8_0")
-    cache = _cache_path(model, imatrix, text, types, calibration_type, max_chunks, reference)
+    error_sample = DEFAULT_FRACTION if error_sample is None else check_error_sample(error_sample)
+    cache = _cache_path(model, imatrix, text, types, calibration_type, max_chunks, reference, error_sample)
     if use_cache and cache.is_file():
         try:
             return Measurements(**json.loads(cache.read_text()))
@@ -239,6 +264,7 @@ def measure(
             tensors,
             im,
             work,
+            error_sample,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -261,8 +287,10 @@ def _measure(
     tensors: list[TensorInfo],
     im,
     work: Path,
+    error_sample: float = 1.0,
 ) -> Measurements:
     from .evaluate import evaluate
+    from .qerror import sampled_errors
     from .quantize import quantize
 
     targets = [t for t in tensors if quantizable(t)]
@@ -271,23 +299,23 @@ def _measure(
     errors: dict[str, dict[str, float]] = {t.name: {} for t in targets}
     seconds = {"quantize": 0.0, "errors": 0.0, "assemble": 0.0, "eval": 0.0}
     stats = {"assembled_bytes": 0, "eval_tokens": 0, "runs": 0}
-    to_quantize = list(types) + [k for k in kept if k not in types]
-    for i, t in enumerate(to_quantize):
+    # step 1: every candidate type's error, from a sample of rows quantized in process (one pass over the model)
+    t0 = time.perf_counter()
+    for name, per_type in sampled_errors(
+        model, im, [x.name for x in targets], types, error_sample, threads=threads, progress=progress
+    ).items():
+        errors[name].update(per_type)
+    seconds["errors"] += time.perf_counter() - t0
+    # what the calibration models are assembled from: llama.cpp quantizes the whole model to these two types
+    for i, t in enumerate(kept):
         if progress:
-            progress("errors", i, len(to_quantize))
+            progress("quantize", i, len(kept), t)
         fits = [x.name for x in targets if x.shape[0] % _block(t) == 0]
-        out = kept.get(t, work / f"{model.stem}.candidate.gguf")
         t0 = time.perf_counter()
-        quantize(model, _uniform(t, fits), out=out, imatrix=imatrix, threads=threads, manifest=False)
-        t1 = time.perf_counter()
-        if t in types:
-            for name, e in tensor_errors(model, out, im, fits).items():
-                errors[name][t] = e
-        seconds["quantize"] += t1 - t0
-        seconds["errors"] += time.perf_counter() - t1
-    (work / f"{model.stem}.candidate.gguf").unlink(missing_ok=True)
+        quantize(model, _uniform(t, fits), out=kept[t], imatrix=imatrix, threads=threads, manifest=False)
+        seconds["quantize"] += time.perf_counter() - t0
     if progress:
-        progress("errors", len(to_quantize), len(to_quantize))
+        progress("quantize", len(kept), len(kept))
     # everything not lowered comes from here: the source, or its Q8_0 quantization (llama.cpp's recipe for both:
     # plan._uniform(cal, members, keep) — the test checks the assembly is byte-identical to it)
     base = model if reference == "source" else kept["q8_0"]
@@ -358,6 +386,7 @@ def _measure(
         floor,
         {k: round(v, 2) for k, v in seconds.items()},
         stats,
+        error_sample,
     )
 
 
@@ -643,6 +672,7 @@ def plan(
     reference: str = "source",
     min_every_token: str | None = MIN_EVERY_TOKEN,
     ram_source: str | None = None,
+    error_sample: float | None = None,
 ) -> PlanResult:
     """Measure (or reuse cached measurements), solve for the budget, write the recipe TOML to `out`.
 
@@ -656,7 +686,16 @@ def plan(
     types = ARM_FAST_TYPES if arm_fast else DEFAULT_TYPES
     cal = ARM_FAST_CALIBRATION_TYPE if arm_fast else CALIBRATION_TYPE
     m = measure(
-        model, imatrix, text, types, cal, max_chunks=max_chunks, threads=threads, progress=progress, reference=reference
+        model,
+        imatrix,
+        text,
+        types,
+        cal,
+        max_chunks=max_chunks,
+        threads=threads,
+        progress=progress,
+        reference=reference,
+        error_sample=error_sample,
     )
     tensors, overhead = read_tensors(model)
     result = plan_from_measurements(m, tensors, overhead, budget, formula, name, min_every_token)

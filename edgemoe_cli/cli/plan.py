@@ -58,6 +58,16 @@ ReferenceOpt = Annotated[
         "21B on a 32 GB machine).",
     ),
 ]
+ErrorSampleOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--error-sample",
+        min=0.0,
+        max=1.0,
+        help="Fraction of each tensor's rows its quantization error is measured on (default 1/16, at least 512 "
+        "rows a tensor, every expert; 1 = every row). bench/qerror_convergence.md: the estimate's error.",
+    ),
+]
 
 
 def plan_cmd(
@@ -76,6 +86,7 @@ def plan_cmd(
     chunks: ChunksOpt = 16,
     min_every_token: MinEveryTokenOpt = "q4_k",
     reference: ReferenceOpt = "source",
+    error_sample: ErrorSampleOpt = None,
     threads: Optional[int] = threads_option("all CPUs"),
     as_json: bool = json_option("the plan"),
 ) -> None:
@@ -93,6 +104,7 @@ def plan_cmd(
     from ..imatrix import default_calibration_text, ensure_imatrix
 
     ram, size, reserve_bytes, ram_source = stage.budget_options(budget, board, max_size, reserve)
+    stage.check_error_sample(error_sample)
     text = text or default_calibration_text()
     with progress_bars(as_json) as progress:
         model = source_model(model, progress)
@@ -113,6 +125,7 @@ def plan_cmd(
             reference=reference,
             min_every_token=None if min_every_token.lower() == "none" else min_every_token,
             ram_source=ram_source,
+            error_sample=error_sample,
         )
         if do_quantize:
             result.quantized = _quantize(model, stage.plan_recipe(result, out), gguf_out, imatrix, threads, progress)
