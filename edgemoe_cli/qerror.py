@@ -4,20 +4,23 @@ What it computes is plan's E (plan.py's docstring): E(W,t) = sum_e sum_j s_ej * 
 How: llama.cpp quantizes a tensor row by row — llama-quant.cpp hands ggml_quantize_chunk slabs of whole rows, each
 with its expert's slice of the importance vector (in_sum2/counts, as quantize.imatrix_array passes it) — so the
 bytes of one row depend on that row and that slice only. This module reads chosen source rows straight from the
-GGUF (the reader's memory map: only the sampled rows' pages are read), converts them to f32 exactly as llama.cpp
+GGUF (pread: only those rows, not a whole tensor, are in memory), converts them to f32 exactly as llama.cpp
 does (bf16/f16 widening is exact), quantizes them with the same build's ggml (`ggml_quantize_chunk` from
 libggml-base beside the libllama the binding loads, through ctypes), dequantizes them with ggml's own `to_float`
 and accumulates the squared error per column and expert. tests/test_qerror.py checks that the sampled rows' bytes
 are byte for byte llama.cpp's and that a full sample gives plan.tensor_errors' values for every candidate type.
 
 Sample. Each stratum — an expert of a 3-D tensor, or a 2-D tensor — is cut into k equal runs of consecutive rows
-and one row is drawn from each (seeded by the tensor's name: the same rows for every type, the same on every run),
-k = ceil(fraction x rows) but at least min(rows, MIN_ROWS). A drawn row stands for its run (Horvitz-Thompson
-weight = the run's length), so the estimate is unbiased and exact at fraction 1. Every expert is sampled because
-the imatrix weights differ per expert (an expert few tokens reach matters little). bench/qerror_convergence.md
-shows how the estimate converges at real widths; DEFAULT_FRACTION is the smallest fraction it found good enough.
+and one row is drawn from each (seeded by the tensor's name and the stratum: the same rows for every type and on
+every run), k = ceil(fraction x rows) but at least MIN_ROWS per tensor (spread over its experts), at most every
+row. Every expert is sampled because the imatrix weights differ per expert. The estimate per stratum is a ratio
+estimator: the sampled rows' weighted errors over their weighted energies sum_j s_j W_rj^2, times the energy of
+all the stratum's rows (one cheap read of every row, no quantizing) — a row's quantization error scales with its
+magnitude, so the ratio varies far less between rows than the error does. Exact at fraction 1.
+bench/qerror_convergence.md shows how the estimate converges, on a real-width model and on the trained fixture;
+DEFAULT_FRACTION and MIN_ROWS come from there.
 
-Cost and memory: one pass over the model for all candidate types (the source rows are read and widened once);
+Cost and memory: one pass over the model for all candidate types (each sampled row is read and widened once);
 work items of at most SLAB_ROWS rows of one stratum run on `threads` threads (ctypes releases the GIL), so memory
 is a few slabs, whatever the model.
 """
@@ -169,12 +172,17 @@ def dequantize_rows(kind: _Kind, q: np.ndarray, n_per_row: int) -> np.ndarray:
     return out
 
 
+def rows_per_stratum(n_rows: int, n_strata: int, fraction: float, min_rows: int = MIN_ROWS) -> int:
+    """k: fraction x n_rows, but at least min_rows / n_strata (the floor is per tensor), at most every row."""
+    return min(n_rows, max(math.ceil(fraction * n_rows), math.ceil(min_rows / n_strata), 1))
+
+
 def sample_rows(
     name: str, stratum: int, n_rows: int, n_strata: int, fraction: float, seed: int = 0, min_rows: int = MIN_ROWS
 ):
     """(sorted row indices, weights) of one stratum of `n_rows` rows: one row drawn from each of k equal runs, weight
     = the run's length; k = fraction x n_rows, but at least min_rows / n_strata (and at most every row)."""
-    k = min(n_rows, max(math.ceil(fraction * n_rows), math.ceil(min_rows / n_strata), 1))
+    k = rows_per_stratum(n_rows, n_strata, fraction, min_rows)
     edges = (np.arange(k + 1, dtype=np.int64) * n_rows) // k
     lengths = edges[1:] - edges[:-1]
     if k == n_rows:
@@ -184,16 +192,36 @@ def sample_rows(
     return rows, lengths.astype(np.float64)
 
 
-def _rows_f32(tensor, stratum: int, rows: np.ndarray | slice, n_per_row: int) -> np.ndarray:
-    """Rows (indices, or a slice: one contiguous read) of one stratum of a GGUFReader tensor as f32, read from its
-    memory map (exact for f32/f16/bf16)."""
-    data = tensor.data
-    data = data.reshape(-1, data.shape[-2], data.shape[-1]) if data.ndim >= 2 else data.reshape(1, 1, -1)
-    raw = np.asarray(data[stratum][rows])
-    n = raw.shape[0]
+def _rows_f32(tensor, stratum: int, rows: np.ndarray | slice, n_per_row: int, fd: int | None = None) -> np.ndarray:
+    """Rows (indices, or a slice: one contiguous read) of one stratum of a GGUFReader tensor as f32 (exact for
+    f32/f16/bf16). Read with pread from the tensor's file (`fd`, else opened here), not through the reader's memory
+    map: mapped pages a process has touched count as its resident memory, read ones stay in the page cache."""
+    if fd is None:
+        fd = os.open(tensor.data.filename, os.O_RDONLY)
+        try:
+            return _rows_f32(tensor, stratum, rows, n_per_row, fd)
+        finally:
+            os.close(fd)
     kind = tensor.tensor_type.name
+    item = 4 if kind == "F32" else 2
+    row_bytes = n_per_row * item
+    n_rows = int(tensor.shape[1]) if len(tensor.shape) > 1 else 1
+    base = int(tensor.data_offset) + stratum * n_rows * row_bytes
+    if isinstance(rows, slice):
+        starts = [(rows.start, rows.stop - rows.start)]
+    else:
+        starts = [(int(r), 1) for r in rows]
+    raw = np.empty((sum(n for _, n in starts), row_bytes), dtype=np.uint8)
+    at = 0
+    for first, count in starts:
+        want = count * row_bytes
+        got = os.preadv(fd, [memoryview(raw[at : at + count]).cast("B")], base + first * row_bytes)
+        if got != want:
+            raise EdgeMoEError(f"{tensor.name}: the file ends inside the tensor's data", "convert the model again")
+        at += count
+    n = raw.shape[0]
     if kind == "F32":
-        return np.array(raw, dtype=np.float32).reshape(n, n_per_row)
+        return raw.view(np.float32).reshape(n, n_per_row)
     if kind == "F16":
         return raw.view(np.float16).reshape(n, n_per_row).astype(np.float32)
     bits = np.empty((n, n_per_row), dtype=np.uint32)
@@ -267,8 +295,10 @@ def tensor_sample_errors(
         col_weights, divide = np.ones((n_strata, n_per_row)), 1.0
     kinds = [_kind(t, n_per_row) for t in types]
 
+    fd = os.open(tensor.data.filename, os.O_RDONLY)
+
     def sampled(stratum: int, rows: np.ndarray, weights: np.ndarray) -> tuple[int, np.ndarray, float]:
-        src = _rows_f32(tensor, stratum, rows, n_per_row)
+        src = _rows_f32(tensor, stratum, rows, n_per_row, fd)
         imp = None if importance is None else importance[stratum]
         s = col_weights[stratum]
         errs = np.empty(len(kinds))
@@ -278,7 +308,7 @@ def tensor_sample_errors(
         return stratum, errs, float(weights @ _row_energy(src, s))
 
     def energy(stratum: int, start: int, stop: int) -> tuple[int, float]:
-        src = _rows_f32(tensor, stratum, slice(start, stop), n_per_row)
+        src = _rows_f32(tensor, stratum, slice(start, stop), n_per_row, fd)
         return stratum, float(_row_energy(src, col_weights[stratum]).sum())
 
     jobs, energy_jobs = [], []
@@ -294,11 +324,14 @@ def tensor_sample_errors(
     sample_energy = np.zeros(n_strata)
     total_energy = np.full(n_strata, np.nan)  # NaN: stratum taken whole (or plain estimator), no ratio
     run = pool.map if pool is not None else map
-    for s, e, p in run(lambda j: sampled(*j), jobs):
-        err[s] += e
-        sample_energy[s] += p
-    for s, p in run(lambda j: energy(*j), energy_jobs):
-        total_energy[s] = (0.0 if np.isnan(total_energy[s]) else total_energy[s]) + p
+    try:
+        for s, e, p in run(lambda j: sampled(*j), jobs):
+            err[s] += e
+            sample_energy[s] += p
+        for s, p in run(lambda j: energy(*j), energy_jobs):
+            total_energy[s] = (0.0 if np.isnan(total_energy[s]) else total_energy[s]) + p
+    finally:
+        os.close(fd)
     ratio = ~np.isnan(total_energy) & (sample_energy > 0)
     scale = np.ones(n_strata)
     scale[ratio] = total_energy[ratio] / sample_energy[ratio]

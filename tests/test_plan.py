@@ -107,6 +107,7 @@ def test_plan_cli_bad_input_is_one_line(tiny_gguf):
         (["plan", model], "give exactly one of --budget, --board or --max-size"),
         (["plan", model, "--budget", "lots"], "cannot read the size 'lots'"),
         (["plan", "/nope.gguf", "--max-size", "5MB", "--imatrix", "/nope.im"], "does not exist"),
+        (["plan", model, "--max-size", "5MB", "--error-sample", "0"], "--error-sample 0 is not in (0, 1]"),
     ):
         out = subprocess.run([sys.executable, "-m", "edgemoe_cli.cli"] + args, capture_output=True, text=True)
         assert out.returncode == 2 and needle in out.stderr, out.stderr
