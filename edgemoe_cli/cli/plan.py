@@ -92,11 +92,9 @@ def plan_cmd(
 ) -> None:
     """Choose a quantization type per tensor that fits a memory budget with the least predicted quality loss.
 
-    File budget = RAM budget - KV cache for --ctx tokens (f16 K and V) - runtime reserve (1 GiB, as doctor). The loss
-    is measured on this model: every tensor's imatrix-weighted error at every candidate type (Q2_K ... Q8_0; with
-    --arm-fast Q4_0, IQ4_NL, Q8_0), turned into KL divergence by gains measured per tensor role and per layer; an
-    exact knapsack picks the mix (README "quantize and plan": the method and its cost at 21B). Measurements are
-    cached, so a second budget is instant. The plan is a recipe TOML you can read, edit and reuse.
+    File budget = RAM - KV cache for --ctx tokens - runtime reserve (1 GiB, as doctor). Loss: each tensor's
+    imatrix-weighted error per candidate type (on a row sample) times KLD gains measured per role and layer; an exact
+    knapsack picks the mix (README "quantize and plan"). Cached: a second budget is instant. Gives a recipe TOML.
 
     Example: edgemoe plan ernie-thinking-bf16.gguf --budget 16GiB --ctx 8192 --out my16.toml --quantize
     """
@@ -130,8 +128,7 @@ def plan_cmd(
         if do_quantize:
             result.quantized = _quantize(model, stage.plan_recipe(result, out), gguf_out, imatrix, threads, progress)
     if as_json:
-        emit_json(result)
-        return
+        return emit_json(result)
     _print_plan(result, out)
 
 
