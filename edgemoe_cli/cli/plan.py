@@ -64,7 +64,7 @@ ErrorSampleOpt = Annotated[
         "--error-sample",
         min=0.0,
         max=1.0,
-        help="Fraction of each tensor's rows its quantization error is measured on (default 1/16, at least 512 "
+        help="Fraction of each tensor's rows its quantization error is measured on (default 1/64, at least 512 "
         "rows a tensor, every expert; 1 = every row). bench/qerror_convergence.md: the estimate's error.",
     ),
 ]
