@@ -10,6 +10,11 @@ its own:
   imatrix     edgemoe imatrix on --imatrix-chunks chunks (plan needs one; not part of plan's cost)
   quantize/T  quantize.quantize with plan._uniform(T, ...) for each of plan's 7 candidate types, then
               plan.tensor_errors on the result: weights/s quantized and weights/s error-scored, per type
+              (how plan measured errors before qerror; plan now quantizes the whole model only to Q3_K and Q8_0)
+  errors_sampled  qerror.sampled_errors, plan's error stage now: all 7 types on a row sample (--error-sample,
+              default qerror.DEFAULT_FRACTION) of every quantizable tensor, --threads threads
+  errors_energy   the same without quantizing (types none): its one full read of the source for the ratio
+              estimator's row energies; the rest of errors_sampled is the quantize + score of the sampled rows
   assemble    plan.assemble (the calibration-model copy), twice with shared readers as plan does: bytes/s
   eval_base   evaluate.base_logprobs: the reference's own pass (plan's 44th eval)
   eval        evaluate.evaluate of one assembled calibration model against the reference: tokens/s
@@ -22,7 +27,8 @@ tokens (plan's default 16); their rate is scaled to the 21B by active weights pe
 The calibration model assembled is a layer run of plan's (blk.1's tensors swapped to Q3_K).
 
 Run:  .venv/bin/python bench/plan_cost.py /work/bench-models/wide-ernie-2L --work /work/bench-models/plan-cost
-Writes bench/plan_cost.json and bench/plan_cost.md.
+Writes bench/plan_cost.json and bench/plan_cost.md. Stages already in --state (default WORK/plan_cost.results.json)
+are not run again.
 """
 
 from __future__ import annotations
@@ -90,6 +96,33 @@ def _sample(bf16: Path, type_: str, sample) -> tuple[list[str], list]:
     return fits, rest
 
 
+def _sampled_weights(path: Path, names, fraction: float) -> int:
+    """Weights qerror quantizes per type for the tensors `names` of a GGUF at `fraction` (its row rule)."""
+    from edgemoe_cli.qerror import rows_per_stratum
+    from edgemoe_cli.recipe import read_tensors
+
+    total = 0
+    for t in read_tensors(path)[0]:
+        if t.name in set(names):
+            strata = t.shape[2] if len(t.shape) > 2 else 1
+            total += rows_per_stratum(t.shape[1], strata, fraction) * strata * t.shape[0]
+    return total
+
+
+def sampled_weights_21b(fraction: float) -> int:
+    """The same for ERNIE-4.5-21B-A3B's quantizable tensors (routed experts: 64 strata)."""
+    from edgemoe_cli.ernie21b import ernie_tensors
+    from edgemoe_cli.qerror import rows_per_stratum
+
+    total = 0
+    for name, n, row in ernie_tensors():
+        if not name.endswith(".weight") or "_norm." in name or "ffn_gate_inp" in name:
+            continue
+        strata = 64 if "_exps." in name else 1
+        total += rows_per_stratum(n // row // strata, strata, fraction) * strata * row
+    return total
+
+
 def stage(name: str, args) -> dict:
     """One stage, run in this (child) process; returns what it measured."""
     work, threads = Path(args.work), args.threads
@@ -122,6 +155,35 @@ def stage(name: str, args) -> dict:
         if type_ not in ("q3_k", "q8_0"):  # plan keeps only these two for assembling
             out.unlink()
         return {"weights": _elements(p["bf16"], fits), "quantize_seconds": t1 - t0, "error_seconds": t2 - t1}
+    if name in ("errors_sampled", "errors_energy"):
+        import gguf
+
+        from edgemoe_cli import qerror
+        from edgemoe_cli.imatrix import read_imatrix
+
+        fits, _ = _sample(p["bf16"], "q8_0", None)  # every quantizable tensor (all rows are multiples of 32 here)
+        im = read_imatrix(p["imatrix"])
+        t0 = time.perf_counter()
+        if name == "errors_sampled":
+            errors = qerror.sampled_errors(p["bf16"], im, fits, DEFAULT_TYPES, args.error_sample, threads=threads)
+            scored = sum(len(v) for v in errors.values())
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            tensors = {t.name: t for t in gguf.GGUFReader(p["bf16"]).tensors}
+            with ThreadPoolExecutor(threads) as pool:
+                for f in fits:
+                    qerror.tensor_sample_errors(tensors[f], [], im, args.error_sample, pool=pool)
+            scored = 0
+        seconds = time.perf_counter() - t0
+        return {
+            "seconds": seconds,
+            "weights": _elements(p["bf16"], fits),
+            "sampled_weights": _sampled_weights(p["bf16"], fits, args.error_sample),
+            "fraction": args.error_sample,
+            "min_rows": qerror.MIN_ROWS,
+            "tensor_types_scored": scored,
+        }
     if name == "assemble":
         from edgemoe_cli.plan import assemble
 
@@ -178,7 +240,10 @@ def run_stage(name: str, args, results: dict, save) -> dict:
         str(args.text),
         "--sample",
         args.sample_arg,
+        "--error-sample",
+        str(args.error_sample),
     ]
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
     out = proc.stdout.read()
@@ -189,6 +254,7 @@ def run_stage(name: str, args, results: dict, save) -> dict:
     res = json.loads(out.decode().strip().splitlines()[-1])
     res["wall_seconds"] = time.perf_counter() - t0
     res["peak_rss_bytes"] = usage.ru_maxrss * 1024
+    res["load_before"] = load_before
     results[name] = res
     save()
     print(f"{name}: {json.dumps(res)}", file=sys.stderr, flush=True)
@@ -215,6 +281,13 @@ def predict(results: dict, args) -> dict:
         }
     quant_s = sum(weights_21b / v["r_quant"] for v in per_type.values())
     error_s = sum(weights_21b / v["r_error"] for v in per_type.values())
+    # plan now: whole-model quantizations only to Q3_K and Q8_0 (the calibration models' parts), errors sampled
+    kept_s = sum(weights_21b / per_type[t]["r_quant"] for t in ("q3_k", "q8_0"))
+    es, ee = results["errors_sampled"], results["errors_energy"]
+    r_energy = ee["weights"] / ee["seconds"]  # source weights read and energy-summed per second
+    r_scored = es["sampled_weights"] / max(es["seconds"] - ee["seconds"], 1e-9)  # sampled weights x 7 types / s
+    sampled_21b = sampled_weights_21b(es["fraction"])
+    sampled_s = sampled_21b / r_scored + weights_21b / r_energy
     steady = results["assemble"]["runs"][-1]
     r_copy = steady["bytes"] / steady["seconds"]
     ref_bytes = {"source (bf16)": 2 * weights_21b, "q8_0": model_bytes("Q8_0")}
@@ -226,8 +299,10 @@ def predict(results: dict, args) -> dict:
     r_pp_21b = r_pp * act_wide / act_21b
     eval_tokens = N_EVALS * 512 * PLAN_CHUNKS
     assemble_s = {k: N_ASSEMBLED * b / r_copy for k, b in ref_bytes.items()}
-    box = quant_s + error_s + assemble_s["source (bf16)"] + eval_tokens / r_pp_21b
-    o6 = quant_s + error_s + assemble_s["source (bf16)"] + eval_tokens / O6_PP512
+    box_old = quant_s + error_s + assemble_s["source (bf16)"] + eval_tokens / r_pp_21b
+    o6_old = quant_s + error_s + assemble_s["source (bf16)"] + eval_tokens / O6_PP512
+    box = kept_s + sampled_s + assemble_s["source (bf16)"] + eval_tokens / r_pp_21b
+    o6 = kept_s + sampled_s + assemble_s["source (bf16)"] + eval_tokens / O6_PP512
     return {
         "weights_21b": weights_21b,
         "per_type": per_type,
@@ -245,6 +320,14 @@ def predict(results: dict, args) -> dict:
         "eval_seconds_21b_o6": eval_tokens / O6_PP512,
         "total_seconds_box": box,
         "total_seconds_o6_evals": o6,
+        "old_total_seconds_box": box_old,
+        "old_total_seconds_o6_evals": o6_old,
+        "kept_quantize_seconds_21b": kept_s,
+        "r_energy": r_energy,
+        "r_scored": r_scored,
+        "sampled_weights_21b": sampled_21b,
+        "sampled_error_seconds_21b": sampled_s,
+        "error_fraction": es["fraction"],
     }
 
 
@@ -307,6 +390,18 @@ def write_md(results: dict, pred: dict, args, command: str, load: tuple, path: P
             f"{q['weights'] / 1e6:.0f} M weights | {q['error_seconds']:.1f} | "
             f"{q['weights'] / q['error_seconds'] / 1e6:.1f} M/s | (same process) |"
         )
+    es, ee = r["errors_sampled"], r["errors_energy"]
+    lines.append(
+        f"| **error stage now** (qerror, fraction {es['fraction']:g}, >= {es['min_rows']} rows a tensor) | model "
+        f"weights/s covered, all 7 types ({es['sampled_weights'] / 1e6:.0f} M weights quantized per type) | "
+        f"{es['weights'] / 1e6:.0f} M weights | {es['seconds']:.1f} | {es['weights'] / es['seconds'] / 1e6:.1f} M/s | "
+        f"**{es['peak_rss_bytes'] / gb:.2f} GB** |"
+    )
+    lines.append(
+        f"| of which the energy pass (every row read once, not quantized) | source weights/s | "
+        f"{ee['weights'] / 1e6:.0f} M weights | {ee['seconds']:.1f} | {ee['weights'] / ee['seconds'] / 1e6:.1f} M/s | "
+        f"{ee['peak_rss_bytes'] / gb:.2f} GB |"
+    )
     for i, run in enumerate(r["assemble"]["runs"]):
         lines.append(
             f"| assemble, run {i + 1}{' (parses the files)' if i == 0 else ' (readers reused, as plan)'} | "
@@ -324,26 +419,57 @@ def write_md(results: dict, pred: dict, args, command: str, load: tuple, path: P
             f"{e['seconds']:.1f} | {e['tokens'] / e['seconds']:.1f} tokens/s | {e['peak_rss_bytes'] / gb:.2f} GB |"
         )
     p = pred
+    evals = (
+        f"| 44 evals x 8192 tokens | {_h(p['eval_seconds_21b_box'])} at {p['r_pp_21b_box']:.2f} tokens/s "
+        f"(measured {p['r_pp_wide']:.1f} tokens/s (role run) x active weights {p['active_wide'] / 1e6:.0f} M / "
+        f"{p['active_21b'] / 1e6:.0f} M) | {_h(p['eval_seconds_21b_o6'])} at pp512 {O6_PP512} tokens/s (quoted) |"
+    )
+    assemblies = [
+        f"| 42 assemblies, reference bf16 ({p['reference_bytes_21b']['source (bf16)'] / gb:.1f} GB) at "
+        f"{p['r_copy'] / 1e6:.0f} MB/s | {_h(p['assemble_seconds_21b']['source (bf16)'])} | (this box's rate) |",
+        f"| (42 assemblies with --reference q8_0, {p['reference_bytes_21b']['q8_0'] / gb:.1f} GB) | "
+        f"{_h(p['assemble_seconds_21b']['q8_0'])} | |",
+    ]
     lines += [
         "",
         f"## Predicted for ERNIE-4.5-21B-A3B (28 layers, {p['weights_21b'] / 1e9:.2f} B weights)",
         "",
-        "README formula: `7 x W x (1/r_quant + 1/r_error) + 42 x reference bytes / r_copy + 44 x 512 x 16 / r_pp`, "
-        "with each type's own rates.",
+        f"plan now: `2 x W / r_quant (Q3_K, Q8_0) + S / r_scored + W / r_energy + 42 x reference bytes / r_copy + "
+        f"44 x 512 x 16 / r_pp`, S = the weights qerror quantizes per type at --error-sample {p['error_fraction']:g} "
+        f"(>= {r['errors_sampled']['min_rows']} rows a tensor): {p['sampled_weights_21b'] / 1e9:.2f} B of the 21B's "
+        f"{p['weights_21b'] / 1e9:.2f} B.",
+        "",
+        "| term | this box | Orion O6 |",
+        "|---|---:|---:|",
+        f"| 2 whole-model quantizations (Q3_K, Q8_0: what the calibration models are assembled from) | "
+        f"{_h(p['kept_quantize_seconds_21b'])} | (this box's rate: not measured on O6) |",
+        f"| error stage: {p['sampled_weights_21b'] / 1e9:.2f} B weights x 7 types at r_scored "
+        f"{p['r_scored'] / 1e6:.1f} M/s + the energy read of all weights at {p['r_energy'] / 1e6:.0f} M/s | "
+        f"**{_h(p['sampled_error_seconds_21b'])}** | (this box's rate) |",
+        *assemblies,
+        evals,
+        f"| **total** | **{_h(p['total_seconds_box'])}** | **{_h(p['total_seconds_o6_evals'])}** "
+        "(evals at O6 rate, the rest at this box's) |",
+        "",
+        "Before qerror (plan at a098810: every candidate type quantized whole by llama.cpp, then scored whole; "
+        "README formula `7 x W x (1/r_quant + 1/r_error) + ...` with each type's own rates):",
         "",
         "| term | this box | Orion O6 |",
         "|---|---:|---:|",
         f"| 7 whole-model quantizations | {_h(p['quantize_seconds_21b'])} | (this box's rate: not measured on O6) |",
         f"| 7 error passes | {_h(p['error_seconds_21b'])} | (this box's rate) |",
-        f"| 42 assemblies, reference bf16 ({p['reference_bytes_21b']['source (bf16)'] / gb:.1f} GB) at "
-        f"{p['r_copy'] / 1e6:.0f} MB/s | {_h(p['assemble_seconds_21b']['source (bf16)'])} | (this box's rate) |",
-        f"| (42 assemblies with --reference q8_0, {p['reference_bytes_21b']['q8_0'] / gb:.1f} GB) | "
-        f"{_h(p['assemble_seconds_21b']['q8_0'])} | |",
-        f"| 44 evals x 8192 tokens | {_h(p['eval_seconds_21b_box'])} at {p['r_pp_21b_box']:.2f} tokens/s "
-        f"(measured {p['r_pp_wide']:.1f} tokens/s (role run) x active weights {p['active_wide'] / 1e6:.0f} M / "
-        f"{p['active_21b'] / 1e6:.0f} M) | {_h(p['eval_seconds_21b_o6'])} at pp512 {O6_PP512} tokens/s (quoted) |",
-        f"| **total** | **{_h(p['total_seconds_box'])}** | **{_h(p['total_seconds_o6_evals'])}** "
-        "(evals at O6 rate, the rest at this box's) |",
+        f"| error side in all | **{_h(p['quantize_seconds_21b'] + p['error_seconds_21b'])}** (now "
+        f"{_h(p['kept_quantize_seconds_21b'] + p['sampled_error_seconds_21b'])}) | |",
+        *assemblies,
+        evals,
+        f"| **total** | **{_h(p['old_total_seconds_box'])}** | **{_h(p['old_total_seconds_o6_evals'])}** |",
+        "",
+        "r_scored = S_wide / (seconds of the error stage - seconds of its energy pass), S_wide the weights qerror "
+        "quantized per type on this model (all 7 types are scored on each sampled row, so the rate is per weight "
+        "for all 7); r_energy = the model's weights / seconds of the energy pass (page cache; at 21B the 43.7 GB "
+        "source is read from disk once more, as each whole-model quantization reads it). The error stage rows were "
+        f"measured later than the rest (commit of qerror; load average when they started: "
+        f"{r['errors_sampled'].get('load_before', '?')} / {r['errors_energy'].get('load_before', '?')}).",
         "",
         "What the rates are: r_quant = weights quantized / wall time of `quantize.quantize` (llama.cpp in-process with "
         "the imatrix; includes reading the bf16 file and writing the output, so any tensor kept in bf16 is copied in "
@@ -373,14 +499,20 @@ def main() -> None:
     ap.add_argument("--sample", default="all", help="all, blk1, or comma-separated tensors quantized per type")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "plan_cost.md"))
+    ap.add_argument("--error-sample", type=float, default=None, help="plan's --error-sample (default: plan's)")
+    ap.add_argument("--state", help="the stages' results file (default WORK/plan_cost.results.json)")
     args = ap.parse_args()
+    if args.error_sample is None:
+        from edgemoe_cli.qerror import DEFAULT_FRACTION
+
+        args.error_sample = DEFAULT_FRACTION
     args.sample_arg = args.sample
     args.sample = {"all": None, "blk1": list(BLK1_SAMPLE)}.get(args.sample, args.sample.split(","))
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.stage:
         print(json.dumps(stage(args.stage, args)))
         return
-    state = Path(args.work) / "plan_cost.results.json"
+    state = Path(args.state) if args.state else Path(args.work) / "plan_cost.results.json"
     results = json.loads(state.read_text()) if state.is_file() else {}
 
     def save():
@@ -395,6 +527,8 @@ def main() -> None:
         "eval_base",
         "eval",
         "eval_layer",
+        "errors_sampled",
+        "errors_energy",
     ]:
         run_stage(name, args, results, save)
     load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
