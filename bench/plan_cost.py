@@ -163,6 +163,9 @@ def stage(name: str, args) -> dict:
 
         fits, _ = _sample(p["bf16"], "q8_0", None)  # every quantizable tensor (all rows are multiples of 32 here)
         im = read_imatrix(p["imatrix"])
+        import resource
+
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         if name == "errors_sampled":
             errors = qerror.sampled_errors(p["bf16"], im, fits, DEFAULT_TYPES, args.error_sample, threads=threads)
@@ -176,8 +179,10 @@ def stage(name: str, args) -> dict:
                     qerror.tensor_sample_errors(tensors[f], [], im, args.error_sample, pool=pool)
             scored = 0
         seconds = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "seconds": seconds,
+            "cpu_seconds": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
             "weights": _elements(p["bf16"], fits),
             "sampled_weights": _sampled_weights(p["bf16"], fits, args.error_sample),
             "fraction": args.error_sample,
@@ -469,7 +474,10 @@ def write_md(results: dict, pred: dict, args, command: str, load: tuple, path: P
         "for all 7); r_energy = the model's weights / seconds of the energy pass (page cache; at 21B the 43.7 GB "
         "source is read from disk once more, as each whole-model quantization reads it). The error stage rows were "
         f"measured later than the rest (commit of qerror; load average when they started: "
-        f"{r['errors_sampled'].get('load_before', '?')} / {r['errors_energy'].get('load_before', '?')}).",
+        f"{r['errors_sampled'].get('load_before', '?')} / {r['errors_energy'].get('load_before', '?')}: other work "
+        f"shared the 2 cores; the stage's CPU time was {r['errors_sampled'].get('cpu_seconds', float('nan')):.1f} s "
+        f"over --threads {args.threads}, so on an idle box expect about "
+        f"{r['errors_sampled'].get('cpu_seconds', float('nan')) / args.threads:.1f} s).",
         "",
         "What the rates are: r_quant = weights quantized / wall time of `quantize.quantize` (llama.cpp in-process with "
         "the imatrix; includes reading the bf16 file and writing the output, so any tensor kept in bf16 is copied in "
