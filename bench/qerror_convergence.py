@@ -165,6 +165,9 @@ def main() -> None:
         "",
         CHOICE,
         "",
+        "The fixture runs read `/tmp/qs/tiny-bf16.gguf`: `edgemoe convert ../shared/fixtures/tiny-ernie-thinking "
+        "--outtype bf16`, its imatrix from `edgemoe imatrix` on data/calib/calibration.txt.",
+        "",
     ]
     for label, run in everything.items():
         lines += [f"## {label}", "", f"Command: `{run['command']}` ({run['seeds']} seeds per fraction).", ""]
