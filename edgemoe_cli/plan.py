@@ -27,12 +27,11 @@ Prediction (measured, not a fixed table). For every quantizable tensor W and can
    type per tensor minimising the summed prediction with total bytes <= budget.
 Cost. Step 1 quantizes only the sample; llama.cpp quantizes the whole model only to the calibration type and Q8_0,
 and every calibration model of step 2 is assembled from those, not re-quantized: its tensors are copied byte for
-byte from the kept Q3_K quantization (the
-lowered ones) and from the reference (the rest) — quantization is per tensor, so this is exactly the file
-llama.cpp would write for that mix (tests/test_plan.py checks it), at the cost of a file copy. What remains is
-one KLD eval per role, per layer and for the floor.
+byte from the kept Q3_K quantization (the lowered ones) and from the reference (the rest) — quantization is per
+tensor, so this is exactly the file llama.cpp would write for that mix (tests/test_plan.py checks it), at the cost
+of a file copy. What remains is one KLD eval per role, per layer and for the floor.
 The measurements are cached per (model, imatrix, text) in <store>/cache/plan/, so planning again for another
-budget takes seconds. Cost on ERNIE-4.5-21B-A3B: README `### quantize and plan`, bench/quality.md.
+budget takes seconds. Cost on ERNIE-4.5-21B-A3B: README `### quantize and plan`, bench/plan_cost.md.
 """
 
 from __future__ import annotations
