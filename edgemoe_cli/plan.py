@@ -19,7 +19,10 @@ Prediction (measured, not a fixed table). For every quantizable tensor W and can
    tensor role (attn_q, ffn_down_exps, token_embd, ...) is measured: lower only that role's tensors, in every
    layer, to the calibration type (Q3_K), measure the KLD against the unquantized model on the calibration text,
    g_role = KLD / sum E. One depth factor per layer is measured the same way (only that layer lowered), because an
-   absolute error matters more where the residual stream is still small. The prediction for any tensor and type is
+   absolute error matters more where the residual stream is still small; with a layer stride k > 1 only the dense
+   layers, the first routed layer, every k-th after it and the last are measured, and the factors of the layers in
+   between are interpolated geometrically (they fall smoothly with depth: on the fixtures layer 2's interpolated
+   factor is within 1% of its measured one; bench/quality.md). The prediction for any tensor and type is
    g_role(W) * f_layer(W) * E(W,t); a mix is predicted as the sum over tensors (independent errors' cross terms
    vanish in expectation; bench/quality.md checks this) plus a floor: the measured KLD of the all-Q8_0 model beyond
    its prediction (quantized matmuls also quantize their activations), the same for every mix.
@@ -61,6 +64,10 @@ CALIBRATION_TYPE = "q3_k"
 # the gains scale cannot see such tails, and these tensors are ~7% of ERNIE-21B's bytes, so plan keeps them >= Q4.
 MIN_EVERY_TOKEN = "q4_k"
 ARM_FAST_CALIBRATION_TYPE = "q4_0"
+# How much calibration plan buys by default: chunks of 512 tokens per KLD eval, and the layer stride of the depth
+# runs (measured_layers). bench/quality.md's trade-off table is why these values.
+DEFAULT_CHUNKS = 16
+DEFAULT_LAYER_STRIDE = 1
 
 
 def layer(name: str) -> str:
@@ -93,6 +100,9 @@ class Measurements:
     seconds: dict[str, float] = field(default_factory=dict)  # quantize, errors, assemble, eval
     work: dict[str, int] = field(default_factory=dict)  # assembled_bytes, eval_tokens, runs: what the seconds bought
     error_sample: float = 1.0  # fraction of rows E was estimated from (qerror; 1.0: every row)
+    layer_stride: int = 1  # 1: every layer measured; k: see measured_layers, the others' factors interpolated
+    # standard error of each measured KLD ("role:R", "layer:B", "floor"): how much the chunks evaluated pin it down
+    kld_stderr: dict[str, float] = field(default_factory=dict)
 
     def predicted(self, tensor: str, type_: str) -> float:
         return self.gains[role(tensor)] * self.layer_factors.get(layer(tensor), 1.0) * self.errors[tensor][type_]
@@ -133,17 +143,25 @@ def check_error_sample(fraction: float | None) -> float | None:
 
 
 def _cache_path(
-    model: Path, imatrix: Path, text: Path, types, cal_type, max_chunks, reference, error_sample: float
+    model: Path,
+    imatrix: Path,
+    text: Path,
+    types,
+    cal_type,
+    max_chunks,
+    reference,
+    error_sample: float = 1.0,
+    layer_stride: int = 1,
 ) -> Path:
     from .qerror import MIN_ROWS
 
     h = hashlib.sha256()
     st = model.stat()
     h.update(
-        f"v3|{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|"
-        f"{reference}|".encode()
+        f"v4|{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|"
+        f"{reference}|{layer_stride}|".encode()
     )
-    if error_sample < 1:  # every row (1.0) is what v3 measured with llama-quantize: the same numbers, the same key
+    if error_sample < 1:  # every row (1.0) is what llama-quantize measures: the same numbers, the same key
         h.update(f"sample|{error_sample!r}|{MIN_ROWS}|ratio|".encode())
     h.update(sha256_file(imatrix).encode())
     h.update(sha256_file(text).encode())
@@ -202,13 +220,14 @@ def measure(
     types=DEFAULT_TYPES,
     calibration_type: str = CALIBRATION_TYPE,
     ctx: int = 512,
-    max_chunks: int | None = 16,
+    max_chunks: int | None = DEFAULT_CHUNKS,
     threads: int | None = None,
     progress: Progress | None = None,
     workdir: str | Path | None = None,
     use_cache: bool = True,
     reference: str = "source",
     error_sample: float | None = None,
+    layer_stride: int = DEFAULT_LAYER_STRIDE,
 ) -> Measurements:
     """Errors of every tensor at every candidate type and one measured KLD gain per tensor role (cached).
 
@@ -233,7 +252,11 @@ def measure(
     if reference not in ("source", "q8_0"):
         raise EdgeMoEError(f"unknown reference {reference!r}", "use source or q8_0")
     error_sample = DEFAULT_FRACTION if error_sample is None else check_error_sample(error_sample)
-    cache = _cache_path(model, imatrix, text, types, calibration_type, max_chunks, reference, error_sample)
+    if layer_stride < 1:
+        raise EdgeMoEError(f"layer stride {layer_stride} is below 1", "use 1 to measure every layer, k for every k-th")
+    cache = _cache_path(
+        model, imatrix, text, types, calibration_type, max_chunks, reference, error_sample, layer_stride
+    )
     if use_cache and cache.is_file():
         try:
             return Measurements(**json.loads(cache.read_text()))
@@ -264,6 +287,7 @@ def measure(
             im,
             work,
             error_sample,
+            layer_stride,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -287,6 +311,7 @@ def _measure(
     im,
     work: Path,
     error_sample: float = 1.0,
+    layer_stride: int = 1,
 ) -> Measurements:
     from .evaluate import evaluate
     from .qerror import sampled_errors
@@ -320,8 +345,9 @@ def _measure(
     base = model if reference == "source" else kept["q8_0"]
 
     readers: dict = {}
+    stderr: dict[str, float] = {}
 
-    def run(members: list[str]) -> float:
+    def run(members: list[str], what: str) -> float:
         t0 = time.perf_counter()
         stats["assembled_bytes"] += assemble(base, {n: kept[calibration_type] for n in members}, tmp, readers)
         t1 = time.perf_counter()
@@ -330,6 +356,7 @@ def _measure(
         seconds["eval"] += time.perf_counter() - t1
         stats["eval_tokens"] += res.chunks * ctx
         stats["runs"] += 1
+        stderr[what] = res.kld_stderr
         return res.kld_mean
 
     roles = sorted({role(t.name) for t in targets})
@@ -340,19 +367,23 @@ def _measure(
         members = [x.name for x in targets if role(x.name) == r and calibration_type in errors[x.name]]
         if not members:
             raise EdgeMoEError(f"no {r} tensor can be {calibration_type}", "choose another calibration type")
-        kld[r] = run(members)
+        kld[r] = run(members, f"role:{r}")
     if progress:
         progress("calibrate", len(roles), len(roles))
     # depth: the same absolute error matters more where the residual stream is small (early layers), which a
     # role's single gain averages away; one more measurement per layer gives a separable role x layer model
     layer_kld = {}
     blocks = sorted({layer(t.name) for t in targets} - {""}, key=int)
-    for i, b in enumerate(blocks):
+    routed = sorted({int(layer(t.name)) for t in targets if "_exps" in t.name})
+    measured = [str(b) for b in measured_layers([int(b) for b in blocks], layer_stride, routed[0] if routed else None)]
+    for i, b in enumerate(measured):
         if progress:
-            progress("layers", i, len(blocks))
-        layer_kld[b] = run([x.name for x in targets if layer(x.name) == b and calibration_type in errors[x.name]])
+            progress("layers", i, len(measured))
+        layer_kld[b] = run(
+            [x.name for x in targets if layer(x.name) == b and calibration_type in errors[x.name]], f"layer:{b}"
+        )
     if progress:
-        progress("layers", len(blocks), len(blocks))
+        progress("layers", len(measured), len(measured))
     gains, factors = fit_role_layer(
         {n: errors[n][calibration_type] for n in errors if calibration_type in errors[n]}, kld, layer_kld
     )
@@ -366,6 +397,7 @@ def _measure(
         seconds["eval"] += time.perf_counter() - t0
         stats["eval_tokens"] += res.chunks * ctx
         stats["runs"] += 1
+        stderr["floor"] = res.kld_stderr
         m_partial = Measurements("", "", "", list(types), calibration_type, errors, gains, kld, factors)
         floor = max(res.kld_mean - sum(m_partial.predicted(n, "q8_0") for n in q8), 0.0)
     tmp.unlink(missing_ok=True)
@@ -386,23 +418,68 @@ def _measure(
         {k: round(v, 2) for k, v in seconds.items()},
         stats,
         error_sample,
+        layer_stride,
+        stderr,
     )
 
 
+def measured_layers(blocks: list[int], stride: int, first_routed: int | None) -> list[int]:
+    """The layers whose depth factor is measured with a layer stride: all of them for stride 1; else every layer
+    before the first routed (MoE) one (dense layers are a different kind: ERNIE's layer 0), the first routed layer,
+    every `stride`-th after it, and the last layer, so the others always lie between two measured ones."""
+    if stride <= 1 or not blocks:
+        return list(blocks)
+    start = blocks[0] if first_routed is None else first_routed
+    keep = {b for b in blocks if b <= start or (b - start) % stride == 0} | {blocks[-1]}
+    return sorted(keep)
+
+
+def interpolate_factors(measured: dict[int, float], blocks: list[int]) -> dict[int, float]:
+    """Depth factors for every block from those measured: geometric interpolation between the nearest measured
+    layers on either side (a factor falls roughly by a constant ratio per layer; linear where one is 0), the
+    nearest measured one beyond the ends."""
+    known = sorted(measured)
+    out = {}
+    for b in blocks:
+        if b in measured:
+            out[b] = measured[b]
+            continue
+        lo = max((k for k in known if k < b), default=None)
+        hi = min((k for k in known if k > b), default=None)
+        if lo is None or hi is None:
+            out[b] = measured[hi if lo is None else lo]
+            continue
+        w = (b - lo) / (hi - lo)
+        a, c = measured[lo], measured[hi]
+        out[b] = a ** (1 - w) * c**w if a > 0 and c > 0 else a + w * (c - a)
+    return out
+
+
 def fit_role_layer(
-    err: dict[str, float], role_kld: dict[str, float], layer_kld: dict[str, float], iterations: int = 50
+    err: dict[str, float],
+    role_kld: dict[str, float],
+    layer_kld: dict[str, float],
+    iterations: int = 50,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Gains g_role and depth factors f_layer with sum_layers g f E = the role's measured KLD and
-    sum_roles g f E = the layer's measured KLD (iterative proportional fitting; global tensors have f = 1)."""
+    sum_roles g f E = the layer's measured KLD (iterative proportional fitting; global tensors have f = 1).
+    Layers of `err` without a measured KLD (a layer stride) get factors interpolated from the measured ones
+    (interpolate_factors) at every step, so the role gains are fitted with the depth profile they will be used with.
+    """
     g = {r: 1.0 for r in role_kld}
-    f = {b: 1.0 for b in layer_kld}
+    blocks = sorted({int(layer(n)) for n in err if layer(n)} | {int(b) for b in layer_kld})
+    f = {str(b): 1.0 for b in blocks}
+    missing = any(str(b) not in layer_kld for b in blocks)
     for _ in range(iterations):
         for r in g:
             s = sum(f.get(layer(n), 1.0) * e for n, e in err.items() if role(n) == r)
             g[r] = role_kld[r] / s if s > 0 else 0.0
-        for b in f:
+        for b in layer_kld:
             s = sum(g[role(n)] * e for n, e in err.items() if layer(n) == b)
             f[b] = layer_kld[b] / s if s > 0 else 1.0
+        if missing and layer_kld:
+            filled = interpolate_factors({int(b): f[b] for b in layer_kld}, blocks)
+            f = {str(b): v for b, v in filled.items()}
     return g, f
 
 
@@ -666,12 +743,13 @@ def plan(
     out: str | Path | None = None,
     name: str = "plan",
     threads: int | None = None,
-    max_chunks: int | None = 16,
+    max_chunks: int | None = DEFAULT_CHUNKS,
     progress: Progress | None = None,
     reference: str = "source",
     min_every_token: str | None = MIN_EVERY_TOKEN,
     ram_source: str | None = None,
     error_sample: float | None = None,
+    layer_stride: int = DEFAULT_LAYER_STRIDE,
 ) -> PlanResult:
     """Measure (or reuse cached measurements), solve for the budget, write the recipe TOML to `out`.
 
@@ -695,6 +773,7 @@ def plan(
         progress=progress,
         reference=reference,
         error_sample=error_sample,
+        layer_stride=layer_stride,
     )
     tensors, overhead = read_tensors(model)
     result = plan_from_measurements(m, tensors, overhead, budget, formula, name, min_every_token)

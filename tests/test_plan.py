@@ -213,3 +213,114 @@ def test_assemble_refuses_a_file_of_another_model(tiny_gguf, tmp_path):
     with pytest.raises(EdgeMoEError, match="has no tensor blk.0.attn_q.weight of shape"):
         plan.assemble(tiny_gguf("thinking"), {"blk.0.attn_q.weight": other}, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_layer_stride_measures_the_dense_the_first_routed_every_kth_and_the_last():
+    layers = list(range(28))  # ERNIE-4.5-21B-A3B: layer 0 dense, 1-27 routed
+    assert plan.measured_layers(layers, 1, 1) == layers
+    assert plan.measured_layers(layers, 4, 1) == [0, 1, 5, 9, 13, 17, 21, 25, 27]
+    assert plan.measured_layers(layers, 3, 1) == [0, 1, 4, 7, 10, 13, 16, 19, 22, 25, 27]
+    assert plan.measured_layers(layers, 100, 1) == [0, 1, 27]
+    assert plan.measured_layers([0, 1, 2, 3], 2, 1) == [0, 1, 3]  # the fixtures: only layer 2 is left out
+    assert plan.measured_layers([0, 1, 2, 3, 4], 2, None) == [0, 2, 4]  # no routed layer: from the first
+
+
+def _separable(gain: dict[str, float], factor: dict[int, float], rng) -> tuple[dict, dict, dict]:
+    """Errors of a role x layer model with random sizes, and the KLDs it implies when one role or one layer is
+    lowered: what plan measures, without noise."""
+    err = {f"blk.{b}.{r}.weight": float(rng.uniform(0.5, 2.0)) for r in gain for b in factor}
+    err["token_embd.weight"] = 3.0
+    gain = {**gain, "token_embd": 0.01}
+    role_kld = {
+        r: sum(gain[r] * factor.get(int(plan.layer(n) or -1), 1.0) * e for n, e in err.items() if plan.role(n) == r)
+        for r in gain
+    }
+    layer_kld = {
+        str(b): sum(gain[plan.role(n)] * factor[b] * e for n, e in err.items() if plan.layer(n) == str(b))
+        for b in factor
+    }
+    return err, role_kld, layer_kld
+
+
+def test_fit_recovers_a_separable_model_from_a_layer_subset():
+    """Depth factors falling geometrically (as they do on the fixtures) are recovered exactly from every 4th layer:
+    the interpolated layers' factors, and the gains fitted with them, are the true ones."""
+    rng = np.random.default_rng(3)
+    true_gain = {"attn_q": 0.2, "ffn_down_exps": 0.05, "ffn_up_exps": 0.01}
+    true_factor = {b: 0.8**b for b in range(12)}
+    err, role_kld, layer_kld = _separable(true_gain, true_factor, rng)
+    measured = plan.measured_layers(list(true_factor), 4, 1)
+    g, f = plan.fit_role_layer(err, role_kld, {str(b): layer_kld[str(b)] for b in measured}, iterations=200)
+    assert set(f) == {str(b) for b in true_factor}  # every layer gets a factor, measured or not
+    for n, e in err.items():  # gain x factor is identifiable (their split is not): compare predictions
+        b = plan.layer(n)
+        truth = ({**true_gain, "token_embd": 0.01})[plan.role(n)] * (true_factor[int(b)] if b else 1.0) * e
+        assert g[plan.role(n)] * f.get(b, 1.0) * e == pytest.approx(truth, rel=1e-3), n
+    # the interpolation itself: geometric between the nearest measured layers, constant beyond them
+    got = plan.interpolate_factors({1: 0.08, 5: 0.005, 7: 0.0}, [0, 1, 2, 3, 5, 6, 7, 9])
+    assert got[0] == 0.08 and got[9] == 0.0
+    assert got[3] == pytest.approx((0.08 * 0.005) ** 0.5)
+    assert got[2] == pytest.approx(0.08 * (0.005 / 0.08) ** 0.25)
+    assert got[6] == pytest.approx(0.0025)  # a zero neighbour: linear
+
+
+def test_stride_one_fit_is_the_full_fit():
+    rng = np.random.default_rng(4)
+    err, role_kld, layer_kld = _separable({"attn_v": 0.3, "ffn_gate_exps": 0.02}, {0: 1.0, 1: 0.5, 2: 0.3}, rng)
+    g, f = plan.fit_role_layer(err, role_kld, layer_kld, iterations=200)
+    for b, k in layer_kld.items():
+        assert sum(g[plan.role(n)] * f[b] * e for n, e in err.items() if plan.layer(n) == b) == pytest.approx(k)
+
+
+def test_measurement_cache_key_follows_the_calibration_knobs(tmp_path):
+    files = [tmp_path / n for n in ("m.gguf", "im.gguf", "t.txt")]
+    for p in files:
+        p.write_text(p.name)
+
+    def key(chunks, stride):
+        return plan._cache_path(*files, plan.DEFAULT_TYPES, "q3_k", chunks, "source", layer_stride=stride)
+
+    keys = {key(c, s) for c in (2, 4, 16) for s in (1, 4)}
+    assert len(keys) == 6
+    assert key(4, 4) == key(4, 4)
+
+
+def test_cli_defaults_are_plans():
+    from edgemoe_cli.cli import plan as cli_plan
+
+    assert (cli_plan.DEFAULT_CHUNKS, cli_plan.DEFAULT_LAYER_STRIDE) == (plan.DEFAULT_CHUNKS, plan.DEFAULT_LAYER_STRIDE)
+
+
+def test_layer_stride_below_one_is_refused(tmp_path, tiny_gguf):
+    text = tmp_path / "t.txt"
+    text.write_text("text")
+    with pytest.raises(EdgeMoEError, match="layer stride 0 is below 1"):
+        plan.measure(tiny_gguf("thinking"), text, text, layer_stride=0)
+
+
+@pytest.mark.slow
+def test_plan_with_a_layer_stride_on_the_fixture(tiny_gguf, tmp_path):
+    """A strided measurement evaluates fewer layers, still gives every layer a factor, and its plan is a valid
+    recipe within the budget that llama.cpp applies as written."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_quantize import write_imatrix
+
+    from edgemoe_cli.quantize import quantize
+    from edgemoe_cli.recipe import load_recipe, read_tensors
+
+    model = tiny_gguf("thinking")
+    text = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "calib" / "calibration.txt"
+    im = write_imatrix(tmp_path / "im.gguf", model)
+    m = plan.measure(model, im, text, max_chunks=1, threads=2, workdir=tmp_path, layer_stride=2)
+    assert set(m.layer_kld) == {"0", "1", "3"} and set(m.layer_factors) == {"0", "1", "2", "3"}
+    assert m.layer_stride == 2 and m.work["runs"] == len(m.gains) + 3 + 1  # roles, 3 layers, the floor
+    lo, hi = m.layer_factors["1"], m.layer_factors["3"]
+    assert min(lo, hi) <= m.layer_factors["2"] <= max(lo, hi)
+    assert set(m.kld_stderr) >= {"floor", "layer:3", "role:attn_q"}
+    budget = 9_000_000
+    res = plan.plan(model, im, text, max_size=budget, out=tmp_path / "p.toml", threads=2, max_chunks=1, layer_stride=2)
+    assert res.predicted_bytes <= budget
+    q = quantize(model, load_recipe(tmp_path / "p.toml"), out=tmp_path / "p.gguf", imatrix=im, threads=2)
+    written = {t.name: t.type for t in read_tensors(tmp_path / "p.gguf")[0]}
+    assert all(written[c.tensor] == c.type for c in res.choices)
+    assert q.bytes <= budget + 4096

@@ -10,6 +10,11 @@ import typer
 from ..units import human_bytes
 from .common import console, ctx_option, emit_json, json_option, progress_bars, source_model, threads_option
 
+# plan.DEFAULT_CHUNKS and plan.DEFAULT_LAYER_STRIDE (test_plan checks they agree): importing plan here would load
+# numpy for every command's start-up
+DEFAULT_CHUNKS = 16
+DEFAULT_LAYER_STRIDE = 1
+
 ModelArg = Annotated[str, typer.Argument(help="The f32/f16/bf16 GGUF to plan for, or a model NAME.")]
 BudgetOpt = Annotated[
     Optional[str], typer.Option("--budget", help="RAM budget, e.g. 12GiB (KV cache and reserve are subtracted).")
@@ -41,7 +46,23 @@ ArmFastOpt = Annotated[bool, typer.Option("--arm-fast", help="Only Q4_0, IQ4_NL 
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the plan as a recipe TOML here.")]
 DoQuantizeOpt = Annotated[bool, typer.Option("--quantize", help="Apply the plan: quantize MODEL with it.")]
 GgufOutOpt = Annotated[Optional[Path], typer.Option("--gguf-out", help="With --quantize: the output GGUF.")]
-ChunksOpt = Annotated[int, typer.Option("--chunks", min=1, help="Chunks of --text per KLD calibration measurement.")]
+ChunksOpt = Annotated[
+    int,
+    typer.Option(
+        "--chunks",
+        min=1,
+        help="Chunks of 512 tokens of --text per KLD calibration measurement (eval time is linear in it).",
+    ),
+]
+LayerStrideOpt = Annotated[
+    int,
+    typer.Option(
+        "--layer-stride",
+        min=1,
+        help="Measure the depth factor of every k-th layer (plus the dense ones, the first MoE layer and the last) "
+        "and interpolate the rest; 1 measures every layer.",
+    ),
+]
 MinEveryTokenOpt = Annotated[
     str,
     typer.Option(
@@ -83,7 +104,8 @@ def plan_cmd(
     out: OutOpt = None,
     do_quantize: DoQuantizeOpt = False,
     gguf_out: GgufOutOpt = None,
-    chunks: ChunksOpt = 16,
+    chunks: ChunksOpt = DEFAULT_CHUNKS,
+    layer_stride: LayerStrideOpt = DEFAULT_LAYER_STRIDE,
     min_every_token: MinEveryTokenOpt = "q4_k",
     reference: ReferenceOpt = "source",
     error_sample: ErrorSampleOpt = None,
@@ -124,6 +146,7 @@ def plan_cmd(
             min_every_token=None if min_every_token.lower() == "none" else min_every_token,
             ram_source=ram_source,
             error_sample=error_sample,
+            layer_stride=layer_stride,
         )
         if do_quantize:
             result.quantized = _quantize(model, stage.plan_recipe(result, out), gguf_out, imatrix, threads, progress)
