@@ -40,9 +40,11 @@ def write_gguf(
     tensors: list[OutTensor],
     values: dict[str, object] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    added: list[tuple[str, object, object]] | None = None,
 ) -> None:
-    """Copy every key of `reader` (with `values` replacing some, their GGUF types kept) and write `tensors`, in
-    order, to `out` (atomically). All tensors must share `reader`'s byte order."""
+    """Copy every key of `reader` (with `values` replacing some, their GGUF types kept), add the `added` keys
+    (key, value, GGUFValueType), and write `tensors`, in order, to `out` (atomically). All tensors must share
+    `reader`'s byte order."""
     import gguf
 
     values = values or {}
@@ -54,6 +56,8 @@ def write_gguf(
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(f.name, values[f.name] if f.name in values else f.contents(), vtype, sub_type=sub)
+    for key, value, vtype in added or []:
+        writer.add_key_value(key, value, vtype)
     for t in tensors:
         src = t.source
         shape = list(t.shape if t.shape is not None else src.data.shape)

@@ -29,10 +29,11 @@ Prediction (measured, not a fixed table). For every quantizable tensor W and can
 3. choice: an exact multiple-choice knapsack (dynamic programming over bytes in 1/4000ths of the budget) picks one
    type per tensor minimising the summed prediction with total bytes <= budget.
 Cost. Step 1 quantizes only the sample; llama.cpp quantizes the whole model only to the calibration type and Q8_0,
-and every calibration model of step 2 is assembled from those, not re-quantized: its tensors are copied byte for
-byte from the kept Q3_K quantization (the lowered ones) and from the reference (the rest) — quantization is per
-tensor, so this is exactly the file llama.cpp would write for that mix (tests/test_plan.py checks it), at the cost
-of a file copy. What remains is one KLD eval per role, per layer and for the floor.
+and every calibration model of step 2 is assembled from those, not re-quantized: its tensors are the bytes of the
+kept Q3_K quantization (the lowered ones) and of the reference (the rest) — quantization is per tensor, so this is
+exactly the model llama.cpp would write for that mix (tests/test_plan.py checks it). Nor is it copied per run: it
+is a split GGUF of one shard per lowerable tensor, each written once in both versions, and a run re-points the
+shards' names (CalibrationModel). What remains is one KLD eval per role, per measured layer and for the floor.
 The measurements are cached per (model, imatrix, text) in <store>/cache/plan/, so planning again for another
 budget takes seconds. Cost on ERNIE-4.5-21B-A3B: README `### quantize and plan`, bench/plan_cost.md.
 """
@@ -168,22 +169,13 @@ def _cache_path(
     return home() / "cache" / "plan" / f"{h.hexdigest()[:20]}.json"
 
 
-def assemble(base: str | Path, swaps: dict[str, Path], out: str | Path, readers: dict | None = None) -> int:
-    """Write `out`: `base`'s keys and tensors, except the tensors named in `swaps`, whose bytes are copied from the
-    file given for each (a whole-model quantization). The result is byte for byte, tensor for tensor, what
-    llama.cpp would write for that mix with the same imatrix: quantization is per tensor. general.file_type is that
-    of the file supplying the most quantized tensors (llama.cpp names a mixed file after its most common type).
-    Returns the bytes of tensor data written. `readers` (path -> GGUFReader, filled as needed) lets many
-    assemblies share the parsed files: parsing a 100k-token vocabulary costs more than copying a tiny model."""
+def _mix(base_reader, swaps: dict[str, Path], readers: dict) -> tuple[list, dict]:
+    """The tensors of `base_reader` with those named in `swaps` taken from the file given for each, and the keys to
+    change: general.file_type becomes that of the file supplying the most quantized tensors."""
     import gguf
 
-    from .ggufcopy import OutTensor, write_gguf
+    from .ggufcopy import OutTensor
 
-    readers = {} if readers is None else readers
-    for p in {Path(base), *map(Path, swaps.values())}:
-        if p not in readers:
-            readers[p] = gguf.GGUFReader(p)
-    base_reader = readers[Path(base)]
     by_name = {p: {t.name: t for t in readers[p].tensors} for p in set(map(Path, swaps.values()))}
     tensors, quantized = [], {}
     for t in base_reader.tensors:
@@ -200,17 +192,126 @@ def assemble(base: str | Path, swaps: dict[str, Path], out: str | Path, readers:
             gguf.GGMLQuantizationType.F16,
             gguf.GGMLQuantizationType.BF16,
         ):
-            origin = Path(swaps[t.name]) if t.name in swaps else Path(base)
+            origin = Path(swaps[t.name]) if t.name in swaps else None
             quantized[origin] = quantized.get(origin, 0) + 1
         tensors.append(OutTensor(src))
     values = {}
     if quantized:
         main = max(quantized, key=quantized.get)
-        field_ = readers[main].get_field(gguf.Keys.General.FILE_TYPE)
+        field_ = (base_reader if main is None else readers[main]).get_field(gguf.Keys.General.FILE_TYPE)
         if field_ is not None and base_reader.get_field(gguf.Keys.General.FILE_TYPE) is not None:
             values[gguf.Keys.General.FILE_TYPE] = field_.contents()
-    write_gguf(base_reader, out, tensors, values)
+    return tensors, values
+
+
+def _readers(paths, readers: dict | None) -> dict:
+    import gguf
+
+    readers = {} if readers is None else readers
+    for p in map(Path, paths):
+        if p not in readers:
+            readers[p] = gguf.GGUFReader(p)
+    return readers
+
+
+def assemble(base: str | Path, swaps: dict[str, Path], out: str | Path, readers: dict | None = None) -> int:
+    """Write `out`: `base`'s keys and tensors, except the tensors named in `swaps`, whose bytes are copied from the
+    file given for each (a whole-model quantization). The result is byte for byte, tensor for tensor, what
+    llama.cpp would write for that mix with the same imatrix: quantization is per tensor. general.file_type is that
+    of the file supplying the most quantized tensors (llama.cpp names a mixed file after its most common type).
+    Returns the bytes of tensor data written. `readers` (path -> GGUFReader, filled as needed) lets many
+    assemblies share the parsed files: parsing a 100k-token vocabulary costs more than copying a tiny model."""
+    from .ggufcopy import write_gguf
+
+    readers = _readers([base, *swaps.values()], readers)
+    tensors, values = _mix(readers[Path(base)], swaps, readers)
+    write_gguf(readers[Path(base)], out, tensors, values)
     return sum(int(t.source.n_bytes) for t in tensors)
+
+
+class CalibrationModel:
+    """plan's calibration models without a whole-model copy per run: the model is a llama.cpp split GGUF with one
+    shard per tensor that a run may lower (the first shard holds the keys and the tensors no run lowers). Each such
+    shard is written once in two versions, the reference's tensor and the lowered one, and a run points the shard's
+    name (a symlink) at one or the other: what a run writes is the first shard, keys and small tensors, not the
+    model (`assemble` copied all of it: 42 x 43.7 GB for the bf16 21B, ~25 min). llama.cpp loads the shards by
+    name, so every tensor's type and bytes, and general.file_type, are those of the file `assemble` writes for the
+    same mix (tests/test_plan.py checks both, and that llama.cpp evaluates them the same)."""
+
+    def __init__(self, base: str | Path, lowered: str | Path, workdir: str | Path, readers: dict | None = None):
+        import gguf
+
+        from .ggufcopy import OutTensor, write_gguf
+
+        self.base, self.lowered, self.dir = Path(base), Path(lowered), Path(workdir) / "calibration-model"
+        self.readers = _readers([self.base, self.lowered], readers)
+        base_reader = self.readers[self.base]
+        low = {t.name: t for t in self.readers[self.lowered].tensors}
+        self.sharded = [
+            t.name for t in base_reader.tensors if t.name in low and list(low[t.name].shape) == list(t.shape)
+        ]
+        self.n = len(self.sharded) + 1
+        if self.n > 0xFFFF:
+            raise EdgeMoEError(f"{self.base} has more tensors than a split GGUF can hold", "")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        split = gguf.Keys.Split
+        self.written = 0
+        for i, name in enumerate(self.sharded, start=1):
+            for version, reader in (("base", base_reader), ("low", self.readers[self.lowered])):
+                src = next(t for t in reader.tensors if t.name == name)
+                added = [
+                    (split.LLM_KV_SPLIT_NO, i, gguf.GGUFValueType.UINT16),
+                    (split.LLM_KV_SPLIT_COUNT, self.n, gguf.GGUFValueType.UINT16),
+                    (split.LLM_KV_SPLIT_TENSORS_COUNT, len(base_reader.tensors), gguf.GGUFValueType.INT32),
+                ]
+                write_gguf(_NoKeys(base_reader), self.dir / f"{i:05d}.{version}.gguf", [OutTensor(src)], added=added)
+                self.written += int(src.n_bytes)
+        self.path = self.shard(0)
+
+    def shard(self, i: int) -> Path:
+        return self.dir / f"calibration-{i + 1:05d}-of-{self.n:05d}.gguf"
+
+    def set(self, members: list[str]) -> int:
+        """Make the model at `self.path` the one with `members` from the lowered file, the rest from the base;
+        returns the tensor bytes written (the first shard's: the keys and the tensors no run lowers)."""
+        import gguf
+
+        from .ggufcopy import write_gguf
+
+        base_reader = self.readers[self.base]
+        swaps = {n: self.lowered for n in members}
+        unknown = set(swaps) - set(self.sharded)
+        if unknown:
+            raise EdgeMoEError(f"{self.lowered} has no tensor {sorted(unknown)[0]} of the base's shape", "")
+        tensors, values = _mix(base_reader, swaps, self.readers)
+        first = [t for t in tensors if t.source.name not in self.sharded]
+        split = gguf.Keys.Split
+        added = [
+            (split.LLM_KV_SPLIT_NO, 0, gguf.GGUFValueType.UINT16),
+            (split.LLM_KV_SPLIT_COUNT, self.n, gguf.GGUFValueType.UINT16),
+            (split.LLM_KV_SPLIT_TENSORS_COUNT, len(tensors), gguf.GGUFValueType.INT32),
+        ]
+        write_gguf(base_reader, self.path, first, values, added=added)
+        for i, name in enumerate(self.sharded, start=1):
+            link, tmp = self.shard(i), self.dir / f".link.{i}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(f"{i:05d}.{'low' if name in swaps else 'base'}.gguf")
+            tmp.replace(link)  # atomic: a shard is never missing
+        return sum(int(t.source.n_bytes) for t in first)
+
+
+class _NoKeys:
+    """A GGUFReader seen without its keys (but the architecture): what a split's later shards carry."""
+
+    def __init__(self, reader):
+        import gguf
+
+        arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+        self.fields = {arch.name: arch}
+        self.endianess = reader.endianess
+
+    def get_field(self, key):
+        return self.fields.get(key)
 
 
 def measure(
@@ -318,7 +419,6 @@ def _measure(
     from .quantize import quantize
 
     targets = [t for t in tensors if quantizable(t)]
-    tmp = work / f"{model.stem}.calibration.gguf"
     kept = {t: work / f"{model.stem}.{t}.gguf" for t in (calibration_type, "q8_0")}
     errors: dict[str, dict[str, float]] = {t.name: {} for t in targets}
     seconds = {"quantize": 0.0, "errors": 0.0, "assemble": 0.0, "eval": 0.0}
@@ -344,14 +444,17 @@ def _measure(
     # plan._uniform(cal, members, keep) — the test checks the assembly is byte-identical to it)
     base = model if reference == "source" else kept["q8_0"]
 
-    readers: dict = {}
     stderr: dict[str, float] = {}
+    t0 = time.perf_counter()
+    calibration = CalibrationModel(base, kept[calibration_type], work)
+    seconds["assemble"] += time.perf_counter() - t0
+    stats["assembled_bytes"] += calibration.written
 
     def run(members: list[str], what: str) -> float:
         t0 = time.perf_counter()
-        stats["assembled_bytes"] += assemble(base, {n: kept[calibration_type] for n in members}, tmp, readers)
+        stats["assembled_bytes"] += calibration.set(members)
         t1 = time.perf_counter()
-        res = evaluate(tmp, base, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
+        res = evaluate(calibration.path, base, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
         seconds["assemble"] += t1 - t0
         seconds["eval"] += time.perf_counter() - t1
         stats["eval_tokens"] += res.chunks * ctx
@@ -400,7 +503,6 @@ def _measure(
         stderr["floor"] = res.kld_stderr
         m_partial = Measurements("", "", "", list(types), calibration_type, errors, gains, kld, factors)
         floor = max(res.kld_mean - sum(m_partial.predicted(n, "q8_0") for n in q8), 0.0)
-    tmp.unlink(missing_ok=True)
     for p in kept.values():
         p.unlink(missing_ok=True)
     return Measurements(

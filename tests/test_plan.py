@@ -324,3 +324,49 @@ def test_plan_with_a_layer_stride_on_the_fixture(tiny_gguf, tmp_path):
     written = {t.name: t.type for t in read_tensors(tmp_path / "p.gguf")[0]}
     assert all(written[c.tensor] == c.type for c in res.choices)
     assert q.bytes <= budget + 4096
+
+
+def test_calibration_model_from_shards_is_the_assembled_model(tiny_gguf, tmp_path):
+    """Run after run, the split calibration model has every tensor's type and bytes and the file_type of the model
+    `assemble` writes for the same mix (which the test above checks against llama.cpp's own), writes only its first
+    shard per run, and llama.cpp evaluates it exactly as the assembled file."""
+    import gguf
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_quantize import write_imatrix
+
+    from edgemoe_cli.evaluate import evaluate
+    from edgemoe_cli.quantize import quantize
+    from edgemoe_cli.recipe import quantizable, read_tensors
+
+    model = tiny_gguf("thinking")
+    im = write_imatrix(tmp_path / "im.gguf", model)
+    targets = [t for t in read_tensors(model)[0] if quantizable(t)]
+    fits = [t.name for t in targets if t.shape[0] % plan._block("q3_k") == 0]
+    low = quantize(model, plan._uniform("q3_k", fits), out=tmp_path / "q3.gguf", imatrix=im, manifest=False).out
+    cm = plan.CalibrationModel(model, low, tmp_path)
+    runs = [
+        [n for n in fits if plan.role(n) == "ffn_down_exps"],
+        [n for n in fits if plan.layer(n) == "1"],
+        fits,
+        ["token_embd.weight"],
+        [],
+    ]
+    text = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "calib" / "calibration.txt"
+    small = sum(t.n_bytes for t in gguf.GGUFReader(model).tensors if t.name not in cm.sharded)
+    for i, members in enumerate(runs):
+        assert cm.set(members) == small  # the first shard's tensors: norms and routers, never a lowered one
+        plan.assemble(model, {n: low for n in members}, tmp_path / "assembled.gguf")
+        a = gguf.GGUFReader(tmp_path / "assembled.gguf")
+        shards = [gguf.GGUFReader(cm.shard(k)) for k in range(cm.n)]
+        got = {t.name: t for r in shards for t in r.tensors}
+        assert sorted(got) == sorted(t.name for t in a.tensors)
+        for y in a.tensors:
+            x = got[y.name]
+            assert x.tensor_type == y.tensor_type and list(x.shape) == list(y.shape), y.name
+            assert np.array_equal(np.asarray(x.data).view(np.uint8), np.asarray(y.data).view(np.uint8)), y.name
+        assert shards[0].get_field("general.file_type").contents() == a.get_field("general.file_type").contents()
+        if i in (0, 2):
+            e_c = evaluate(cm.path, model, text, ctx=256, max_chunks=1, threads=2)
+            e_a = evaluate(tmp_path / "assembled.gguf", model, text, ctx=256, max_chunks=1, threads=2)
+            assert e_c.kld_mean == e_a.kld_mean and e_c.kld_mean > 0
