@@ -70,21 +70,26 @@ def _load(model: Path, ctx: int, threads: int):
         ) from e
 
 
-def _chunks(llm, text_path: Path, ctx: int, max_chunks: int | None) -> list[list[int]]:
+def _chunks(llm, text_path: Path, ctx: int, max_chunks: int | None, spread: bool = False) -> list[list[int]]:
+    """The text's chunks of ctx tokens, each starting with BOS: the first `max_chunks` of them, or with `spread`
+    that many spaced evenly over the whole text (a calibration text written genre after genre is then sampled in
+    every genre, not only in the first)."""
     if not text_path.is_file():
         raise EdgeMoEError(f"text {text_path} does not exist", "pass --text FILE with plain UTF-8 text")
     text = text_path.read_text(encoding="utf-8", errors="replace")
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     n = len(tokens) // (ctx - 1)
-    if max_chunks:
-        n = min(n, max_chunks)
+    starts = list(range(n))
+    if max_chunks and max_chunks < n:
+        starts = sorted({int(round(x)) for x in np.linspace(0, n - 1, max_chunks)}) if spread else starts[:max_chunks]
+    n = len(starts)
     if n == 0:
         raise EdgeMoEError(
             f"{text_path} has {len(tokens)} tokens, fewer than one chunk of {ctx}",
             "pass a longer text or a smaller --ctx",
         )
     bos = llm.token_bos()
-    return [[bos] + tokens[i * (ctx - 1) : (i + 1) * (ctx - 1)] for i in range(n)]
+    return [[bos] + tokens[i * (ctx - 1) : (i + 1) * (ctx - 1)] for i in starts]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -119,11 +124,11 @@ def content_sha256(path: Path) -> str:
     return _CONTENT[key]
 
 
-def _cache_key(base: Path, text: Path, ctx: int, max_chunks: int | None) -> str:
+def _cache_key(base: Path, text: Path, ctx: int, max_chunks: int | None, spread: bool = False) -> str:
     # keyed by what the base holds, not where it is: plan's Q8_0 reference is a new temporary file every run, and a
     # path+mtime key cached its log-probs (~0.8 GB at 21B) anew each time, never to be read again
     h = hashlib.sha256()
-    h.update(f"v2|{content_sha256(base)}|{ctx}|{max_chunks}|".encode())
+    h.update(f"v2|{content_sha256(base)}|{ctx}|{max_chunks}|{'spread|' if spread else ''}".encode())
     h.update(sha256_file(text).encode())
     return h.hexdigest()[:20]
 
@@ -135,14 +140,15 @@ def base_logprobs(
     threads: int | None = None,
     max_chunks: int | None = None,
     progress=None,
+    spread: bool = False,
 ) -> tuple[Path, list[list[int]]]:
     """The base model's log-probs on `text`, cached as <store>/cache/eval/<key>.npy (float16) and its exact
     argmax as <key>.top1.npy."""
     base, text = Path(base), Path(text)
     threads = threads or os.cpu_count() or 1
     llm = _load(base, ctx, threads)
-    chunks = _chunks(llm, text, ctx, max_chunks)
-    path = home() / "cache" / "eval" / f"{_cache_key(base, text, ctx, max_chunks)}.npy"
+    chunks = _chunks(llm, text, ctx, max_chunks, spread)
+    path = home() / "cache" / "eval" / f"{_cache_key(base, text, ctx, max_chunks, spread)}.npy"
     top1 = path.with_suffix(".top1.npy")
     if not (path.is_file() and top1.is_file()):
         rows, best = [], []
@@ -165,14 +171,16 @@ def evaluate(
     threads: int | None = None,
     max_chunks: int | None = None,
     progress: Progress | None = None,
+    spread: bool = False,
 ) -> EvalResult:
-    """PPL of `model` and `base`, KLD(base || model) statistics and top-1 agreement on `text`."""
+    """PPL of `model` and `base`, KLD(base || model) statistics and top-1 agreement on `text` (its first
+    `max_chunks` chunks, or with `spread` that many spaced evenly over it)."""
     t0 = time.perf_counter()
     model, base, text = Path(model), Path(base), Path(text)
     if ctx < 16:
         raise EdgeMoEError(f"--ctx {ctx} is too small", "use at least 16 (llama-perplexity uses 512)")
     threads = threads or os.cpu_count() or 1
-    cache, chunks = base_logprobs(base, text, ctx, threads, max_chunks)
+    cache, chunks = base_logprobs(base, text, ctx, threads, max_chunks, spread=spread)
     ref = np.load(cache, mmap_mode="r")
     ref_top1 = np.load(cache.with_suffix(".top1.npy"))
     llm = _load(model, ctx, threads)

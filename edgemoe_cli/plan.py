@@ -159,7 +159,7 @@ def _cache_path(
     h = hashlib.sha256()
     st = model.stat()
     h.update(
-        f"v4|{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|"
+        f"v5|{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|"
         f"{reference}|{layer_stride}|".encode()
     )
     if error_sample < 1:  # every row (1.0) is what llama-quantize measures: the same numbers, the same key
@@ -454,7 +454,7 @@ def _measure(
         t0 = time.perf_counter()
         stats["assembled_bytes"] += calibration.set(members)
         t1 = time.perf_counter()
-        res = evaluate(calibration.path, base, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
+        res = evaluate(calibration.path, base, text, ctx=ctx, threads=threads, max_chunks=max_chunks, spread=True)
         seconds["assemble"] += t1 - t0
         seconds["eval"] += time.perf_counter() - t1
         stats["eval_tokens"] += res.chunks * ctx
@@ -496,7 +496,7 @@ def _measure(
     if reference == "source":
         q8 = [x.name for x in targets if "q8_0" in errors[x.name]]
         t0 = time.perf_counter()
-        res = evaluate(kept["q8_0"], base, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
+        res = evaluate(kept["q8_0"], base, text, ctx=ctx, threads=threads, max_chunks=max_chunks, spread=True)
         seconds["eval"] += time.perf_counter() - t0
         stats["eval_tokens"] += res.chunks * ctx
         stats["runs"] += 1

@@ -370,3 +370,18 @@ def test_calibration_model_from_shards_is_the_assembled_model(tiny_gguf, tmp_pat
             e_c = evaluate(cm.path, model, text, ctx=256, max_chunks=1, threads=2)
             e_a = evaluate(tmp_path / "assembled.gguf", model, text, ctx=256, max_chunks=1, threads=2)
             assert e_c.kld_mean == e_a.kld_mean and e_c.kld_mean > 0
+
+
+def test_calibration_chunks_are_spread_over_the_text(tiny_gguf):
+    """plan's evals take their chunks evenly over the calibration text (written genre after genre), not its start."""
+    from edgemoe_cli.evaluate import _chunks, _load
+
+    text = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "calib" / "calibration.txt"
+    llm = _load(tiny_gguf("thinking"), 256, 2)
+    every = _chunks(llm, text, 256, None)
+    first = _chunks(llm, text, 256, 3)
+    spread = _chunks(llm, text, 256, 3, spread=True)
+    assert first == every[:3]
+    middle = int(round((len(every) - 1) / 2))  # numpy rounds half to even, as the spacing does
+    assert len(every) > 3 and spread == [every[0], every[middle], every[-1]]
+    assert _chunks(llm, text, 256, len(every) + 5, spread=True) == every
