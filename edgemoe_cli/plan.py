@@ -21,8 +21,9 @@ Prediction (measured, not a fixed table). For every quantizable tensor W and can
    g_role = KLD / sum E. One depth factor per layer is measured the same way (only that layer lowered), because an
    absolute error matters more where the residual stream is still small; with a layer stride k > 1 only the dense
    layers, the first routed layer, every k-th after it and the last are measured, and the factors of the layers in
-   between are interpolated geometrically (they fall smoothly with depth: on the fixtures layer 2's interpolated
-   factor is within 1% of its measured one; bench/quality.md). The prediction for any tensor and type is
+   between are interpolated geometrically (they fall smoothly with depth: on the fixtures, layer 2's KLD predicted
+   from its interpolated factor is within 8% of the measured one; bench/quality.md). The KLD evals score `max_chunks`
+   chunks of 512 tokens spaced evenly over the calibration text. The prediction for any tensor and type is
    g_role(W) * f_layer(W) * E(W,t); a mix is predicted as the sum over tensors (independent errors' cross terms
    vanish in expectation; bench/quality.md checks this) plus a floor: the measured KLD of the all-Q8_0 model beyond
    its prediction (quantized matmuls also quantize their activations), the same for every mix.
@@ -67,8 +68,8 @@ MIN_EVERY_TOKEN = "q4_k"
 ARM_FAST_CALIBRATION_TYPE = "q4_0"
 # How much calibration plan buys by default: chunks of 512 tokens per KLD eval, and the layer stride of the depth
 # runs (measured_layers). bench/quality.md's trade-off table is why these values.
-DEFAULT_CHUNKS = 16
-DEFAULT_LAYER_STRIDE = 1
+DEFAULT_CHUNKS = 4
+DEFAULT_LAYER_STRIDE = 4
 
 
 def layer(name: str) -> str:
@@ -340,8 +341,11 @@ def measure(
     else Q8_0 (half the RAM; Q8_0's own KLD is two orders of magnitude below the types being chosen).
 
     Errors are scored in process on a sample of rows (qerror); llama.cpp quantizes the whole model only to the
-    calibration type and Q8_0, kept while measuring: every calibration model is assembled from them (plan.assemble:
-    raw bytes copied, no re-quantization). Disk: the source, those two files and one calibration model.
+    calibration type and Q8_0, kept while measuring: every calibration model is built from them (CalibrationModel:
+    raw bytes, no re-quantization, written once). Disk: the source, those two files and the calibration model's
+    shards (the reference's quantizable tensors once more, and their Q3_K).
+
+    max_chunks: chunks of 512 tokens per KLD eval, spaced evenly over `text`; layer_stride: see measured_layers.
     """
     from .imatrix import read_imatrix
     from .qerror import DEFAULT_FRACTION
