@@ -2,7 +2,8 @@
 """File size vs quality loss on the tiny ERNIE fixtures: stock llama.cpp mixes, our recipes, and `plan`
 -> bench/quality.md
 
-usage: .venv/bin/python bench/quality.py [--variants thinking pt] [--chunks 16] [--threads 2] [--work DIR]
+usage: .venv/bin/python bench/quality.py [--variants thinking pt] [--chunks 8] [--threads 2] [--work DIR]
+                                        [--plan-chunks N] [--layer-stride K] [--tradeoff 16x1 4x1 2x2 ...]
 
 For each variant:
 1. convert the fixture to f32 GGUF: the reference every KLD is measured against;
@@ -11,7 +12,10 @@ For each variant:
 3. `edgemoe imatrix` (llama-imatrix) on the calibration part;
 4. quantize with every stock llama.cpp mix that applies, all with that imatrix; with our built-in recipes; and with
    `plan` at the file size of each stock K-quant mix (plan --max-size = that file's size);
-5. `edgemoe eval` on the evaluation part: mean KLD (± standard error), p99 KLD, top-1 agreement, PPL.
+5. `edgemoe eval` on the evaluation part: mean KLD (± standard error), p99 KLD, top-1 agreement, PPL;
+6. the trade-off: plan measured with each --tradeoff setting (CHUNKSxLAYER_STRIDE: chunks of 512 tokens per
+   calibration eval, layer stride), its eval cost, and its plan's measured KLD at Q4_K_M's, Q3_K_M's and
+   community-q4's sizes.
 Every number in bench/quality.md and bench/quality.png comes from this script; raw rows go to bench/quality.json.
 Finished evaluations are kept in --work (results.json) so an interrupted run resumes.
 """
@@ -37,9 +41,23 @@ from edgemoe_cli.units import human_bytes  # noqa: E402
 FIXTURES = Path(os.environ.get("EDGEMOE_SHARED_FIXTURES", REPO.parent / "shared" / "fixtures"))
 STOCK = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_XS", "IQ4_NL", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 # plan at these files' sizes: stock mixes and our hand-written recipes
-PLAN_AT = ("stock:Q2_K", "stock:Q3_K_M", "edge-small", "stock:Q4_K_M", "stock:Q5_K_M", "arm-fast", "stock:Q6_K")
+PLAN_AT = (
+    "stock:Q2_K",
+    "stock:Q3_K_M",
+    "edge-small",
+    "stock:Q4_K_M",
+    "stock:Q5_K_M",
+    "arm-fast",
+    "community-q4",
+    "stock:Q6_K",
+)
 NO_FLOOR_AT = ("edge-small", "stock:Q4_K_M")  # the ablation: plan with min_every_token=None
-RECIPES = ("q4_0-uniform", "edge-small", "edge-balanced", "arm-fast")
+RECIPES = ("q4_0-uniform", "edge-small", "edge-balanced", "arm-fast", "community-q4")
+TRADEOFF_AT = ("stock:Q4_K_M", "stock:Q3_K_M", "community-q4")  # plan's KLD at these sizes per calibration setting
+# the settings of the trade-off table: (chunks, layer stride); 16x1 was plan's default before issue 14, 4x1 what
+# this bench measured plan with until then
+TRADEOFF = ("4x4", "16x1", "4x1", "2x4", "2x1", "1x1")
+ERNIE_21B_LAYERS, ERNIE_21B_ROLES, ERNIE_21B_FIRST_ROUTED = 28, 14, 1
 CALIB_BYTES = 100_000
 
 
@@ -64,8 +82,8 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         imatrix.compute_imatrix(f32, calib, im_path, ctx=512, threads=args.threads)
     info = {"imatrix_seconds": round(time.perf_counter() - t0, 1)}
 
-    def measure(kind: str, name: str, recipe, extra: dict | None = None) -> dict:
-        key = f"{variant}/{name}/c{args.chunks}"
+    def measure(kind: str, name: str, recipe, extra: dict | None = None, key: str | None = None) -> dict:
+        key = key or f"{variant}/{name}/c{args.chunks}"
         if key in results:
             return results[key]
         out = work / f"{name.replace(':', '-')}.gguf"
@@ -98,7 +116,8 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         measure("stock", f"stock:{ft}", f"stock:{ft}")
     for r in RECIPES:
         measure("recipe", r, r)
-    info_key = f"{variant}/info2/c{args.plan_chunks}"
+    config = f"{args.plan_chunks}x{args.layer_stride}"
+    info_key = f"{variant}/info3/{config}"
     if info_key in results:
         info = results[info_key]
     t0 = time.perf_counter()
@@ -110,6 +129,7 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         threads=args.threads,
         workdir=work,
         progress=lambda s, d, n: print(f"  plan {s} {d}/{n}", flush=True),
+        layer_stride=args.layer_stride,
     )
     info["plan_measure_seconds"] = m.seconds
     info["plan_work"] = m.work  # bytes assembled, tokens evaluated, runs: with the seconds, the rates for 21B
@@ -130,7 +150,8 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
             "plan",
             f"plan@{label}",
             recipe_path,
-            {"budget": size, "predicted_kld": p.predicted_kld, "predicted_bytes": p.predicted_bytes},
+            {"budget": size, "predicted_kld": p.predicted_kld, "predicted_bytes": p.predicted_bytes, "config": config},
+            key=f"{variant}/plan@{label}/{config}/c{args.chunks}",
         )
     # ablation: the same plans without the floor for tensors every token uses (plan.MIN_EVERY_TOKEN)
     for at in NO_FLOOR_AT:
@@ -145,7 +166,8 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
             "plan-nofloor",
             f"plan-nofloor@{label}",
             recipe_path,
-            {"budget": size, "predicted_kld": p.predicted_kld, "predicted_bytes": p.predicted_bytes},
+            {"budget": size, "predicted_kld": p.predicted_kld, "predicted_bytes": p.predicted_bytes, "config": config},
+            key=f"{variant}/plan-nofloor@{label}/{config}/c{args.chunks}",
         )
     info["plan_solve_note"] = "plan_from_measurements per budget takes well under a second once measured"
     # how well the additive prediction ranks the stock K-quant mixes it can express (all types in its candidate set)
@@ -168,10 +190,82 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         plan_types=len(m.types),
         plan_roles=len(m.gains),
         plan_chunks=args.plan_chunks,
+        plan_layer_stride=args.layer_stride,
     )
     results[info_key] = info
     save()
+    for cfg in args.tradeoff:
+        tradeoff(variant, cfg, work, f32, im_path, calib, tensors, overhead, args, results, save, measure)
     return info
+
+
+def tradeoff(variant, cfg, work, f32, im_path, calib, tensors, overhead, args, results, save, measure) -> None:
+    """One row of the trade-off table: plan measured with `cfg` (CHUNKSxSTRIDE), what its evals cost, and its plan's
+    measured KLD on the evaluation text at each TRADEOFF_AT size."""
+    chunks, stride = map(int, cfg.split("x"))
+    m = plan.measure(
+        f32,
+        im_path,
+        calib,
+        max_chunks=chunks,
+        threads=args.threads,
+        workdir=work,
+        progress=lambda s, d, n: print(f"  plan {cfg} {s} {d}/{n}", flush=True),
+        layer_stride=stride,
+    )
+    measured = {
+        **{f"role:{r}": k for r, k in m.calibration_kld.items()},
+        **{f"layer:{b}": k for b, k in m.layer_kld.items()},
+    }
+    rel = sorted(m.kld_stderr[k] / v for k, v in measured.items() if k in m.kld_stderr and v > 0)
+    cal = m.calibration_type
+    # the KLD of each layer the fit interpolated, as predicted (sum over its tensors of gain x factor x error), to
+    # set beside the KLD measured for it at stride 1
+    interpolated = {
+        b: sum(m.predicted(n, cal) for n in m.errors if plan.layer(n) == b and cal in m.errors[n])
+        for b in m.layer_factors
+        if b not in m.layer_kld
+    }
+    results[f"{variant}/tradeoff-info/{cfg}"] = {
+        "chunks": chunks,
+        "layer_stride": stride,
+        "seconds": m.seconds,
+        "work": m.work,
+        "kld_rel_se_median": rel[len(rel) // 2] if rel else None,
+        "layer_kld": m.layer_kld,
+        "layer_factors": m.layer_factors,
+        "interpolated_layer_kld": interpolated,
+    }
+    save()
+    for at in TRADEOFF_AT:
+        size = results[f"{variant}/{at}/c{args.chunks}"]["bytes"]
+        label = at.removeprefix("stock:")
+        p = plan.plan_from_measurements(m, tensors, overhead, size, f"--max-size {size}", f"plan-{cfg}-at-{label}")
+        recipe_path = work / f"plan-{cfg}-at-{label}.toml"
+        recipe_path.write_text(p.recipe_toml)
+        measure(
+            "tradeoff",
+            f"plan {cfg}@{label}",
+            recipe_path,
+            {"budget": size, "predicted_kld": p.predicted_kld, "config": cfg, "at": at},
+            key=f"{variant}/tradeoff/{cfg}/{label}/c{args.chunks}",
+        )
+
+
+def evals_21b(chunks: int, stride: int) -> tuple[int, int]:
+    """(KLD evals, tokens evaluated) of plan on ERNIE-4.5-21B-A3B with these settings: one eval per role, per
+    measured layer, the Q8_0 floor and the reference's own pass."""
+    layers = plan.measured_layers(list(range(ERNIE_21B_LAYERS)), stride, ERNIE_21B_FIRST_ROUTED)
+    n = ERNIE_21B_ROLES + len(layers) + 1 + 1
+    return n, n * chunks * 512
+
+
+def eval_rate_21b() -> float:
+    """This box's extrapolated 21B prompt-processing rate (tokens/s) from bench/plan_cost.json."""
+    try:
+        return float(json.loads((REPO / "bench" / "plan_cost.json").read_text())["predicted"]["r_pp_21b_box"])
+    except (OSError, ValueError, KeyError):
+        return 41.34  # bench/plan_cost.md as of issue 14's first deliverable
 
 
 ORION_O6_PP512 = 38.51  # tok/s, ERNIE-4.5-21B-A3B-Thinking Q4_0, 8 threads, Arm Learning Path (bench.EXTERNAL_ORION_O6)
@@ -240,8 +334,100 @@ def extrapolate(info: dict, chunks_21b: int = 16) -> str:
     )
 
 
+def tradeoff_section(args, results: dict) -> str:
+    """The trade-off table over both fixtures: eval cost of each calibration setting vs its plan's measured KLD."""
+    variants = [v for v in args.variants if f"{v}/tradeoff-info/{args.tradeoff[0]}" in results]
+    if not variants:
+        return ""
+    rate = eval_rate_21b()
+    head = [
+        "chunks x layer stride",
+        "fixture: evals x tokens",
+        "fixture eval s (T / PT)",
+        "21B: evals x tokens",
+        "21B evals, this box / O6",
+    ]
+    for v in variants:
+        head += [f"{v[0].upper()}{v[1:]} @Q4_K_M", "@Q3_K_M", "@community-q4"]
+    head.append("median rel. se of a calibration KLD")
+    lines = []
+    for cfg in args.tradeoff:
+        infos = {v: results.get(f"{v}/tradeoff-info/{cfg}") for v in variants}
+        if not all(infos.values()):
+            continue
+        chunks, stride = map(int, cfg.split("x"))
+        n21, tok21 = evals_21b(chunks, stride)
+        any_info = next(iter(infos.values()))
+        runs = any_info["work"]["runs"] + 1  # + the reference's own pass
+        row = [
+            f"{chunks} x {stride}"
+            + (" (old default)" if cfg == "16x1" else "")
+            + (" (new default)" if cfg == f"{plan.DEFAULT_CHUNKS}x{plan.DEFAULT_LAYER_STRIDE}" else ""),
+            f"{runs} x {chunks * 512}",
+            " / ".join(f"{infos[v]['seconds']['eval']:.0f}" for v in variants),
+            f"{n21} x {chunks * 512}",
+            f"{tok21 / rate / 3600:.2f} h / {tok21 / ORION_O6_PP512 / 3600:.2f} h",
+        ]
+        for v in variants:
+            for at in TRADEOFF_AT:
+                r = results.get(f"{v}/tradeoff/{cfg}/{at.removeprefix('stock:')}/c{args.chunks}")
+                if r is None:
+                    row.append("")
+                    continue
+                row.append(f"{r['kld']:.5f}")
+        row.append(" / ".join(f"{infos[v]['kld_rel_se_median']:.1%}" for v in variants))
+        lines.append(row)
+    out = [
+        "\n## Calibration cost vs plan quality (both fixtures)\n\n",
+        "plan measured with each setting (chunks of 512 calibration tokens per KLD eval x layer stride), then planned "
+        "at the file size of stock Q4_K_M, stock Q3_K_M and community-q4, quantized and evaluated on the held-out "
+        f"text like every row above (mean KLD, {args.chunks} chunks). Evals: one per role, per measured layer, the "
+        "Q8_0 floor and the reference's own pass; a layer stride k measures the dense layer, the first MoE layer, "
+        "every k-th after it and the last, and interpolates the others (the fixtures have 4 layers: any stride "
+        "above 1 skips only layer 2; at 21B stride 4 measures 9 of 28). 21B: the same count at 28 layers and 14 "
+        f"roles, hours at this box's extrapolated {rate:.1f} tokens/s (bench/plan_cost.md) and the Orion O6's "
+        f"quoted pp512 of {ORION_O6_PP512} tokens/s. The last column: the median over the calibration runs of "
+        "their KLD's standard error (per token) relative to the KLD.\n\n",
+        markdown_table(head, lines, align="lrrrr" + "r" * (3 * len(variants)) + "r"),
+    ]
+    checks = []
+    for v in variants:
+        for cfg in args.tradeoff:
+            info = results.get(f"{v}/tradeoff-info/{cfg}")
+            if not info or not info["interpolated_layer_kld"]:
+                continue
+            ref = results.get(f"{v}/tradeoff-info/{info['chunks']}x1")
+            for b, pred in info["interpolated_layer_kld"].items():
+                if ref and b in ref["layer_kld"]:
+                    checks.append(
+                        [v, cfg, b, f"{pred:.5f}", f"{ref['layer_kld'][b]:.5f}", f"{pred / ref['layer_kld'][b]:.2f}"]
+                    )
+    if checks:
+        out.append(
+            "\nInterpolated layers: the KLD the stride fit predicts for a layer it did not measure (its tensors at "
+            "Q3_K, gain x interpolated factor x error) against that layer's KLD measured at stride 1 with the same "
+            "chunks:\n\n"
+        )
+        out.append(
+            markdown_table(
+                ["fixture", "setting", "layer", "predicted (interpolated)", "measured at stride 1", "ratio"],
+                checks,
+                align="lllrrr",
+            )
+        )
+    return "".join(out)
+
+
 def write_report(args, results: dict, infos: dict, seconds: float) -> None:
-    rows = [r for k, r in results.items() if "/info" not in k and k.endswith(f"/c{args.chunks}")]
+    config = f"{args.plan_chunks}x{args.layer_stride}"
+    rows = [
+        r
+        for k, r in results.items()
+        if "/info" not in k
+        and "/tradeoff" not in k
+        and k.endswith(f"/c{args.chunks}")
+        and r.get("config", config) == config
+    ]
     write_json({"rows": rows, "info": infos}, REPO / "bench" / "quality.json")
     plt = _pyplot()
     variants = [v for v in args.variants if any(r["variant"] == v for r in rows)]
@@ -413,7 +599,11 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
                 + markdown_table(
                     ["layer", "KLD with only this layer at Q3_K", "fitted depth factor"],
                     [
-                        [b, f"{info['plan_layer_kld'][b]:.5f}", f"{f:.3g}"]
+                        [
+                            b,
+                            f"{info['plan_layer_kld'][b]:.5f}" if b in info["plan_layer_kld"] else "not measured",
+                            f"{f:.3g}" + ("" if b in info["plan_layer_kld"] else " (interpolated)"),
+                        ]
                         for b, f in info["plan_layer_factors"].items()
                     ],
                     align="lrr",
@@ -421,6 +611,7 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
             )
             md.append(f"\nFloor (all-Q8_0 KLD beyond its prediction): {info['plan_floor_kld']:.5f}.\n")
             md.append(extrapolate(info))
+    md.append(tradeoff_section(args, results))
     fig.suptitle("file size vs mean KLD (lower is better)", fontsize=11)
     _save(fig, REPO / "bench" / "quality.png")
     md.append("\n![size vs KLD](quality.png)\n")
@@ -432,7 +623,13 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["thinking", "pt"], choices=("thinking", "pt"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunks", type=int, default=8, help="evaluation chunks of 512 tokens (at most)")
-    ap.add_argument("--plan-chunks", type=int, default=4, help="calibration chunks per plan gain measurement")
+    ap.add_argument(
+        "--plan-chunks", type=int, default=plan.DEFAULT_CHUNKS, help="calibration chunks per plan gain measurement"
+    )
+    ap.add_argument("--layer-stride", type=int, default=plan.DEFAULT_LAYER_STRIDE, help="plan's layer stride")
+    ap.add_argument(
+        "--tradeoff", nargs="*", default=list(TRADEOFF), help="calibration settings CHUNKSxSTRIDE to compare"
+    )
     ap.add_argument("--report-only", action="store_true", help="write the report from --work's results.json")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgemoe-bench-quality"))
     args = ap.parse_args()
@@ -445,11 +642,8 @@ def main() -> None:
         store.write_text(json.dumps(results, indent=1))
 
     if args.report_only:
-        infos = {
-            v: results[f"{v}/info2/c{args.plan_chunks}"]
-            for v in args.variants
-            if f"{v}/info2/c{args.plan_chunks}" in results
-        }
+        key = f"info3/{args.plan_chunks}x{args.layer_stride}"
+        infos = {v: results[f"{v}/{key}"] for v in args.variants if f"{v}/{key}" in results}
     else:
         infos = {v: run_variant(v, args.work / v, args, results, save) for v in args.variants}
     write_report(args, results, infos, time.time() - t0)
