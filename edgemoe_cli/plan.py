@@ -248,8 +248,11 @@ class CalibrationModel:
         self.readers = _readers([self.base, self.lowered], readers)
         base_reader = self.readers[self.base]
         low = {t.name: t for t in self.readers[self.lowered].tensors}
+        # a shard for each tensor the lowered file holds in another type (norms and routers stay in the first)
         self.sharded = [
-            t.name for t in base_reader.tensors if t.name in low and list(low[t.name].shape) == list(t.shape)
+            t.name
+            for t in base_reader.tensors
+            if t.name in low and list(low[t.name].shape) == list(t.shape) and low[t.name].tensor_type != t.tensor_type
         ]
         self.n = len(self.sharded) + 1
         if self.n > 0xFFFF:
@@ -280,10 +283,10 @@ class CalibrationModel:
         from .ggufcopy import write_gguf
 
         base_reader = self.readers[self.base]
-        swaps = {n: self.lowered for n in members}
-        unknown = set(swaps) - set(self.sharded)
+        unknown = set(members) - set(self.sharded)
         if unknown:
-            raise EdgeMoEError(f"{self.lowered} has no tensor {sorted(unknown)[0]} of the base's shape", "")
+            raise EdgeMoEError(f"{self.lowered} has no lowered tensor {sorted(unknown)[0]}", "lower only what it holds")
+        swaps = {n: self.lowered for n in members}
         tensors, values = _mix(base_reader, swaps, self.readers)
         first = [t for t in tensors if t.source.name not in self.sharded]
         split = gguf.Keys.Split
