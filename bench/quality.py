@@ -271,7 +271,7 @@ def eval_rate_21b() -> float:
 ORION_O6_PP512 = 38.51  # tok/s, ERNIE-4.5-21B-A3B-Thinking Q4_0, 8 threads, Arm Learning Path (bench.EXTERNAL_ORION_O6)
 
 
-def extrapolate(info: dict, chunks_21b: int = 16) -> str:
+def extrapolate(info: dict, chunks_21b: int = plan.DEFAULT_CHUNKS, stride_21b: int = plan.DEFAULT_LAYER_STRIDE) -> str:
     """plan's cost at ERNIE-4.5-21B-A3B from the rates measured here: quantizing and the error pass per weight,
     assembling per byte copied, evaluating per token (this machine: the fixture's tokens/s scaled by active weights;
     the Orion O6: its quoted pp512). Fixed per-call overheads are scaled with the rates, so they over-estimate."""
@@ -294,16 +294,24 @@ def extrapolate(info: dict, chunks_21b: int = 16) -> str:
     copy_rate = work["assembled_bytes"] / sec["assemble"]  # bytes/s
     tok_rate = work["eval_tokens"] / sec["eval"]  # tokens/s on the fixture
     tok_big_here = tok_rate * act_fix / a_big
-    runs_big = roles_big + ERNIE_21B.n_layers + 1  # + the all-Q8_0 floor
+    layers_big = len(plan.measured_layers(list(range(ERNIE_21B.n_layers)), stride_21b, ERNIE_21B_FIRST_ROUTED))
+    runs_big = roles_big + layers_big + 1  # + the all-Q8_0 floor
     evals_big = runs_big + 1  # + the reference's own pass (its log-probs are cached)
     tokens = chunks_21b * 512
     tables = types * n_big / q_rate + types * n_big / e_rate
     copies = {"source (bf16)": src_big, "q8_0": model_bytes("Q8_0")}
-    asm = {k: (runs_big - 1) * b / copy_rate for k, b in copies.items()}
+    # the calibration model's shards: every quantizable tensor once from the reference and once at Q3_K (~3.4 bpw)
+    q3_big = sum(n for name, n, _ in big if name in q) * 3.4375 / 8
+    try:  # the rate measured at real widths (bench/plan_assembly.py): the fixture's ~50 tiny shards are all overhead
+        once = json.loads((REPO / "bench" / "plan_assembly.json").read_text())["steps"]["shards/once"]
+        copy_rate, rate_from = once["bytes"] / once["seconds"], "bench/plan_assembly.md, real widths"
+    except (OSError, ValueError, KeyError):
+        rate_from = "this fixture"
+    asm = {k: (b + q3_big) / copy_rate for k, b in copies.items()}
     ev_here, ev_o6 = evals_big * tokens / tok_big_here, evals_big * tokens / ORION_O6_PP512
 
     def h(x):
-        return f"{x / 3600:.1f} h"
+        return f"{x / 3600:.1f} h" if x >= 3600 else f"{x / 60:.1f} min"
 
     return (
         f"\nplan's cost, measured on this fixture ({n_fix / 1e6:.1f}M weights, 2 shared cores): {types} whole-model "
@@ -313,12 +321,13 @@ def extrapolate(info: dict, chunks_21b: int = 16) -> str:
         f"{work['assembled_bytes'] / 1e6:.0f} MB in {sec['assemble']:.1f} s ({copy_rate / 1e6:.0f} MB/s, page cache), "
         f"evals {work['eval_tokens']} tokens in {sec['eval']:.1f} s ({tok_rate:.0f} tokens/s).\n\n"
         f"At ERNIE-4.5-21B-A3B ({n_big / 1e9:.1f}B weights, {a_big / 1e9:.2f}B active per token; {roles_big} roles + "
-        f"{ERNIE_21B.n_layers} layers + the floor = {runs_big} runs, {evals_big} evals with the reference's own; "
-        f"`--chunks {chunks_21b}` = {tokens} tokens per eval):\n\n"
+        f"{layers_big} of {ERNIE_21B.n_layers} layers (`--layer-stride {stride_21b}`) + the floor = {runs_big} runs, "
+        f"{evals_big} evals with the reference's own; `--chunks {chunks_21b}` = {tokens} tokens per eval):\n\n"
         f"- quantizations and error passes: {types} x {n_big / 1e9:.1f}B weights x (1 / {q_rate / 1e6:.2f}M + "
         f"1 / {e_rate / 1e6:.2f}M weights/s) = {h(tables)} (fixture rates include per-call overheads: an upper "
         "bound);\n"
-        f"- assembly: {runs_big - 1} models x bytes of the reference / {copy_rate / 1e6:.0f} MB/s = "
+        f"- assembly: the calibration model's shards, written once (the reference's quantizable tensors and their "
+        f"Q3_K) / {copy_rate / 1e6:.0f} MB/s ({rate_from}) = "
         + ", ".join(f"{h(v)} against {k} ({copies[k] / 1e9:.1f} GB a model)" for k, v in asm.items())
         + " — at this size the disk's sequential rate, not page cache, bounds it: divide the bytes by yours;\n"
         f"- evals: {evals_big} x {tokens} tokens / prompt-processing rate = {h(ev_o6)} at the Radxa Orion O6's "
@@ -348,7 +357,7 @@ def tradeoff_section(args, results: dict) -> str:
         "21B evals, this box / O6",
     ]
     for v in variants:
-        head += [f"{v[0].upper()}{v[1:]} @Q4_K_M", "@Q3_K_M", "@community-q4"]
+        head += [f"{'PT' if v == 'pt' else v.capitalize()} @Q4_K_M", "@Q3_K_M", "@community-q4"]
     head.append("median rel. se of a calibration KLD")
     lines = []
     for cfg in args.tradeoff:
