@@ -448,7 +448,9 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
         "fixture. Calibration (imatrix, plan's KLD gains): "
         f"the first {CALIB_BYTES:,} characters of fixtures/calib.txt (cut at a line); evaluation: the rest of it "
         f"({args.chunks} chunks of 512 tokens, second halves scored). All quantizations use the same imatrix. "
-        "KLD = mean KL(f32 || model) in nats/token, ± its standard error.\n",
+        "KLD = mean KL(f32 || model) in nats/token, ± its standard error. plan rows: measured with "
+        f"`--chunks {args.plan_chunks} --layer-stride {args.layer_stride}` (chunks spaced evenly over the "
+        "calibration part; the errors E(W,t) from whole-model llama.cpp quantizations).\n",
     ]
     for ax, v in zip(axes[0], variants):
         vr = sorted((r for r in rows if r["variant"] == v), key=lambda r: r["bytes"])
