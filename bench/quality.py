@@ -128,7 +128,7 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         max_chunks=args.plan_chunks,
         threads=args.threads,
         workdir=work,
-        progress=lambda s, d, n: print(f"  plan {s} {d}/{n}", flush=True),
+        progress=lambda s, d, n, *_: print(f"  plan {s} {d}/{n}", flush=True),
         layer_stride=args.layer_stride,
     )
     info["plan_measure_seconds"] = m.seconds
@@ -210,7 +210,7 @@ def tradeoff(variant, cfg, work, f32, im_path, calib, tensors, overhead, args, r
         max_chunks=chunks,
         threads=args.threads,
         workdir=work,
-        progress=lambda s, d, n: print(f"  plan {cfg} {s} {d}/{n}", flush=True),
+        progress=lambda s, d, n, *_: print(f"  plan {cfg} {s} {d}/{n}", flush=True),
         layer_stride=stride,
     )
     measured = {
