@@ -235,6 +235,7 @@ def tradeoff(variant, cfg, work, f32, im_path, calib, tensors, overhead, args, r
         "layer_kld": m.layer_kld,
         "layer_factors": m.layer_factors,
         "interpolated_layer_kld": interpolated,
+        "error_sample": getattr(m, "error_sample", 1.0),
     }
     save()
     for at in TRADEOFF_AT:
@@ -358,7 +359,7 @@ def tradeoff_section(args, results: dict) -> str:
     ]
     for v in variants:
         head += [f"{'PT' if v == 'pt' else v.capitalize()} @Q4_K_M", "@Q3_K_M", "@community-q4"]
-    head.append("median rel. se of a calibration KLD")
+    head += ["median rel. se of a calibration KLD", "E(W,t) from"]
     lines = []
     for cfg in args.tradeoff:
         infos = {v: results.get(f"{v}/tradeoff-info/{cfg}") for v in variants}
@@ -385,6 +386,8 @@ def tradeoff_section(args, results: dict) -> str:
                     continue
                 row.append(f"{r['kld']:.5f}")
         row.append(" / ".join(f"{infos[v]['kld_rel_se_median']:.1%}" for v in variants))
+        sample = any_info.get("error_sample", 1.0)  # absent: measured before plan sampled rows (every row)
+        row.append("every row" if sample >= 1 else f"1/{round(1 / sample)} of the rows")
         lines.append(row)
     out = [
         "\n## Calibration cost vs plan quality (both fixtures)\n\n",
@@ -396,8 +399,10 @@ def tradeoff_section(args, results: dict) -> str:
         "above 1 skips only layer 2; at 21B stride 4 measures 9 of 28). 21B: the same count at 28 layers and 14 "
         f"roles, hours at this box's extrapolated {rate:.1f} tokens/s (bench/plan_cost.md) and the Orion O6's "
         f"quoted pp512 of {ORION_O6_PP512} tokens/s. The last column: the median over the calibration runs of "
-        "their KLD's standard error (per token) relative to the KLD.\n\n",
-        markdown_table(head, lines, align="lrrrr" + "r" * (3 * len(variants)) + "r"),
+        "their KLD's standard error (per token) relative to the KLD. The fixture's seconds are as measured, on a "
+        "shared 2-core box whose speed varied up to ~8x between runs (the same evals took 49 s in one and 7 s in "
+        "another): the evals x tokens are the cost.\n\n",
+        markdown_table(head, lines, align="lrrrr" + "r" * (3 * len(variants)) + "rl"),
     ]
     checks = []
     for v in variants:
@@ -450,7 +455,7 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
         f"({args.chunks} chunks of 512 tokens, second halves scored). All quantizations use the same imatrix. "
         "KLD = mean KL(f32 || model) in nats/token, ± its standard error. plan rows: measured with "
         f"`--chunks {args.plan_chunks} --layer-stride {args.layer_stride}` (chunks spaced evenly over the "
-        "calibration part; the errors E(W,t) from whole-model llama.cpp quantizations).\n",
+        "calibration part; the errors E(W,t) from plan's default row sample, qerror).\n",
     ]
     for ax, v in zip(axes[0], variants):
         vr = sorted((r for r in rows if r["variant"] == v), key=lambda r: r["bytes"])
