@@ -240,10 +240,10 @@ def checkpoint_outtype(checkpoint: Path) -> str:
     return _OUTTYPE_OF_DTYPE.get(str(dtype), "bf16")
 
 
-def source_gguf(text: str | Path, progress: Progress | None = None) -> ModelChoice:
+def source_gguf(text: str | Path, progress: Progress | None = None, convert: bool = True) -> ModelChoice:
     """An unquantized GGUF to quantize, plan or measure an imatrix on: a path as given, NAME:TAG, or for NAME the
     store's converted GGUF (the most precise), converting the pulled checkpoint into gguf/NAME/ first when the store
-    has none.
+    has none (`convert` False: saying so instead, for plan --dry-run, which does nothing expensive).
     """
     choice, name, candidates = _path_or_tagged(text)
     if choice is not None:
@@ -263,11 +263,16 @@ def source_gguf(text: str | Path, progress: Progress | None = None) -> ModelChoi
             else f"run `edgemoe pull {name}` first"
         )
         raise EdgeMoEError(f"the store has nothing of {name} to quantize from", hint)
-    from .convert import convert
+    if not convert:
+        raise EdgeMoEError(
+            f"the store has no converted GGUF of {name} yet",
+            "run the command without --dry-run: it converts the pulled checkpoint first",
+        )
+    from .convert import convert as convert_checkpoint
 
     outtype = checkpoint_outtype(checkpoint)
     out = _gguf_root() / name / f"{outtype}.gguf"
-    convert(checkpoint, out, outtype, progress=progress)
+    convert_checkpoint(checkpoint, out, outtype, progress=progress)
     return ModelChoice(str(text), out, f"{name}:{outtype}", "converted from the pulled checkpoint", converted=True)
 
 

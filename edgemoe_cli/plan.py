@@ -36,15 +36,20 @@ exactly the model llama.cpp would write for that mix (tests/test_plan.py checks 
 is a split GGUF of one shard per lowerable tensor, each written once in both versions, and a run re-points the
 shards' names (CalibrationModel). What remains is one KLD eval per role, per measured layer and for the floor.
 The measurements are cached per (model, imatrix, text) in <store>/cache/plan/, so planning again for another
-budget takes seconds. Cost on ERNIE-4.5-21B-A3B: README `### quantize and plan`, bench/plan_cost.md.
+budget takes seconds; each step of a measurement (the errors, a run's KLD) is kept the moment it finishes, so an
+interrupted plan resumes, and the same list of steps (measure_steps) gives plan --dry-run its predicted time
+(plan_steps.py). Cost on ERNIE-4.5-21B-A3B: README `### quantize and plan`, bench/plan_cost.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,6 +58,18 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeMoEError
+from .plan_steps import (
+    STAGES,
+    PlanPrediction,
+    Rate,
+    Step,
+    StepCache,
+    content_key,
+    measured_rates,
+    pending,
+    predict,
+    record_rates,
+)
 from .progress import Progress
 from .recipe import Recipe, Rule, TensorInfo, quantizable, read_tensors, tensor_bytes
 from .store import atomic_output, home, refuse_input_as_output, sha256_file
@@ -105,6 +122,7 @@ class Measurements:
     layer_stride: int = 1  # 1: every layer measured; k: see measured_layers, the others' factors interpolated
     # standard error of each measured KLD ("role:R", "layer:B", "floor"): how much the chunks evaluated pin it down
     kld_stderr: dict[str, float] = field(default_factory=dict)
+    from_cache: bool = False  # read whole from the cache: nothing was measured by this run
 
     def predicted(self, tensor: str, type_: str) -> float:
         return self.gains[role(tensor)] * self.layer_factors.get(layer(tensor), 1.0) * self.errors[tensor][type_]
@@ -137,6 +155,13 @@ def tensor_errors(source: Path, quantized: Path, imatrix, names: list[str]) -> d
     return out
 
 
+def _model_id(model: Path) -> str:
+    # the model by path, size and mtime (hashing a 44 GB source would cost minutes before the first step; a changed
+    # file changes its size or mtime); the imatrix and text, small, by their sha256
+    st = model.stat()
+    return f"{model.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def check_error_sample(fraction: float | None) -> float | None:
     """--error-sample as given, or an EdgeMoEError when it is no fraction of the rows."""
     if fraction is not None and not 0 < fraction <= 1:
@@ -158,11 +183,7 @@ def _cache_path(
     from .qerror import MIN_ROWS
 
     h = hashlib.sha256()
-    st = model.stat()
-    h.update(
-        f"v5|{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{','.join(types)}|{cal_type}|{max_chunks}|"
-        f"{reference}|{layer_stride}|".encode()
-    )
+    h.update(f"v5|{_model_id(model)}|{','.join(types)}|{cal_type}|{max_chunks}|{reference}|{layer_stride}|".encode())
     if error_sample < 1:  # every row (1.0) is what llama-quantize measures: the same numbers, the same key
         h.update(f"sample|{error_sample!r}|{MIN_ROWS}|ratio|".encode())
     h.update(sha256_file(imatrix).encode())
@@ -349,16 +370,15 @@ def measure(
     shards (the reference's quantizable tensors once more, and their Q3_K).
 
     max_chunks: chunks of 512 tokens per KLD eval, spaced evenly over `text`; layer_stride: see measured_layers.
+
+    Each finished step (the errors, a run's KLD) is kept at once (plan_steps.StepCache), so an interrupted
+    measurement resumes where it stopped; use_cache=False measures everything again.
     """
     from .imatrix import read_imatrix
     from .qerror import DEFAULT_FRACTION
 
     model, imatrix, text = Path(model), Path(imatrix), Path(text)
-    for p, what in ((model, "model"), (imatrix, "imatrix"), (text, "text")):
-        if not p.is_file():
-            raise EdgeMoEError(f"{what} {p} does not exist", "check the path")
-    if reference not in ("source", "q8_0"):
-        raise EdgeMoEError(f"unknown reference {reference!r}", "use source or q8_0")
+    _check_inputs(model, imatrix, text, reference)
     error_sample = DEFAULT_FRACTION if error_sample is None else check_error_sample(error_sample)
     if layer_stride < 1:
         raise EdgeMoEError(f"layer stride {layer_stride} is below 1", "use 1 to measure every layer, k for every k-th")
@@ -367,18 +387,23 @@ def measure(
     )
     if use_cache and cache.is_file():
         try:
-            return Measurements(**json.loads(cache.read_text()))
+            return Measurements(**{**json.loads(cache.read_text()), "from_cache": True})
         except (OSError, ValueError, TypeError):  # a damaged cache entry is measured again and replaced
             pass
     tensors, _ = read_tensors(model)
     if any(t.type not in ("f32", "f16", "bf16") for t in tensors if quantizable(t)):
         raise EdgeMoEError(f"{model} is already quantized", "plan from the f32/f16/bf16 GGUF `edgemoe convert` wrote")
+    steps = measure_steps(
+        model, tensors, imatrix, text, types, calibration_type, ctx, max_chunks, reference, error_sample, layer_stride
+    )
     im = read_imatrix(imatrix)
     # a private work directory per run: two plans of one model at once must not quantize into, assemble or
     # evaluate each other's files (their measurements would be cached for good)
     parent = Path(workdir) if workdir else home() / "cache" / "plan" / "work"
     parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_work(parent)
     work = Path(tempfile.mkdtemp(prefix=f"{model.stem}.", dir=parent))
+    (work / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     try:
         m = _measure(
             model,
@@ -394,6 +419,8 @@ def measure(
             tensors,
             im,
             work,
+            steps,
+            StepCache(read=use_cache),
             error_sample,
             layer_stride,
         )
@@ -401,7 +428,169 @@ def measure(
         shutil.rmtree(work, ignore_errors=True)
     with atomic_output(cache) as part:
         part.write_text(json.dumps(asdict(m)))
+    record_rates(m.seconds, {s: m.work.get(k, 0) for s, k in _STAGE_WORK.items()}, str(model))
     return m
+
+
+OWNER_FILE = "owner"  # in a run's work directory: "host pid" of the process it belongs to
+
+
+def remove_abandoned_work(parent: Path) -> list[Path]:
+    """Delete the work directories of plans that were killed (their process is gone from this host): a kill skips
+    measure's cleanup and would leave whole-model quantizations behind, gigabytes at 21B. A directory whose owner is
+    alive, on another host, or unknown is left alone. Returns what was deleted."""
+    removed = []
+    for d in parent.iterdir():
+        try:
+            host, pid = (d / OWNER_FILE).read_text().split()
+            if host != socket.gethostname() or int(pid) == os.getpid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        except (OSError, ValueError):  # not a run's directory, or its owner is alive (PermissionError: another user's)
+            continue
+    return removed
+
+
+# Measurements.work's names for what each stage of plan_steps.STAGES did
+_STAGE_WORK = {
+    "quantize": "quantized_weights",
+    "errors": "scored_weights",
+    "assemble": "assembled_bytes",
+    "eval": "eval_weight_tokens",
+}
+
+
+def _check_inputs(model: Path, imatrix: Path | None, text: Path, reference: str) -> None:
+    for p, what in ((model, "model"), (imatrix, "imatrix"), (text, "text")):
+        if p is not None and not p.is_file():
+            raise EdgeMoEError(f"{what} {p} does not exist", "check the path")
+    if reference not in ("source", "q8_0"):
+        raise EdgeMoEError(f"unknown reference {reference!r}", "use source or q8_0")
+
+
+def active_weights(model: Path, tensors: list[TensorInfo]) -> int:
+    """Weights one token multiplies: every matrix, routed experts at expert_used_count/expert_count, the output
+    (the token embedding when tied; as a lookup table it costs nothing)."""
+    from .gguffile import open_gguf
+
+    reader = open_gguf(model)
+
+    def value(key):
+        f = reader.get_field(key)
+        try:
+            return f.contents() if f is not None else None
+        except (ValueError, IndexError):
+            return None
+
+    arch = value("general.architecture")
+    used, experts = value(f"{arch}.expert_used_count"), value(f"{arch}.expert_count")
+    share = used / experts if isinstance(used, int) and isinstance(experts, int) and 0 < used <= experts else 1.0
+    tied = not any(t.name == "output.weight" for t in tensors)
+    total = 0
+    for t in tensors:
+        if len(t.shape) < 2 or (t.name == "token_embd.weight" and not tied):
+            continue
+        total += int(t.n_elements * share) if "_exps." in t.name else t.n_elements
+    return total
+
+
+def calibration_chunks(model: Path, text: Path, ctx: int, max_chunks: int | None) -> int:
+    """How many chunks of `ctx` tokens each calibration eval reads (evaluate's chunking; the vocabulary only)."""
+    from .evaluate import _chunks
+    from .llamacpp import import_binding
+
+    llm = import_binding().Llama(model_path=str(model), vocab_only=True, verbose=False)
+    try:
+        return len(_chunks(llm, text, ctx, max_chunks, spread=True))
+    finally:
+        del llm
+
+
+def measure_steps(
+    model: Path,
+    tensors: list[TensorInfo],
+    imatrix: Path | None,
+    text: Path,
+    types,
+    calibration_type: str,
+    ctx: int,
+    max_chunks: int | None,
+    reference: str,
+    error_sample: float,
+    layer_stride: int = 1,
+) -> list[Step]:
+    """What measure does, step by step, with each step's work and content key (plan_steps): the one list the run,
+    its resume and plan --dry-run's prediction all read. `imatrix` None: not computed yet (nothing is cached)."""
+    targets = [t for t in tensors if quantizable(t)]
+    ids = (_model_id(model), sha256_file(imatrix) if imatrix else "no imatrix yet")
+    eval_ids = (*ids, sha256_file(text), ctx, max_chunks, "spread", reference)
+    tokens = calibration_chunks(model, text, ctx, max_chunks) * ctx
+    per_run = tokens * active_weights(model, tensors)
+    from .qerror import MIN_ROWS, rows_per_stratum
+
+    # the errors of every type, in one pass over a sample of each tensor's rows (qerror.sampled_errors); its work
+    # is the weights quantized and scored: sampled rows x row length x the types that fit the tensor
+    scored = 0
+    for x in targets:
+        n_rows, n_strata = (x.shape[1] if len(x.shape) > 1 else 1), math.prod(x.shape[2:])
+        sampled = rows_per_stratum(n_rows, n_strata, error_sample) * n_strata * x.shape[0]
+        scored += sampled * sum(x.shape[0] % _block(t) == 0 for t in types)
+    key = content_key("errors v2", *ids, *types, repr(error_sample), MIN_ROWS)
+    names = [x.name for x in targets]
+    steps = [Step("errors", "errors", {"errors": scored}, [], key, "", names)]
+    # what the calibration models are assembled from: llama.cpp quantizes the whole model to these two types (the
+    # matrices a type cannot take go to Q8_0: plan._uniform)
+    for t in (calibration_type, "q8_0"):
+        fits = [x.name for x in targets if x.shape[0] % _block(t) == 0]
+        every = sum(x.n_elements for x in targets)
+        steps.append(Step(f"quantize {t}", "quantize", {"quantize": every}, type=t, members=fits))
+    # everything not lowered comes from here: the source, or its Q8_0 quantization (llama.cpp's recipe for both:
+    # plan._uniform(cal, members, keep) — the test checks the assembly is byte-identical to it)
+    base_needs = [] if reference == "source" else ["quantize q8_0"]
+    steps.append(Step("reference", "calibrate", {"eval": per_run}, base_needs, tokens=tokens))
+    base_type = {
+        t.name: t.type if reference == "source" or not quantizable(t) or t.shape[0] % _block("q8_0") else "q8_0"
+        for t in tensors
+    }
+    lowerable = [x for x in targets if x.shape[0] % _block(calibration_type) == 0]
+    low_type = {x.name: calibration_type if x in lowerable else "q8_0" for x in targets}
+    # the calibration model (CalibrationModel): one shard per tensor its lowered file holds in another type, written
+    # once in both versions; a run rewrites only the first shard (the keys and the tensors no run lowers)
+    sharded = {x.name for x in targets if low_type[x.name] != base_type[x.name]}
+    shards = sum(
+        tensor_bytes(x.n_elements, base_type[x.name]) + tensor_bytes(x.n_elements, low_type[x.name])
+        for x in targets
+        if x.name in sharded
+    )
+    first = sum(tensor_bytes(t.n_elements, base_type[t.name]) for t in tensors if t.name not in sharded)
+    needs = [f"quantize {calibration_type}", *base_needs]
+    steps.append(Step("calibration model", "calibrate", {"assemble": shards}, needs, type=calibration_type))
+
+    def run(name: str, group: str, members: list[str]) -> Step:
+        if not members:
+            raise EdgeMoEError(f"no {name} tensor can be {calibration_type}", "choose another calibration type")
+        key = content_key("kld v2", *eval_ids, calibration_type, *sorted(members))
+        needs = ["calibration model", "reference", *base_needs]
+        return Step(name, group, {"assemble": first, "eval": per_run}, needs, key, calibration_type, members, tokens)
+
+    for r in sorted({role(t.name) for t in targets}):
+        steps.append(run(f"role {r}", "calibrate", [x.name for x in lowerable if role(x.name) == r]))
+    # depth: the same absolute error matters more where the residual stream is small (early layers), which a
+    # role's single gain averages away; one more measurement per (measured) layer gives a role x layer model
+    blocks = sorted({int(layer(t.name)) for t in targets if layer(t.name)})
+    routed = sorted({int(layer(t.name)) for t in targets if "_exps" in t.name})
+    for b in measured_layers(blocks, layer_stride, routed[0] if routed else None):
+        steps.append(run(f"layer {b}", "layers", [x.name for x in lowerable if layer(x.name) == str(b)]))
+    # the floor: quantized matmuls also quantize their activations (to Q8_0/Q8_K), an error no weight error shows;
+    # the all-Q8_0 model is the kept Q8_0 quantization itself (against a Q8_0 reference there is no floor)
+    if reference == "source":
+        key = content_key("floor v2", *eval_ids)
+        needs = ["quantize q8_0", "reference"]
+        steps.append(Step("floor", "calibrate", {"eval": per_run}, needs, key, "q8_0", tokens=tokens))
+    return steps
 
 
 def _measure(
@@ -418,100 +607,108 @@ def _measure(
     tensors: list[TensorInfo],
     im,
     work: Path,
+    steps: list[Step],
+    cache: StepCache,
     error_sample: float = 1.0,
     layer_stride: int = 1,
 ) -> Measurements:
-    from .evaluate import evaluate
+    from .evaluate import base_logprobs, evaluate
     from .qerror import sampled_errors
     from .quantize import quantize
 
     targets = [t for t in tensors if quantizable(t)]
-    kept = {t: work / f"{model.stem}.{t}.gguf" for t in (calibration_type, "q8_0")}
-    errors: dict[str, dict[str, float]] = {t.name: {} for t in targets}
-    seconds = {"quantize": 0.0, "errors": 0.0, "assemble": 0.0, "eval": 0.0}
-    stats = {"assembled_bytes": 0, "eval_tokens": 0, "runs": 0}
-    # step 1: every candidate type's error, from a sample of rows quantized in process (one pass over the model)
-    t0 = time.perf_counter()
-    for name, per_type in sampled_errors(
-        model, im, [x.name for x in targets], types, error_sample, threads=threads, progress=progress
-    ).items():
-        errors[name].update(per_type)
-    seconds["errors"] += time.perf_counter() - t0
-    # what the calibration models are assembled from: llama.cpp quantizes the whole model to these two types
-    for i, t in enumerate(kept):
-        if progress:
-            progress("quantize", i, len(kept), t)
-        fits = [x.name for x in targets if x.shape[0] % _block(t) == 0]
+    files: dict[str, Path] = {}  # quantize step -> its whole-model quantization
+    seconds = dict.fromkeys(STAGES, 0.0)
+    done = dict.fromkeys(STAGES, 0)  # work this run did (a resumed run: only the steps it had left)
+    eval_tokens = assembled_bytes = 0
+    todo = pending(steps, cache)
+    names = {s.name for s in todo}
+    results = {s.name: cache.get(s) for s in steps if s.key and s.name not in names}
+    by_group: dict[str, list[Step]] = {}
+    for s in steps:
+        by_group.setdefault(s.group, []).append(s)
+    calibration = None
+
+    def base() -> Path:
+        return model if reference == "source" else files["quantize q8_0"]
+
+    finished = {s.name for s in steps} - names
+    for i, step in enumerate(todo):
+        group = by_group[step.group]
+        # a group's finished steps, kept ones included, so a resumed plan starts where it stopped (the error pass
+        # reports its own tensors)
+        if progress and step.name != "errors":
+            progress(step.group, sum(s.name in finished for s in group), len(group))
         t0 = time.perf_counter()
-        quantize(model, _uniform(t, fits), out=kept[t], imatrix=imatrix, threads=threads, manifest=False)
-        seconds["quantize"] += time.perf_counter() - t0
+        if step.name.startswith("quantize "):
+            out = work / f"{model.stem}.{step.type}.gguf"
+            quantize(
+                model, _uniform(step.type, step.members), out=out, imatrix=imatrix, threads=threads, manifest=False
+            )
+            files[step.name] = out
+        elif step.name == "errors":
+            results[step.name] = sampled_errors(
+                model, im, step.members, types, error_sample, threads=threads, progress=progress
+            )
+        elif step.name == "reference":
+            eval_tokens += len(base_logprobs(base(), text, ctx, threads, max_chunks, spread=True)[1]) * ctx
+        elif step.name == "calibration model":
+            calibration = CalibrationModel(base(), files[f"quantize {step.type}"], work)
+            assembled_bytes += calibration.written
+        else:
+            if step.name == "floor":
+                evaluated = files["quantize q8_0"]
+            else:
+                assembled_bytes += calibration.set(step.members)
+                seconds["assemble"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                evaluated = calibration.path
+            res = evaluate(evaluated, base(), text, ctx=ctx, threads=threads, max_chunks=max_chunks, spread=True)
+            results[step.name] = {"kld": res.kld_mean, "stderr": res.kld_stderr}
+            eval_tokens += res.chunks * ctx
+        seconds[_stage_of(step)] += time.perf_counter() - t0
+        for stage, n in step.work.items():
+            done[stage] += n
+        if step.key:
+            cache.put(step, results[step.name])
+        finished.add(step.name)
+        if progress and step.name != "errors":
+            progress(step.group, sum(s.name in finished for s in group), len(group))
+        # a whole-model quantization no step left needs is deleted now: disk holds at most what it held before
+        later = {need for s in todo[i + 1 :] for need in s.needs}
+        for name in [n for n in files if n not in later]:
+            files.pop(name).unlink(missing_ok=True)
+    done["assemble"] = assembled_bytes  # what assemble wrote (its steps' work is the same count, predicted)
     if progress:
-        progress("quantize", len(kept), len(kept))
-    # everything not lowered comes from here: the source, or its Q8_0 quantization (llama.cpp's recipe for both:
-    # plan._uniform(cal, members, keep) — the test checks the assembly is byte-identical to it)
-    base = model if reference == "source" else kept["q8_0"]
+        for group, members in by_group.items():
+            if group != "errors":
+                progress(group, len(members), len(members))
 
-    stderr: dict[str, float] = {}
-    t0 = time.perf_counter()
-    calibration = CalibrationModel(base, kept[calibration_type], work)
-    seconds["assemble"] += time.perf_counter() - t0
-    stats["assembled_bytes"] += calibration.written
-
-    def run(members: list[str], what: str) -> float:
-        t0 = time.perf_counter()
-        stats["assembled_bytes"] += calibration.set(members)
-        t1 = time.perf_counter()
-        res = evaluate(calibration.path, base, text, ctx=ctx, threads=threads, max_chunks=max_chunks, spread=True)
-        seconds["assemble"] += t1 - t0
-        seconds["eval"] += time.perf_counter() - t1
-        stats["eval_tokens"] += res.chunks * ctx
-        stats["runs"] += 1
-        stderr[what] = res.kld_stderr
-        return res.kld_mean
-
-    roles = sorted({role(t.name) for t in targets})
-    kld = {}
-    for i, r in enumerate(roles):
-        if progress:
-            progress("calibrate", i, len(roles))
-        members = [x.name for x in targets if role(x.name) == r and calibration_type in errors[x.name]]
-        if not members:
-            raise EdgeMoEError(f"no {r} tensor can be {calibration_type}", "choose another calibration type")
-        kld[r] = run(members, f"role:{r}")
-    if progress:
-        progress("calibrate", len(roles), len(roles))
-    # depth: the same absolute error matters more where the residual stream is small (early layers), which a
-    # role's single gain averages away; one more measurement per layer gives a separable role x layer model
-    layer_kld = {}
-    blocks = sorted({layer(t.name) for t in targets} - {""}, key=int)
-    routed = sorted({int(layer(t.name)) for t in targets if "_exps" in t.name})
-    measured = [str(b) for b in measured_layers([int(b) for b in blocks], layer_stride, routed[0] if routed else None)]
-    for i, b in enumerate(measured):
-        if progress:
-            progress("layers", i, len(measured))
-        layer_kld[b] = run(
-            [x.name for x in targets if layer(x.name) == b and calibration_type in errors[x.name]], f"layer:{b}"
-        )
-    if progress:
-        progress("layers", len(measured), len(measured))
+    errors: dict[str, dict[str, float]] = {t.name: dict(results["errors"][t.name]) for t in targets}
+    kld = {s.name.removeprefix("role "): results[s.name]["kld"] for s in steps if s.name.startswith("role ")}
+    layer_kld = {s.name.removeprefix("layer "): results[s.name]["kld"] for s in steps if s.name.startswith("layer ")}
     gains, factors = fit_role_layer(
         {n: errors[n][calibration_type] for n in errors if calibration_type in errors[n]}, kld, layer_kld
     )
-    # the floor: quantized matmuls also quantize their activations (to Q8_0/Q8_K), an error no weight error shows;
-    # the all-Q8_0 model is the kept Q8_0 quantization itself (against a Q8_0 reference there is no floor)
     floor = 0.0
-    if reference == "source":
+    if "floor" in results:
         q8 = [x.name for x in targets if "q8_0" in errors[x.name]]
-        t0 = time.perf_counter()
-        res = evaluate(kept["q8_0"], base, text, ctx=ctx, threads=threads, max_chunks=max_chunks, spread=True)
-        seconds["eval"] += time.perf_counter() - t0
-        stats["eval_tokens"] += res.chunks * ctx
-        stats["runs"] += 1
-        stderr["floor"] = res.kld_stderr
         m_partial = Measurements("", "", "", list(types), calibration_type, errors, gains, kld, factors)
-        floor = max(res.kld_mean - sum(m_partial.predicted(n, "q8_0") for n in q8), 0.0)
-    for p in kept.values():
-        p.unlink(missing_ok=True)
+        floor = max(results["floor"]["kld"] - sum(m_partial.predicted(n, "q8_0") for n in q8), 0.0)
+    runs = [s for s in todo if s.name.startswith(("role ", "layer ")) or s.name == "floor"]
+    # each measured KLD's standard error ("role:R", "layer:B", "floor"): how much the chunks evaluated pin it down
+    stderr = {
+        s.name.replace(" ", ":"): results[s.name].get("stderr", 0.0)
+        for s in steps
+        if s.name.startswith(("role ", "layer ")) or s.name == "floor"
+    }
+    stats = {
+        "assembled_bytes": done["assemble"],
+        "eval_tokens": eval_tokens,
+        "runs": len(runs),
+        "cached_steps": len(steps) - len(todo),
+        **{_STAGE_WORK[stage]: n for stage, n in done.items()},
+    }
     return Measurements(
         str(model),
         str(imatrix),
@@ -530,6 +727,11 @@ def _measure(
         layer_stride,
         stderr,
     )
+
+
+def _stage_of(step: Step) -> str:
+    """The stage a step's timed part belongs to (a calibration run's assembly is timed on its own)."""
+    return next(s for s in ("quantize", "errors", "eval", "assemble") if s in step.work)
 
 
 def measured_layers(blocks: list[int], stride: int, first_routed: int | None) -> list[int]:
@@ -630,6 +832,12 @@ class PlanResult:
     recipe_toml: str
     out: str | None = None
     quantized: str | None = None
+    measure_seconds: dict[str, float] = field(default_factory=dict)  # per stage, this run (0 when all cached)
+    cached_steps: int = 0  # measurement steps an earlier (maybe interrupted) plan had finished
+    measured_from_cache: bool = False  # the whole measurement was cached: only the choice was made
+    peak_rss_bytes: int = 0  # the larger of this process's and its largest llama.cpp child's peak
+    peak_rss_self_bytes: int = 0
+    peak_rss_children_bytes: int = 0
 
 
 def solve(options: dict[str, dict[str, tuple[int, float]]], budget: int, bins: int = 4000) -> dict[str, str]:
@@ -886,6 +1094,10 @@ def plan(
     )
     tensors, overhead = read_tensors(model)
     result = plan_from_measurements(m, tensors, overhead, budget, formula, name, min_every_token)
+    if not m.from_cache:
+        result.measure_seconds, result.cached_steps = m.seconds, m.work.get("cached_steps", 0)
+    result.measured_from_cache = m.from_cache
+    set_peak_rss(result)
     if out:
         with atomic_output(out) as part:
             part.write_text(
@@ -894,3 +1106,186 @@ def plan(
             )
         result.out = str(out)
     return result
+
+
+# ---- what plan would do, and how long it would take here ----
+
+
+def dry_run(
+    model: str | Path,
+    imatrix: str | Path | None,
+    text: str | Path,
+    arm_fast: bool = False,
+    max_chunks: int | None = DEFAULT_CHUNKS,
+    reference: str = "source",
+    threads: int | None = None,
+    probe: bool = True,
+    error_sample: float | None = None,
+    layer_stride: int = DEFAULT_LAYER_STRIDE,
+) -> PlanPrediction:
+    """plan's steps (measure_steps, the list the run itself follows) priced with this machine's rates: those the
+    last plans here measured, else a probe of a few seconds (probe_rates). Steps an earlier plan finished, or an
+    interrupted one kept, cost nothing. `imatrix` None: it is computed first (a step of its own)."""
+    from .qerror import DEFAULT_FRACTION
+
+    model, text = Path(model), Path(text)
+    imatrix = Path(imatrix) if imatrix else None
+    _check_inputs(model, imatrix, text, reference)
+    error_sample = DEFAULT_FRACTION if error_sample is None else check_error_sample(error_sample)
+    tensors, _ = read_tensors(model)
+    if any(t.type not in ("f32", "f16", "bf16") for t in tensors if quantizable(t)):
+        raise EdgeMoEError(f"{model} is already quantized", "plan from the f32/f16/bf16 GGUF `edgemoe convert` wrote")
+    types = ARM_FAST_TYPES if arm_fast else DEFAULT_TYPES
+    cal = ARM_FAST_CALIBRATION_TYPE if arm_fast else CALIBRATION_TYPE
+    ctx = 512  # plan's calibration context (measure's default)
+    steps = measure_steps(
+        model, tensors, imatrix, text, types, cal, ctx, max_chunks, reference, error_sample, layer_stride
+    )
+    notes = []
+    cache = StepCache()
+    if imatrix is None:
+        tokens = calibration_chunks(model, text, ctx, None) * ctx
+        work = {"eval": tokens * active_weights(model, tensors)}
+        steps.insert(0, Step("imatrix", "imatrix", work, tokens=tokens))
+        notes.append("no imatrix yet: llama-imatrix runs over the whole text first (priced at the eval rate)")
+    elif _cache_path(model, imatrix, text, types, cal, max_chunks, reference, error_sample, layer_stride).is_file():
+        cache = _Finished()
+        notes.append("measured before: plan solves from its cache")
+    rates = measured_rates()
+    if probe and any(stage not in rates for stage in STAGES):
+        probed = probe_rates(model, tensors, imatrix, types, cal, error_sample, ctx, max_chunks, text, threads)
+        rates = {**probed, **rates}
+    return predict(str(model), steps, cache, rates, notes)
+
+
+class _Finished(StepCache):
+    """Every step done: the whole measurement is cached."""
+
+    def get(self, step):
+        return {}
+
+
+def probe_rates(
+    model: Path,
+    tensors: list[TensorInfo],
+    imatrix: Path | None,
+    types,
+    calibration_type: str,
+    error_sample: float,
+    ctx: int,
+    max_chunks: int | None,
+    text: Path,
+    threads: int | None = None,
+    sample_weights: int = 1 << 21,
+) -> dict[str, Rate]:
+    """This machine's rates from a few seconds of plan's own operations at the model's real widths: the error pass
+    (qerror.tensor_sample_errors) on the model's largest matrix; rows of it quantized by ggml's quantizer (what
+    llama.cpp runs per tensor) to the two types llama.cpp quantizes the whole model to, on `threads` threads; 64 MiB
+    of the model copied (assemble); and, when the model is small enough to load in seconds (<= 1 GiB), one chunk of
+    the text evaluated with the model loads a calibration run makes. A larger model's eval rate comes only from a
+    finished plan."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    import gguf
+
+    from .imatrix import read_imatrix
+    from .qerror import _kind, quantize_rows, rows_per_stratum, tensor_sample_errors
+
+    threads = threads or os.cpu_count() or 1
+    rates: dict[str, Rate] = {}
+    big = max((t for t in tensors if quantizable(t)), key=lambda t: t.n_elements)
+    src = next(t for t in gguf.GGUFReader(model).tensors if t.name == big.name)
+    im = read_imatrix(imatrix) if imatrix else SimpleNamespace(entries={})  # without one: unweighted, as qerror
+    fits = [t for t in types if big.shape[0] % _block(t) == 0]
+    n_rows, n_strata = (big.shape[1] if len(big.shape) > 1 else 1), math.prod(big.shape[2:])
+    scored = rows_per_stratum(n_rows, n_strata, error_sample) * n_strata * big.shape[0] * len(fits)
+    with ThreadPoolExecutor(threads) as pool:
+        t0 = time.perf_counter()
+        tensor_sample_errors(src, fits, im, error_sample, pool=pool)
+        how = f"{len(fits)} types on a {error_sample:g} row sample of {big.name}"
+        rates["errors"] = Rate("errors", scored / (time.perf_counter() - t0), STAGES["errors"], "probe", how)
+        # quantize: real rows of it, each thread its share, as llama.cpp splits a tensor's rows
+        row = big.shape[0]
+        raw = np.asarray(src.data)
+        raw = raw.reshape(-1, raw.shape[-1])[: max(threads, sample_weights // row)]
+        rows = _dequantized_rows(raw, src.tensor_type)
+        kept = [t for t in dict.fromkeys((calibration_type, "q8_0")) if row % _block(t) == 0]
+        t0 = time.perf_counter()
+        for t in kept:
+            kind = _kind(t, row)
+            list(pool.map(lambda part: quantize_rows(kind, part, None), np.array_split(rows, threads)))
+        compute = (time.perf_counter() - t0) / (rows.size * len(kept))  # seconds per weight
+    # assemble: a copy of the model's bytes (from the page cache when it was just read, as plan's copies are)
+    n = min(model.stat().st_size, 64 << 20)
+    probe_dir = home() / "cache" / "plan" / "work"
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=probe_dir, prefix="probe.") as dst, open(model, "rb") as f:
+        t0 = time.perf_counter()
+        left = n
+        while left > 0 and (chunk := f.read(min(left, 1 << 22))):
+            dst.write(chunk)
+            left -= len(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+        copy = n / (time.perf_counter() - t0)
+    rates["assemble"] = Rate("assemble", copy, STAGES["assemble"], "probe", f"{human_bytes(n)} copied")
+    # a whole-model quantization also reads the source and writes its output: those bytes per weight at the copy rate
+    source_bytes = sum(tensor_bytes(t.n_elements, t.type) for t in tensors if quantizable(t))
+    out_bytes = sum(tensor_bytes(t.n_elements, k) for t in tensors if quantizable(t) for k in kept) / len(kept)
+    io = (source_bytes + out_bytes) / sum(t.n_elements for t in tensors if quantizable(t)) / copy
+    how = f"{rows.size / 1e6:.1f}M weights of {big.name} to {', '.join(kept)}, + reading and writing at the copy rate"
+    rates["quantize"] = Rate("quantize", 1 / (compute + io), STAGES["quantize"], "probe", how)
+    if model.stat().st_size <= 1 << 30:
+        rates["eval"] = _probe_eval(model, tensors, text, ctx, max_chunks, threads)
+    return rates
+
+
+def _probe_eval(model: Path, tensors: list[TensorInfo], text: Path, ctx: int, max_chunks, threads: int) -> Rate:
+    """Weight-tokens/s of a calibration run as evaluate makes one, from one chunk timed part by part: two model
+    loads and two tokenizations of the text (the base's, for its tokens, and the candidate's), then per chunk the
+    forward pass and the numpy work on the logits (log-softmax, the base's float16 log-probs, KLD, NLL, top-1)."""
+    from .evaluate import _chunks, _load, _log_softmax
+
+    t0 = time.perf_counter()
+    llm = _load(model, ctx, threads)
+    chunk = _chunks(llm, text, ctx, max_chunks, spread=True)[0]
+    t2 = time.perf_counter()
+    llm.reset()
+    llm.eval(chunk)
+    lp = _log_softmax(np.asarray(llm.scores[ctx // 2 : len(chunk) - 1], dtype=np.float32))
+    lb = lp.astype(np.float16).astype(np.float32)
+    float((np.exp(lb) * (lb - lp)).sum(axis=1).mean())
+    lp.argmax(axis=1)
+    t3 = time.perf_counter()
+    del llm
+    chunks = calibration_chunks(model, text, ctx, max_chunks)
+    seconds = 2 * (t2 - t0) + chunks * (t3 - t2)
+    how = f"one chunk of {ctx} tokens, its KLD, two loads and tokenizations a run"
+    return Rate("eval", chunks * ctx * active_weights(model, tensors) / seconds, STAGES["eval"], "probe", how)
+
+
+def _dequantized_rows(raw: np.ndarray, tensor_type) -> np.ndarray:
+    import gguf
+
+    return np.ascontiguousarray(gguf.quants.dequantize(raw, tensor_type), dtype=np.float32)
+
+
+def peak_rss() -> tuple[int, int]:
+    """(this process's peak resident memory, the largest child's) in bytes: llama.cpp's quantizer and evals run
+    in this process, llama-imatrix as a child."""
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale,
+    )
+
+
+def set_peak_rss(result: PlanResult) -> None:
+    """Fill in the result's peak memory as of now (after --quantize too, when the CLI calls it again)."""
+    result.peak_rss_self_bytes, result.peak_rss_children_bytes = peak_rss()
+    result.peak_rss_bytes = max(result.peak_rss_self_bytes, result.peak_rss_children_bytes)

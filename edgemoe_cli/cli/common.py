@@ -117,10 +117,26 @@ class _Count(ProgressColumn):
         )
 
 
+class _Eta(ProgressColumn):
+    """Time left at the step's own rate so far: the units it did since it started in this run (a resumed step's
+    earlier units, done before, do not count) over the time it took."""
+
+    def render(self, task) -> Text:
+        from ..units import human_duration
+
+        start = task.fields.get("first_done", 0)
+        done = task.completed - start
+        if task.total is None or task.finished or done <= 0 or not task.elapsed:
+            return Text("")
+        left = (task.total - task.completed) * task.elapsed / done
+        return Text(f"ETA {human_duration(left)}", style="progress.remaining")
+
+
 @contextmanager
 def progress_bars(disable: bool = False) -> Iterator[Progress]:
-    """The one rich display of progress.Progress, on stderr: a line per step (bar, count, detail, elapsed time),
-    gone when the command ends. `disable` (for --json) keeps stderr quiet."""
+    """The one rich display of progress.Progress, on stderr: a line per step (bar, count, detail, elapsed time, and
+    the time left at the step's own rate so far), gone when the command ends. `disable` (for --json) keeps stderr
+    quiet."""
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as Bars
 
@@ -130,6 +146,7 @@ def progress_bars(disable: bool = False) -> Iterator[Progress]:
         _Count(),
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
+        _Eta(),
         console=err_console,
         transient=True,
         disable=disable,
@@ -138,7 +155,7 @@ def progress_bars(disable: bool = False) -> Iterator[Progress]:
 
         def progress(step: str, done: int, total: int | None, detail: str = "", unit: str = "") -> None:
             if step not in tasks:
-                tasks[step] = bars.add_task(step, total=total, detail="", unit=unit)
+                tasks[step] = bars.add_task(step, total=total, completed=done, detail="", unit=unit, first_done=done)
             bars.update(tasks[step], completed=done, total=total, detail=detail[-48:])
 
         yield progress

@@ -72,6 +72,14 @@ MinEveryTokenOpt = Annotated[
         "embedding); `none` for no floor.",
     ),
 ]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Print the steps plan would run and its predicted time on this machine (rates from earlier plans "
+        "here, else a probe of a few seconds), then exit.",
+    ),
+]
 ReferenceOpt = Annotated[
     str,
     typer.Option(
@@ -110,6 +118,7 @@ def plan_cmd(
     min_every_token: MinEveryTokenOpt = "q4_k",
     reference: ReferenceOpt = "source",
     error_sample: ErrorSampleOpt = None,
+    dry_run: DryRunOpt = False,
     threads: Optional[int] = threads_option("all CPUs"),
     as_json: bool = json_option("the plan"),
 ) -> None:
@@ -118,6 +127,7 @@ def plan_cmd(
     File budget = RAM - KV cache for --ctx tokens - runtime reserve (1 GiB, as doctor). Loss: each tensor's
     imatrix-weighted error per candidate type (on a row sample) times KLD gains measured per role and layer; an exact
     knapsack picks the mix (README "quantize and plan"). Cached: a second budget is instant. Gives a recipe TOML.
+    Each step is kept as it finishes: a stopped plan resumes. --dry-run: the steps and their predicted time here.
 
     Example: edgemoe plan ernie-thinking-bf16.gguf --budget 16GiB --ctx 8192 --out my16.toml --quantize
     """
@@ -125,8 +135,11 @@ def plan_cmd(
     from ..imatrix import default_calibration_text, ensure_imatrix
 
     ram, size, reserve_bytes, ram_source = stage.budget_options(budget, board, max_size, reserve)
+    budget_args = dict(ram=ram, max_size=size, reserve=reserve_bytes, ram_source=ram_source)  # as stage.plan names them
     stage.check_error_sample(error_sample)
     text = text or default_calibration_text()
+    if dry_run:
+        return _dry_run(model, imatrix, text, arm_fast, chunks, reference, error_sample, layer_stride, threads, as_json)
     with progress_bars(as_json) as progress:
         model = source_model(model, progress)
         imatrix = imatrix or ensure_imatrix(model, text, threads=threads, progress=progress)
@@ -134,10 +147,7 @@ def plan_cmd(
             model,
             imatrix,
             text,
-            ram=ram,
             ctx=ctx,
-            max_size=size,
-            reserve=reserve_bytes,
             arm_fast=arm_fast,
             out=out,
             threads=threads,
@@ -145,19 +155,22 @@ def plan_cmd(
             progress=progress,
             reference=reference,
             min_every_token=None if min_every_token.lower() == "none" else min_every_token,
-            ram_source=ram_source,
             error_sample=error_sample,
             layer_stride=layer_stride,
+            **budget_args,
         )
         if do_quantize:
-            result.quantized = _quantize(model, stage.plan_recipe(result, out), gguf_out, imatrix, threads, progress)
+            _quantize(result, model, stage.plan_recipe(result, out), gguf_out, imatrix, threads, progress)
     emit_json(result) if as_json else _print_plan(result, out)
 
 
-def _quantize(model, recipe, out, imatrix, threads, progress) -> str:
+def _quantize(result, model, recipe, out, imatrix, threads, progress) -> None:
+    """Apply the plan (--quantize); the result's peak memory then counts the quantization too."""
+    from ..plan import set_peak_rss
     from ..quantize import quantize
 
-    return quantize(model, recipe, out=out, imatrix=imatrix, threads=threads, progress=progress).out
+    result.quantized = quantize(model, recipe, out=out, imatrix=imatrix, threads=threads, progress=progress).out
+    set_peak_rss(result)
 
 
 def _print_plan(result, out) -> None:
@@ -175,3 +188,57 @@ def _print_plan(result, out) -> None:
         console.print(f"wrote [bold]{result.out}[/]", highlight=False)
     if result.quantized:
         console.print(f"quantized to [bold]{result.quantized}[/]", highlight=False)
+    measured = ", ".join(f"{k} {v:.0f} s" for k, v in result.measure_seconds.items() if v)
+    console.print(
+        ("measurements: from the cache" if result.measured_from_cache else f"measured in {measured or '0 s'}")
+        + (f" ({result.cached_steps} steps kept by an earlier plan)" if result.cached_steps else "")
+        + f"; peak RSS {human_bytes(result.peak_rss_bytes)}",
+        highlight=False,
+    )
+
+
+def _dry_run(model, imatrix, text, arm_fast, chunks, reference, error_sample, layer_stride, threads, as_json) -> None:
+    from .. import plan as stage
+    from ..imatrix import imatrix_beside
+    from ..models import source_gguf
+
+    model = source_gguf(model, convert=False).path
+    if imatrix is None and imatrix_beside(model).is_file():
+        imatrix = imatrix_beside(model)
+    prediction = stage.dry_run(
+        model, imatrix, text, arm_fast, chunks, reference, threads, error_sample=error_sample, layer_stride=layer_stride
+    )
+    if as_json:
+        emit_json(prediction)
+        return
+    _print_prediction(prediction)
+
+
+def _print_prediction(p) -> None:
+    from rich.table import Table
+
+    from ..units import human_duration
+
+    table = Table("step", "work", "predicted", box=None, pad_edge=False)
+    what = {"quantize": "{:,} weights quantized", "errors": "{:,} weights scored", "assemble": "{} assembled"}
+    for s in p.steps:
+        work = ", ".join(
+            f"{s.tokens:,} tokens evaluated"
+            if k == "eval"
+            else what[k].format(human_bytes(n) if k == "assemble" else n)
+            for k, n in s.work.items()
+        )
+        when = "cached" if s.cached else ("?" if s.seconds is None else human_duration(s.seconds))
+        table.add_row(s.name, work, when)
+    console.print(table)
+    for r in p.rates.values():
+        console.print(f"rate {r.stage}: {r.per_second:,.3g} {r.unit}/s ({r.source}: {r.how})", highlight=False)
+    for note in p.notes:
+        console.print(f"[yellow]{note}[/]", highlight=False)
+    known = human_duration(sum(p.stage_seconds.values()))
+    total = f"at least {known} (the stages with a rate)" if p.seconds is None else human_duration(p.seconds)
+    console.print(
+        f"[bold]predicted {total}[/] on this machine for {p.pending_steps} steps"
+        + (f" ({p.cached_steps} already done)" if p.cached_steps else ""),
+        highlight=False,
+    )
