@@ -124,18 +124,16 @@ def plan_cmd(
 ) -> None:
     """Choose a quantization type per tensor that fits a memory budget with the least predicted quality loss.
 
-    File budget = RAM - KV cache for --ctx tokens - runtime reserve (1 GiB, as doctor). Loss: each tensor's
-    imatrix-weighted error per candidate type (on a row sample) times KLD gains measured per role and layer; an exact
-    knapsack picks the mix (README "quantize and plan"). Cached: a second budget is instant. Gives a recipe TOML.
-    Each step is kept as it finishes: a stopped plan resumes. --dry-run: the steps and their predicted time here.
+    File budget = RAM - KV cache for --ctx tokens - runtime reserve (1 GiB). Loss: each tensor's imatrix-weighted error
+    per candidate type (on a row sample) times KLD gains measured per role and layer; an exact knapsack picks the mix
+    (README "quantize and plan"). Steps are kept: a stopped plan resumes, another budget is instant. Gives a recipe.
 
     Example: edgemoe plan ernie-thinking-bf16.gguf --budget 16GiB --ctx 8192 --out my16.toml --quantize
     """
     from .. import plan as stage
     from ..imatrix import default_calibration_text, ensure_imatrix
 
-    ram, size, reserve_bytes, ram_source = stage.budget_options(budget, board, max_size, reserve)
-    budget_args = dict(ram=ram, max_size=size, reserve=reserve_bytes, ram_source=ram_source)  # as stage.plan names them
+    budget_args = _budget_args(budget, board, max_size, reserve)
     stage.check_error_sample(error_sample)
     text = text or default_calibration_text()
     if dry_run:
@@ -162,6 +160,14 @@ def plan_cmd(
         if do_quantize:
             _quantize(result, model, stage.plan_recipe(result, out), gguf_out, imatrix, threads, progress)
     emit_json(result) if as_json else _print_plan(result, out)
+
+
+def _budget_args(budget, board, max_size, reserve) -> dict:
+    """--budget/--board/--max-size/--reserve as stage.plan's keyword arguments."""
+    from ..plan import budget_options
+
+    ram, size, reserve_bytes, ram_source = budget_options(budget, board, max_size, reserve)
+    return dict(ram=ram, max_size=size, reserve=reserve_bytes, ram_source=ram_source)
 
 
 def _quantize(result, model, recipe, out, imatrix, threads, progress) -> None:
