@@ -308,7 +308,28 @@ def predict(results: dict, args) -> dict:
     o6_old = quant_s + error_s + assemble_s["source (bf16)"] + eval_tokens / O6_PP512
     box = kept_s + sampled_s + assemble_s["source (bf16)"] + eval_tokens / r_pp_21b
     o6 = kept_s + sampled_s + assemble_s["source (bf16)"] + eval_tokens / O6_PP512
+    # plan at today's defaults: the calibration evals of plan.measure_steps (roles, the layers --layer-stride
+    # measures, floor, reference) of --chunks x 512 tokens, and the split calibration model: every lowerable tensor
+    # written once in the reference's type and once in Q3_K (3.4375 bits a weight), then only re-pointed
+    from edgemoe_cli.plan import DEFAULT_CHUNKS, DEFAULT_LAYER_STRIDE, measured_layers
+
+    layers_now = measured_layers(list(range(28)), DEFAULT_LAYER_STRIDE, first_routed=1)
+    evals_now = N_EVALS - 28 + len(layers_now)
+    eval_tokens_now = evals_now * 512 * DEFAULT_CHUNKS
+    shard_bytes = ref_bytes["source (bf16)"] + weights_21b * 3.4375 / 8
+    shards_s = shard_bytes / r_copy
+    box_now = kept_s + sampled_s + shards_s + eval_tokens_now / r_pp_21b
+    o6_now = kept_s + sampled_s + shards_s + eval_tokens_now / O6_PP512
     return {
+        "defaults_now": {"chunks": DEFAULT_CHUNKS, "layer_stride": DEFAULT_LAYER_STRIDE, "layers": layers_now},
+        "evals_now": evals_now,
+        "eval_tokens_now": eval_tokens_now,
+        "eval_seconds_now_box": eval_tokens_now / r_pp_21b,
+        "eval_seconds_now_o6": eval_tokens_now / O6_PP512,
+        "shard_bytes_21b": shard_bytes,
+        "shard_seconds_21b": shards_s,
+        "total_seconds_now_box": box_now,
+        "total_seconds_now_o6_evals": o6_now,
         "weights_21b": weights_21b,
         "per_type": per_type,
         "quantize_seconds_21b": quant_s,
@@ -435,9 +456,30 @@ def write_md(results: dict, pred: dict, args, command: str, load: tuple, path: P
         f"| (42 assemblies with --reference q8_0, {p['reference_bytes_21b']['q8_0'] / gb:.1f} GB) | "
         f"{_h(p['assemble_seconds_21b']['q8_0'])} | |",
     ]
+    d = p["defaults_now"]
     lines += [
         "",
         f"## Predicted for ERNIE-4.5-21B-A3B (28 layers, {p['weights_21b'] / 1e9:.2f} B weights)",
+        "",
+        f"plan at today's defaults (`--error-sample {p['error_fraction']:g} --chunks {d['chunks']} --layer-stride "
+        f"{d['layer_stride']}`): the sampled error stage and the 2 whole-model quantizations as below; the split "
+        f"calibration model written once (every lowerable tensor in bf16 and in Q3_K, "
+        f"{p['shard_bytes_21b'] / gb:.1f} GB) instead of 42 copies; {p['evals_now']} evals (14 roles, the "
+        f"{len(d['layers'])} layers {d['layers']} the stride measures, floor, reference) of {d['chunks']} x 512 "
+        "tokens. Every rate is this page's, measured at real widths; the eval rate extrapolated by active weights.",
+        "",
+        "| term | this box | Orion O6 |",
+        "|---|---:|---:|",
+        f"| 2 whole-model quantizations (Q3_K, Q8_0) | {_h(p['kept_quantize_seconds_21b'])} | (this box's rate) |",
+        f"| error stage (sampled, 7 types) | {_h(p['sampled_error_seconds_21b'])} | (this box's rate) |",
+        f"| split calibration model at {p['r_copy'] / 1e6:.0f} MB/s | {_h(p['shard_seconds_21b'])} | "
+        "(this box's rate) |",
+        f"| {p['evals_now']} evals x {d['chunks'] * 512} tokens | {_h(p['eval_seconds_now_box'])} at "
+        f"{p['r_pp_21b_box']:.2f} tokens/s | {_h(p['eval_seconds_now_o6'])} at pp512 {O6_PP512} tokens/s (quoted) |",
+        f"| **total** | **{_h(p['total_seconds_now_box'])}** | **{_h(p['total_seconds_now_o6_evals'])}** "
+        "(evals at O6 rate, the rest at this box's) |",
+        "",
+        "With the sampled error stage but the earlier calibration (44 evals x 8192 tokens, 42 copies):",
         "",
         f"plan now: `2 x W / r_quant (Q3_K, Q8_0) + S / r_scored + W / r_energy + 42 x reference bytes / r_copy + "
         f"44 x 512 x 16 / r_pp`, S = the weights qerror quantizes per type at --error-sample {p['error_fraction']:g} "
