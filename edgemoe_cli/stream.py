@@ -202,13 +202,14 @@ def _runtime_per_token(reader) -> int:
     return _F32 * (8 * n_embd + 3 * n_ff + n_vocab)
 
 
-def anonymous_rss() -> int:
-    """This process's resident anonymous memory (heap, interpreter, buffers), not counting mapped file pages."""
+def anonymous_rss(kinds: tuple[str, ...] = ("RssAnon:",)) -> int:
+    """This process's resident anonymous memory (heap, interpreter, buffers), not counting mapped file pages
+    (kinds adds other /proc/self/status Rss lines)."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
+            found = [int(line.split()[1]) * 1024 for line in f if line.startswith(kinds)]
+        if found:
+            return sum(found)
     except OSError:
         pass
     import resource
@@ -259,6 +260,17 @@ def _cgroup_headroom(d: Path) -> int | None:
     return None
 
 
+def _runtime_rss() -> int:
+    """What this process holds before the model loads, llama.cpp's libraries mapped: anonymous memory and the
+    pages of mapped files (interpreter, libraries). Both count against a board's RAM and a cgroup's limit; counting
+    only the anonymous part left the smallest caps on the edge, the weights every token uses evicted and re-read
+    (bench/stream.md, 25% cap)."""
+    from .llamacpp import import_binding
+
+    import_binding()
+    return anonymous_rss(("RssAnon:", "RssFile:"))
+
+
 def available_memory() -> int:
     """What --memory auto gives this process: what it holds now plus what it may still fill (the machine's
     available memory, or its cgroups' headroom if smaller)."""
@@ -294,7 +306,7 @@ def minimum_memory(model: str | Path, ctx: int = 4096, reader=None) -> int:
     for t in experts:
         per_layer[t.layer] = per_layer.get(t.layer, 0) + t.slice_bytes
     resident = path.stat().st_size - sum(t.nbytes for t in experts)
-    runtime = anonymous_rss() + _RUNTIME_FIXED + _runtime_per_token(reader)
+    runtime = _runtime_rss() + _RUNTIME_FIXED + _runtime_per_token(reader)
     return resident + kv_cache_bytes(reader, ctx) + runtime + n_used * max(per_layer.values(), default=0)
 
 
@@ -313,7 +325,7 @@ def plan_memory(model: str | Path, memory: str | int, ctx: int = 4096) -> Memory
     expert_bytes = sum(t.nbytes for t in experts)
     kv = kv_cache_bytes(reader, ctx)
     per_token = _runtime_per_token(reader)
-    base_runtime = anonymous_rss() + _RUNTIME_FIXED
+    base_runtime = _runtime_rss() + _RUNTIME_FIXED
     full_runtime = base_runtime + per_token * _MAX_UBATCH
     resident = model_bytes - expert_bytes
     if budget >= model_bytes + kv + full_runtime or not experts:
