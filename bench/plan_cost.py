@@ -481,7 +481,7 @@ def write_md(results: dict, pred: dict, args, command: str, load: tuple, path: P
         "",
         "With the sampled error stage but the earlier calibration (44 evals x 8192 tokens, 42 copies):",
         "",
-        f"plan now: `2 x W / r_quant (Q3_K, Q8_0) + S / r_scored + W / r_energy + 42 x reference bytes / r_copy + "
+        f"formula: `2 x W / r_quant (Q3_K, Q8_0) + S / r_scored + W / r_energy + 42 x reference bytes / r_copy + "
         f"44 x 512 x 16 / r_pp`, S = the weights qerror quantizes per type at --error-sample {p['error_fraction']:g} "
         f"(>= {r['errors_sampled']['min_rows']} rows a tensor): {p['sampled_weights_21b'] / 1e9:.2f} B of the 21B's "
         f"{p['weights_21b'] / 1e9:.2f} B.",
