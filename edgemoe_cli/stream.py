@@ -202,9 +202,13 @@ def _runtime_per_token(reader) -> int:
     return _F32 * (8 * n_embd + 3 * n_ff + n_vocab)
 
 
-def anonymous_rss(kinds: tuple[str, ...] = ("RssAnon:",)) -> int:
-    """This process's resident anonymous memory (heap, interpreter, buffers), not counting mapped file pages
-    (kinds adds other /proc/self/status Rss lines)."""
+def anonymous_rss() -> int:
+    """This process's resident anonymous memory (heap, interpreter, buffers), not counting mapped file pages."""
+    return _status_rss(("RssAnon:",))
+
+
+def _status_rss(kinds: tuple[str, ...]) -> int:
+    """The sum of these /proc/self/status Rss lines (RssAnon:, RssFile:, ...) of this process."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             found = [int(line.split()[1]) * 1024 for line in f if line.startswith(kinds)]
@@ -268,7 +272,7 @@ def _runtime_rss() -> int:
     from .llamacpp import import_binding
 
     import_binding()
-    return anonymous_rss(("RssAnon:", "RssFile:"))
+    return _status_rss(("RssAnon:", "RssFile:"))
 
 
 def available_memory() -> int:
@@ -391,6 +395,26 @@ def plan_memory(model: str | Path, memory: str | int, ctx: int = 4096) -> Memory
 # ---- the streamer ----
 
 
+def _direct_fd(path: Path) -> int:
+    """An O_DIRECT descriptor of `path` that has been seen to read (one aligned page), or -1: some file systems
+    refuse O_DIRECT when opening, others only when reading (EINVAL). Decided once, here, for every reader."""
+    if not hasattr(os, "O_DIRECT"):
+        return -1
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return -1
+    page = mmap.mmap(-1, _PAGE)  # page-aligned, as direct I/O wants its buffer
+    try:
+        os.preadv(fd, [page], 0)
+        return fd
+    except OSError:
+        os.close(fd)
+        return -1
+    finally:
+        page.close()
+
+
 def _libc():
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -479,10 +503,7 @@ class ExpertStreamer:
         # O_DIRECT: reads go from the disk into the cache's pages, with no page-cache copy to allocate, reclaim or
         # read ahead of (measured: ~1.5x the throughput of buffered reads into fresh pages); where the file system
         # refuses it, buffered reads whose pages are dropped at once
-        try:
-            self.direct_fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) if hasattr(os, "O_DIRECT") else -1
-        except OSError:
-            self.direct_fd = -1
+        self.direct_fd = _direct_fd(path)
         self.libc = _libc()
         # one stand-in per expert tensor: its full size reserved, only cached experts' pages ever present
         self.regions: dict[str, mmap.mmap] = {}
@@ -620,11 +641,6 @@ class ExpertStreamer:
         t = self.tensors.get(name)
         if t is None:
             return False
-        seen = self.seen_order.setdefault(t.layer, [])
-        if t.projection not in seen:  # the graph's order of a layer's expert matmuls: reads follow it
-            seen.append(t.projection)
-            if len(seen) == len(_PROJECTIONS):
-                self.order = list(seen)
         futures = self.pending.pop((t.layer, t.projection), None)
         if futures:
             started = time.perf_counter()
@@ -663,6 +679,11 @@ class ExpertStreamer:
         original = struct.data
         ctypes.c_void_p.from_address(tensor_ptr + self._off_data).value = self.addresses[name]
         self.bound[tensor_ptr] = name
+        # tensors are bound as the scheduler first asks about their matmuls: in the graph's order, which reads follow
+        seen = self.seen_order.setdefault(t.layer, [])
+        seen.append(t.projection)
+        if len(seen) == len(_PROJECTIONS):
+            self.order = list(seen)
         if self.state is not None:
             self.native.edgemoe_stream_bind(self.state, self.slots[name], tensor_ptr, t.layer)
         # the mapping's pages of this tensor are never read again: drop them from this process and the page cache
@@ -710,19 +731,16 @@ class ExpertStreamer:
                 self.cache[(layer, e)] = self.set_bytes[layer]
             self.resident += self.set_bytes[layer] * len(missing)
             self.peak = max(self.peak, self.resident)
-            self.in_flight.update((layer, e) for e in missing)
-            for e in missing:
-                self.reading[(layer, e)] = len(self.by_layer[layer])  # slices still to come
+            if self.state is None:  # Python reads them; C's reads are awaited before the next layer (pinned till then)
+                self.in_flight.update((layer, e) for e in missing)
+                for e in missing:
+                    self.reading[(layer, e)] = len(self.by_layer[layer])  # slices still to come
         # one read per tensor and run of adjacent experts, a few at a time, in the order the layer's matmuls will
         # want them: page faults and copies in the kernel use the core ggml is not using, the disk sees a queue,
         # and the first matmul starts as soon as its own slices are in while the others' are still coming
         by_projection = {t.projection: t for t in self.by_layer[layer]}
         runs = _runs(missing)
         if self.state is not None:  # C reads them, and C's callback waits for them before each matmul
-            with self.lock:
-                self.in_flight.difference_update((layer, e) for e in missing)
-                for e in missing:
-                    self.reading.pop((layer, e), None)
             reads = [
                 (self.slots[t.name], t, *self._geometry(t, run[0], len(run)))
                 for t in sorted(by_projection.values(), key=lambda t: self._rank(t.projection))

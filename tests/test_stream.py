@@ -89,6 +89,33 @@ def test_buffered_reads_where_direct_io_is_missing_keep_the_tokens(tiny_gguf, mo
     assert s["bytes_read"] == (s["misses"] + s["prefetch_reads"]) * s["plan"]["expert_set_bytes"] > 0
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_direct_io_refused_only_when_reading_falls_back_to_buffered(tiny_gguf, monkeypatch, native):
+    """Some file systems open with O_DIRECT and then refuse the reads (EINVAL): the streamer finds out before the
+    first token and reads buffered, in C and in Python alike, with the same tokens."""
+    import errno
+    import fcntl
+    import os
+
+    path = tiny_gguf("pt", "q8_0")
+    resident = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0)
+    cap, _ = _forcing_cap(path, 0.25)
+    preadv = os.preadv
+
+    def no_direct_reads(fd, buffers, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "direct I/O refused")
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", no_direct_reads)
+    monkeypatch.setenv("EDGEMOE_STREAM_NATIVE", native)
+    streamed = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0, memory=cap)
+    assert streamed.raw == resident.raw
+    s = streamed.streaming
+    assert s["native_callback"] == (native == "1")
+    assert s["bytes_read"] == s["misses"] * s["plan"]["expert_set_bytes"] > 0
+
+
 def test_a_cap_the_model_fits_in_runs_as_without_memory(tiny_gguf):
     path = tiny_gguf("pt", "q8_0")
     plain = generate.run(path, PROMPT, max_tokens=12, threads=1, ctx=CTX, temp=0)
