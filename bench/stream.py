@@ -15,6 +15,8 @@ The GGUF's pages are dropped from the page cache (posix_fadvise DONTNEED) before
             below the model at all), the kernel paging the file in and out;
   - stream: `run --memory CAP` (the same bytes as the cgroup's limit); stream-prefetch: the same with
             EDGEMOE_STREAM_PREFETCH=1 (read the next layer's predicted experts while this one computes);
+            stream-free: with EDGEMOE_STREAM_RECYCLE=0 (an evicted expert's pages freed and new ones faulted in,
+            instead of moved under the next read);
   - llama:  llama.cpp's own `llama-completion --no-repack` (mmap), for reference.
 Reported per point: generation tok/s, the cgroup's peak usage (memory.max_usage_in_bytes) against its limit, OOM
 kills, bytes the cgroup read from the disk per generated token (blkio), the expert cache's hit rate, the greedy text
@@ -223,7 +225,12 @@ def run_point(
         start = time.perf_counter()
         # stream-prefetch: streaming with the next-layer prefetcher (off by default); stream-warm: the cache filled
         # from `edgemoe profile`'s profile.json of the model (--warm) before the first token
-        env = {**os.environ, "EDGEMOE_STREAM_PREFETCH": "1" if mode.endswith("-prefetch") else "0"}
+        # stream-free: evicted experts' pages freed and faulted in anew, as before pages were moved (mremap)
+        env = {
+            **os.environ,
+            "EDGEMOE_STREAM_PREFETCH": "1" if mode.endswith("-prefetch") else "0",
+            "EDGEMOE_STREAM_RECYCLE": "0" if mode.endswith("-free") else "1",
+        }
         try:
             # a random-weight model's text may cut a UTF-8 sequence in two
             done = subprocess.run(
@@ -285,6 +292,9 @@ def summarize(points: list[dict], gguf: dict[str, int], baseline: int) -> str:
                 f"{s['bytes_read_per_token'] / 2**20:.1f}" if s else "-",
                 f"{s['decode_hit_rate']:.0%}" if s else "-",
                 f"{s['cache_bytes'] / 2**20:.0f}" if s else "-",
+                f"{s['decode_read_wait_s'] * 1000 / max(s['decode_tokens'], 1):.1f}" if s else "-",
+                f"{s['decode_cpu_ms_per_token']:.1f}" if s.get("decode_cpu_ms_per_token") else "-",
+                f"{s['decode_page_faults_per_token']:.0f}" if "decode_page_faults_per_token" in s else "-",
                 f"{p['load_avg']:.1f}",
             ]
         )
@@ -302,6 +312,9 @@ def summarize(points: list[dict], gguf: dict[str, int], baseline: int) -> str:
         "expert MiB/tok (gen)",
         "hits (gen)",
         "cache MiB",
+        "read wait ms/tok",
+        "CPU ms/tok",
+        "page faults/tok",
         "load",
     ]
     sizes = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in gguf.items())
@@ -309,8 +322,9 @@ def summarize(points: list[dict], gguf: dict[str, int], baseline: int) -> str:
         f"GGUF sizes: {sizes}; runtime baseline (RssAnon of an unconstrained plain run) {baseline / 2**20:.0f} MiB; "
         f"limit = baseline + cap x GGUF. disk MiB/tok: what the cgroup read from the disk beyond the one pass over "
         f"the file llama.cpp's loader makes (MAP_POPULATE), per prompt and generated token; RssAnon: peak "
-        f"anonymous memory sampled per token (what cannot be given back); hits and expert MiB/tok: generation "
-        f"only.\n\n" + markdown_table(header, rows)
+        f"anonymous memory sampled per token (what cannot be given back); hits, expert MiB/tok, read wait (time the "
+        f"compute thread waited for expert reads), CPU (the whole process: compute, reader threads, kernel) and "
+        f"minor page faults: per generated token.\n\n" + markdown_table(header, rows)
     )
 
 
@@ -327,6 +341,7 @@ def plot(points: list[dict], out: Path) -> None:
         "mmap": ("--", "s"),
         "llama": (":", "x"),
         "stream-prefetch": ("-.", "^"),
+        "stream-free": ("-.", "v"),
         "stream-warm": ("-", "D"),
     }
     skews = sorted({p["skew"] for p in points})

@@ -130,6 +130,10 @@ class StreamStats:
     bytes_read_per_token: float  # decode bytes read / decode tokens
     decode_read_wait_s: float
     decode_hit_rate: float
+    # CPU time of the whole process (compute, reader threads, kernel work such as page faults) and minor page faults
+    # per generated token: what reading experts costs besides waiting
+    decode_cpu_ms_per_token: float = 0.0
+    decode_page_faults_per_token: float = 0.0
     prefetch_reads: int = 0  # experts read ahead by the prefetcher (next layer's router on this layer's input)
     prefetch_used: int = 0  # of those, asked for before being evicted
     prefetch_wait_s: float = 0.0  # waiting for a prefetch read of an expert the layer needed
@@ -1018,7 +1022,18 @@ class ExpertStreamer:
             ) from self.error
 
     def _counters(self) -> tuple:
-        return self.steps, self.bytes_read, self._read_wait(), self.lookups, self.hits
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return (
+            self.steps,
+            self.bytes_read,
+            self._read_wait(),
+            self.lookups,
+            self.hits,
+            usage.ru_utime + usage.ru_stime,
+            usage.ru_minflt,
+        )
 
     def _native_stats(self) -> list[int]:
         """stream_cb.c's counters: calls, python_calls, bytes_read, reads, wait_ns, error."""
@@ -1042,7 +1057,7 @@ class ExpertStreamer:
     def stats(self) -> StreamStats:
         from dataclasses import asdict
 
-        steps, read, read_s, lookups, hits = (
+        steps, read, read_s, lookups, hits, cpu_s, faults = (
             a - b for a, b in zip(self._counters(), self.at_prompt_end or self._counters())
         )
         native = self._native_stats() if self.state is not None else None
@@ -1065,6 +1080,8 @@ class ExpertStreamer:
             bytes_read_per_token=round(read / steps, 1) if steps else 0.0,
             decode_read_wait_s=round(read_s, 6),
             decode_hit_rate=round(hits / lookups, 4) if lookups else 0.0,
+            decode_cpu_ms_per_token=round(cpu_s * 1000 / steps, 2) if steps else 0.0,
+            decode_page_faults_per_token=round(faults / steps, 1) if steps else 0.0,
             prefetch_reads=self.prefetch_reads,
             prefetch_used=self.prefetch_used,
             prefetch_wait_s=round(self.prefetch_wait_s, 6),
