@@ -74,6 +74,7 @@ _MAP_NORESERVE = 0x4000  # Linux: no swap/commit reservation for a region that i
 _PAGE = mmap.PAGESIZE
 _MAX_UBATCH = 512  # llama.cpp's default physical batch
 _READERS = 4  # reads in flight at once
+_PREFETCH_RANKS = 2  # with C readers, the next layer's 2 likeliest experts are read ahead when not cached
 # llama.cpp's compute buffers and the runtime's own allocations, beyond the interpreter measured before loading:
 # a fixed part (graph metadata, output buffer, allocator slack) and a part per token of the physical batch.
 _RUNTIME_FIXED = 48 * 2**20
@@ -567,9 +568,6 @@ class ExpertStreamer:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.readers = ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="edgemoe-expert-read")
         self.worker = None
-        if self.routers:
-            self.worker = threading.Thread(target=self._prefetcher, name="edgemoe-expert-prefetch", daemon=True)
-            self.worker.start()
         # reads started at a routing node and not yet waited for: (layer, projection) -> futures, in the order the
         # layer's expert matmuls run (learnt from the graph: `order`), so the first matmul waits only for its own
         self.pending: dict[tuple[int, str], list] = {}
@@ -599,6 +597,9 @@ class ExpertStreamer:
         else:
             self.native = self.state = None
             self.callback, self.user_data = self.python_callback, None
+        if self.routers and self.state is None:  # with C readers, the guesses are queued to them at once
+            self.worker = threading.Thread(target=self._prefetcher, name="edgemoe-expert-prefetch", daemon=True)
+            self.worker.start()
 
     # -- the callback --
 
@@ -646,7 +647,7 @@ class ExpertStreamer:
                 except BaseException as e:  # nothing may escape into ggml; run() raises it once decoding returns
                     self.error = e
                     return True
-                if self.worker is not None and ids.shape[0] == 1:
+                if self.routers and ids.shape[0] == 1:
                     self._predict_next(node, layer)
             return True
         finally:
@@ -676,10 +677,35 @@ class ExpertStreamer:
             return
         try:
             hidden = _find_input(node, b"ffn_inp-%d" % layer, self._struct)
-            if hidden is not None and hidden.size == self.routers[nxt].norm.size:
+            if hidden is None or hidden.size != self.routers[nxt].norm.size:
+                return
+            if self.state is None:
                 self.jobs.put((nxt, self.routers[nxt].predict(hidden)))
+                return
         except Exception:
             self.routers = {}
+            return
+        self._prefetch_native(nxt, self.routers[nxt].ranked(hidden)[:_PREFETCH_RANKS])
+
+    def _prefetch_native(self, layer: int, guesses: list[int]) -> None:
+        """Queue reads of the guessed experts of `layer` not in the cache to the C readers, behind this layer's
+        reads. They enter the cache first in line for eviction; the next layer's routing waits for them (drain)
+        before it looks up its experts."""
+        with self.lock:
+            take = []
+            for e in guesses:
+                key = (layer, e)
+                if key in self.cache or not self._make_room(self.set_bytes[layer], into=[key]):
+                    continue
+                self.cache[key] = self.set_bytes[layer]
+                self.cache.move_to_end(key, last=False)  # a guess: first to go if it was wrong
+                self.resident += self.set_bytes[layer]
+                self.peak = max(self.peak, self.resident)
+                self.prefetched.add(key)
+                take.append(e)
+            self.prefetch_reads += len(take)
+        if take:
+            self._submit_native(layer, sorted(take))
 
     def _bind(self, tensor_ptr: int | None) -> None:
         """Point an expert tensor's data at its stand-in (once) and let go of its pages in the file mapping."""
@@ -755,28 +781,11 @@ class ExpertStreamer:
         # one read per tensor and run of adjacent experts, a few at a time, in the order the layer's matmuls will
         # want them: page faults and copies in the kernel use the core ggml is not using, the disk sees a queue,
         # and the first matmul starts as soon as its own slices are in while the others' are still coming
+        if self.state is not None:  # C reads them, and C's callback waits for them before each matmul
+            self._submit_native(layer, missing)
+            return
         by_projection = {t.projection: t for t in self.by_layer[layer]}
         runs = _runs(missing)
-        if self.state is not None:  # C reads them, and C's callback waits for them before each matmul
-            reads = [
-                (self.slots[t.name], t, *self._geometry(t, run[0], len(run)))
-                for t in sorted(by_projection.values(), key=lambda t: self._rank(t.projection))
-                for run in runs
-            ]
-            batch = (_NativeRead * len(reads))()
-            for r, (slot, t, fd, into, offset, size, need, drop) in zip(batch, reads):
-                r.slot, r.fd, r.drop_cache = slot, fd, drop
-                r.into, r.offset, r.size, r.need = (
-                    self.addresses[t.name] - self.shift[t.name] + into,
-                    offset,
-                    size,
-                    need,
-                )
-            if self.native.edgemoe_stream_submit(self.state, batch, len(reads)):
-                raise RuntimeError(f"layer {layer}: the reads could not be queued")
-            with self.lock:
-                self.bytes_read += len(missing) * self.set_bytes[layer]  # what the queued reads bring in
-            return
         for projection in sorted(by_projection, key=self._rank):
             t = by_projection[projection]
             futures = []
@@ -785,6 +794,29 @@ class ExpertStreamer:
                 f.add_done_callback(functools.partial(self._slice_read, [(layer, e) for e in run]))
                 futures.append(f)
             self.pending[(layer, projection)] = futures
+
+    def _submit_native(self, layer: int, experts: list[int]) -> None:
+        """Queue the reads of `experts` (sorted) of `layer` to stream_cb.c's readers: one per tensor and run of
+        adjacent experts, in the order the layer's matmuls run."""
+        runs = _runs(experts)
+        reads = [
+            (self.slots[t.name], t, *self._geometry(t, run[0], len(run)))
+            for t in sorted(self.by_layer[layer], key=lambda t: self._rank(t.projection))
+            for run in runs
+        ]
+        batch = (_NativeRead * len(reads))()
+        for r, (slot, t, fd, into, offset, size, need, drop) in zip(batch, reads):
+            r.slot, r.fd, r.drop_cache = slot, fd, drop
+            r.into, r.offset, r.size, r.need = (
+                self.addresses[t.name] - self.shift[t.name] + into,
+                offset,
+                size,
+                need,
+            )
+        if self.native.edgemoe_stream_submit(self.state, batch, len(reads)):
+            raise RuntimeError(f"layer {layer}: the reads could not be queued")
+        with self.lock:
+            self.bytes_read += len(experts) * self.set_bytes[layer]  # what the queued reads bring in
 
     def _slice_read(self, keys: list[tuple[int, int]], _future) -> None:
         """A read ended (well or not: whoever awaits it sees a failure): experts with all slices in are no
@@ -1123,6 +1155,10 @@ class _Router:
         self.weight, self.bias, self.norm, self.eps, self.k = weight, bias, norm, eps, k
 
     def predict(self, residual) -> list[int]:
+        return sorted(self.ranked(residual)[: self.k])
+
+    def ranked(self, residual) -> list[int]:
+        """Every expert, the likeliest pick first."""
         import numpy as np
 
         x = residual.reshape(-1).astype(np.float32)
@@ -1131,7 +1167,7 @@ class _Router:
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         score = probs + self.bias if self.bias is not None else probs
-        return sorted(int(e) for e in np.argpartition(-score, self.k - 1)[: self.k])
+        return [int(e) for e in np.argsort(-score, kind="stable")]
 
 
 def _routers(reader, layers: list[int]) -> dict[int, _Router]:

@@ -61,10 +61,13 @@ def test_the_smallest_cap_splits_the_prompt_and_keeps_the_tokens(tiny_gguf):
     assert streamed.streaming["peak_expert_bytes"] <= streamed.streaming["cache_bytes"]
 
 
-def test_prefetching_keeps_the_tokens(tiny_gguf, monkeypatch):
-    """The opt-in prefetcher reads guessed experts on another thread while a layer computes: still lossless."""
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_prefetching_keeps_the_tokens(tiny_gguf, monkeypatch, native):
+    """The opt-in prefetcher reads guessed experts of the next layer while a layer computes (queued to the C
+    readers, or on a Python thread): still lossless."""
     path = tiny_gguf("thinking", "q8_0")
     resident = generate.run(path, PROMPT, max_tokens=24, threads=1, ctx=CTX, temp=0)
+    monkeypatch.setenv("EDGEMOE_STREAM_NATIVE", native)
     cap, _ = _forcing_cap(path, 0.25)
     monkeypatch.setenv("EDGEMOE_STREAM_PREFETCH", "1")
     streamed = generate.run(path, PROMPT, max_tokens=24, threads=1, ctx=CTX, temp=0, memory=cap)
