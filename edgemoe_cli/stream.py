@@ -962,7 +962,7 @@ class ExpertStreamer:
             for e in experts:
                 key = (layer, e)
                 with self.lock:
-                    if key in self.cache or key in self.in_flight or not self._make_room(self.set_bytes[layer]):
+                    if key in self.cache or key in self.in_flight or not self._make_room(self.set_bytes[layer], [key]):
                         continue
                     self.cache[key] = self.set_bytes[layer]
                     self.cache.move_to_end(key, last=False)  # a guess: first to go if it was wrong
