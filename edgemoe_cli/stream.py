@@ -438,6 +438,24 @@ _MADV_RANDOM, _MADV_DONTNEED = 1, 4
 # mremap: move the pages and leave the old range mapped but empty (Linux >= 5.7 for private anonymous memory)
 _MREMAP_MAYMOVE, _MREMAP_FIXED, _MREMAP_DONTUNMAP = 1, 2, 4
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_CHECK_EVERY = 256  # moves between counts of the process's mappings
+
+
+def _map_count() -> int:
+    """This process's memory mappings (lines of /proc/self/maps); 0 where there is no /proc."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def _max_map_count() -> int:
+    """The kernel's limit on a process's mappings (vm.max_map_count, 65530 by default)."""
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 65530
 
 
 class _NativeRead(ctypes.Structure):
@@ -537,7 +555,7 @@ class ExpertStreamer:
         self.resident = self.peak = 0
         # EDGEMOE_STREAM_RECYCLE=0: free an evicted expert's pages and fault fresh ones (what _recycle avoids)
         self.no_recycle = os.environ.get("EDGEMOE_STREAM_RECYCLE", "1") == "0"
-        self.recycled_bytes = 0
+        self.recycled_bytes = self.recycles = 0
         self.uses: dict[tuple[int, int], int] = {}  # routing counts per (layer, expert): the eviction order
         self.uses_since_halving = 0
         self.halve_every = 64 * max(plan.cache_bytes // max(plan.expert_set_bytes, 1), 1)
@@ -943,6 +961,12 @@ class ExpertStreamer:
                     return
                 continue
             self.recycled_bytes += n * _PAGE
+            self.recycles += 1
+            if self.recycles % _MAP_CHECK_EVERY == 0 and _map_count() > _max_map_count() // 2:
+                # every moved range is a mapping of its own (measured: ~2 per expert slice ever moved, ~1700 on the
+                # 5-layer benchmark model, ~15000 at the 21B's 27 MoE layers): stop well before the kernel's limit
+                # on mappings, which every other mmap of the process (malloc's too) shares
+                self.no_recycle = True
 
     def _count_use(self, key: tuple[int, int]) -> None:
         """Routing frequency, halved now and then so that what a long conversation routed early fades."""

@@ -103,6 +103,23 @@ def test_evicted_pages_are_moved_under_new_reads_and_keep_the_tokens(tiny_gguf, 
     assert m["peak_expert_bytes"] <= m["cache_bytes"]
 
 
+def test_moving_pages_stops_before_the_kernels_limit_on_mappings(tiny_gguf, monkeypatch):
+    """Each moved range becomes a mapping of its own; near half of vm.max_map_count pages are freed again."""
+    path = tiny_gguf("thinking", "f16")
+    cap, _ = _forcing_cap(path, 0.25)
+    unlimited = generate.run(path, PROMPT, max_tokens=24, threads=1, ctx=CTX, temp=0, memory=cap)
+    monkeypatch.setattr(stream, "_MAP_CHECK_EVERY", 1)
+    limit = 2 * stream._map_count()  # half of it is what this process maps now: loading the model maps more
+    monkeypatch.setattr(stream, "_max_map_count", lambda: limit)
+    cap, _ = _forcing_cap(path, 0.25)
+    limited = generate.run(path, PROMPT, max_tokens=24, threads=1, ctx=CTX, temp=0, memory=cap)
+    assert limited.raw == unlimited.raw
+    moved = limited.streaming["recycled_bytes"]
+    # one move, then the count: the pages of one expert's slice of one projection
+    assert 0 < moved <= limited.streaming["plan"]["expert_set_bytes"]
+    assert moved < unlimited.streaming["recycled_bytes"]
+
+
 def test_buffered_reads_where_direct_io_is_missing_keep_the_tokens(tiny_gguf, monkeypatch):
     """Without O_DIRECT (another OS, a file system refusing it) slices are read through the page cache."""
     import os
