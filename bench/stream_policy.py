@@ -10,11 +10,17 @@ usage: .venv/bin/python bench/stream_policy.py MODEL.gguf --memory 968MiB [--tok
    LRU, least often used with recency among equals (what stream.py does), and Belady's clairvoyant optimum (evict
    the set used again furthest in the future): an upper bound no online order reaches.
 3. With --warm: the run's decode hit rate with and without `warm=profile.json` (16 and `--tokens` generated tokens).
+4. The next-layer guess (what EDGEMOE_STREAM_PREFETCH reads ahead): at every generated token's routing of a MoE
+   layer, the FFN input there is run through the next MoE layer's router (stream._Router). Reported: how many of the
+   next layer's experts its top 6 name, how often a guess of rank r that the LFU cache lacks at that moment is
+   routed, and the replay of "LFU + read the top m guesses the cache lacks" (demand misses and wasted reads per
+   token: a read-ahead only pays where it overlaps computing and replaces a demand miss).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import OrderedDict, defaultdict
 from pathlib import Path
@@ -28,21 +34,80 @@ from edgemoe_cli.units import parse_size  # noqa: E402
 PROMPT = "What is 51 - 29?"  # bench/stream.py's
 
 
-def record(model: str, memory: int, tokens: int) -> tuple[list, int, float]:
-    """(trace [(step, layer, experts)], cache sets, the run's own decode hit rate)."""
-    trace = []
-    ensure = stream.ExpertStreamer.ensure
+def record(model: str, memory: int, tokens: int) -> tuple[list, dict, int, float]:
+    """(trace [(step, layer, experts)], guesses {(step, layer): next layer's experts ranked by its router on this
+    layer's FFN input}, cache sets, the run's own decode hit rate)."""
+    trace, guesses = [], {}
+    ensure, predict = stream.ExpertStreamer.ensure, stream.ExpertStreamer._predict_next
 
     def recording(self, layer, experts):
         trace.append((self.steps, layer, list(experts)))
         return ensure(self, layer, experts)
 
-    stream.ExpertStreamer.ensure = recording
+    def guessing(self, node, layer):  # called at each generated token's routing result, when routers are loaded
+        nxt = self.next_layer.get(layer)
+        hidden = stream._find_input(node, b"ffn_inp-%d" % layer, self._struct)
+        if nxt in self.routers and hidden is not None:
+            guesses[(self.steps, nxt)] = self.routers[nxt].ranked(hidden)
+
+    stream.ExpertStreamer.ensure, stream.ExpertStreamer._predict_next = recording, guessing
+    os.environ["EDGEMOE_STREAM_PREFETCH"] = "1"  # loads the routers; guessing() reads nothing ahead
     try:
         r = generate.run(model, PROMPT, max_tokens=tokens, threads=1, temp=0, memory=memory, repack=False)
     finally:
-        stream.ExpertStreamer.ensure = ensure
-    return trace, r.streaming["cache_experts"], r.streaming["decode_hit_rate"]
+        stream.ExpertStreamer.ensure, stream.ExpertStreamer._predict_next = ensure, predict
+        os.environ.pop("EDGEMOE_STREAM_PREFETCH")
+    return trace, guesses, r.streaming["cache_experts"], r.streaming["decode_hit_rate"]
+
+
+def replay_guesses(
+    trace: list, guesses: dict, sets: int, m: int, ranks: list | None = None
+) -> tuple[float, float, float]:
+    """LFU (stream.py's order) over `trace` where, after each layer's routing, the top `m` guesses for the next
+    layer that the cache lacks are read ahead (first in line for eviction). Returns (demand misses, read-aheads,
+    wasted read-aheads) per generated token; `ranks` (if given) collects [asked, routed] per guess rank for guesses the
+    cache lacked."""
+    cache: dict = {}  # key -> last use (clock); a read-ahead starts at -1: evicted first among equal counts
+    uses: dict = defaultdict(int)
+    ahead: set = set()
+    routed = {(step, layer): set(experts) for step, layer, experts in trace}
+    misses = read_ahead = wasted = clock = 0
+    steps = {step for step, _, _ in trace if step > 1}
+
+    def make_room(pinned):
+        nonlocal wasted
+        while len(cache) >= sets:
+            victim = min((k for k in cache if k not in pinned), key=lambda k: (uses[k], cache[k]))
+            del cache[victim]
+            if victim in ahead:
+                ahead.discard(victim)
+                wasted += 1
+
+    for step, layer, experts in trace:
+        pinned = {(layer, e) for e in experts}
+        for e in experts:
+            key = (layer, e)
+            clock += 1
+            uses[key] += 1
+            if key in cache:
+                ahead.discard(key)
+            else:
+                misses += step > 1
+                make_room(pinned)
+            cache[key] = clock
+        for rank, e in enumerate(guesses.get((step, layer + 1), [])[:m] if step > 1 else []):
+            key = (layer + 1, e)
+            if key in cache:
+                continue
+            if ranks is not None:
+                ranks[rank][0] += 1
+                ranks[rank][1] += e in routed.get((step, layer + 1), set())
+            make_room(pinned)
+            cache[key] = -1
+            ahead.add(key)
+            read_ahead += 1
+    n = max(len(steps), 1)
+    return misses / n, read_ahead / n, wasted / n
 
 
 def replay(trace: list, sets: int, order: str) -> float:
@@ -89,7 +154,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "stream_policy.md"))
     a = ap.parse_args()
     memory = parse_size(a.memory)
-    trace, sets, own = record(a.model, memory, a.tokens)
+    trace, guesses, sets, own = record(a.model, memory, a.tokens)
     rows = [f"| {o} | {replay(trace, sets, o):.1%} |" for o in ("lru", "lfu", "belady")]
     lines = [
         "# Expert cache: eviction orders and warming",
@@ -105,6 +170,29 @@ def main() -> int:
         "",
         "lfu is stream.py's order (least often routed first, least recently used among equals); belady is the",
         "clairvoyant optimum for this trace, an upper bound.",
+    ]
+    # the next-layer guess: how much of the next layer it names, and what reading it ahead would change
+    named = [
+        len(set(g[:6]) & set(next(x for s, layer, x in trace if (s, layer) == key))) / 6
+        for key, g in guesses.items()
+        if any((s, layer) == key for s, layer, _ in trace)
+    ]
+    ranks = [[0, 0] for _ in range(4)]
+    rows = []
+    for m in (0, 1, 2, 4):
+        misses, ahead, wasted = replay_guesses(trace, guesses, sets, m, ranks if m == 4 else None)
+        rows.append(f"| {m} | {misses:.2f} | {ahead:.2f} | {wasted:.2f} | {misses + ahead:.2f} |")
+    precision = ", ".join(f"rank {r + 1}: {b / a:.0%} of {a}" for r, (a, b) in enumerate(ranks) if a)
+    lines += [
+        "",
+        f"Next-layer guess (the next MoE layer's router on this layer's FFN input, at each generated token): its top 6"
+        f" name {sum(named) / max(len(named), 1):.0%} of the next layer's routed experts ({len(named)} guesses). Of"
+        f" the guesses the LFU cache lacked when they were made, routed: {precision}.",
+        "",
+        "| read ahead: top m uncached guesses | demand misses / token | read-aheads / token | of them wasted | sets"
+        " read / token |",
+        "|---:|---:|---:|---:|---:|",
+        *rows,
     ]
     if a.warm:
         lines += ["", "| generated tokens | cold cache | warmed from the profile |", "|---:|---:|---:|"]
