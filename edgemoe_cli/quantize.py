@@ -43,6 +43,12 @@ _FTYPE_OF_TYPE = {
 }
 
 
+# rows of a tensor llama.cpp converts and quantizes at once (llama_model_quantize_params.max_buf_size): its default
+# of 8 GiB holds a whole tensor, a 21B expert stack's float32 copy alone 1 GB of anonymous memory; quantization is
+# per row with the row's expert's imatrix, so a slab of rows writes the same bytes (tests/test_quantize.py)
+SLAB_BYTES = 64 * 2**20
+
+
 @dataclass
 class QuantizeResult:
     model: str
@@ -139,6 +145,7 @@ def _run_llama_quantize(
     params.ftype = ftype
     params.nthread = threads
     params.allow_requantize = False
+    params.max_buf_size = SLAB_BYTES
     params.quantize_output_tensor = True
     keep = []
     if overrides is not None:

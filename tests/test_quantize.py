@@ -140,6 +140,19 @@ def test_eval_model_against_itself_and_a_quantization(tiny_gguf, tmp_path):
     assert res.kld_p99 >= res.kld_median and res.tokens_scored == same.tokens_scored == 2 * 127
 
 
+def test_quantizing_in_slabs_of_rows_writes_the_same_bytes(tiny_gguf, tmp_path, monkeypatch):
+    """quantize bounds llama.cpp's buffers to SLAB_BYTES of rows (not a whole tensor's float32 copy); slabs that
+    end mid-expert give the file a whole-tensor pass writes (each row quantized with its expert's imatrix)."""
+    model = tiny_gguf("thinking")
+    im = write_imatrix(tmp_path / "im.gguf", model)
+    files = {}
+    for slab in (0, 50_000):  # 0: llama.cpp's default (8 GiB: every tensor in one pass)
+        monkeypatch.setattr(quantize_mod, "SLAB_BYTES", slab)
+        files[slab] = tmp_path / f"slab{slab}.gguf"
+        quantize_mod.quantize(model, "edge-balanced", out=files[slab], imatrix=im, threads=2, manifest=False)
+    assert files[0].read_bytes() == files[50_000].read_bytes()
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
