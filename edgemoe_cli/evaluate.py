@@ -46,36 +46,51 @@ class EvalResult:
     seconds: float
 
 
-def _load(model: Path, ctx: int, threads: int):
+def _load(model: Path, ctx: int, threads: int, repack: bool = True):
+    """The model for evaluation. `repack=False` turns llama.cpp's extra buffer types off, as `run --memory` does
+    (generate._llama_defaults): every weight then stays in the file's layout, pages of the mapped file the kernel
+    may drop and read again, instead of an anonymous copy of each repackable tensor (Q4_0, Q4_K, IQ4_NL; Q8_0 too
+    on Arm) that must fit in RAM whole. Repacked kernels are faster at prompt processing, so `edgemoe eval`
+    keeps them; plan, which must run within the memory it plans for, does not."""
+    from .generate import _llama_defaults
     from .llamacpp import import_binding
 
     llama_cpp = import_binding()
-    if not model.is_file():
-        raise EdgeMoEError(f"model {model} does not exist", "pass a .gguf file")
+    _check_model(model)
     try:
-        return llama_cpp.Llama(
-            model_path=str(model),
-            n_ctx=ctx,
-            n_batch=ctx,
-            n_ubatch=ctx,
-            logits_all=True,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-            n_gpu_layers=0,
-        )
+        with _llama_defaults(llama_cpp, repack, None):
+            return llama_cpp.Llama(
+                model_path=str(model),
+                n_ctx=ctx,
+                n_batch=ctx,
+                n_ubatch=ctx,
+                logits_all=True,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+                n_gpu_layers=0,
+            )
     except (ValueError, RuntimeError) as e:
         raise EdgeMoEError(
             f"llama.cpp cannot load {model} ({e})", "pass a GGUF made by `edgemoe convert/quantize`"
         ) from e
 
 
+def _check_model(model: Path) -> None:
+    if not model.is_file():
+        raise EdgeMoEError(f"model {model} does not exist", "pass a .gguf file")
+
+
+def _check_text(text: Path) -> None:
+    if not text.is_file():
+        raise EdgeMoEError(f"text {text} does not exist", "pass --text FILE with plain UTF-8 text")
+
+
 def _chunks(llm, text_path: Path, ctx: int, max_chunks: int | None, spread: bool = False) -> list[list[int]]:
     """The text's chunks of ctx tokens, each starting with BOS: the first `max_chunks` of them, or with `spread`
     that many spaced evenly over the whole text (a calibration text written genre after genre is then sampled in
     every genre, not only in the first)."""
-    if not text_path.is_file():
-        raise EdgeMoEError(f"text {text_path} does not exist", "pass --text FILE with plain UTF-8 text")
+    _check_text(text_path)
     text = text_path.read_text(encoding="utf-8", errors="replace")
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     n = len(tokens) // (ctx - 1)
@@ -98,14 +113,22 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+# scored positions turned into log-probs at once: each float32 temporary of the KLD is [_ROWS, vocab], 26 MB at the
+# 21B's vocabulary of 103424, where a chunk's 255 rows made each 106 MB and the arithmetic held ~0.5 GB at once
+_ROWS = 64
+
+
 def _forward(llm, chunks: list[list[int]], ctx: int, progress=None, step: str = "eval"):
-    """Yield (log-probs [scored, vocab] float32, next-token ids) for each chunk's second half."""
+    """Yield (log-probs [rows, vocab] float32, next-token ids) for each chunk's second half, _ROWS rows at a time
+    (every statistic is per row)."""
     first = ctx // 2
     for i, chunk in enumerate(chunks):
         llm.reset()
         llm.eval(chunk)
-        logits = np.asarray(llm.scores[first : len(chunk) - 1], dtype=np.float32)
-        yield _log_softmax(logits), np.asarray(chunk[first + 1 :], dtype=np.int64)
+        logits = np.asarray(llm.scores[first : len(chunk) - 1], dtype=np.float32)  # a view of the binding's array
+        following = np.asarray(chunk[first + 1 :], dtype=np.int64)
+        for r in range(0, len(following), _ROWS):
+            yield _log_softmax(logits[r : r + _ROWS]), following[r : r + _ROWS]
         if progress:
             progress(step, i + 1, len(chunks), "chunks")
 
@@ -124,11 +147,16 @@ def content_sha256(path: Path) -> str:
     return _CONTENT[key]
 
 
-def _cache_key(base: Path, text: Path, ctx: int, max_chunks: int | None, spread: bool = False) -> str:
+def _cache_key(
+    base: Path, text: Path, ctx: int, max_chunks: int | None, spread: bool = False, repack: bool = True
+) -> str:
     # keyed by what the base holds, not where it is: plan's Q8_0 reference is a new temporary file every run, and a
-    # path+mtime key cached its log-probs (~0.8 GB at 21B) anew each time, never to be read again
+    # path+mtime key cached its log-probs (~0.8 GB at 21B) anew each time, never to be read again; repacked kernels
+    # round differently, so their log-probs are kept apart (the key of a repacked base is unchanged)
     h = hashlib.sha256()
     h.update(f"v2|{content_sha256(base)}|{ctx}|{max_chunks}|{'spread|' if spread else ''}".encode())
+    if not repack:
+        h.update(b"no repack|")
     h.update(sha256_file(text).encode())
     return h.hexdigest()[:20]
 
@@ -141,26 +169,52 @@ def base_logprobs(
     max_chunks: int | None = None,
     progress=None,
     spread: bool = False,
+    repack: bool = True,
 ) -> tuple[Path, list[list[int]]]:
     """The base model's log-probs on `text`, cached as <store>/cache/eval/<key>.npy (float16) and its exact
     argmax as <key>.top1.npy."""
     base, text = Path(base), Path(text)
+    _check_model(base)  # both before their contents are hashed for the cache key
+    _check_text(text)
     threads = threads or os.cpu_count() or 1
-    llm = _load(base, ctx, threads)
-    chunks = _chunks(llm, text, ctx, max_chunks, spread)
-    path = home() / "cache" / "eval" / f"{_cache_key(base, text, ctx, max_chunks, spread)}.npy"
+    path = home() / "cache" / "eval" / f"{_cache_key(base, text, ctx, max_chunks, spread, repack)}.npy"
     top1 = path.with_suffix(".top1.npy")
-    if not (path.is_file() and top1.is_file()):
-        rows, best = [], []
-        for lp, _ in _forward(llm, chunks, ctx, progress, "eval base"):
-            rows.append(lp.astype(np.float16))
-            best.append(lp.argmax(axis=1).astype(np.int32))  # exact: float16 rounding can tie the top two
-        for target, array in ((path, np.concatenate(rows)), (top1, np.concatenate(best))):
-            with atomic_output(target) as part:
-                with open(part, "wb") as f:
-                    np.save(f, array)
-    del llm
+    if path.is_file() and top1.is_file():
+        # kept: the chunks need only the vocabulary; loading the base would map (and read) the whole model again
+        # for every candidate compared with it
+        vocab = _load_vocab(base)
+        try:
+            return path, _chunks(vocab, text, ctx, max_chunks, spread)
+        finally:
+            vocab.close()
+    llm = _load(base, ctx, threads, repack)
+    try:
+        chunks = _chunks(llm, text, ctx, max_chunks, spread)
+        scored = ctx - 1 - ctx // 2  # rows a chunk scores (_forward)
+        # written block by block into the file being made: the text's log-probs (53 MB a chunk of 512 at the 21B's
+        # vocabulary, 0.85 GB at 16 chunks) are never held in memory, let alone twice as a list and its concatenation
+        with atomic_output(path) as part, atomic_output(top1) as part_top1:
+            rows = np.lib.format.open_memmap(part, "w+", np.float16, (len(chunks) * scored, llm.n_vocab()))
+            best = np.lib.format.open_memmap(part_top1, "w+", np.int32, (len(chunks) * scored,))
+            row = 0
+            for lp, _ in _forward(llm, chunks, ctx, progress, "eval base"):
+                rows[row : row + len(lp)] = lp
+                best[row : row + len(lp)] = lp.argmax(axis=1)  # exact: float16 rounding can tie the top two
+                row += len(lp)
+            rows.flush()
+            best.flush()
+            del rows, best
+    finally:
+        llm.close()
     return path, chunks
+
+
+def _load_vocab(model: Path):
+    """The model's vocabulary only (tokenizing needs no weights)."""
+    from .llamacpp import import_binding
+
+    _check_model(model)
+    return import_binding().Llama(model_path=str(model), vocab_only=True, verbose=False)
 
 
 def evaluate(
@@ -172,35 +226,38 @@ def evaluate(
     max_chunks: int | None = None,
     progress: Progress | None = None,
     spread: bool = False,
+    repack: bool = True,
 ) -> EvalResult:
     """PPL of `model` and `base`, KLD(base || model) statistics and top-1 agreement on `text` (its first
-    `max_chunks` chunks, or with `spread` that many spaced evenly over it)."""
+    `max_chunks` chunks, or with `spread` that many spaced evenly over it). `repack`: _load."""
     t0 = time.perf_counter()
     model, base, text = Path(model), Path(base), Path(text)
     if ctx < 16:
         raise EdgeMoEError(f"--ctx {ctx} is too small", "use at least 16 (llama-perplexity uses 512)")
     threads = threads or os.cpu_count() or 1
-    cache, chunks = base_logprobs(base, text, ctx, threads, max_chunks, spread=spread)
+    cache, chunks = base_logprobs(base, text, ctx, threads, max_chunks, spread=spread, repack=repack)
     ref = np.load(cache, mmap_mode="r")
     ref_top1 = np.load(cache.with_suffix(".top1.npy"))
-    llm = _load(model, ctx, threads)
-    if llm.n_vocab() != ref.shape[1]:
-        raise EdgeMoEError(
-            f"{model} has a vocabulary of {llm.n_vocab()}, the base {base} has {ref.shape[1]}",
-            "compare quantizations of the same model",
-        )
-    kld, nll, base_nll, agree = [], [], [], []
-    row = 0
-    for lp, nxt in _forward(llm, chunks, ctx, progress):
-        lb = np.asarray(ref[row : row + len(nxt)], dtype=np.float32)
-        row += len(nxt)
-        pb = np.exp(lb)
-        kld.append((pb * (lb - lp)).sum(axis=1))
-        idx = np.arange(len(nxt))
-        nll.append(-lp[idx, nxt])
-        base_nll.append(-lb[idx, nxt])
-        agree.append(lp.argmax(axis=1) == ref_top1[row - len(nxt) : row])
-    del llm
+    llm = _load(model, ctx, threads, repack)
+    try:
+        if llm.n_vocab() != ref.shape[1]:
+            raise EdgeMoEError(
+                f"{model} has a vocabulary of {llm.n_vocab()}, the base {base} has {ref.shape[1]}",
+                "compare quantizations of the same model",
+            )
+        kld, nll, base_nll, agree = [], [], [], []
+        row = 0
+        for lp, nxt in _forward(llm, chunks, ctx, progress):
+            lb = np.asarray(ref[row : row + len(nxt)], dtype=np.float32)
+            row += len(nxt)
+            pb = np.exp(lb)
+            kld.append((pb * (lb - lp)).sum(axis=1))
+            idx = np.arange(len(nxt))
+            nll.append(-lp[idx, nxt])
+            base_nll.append(-lb[idx, nxt])
+            agree.append(lp.argmax(axis=1) == ref_top1[row - len(nxt) : row])
+    finally:
+        llm.close()  # now, not when a reference cycle is collected: the next model must not map beside it
     kld_a = np.maximum(np.concatenate(kld), 0.0)  # float16 storage of the base can give -1e-7 for identical models
     n = kld_a.size
     return EvalResult(

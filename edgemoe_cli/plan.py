@@ -43,6 +43,7 @@ interrupted plan resumes, and the same list of steps (measure_steps) gives plan 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -57,7 +58,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import memwatch
 from .errors import EdgeMoEError
+from .memwatch import MemoryPeak, MemoryWatch
 from .plan_steps import (
     STAGES,
     PlanPrediction,
@@ -390,6 +393,7 @@ def measure(
             return Measurements(**{**json.loads(cache.read_text()), "from_cache": True})
         except (OSError, ValueError, TypeError):  # a damaged cache entry is measured again and replaced
             pass
+    memwatch.stage("read inputs")
     tensors, _ = read_tensors(model)
     if any(t.type not in ("f32", "f16", "bf16") for t in tensors if quantizable(t)):
         raise EdgeMoEError(f"{model} is already quantized", "plan from the f32/f16/bf16 GGUF `edgemoe convert` wrote")
@@ -526,7 +530,8 @@ def measure_steps(
     its resume and plan --dry-run's prediction all read. `imatrix` None: not computed yet (nothing is cached)."""
     targets = [t for t in tensors if quantizable(t)]
     ids = (_model_id(model), sha256_file(imatrix) if imatrix else "no imatrix yet")
-    eval_ids = (*ids, sha256_file(text), ctx, max_chunks, "spread", reference)
+    # evaluated without repacking (evaluate._load): a KLD kept by a plan that repacked was rounded otherwise
+    eval_ids = (*ids, sha256_file(text), ctx, max_chunks, "spread", reference, "no repack")
     tokens = calibration_chunks(model, text, ctx, max_chunks) * ctx
     per_run = tokens * active_weights(model, tensors)
     from .qerror import MIN_ROWS, rows_per_stratum
@@ -639,6 +644,7 @@ def _measure(
         # reports its own tensors)
         if progress and step.name != "errors":
             progress(step.group, sum(s.name in finished for s in group), len(group))
+        memwatch.stage(step.name if step.name.startswith(_OWN_STAGE) else "calibration runs")
         t0 = time.perf_counter()
         if step.name.startswith("quantize "):
             out = work / f"{model.stem}.{step.type}.gguf"
@@ -651,7 +657,9 @@ def _measure(
                 model, im, step.members, types, error_sample, threads=threads, progress=progress
             )
         elif step.name == "reference":
-            eval_tokens += len(base_logprobs(base(), text, ctx, threads, max_chunks, spread=True)[1]) * ctx
+            eval_tokens += (
+                len(base_logprobs(base(), text, ctx, threads, max_chunks, spread=True, repack=False)[1]) * ctx
+            )
         elif step.name == "calibration model":
             calibration = CalibrationModel(base(), files[f"quantize {step.type}"], work)
             assembled_bytes += calibration.written
@@ -663,7 +671,9 @@ def _measure(
                 seconds["assemble"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 evaluated = calibration.path
-            res = evaluate(evaluated, base(), text, ctx=ctx, threads=threads, max_chunks=max_chunks, spread=True)
+            res = evaluate(
+                evaluated, base(), text, ctx=ctx, threads=threads, max_chunks=max_chunks, spread=True, repack=False
+            )
             results[step.name] = {"kld": res.kld_mean, "stderr": res.kld_stderr}
             eval_tokens += res.chunks * ctx
         seconds[_stage_of(step)] += time.perf_counter() - t0
@@ -727,6 +737,10 @@ def _measure(
         layer_stride,
         stderr,
     )
+
+
+# steps reported as memory stages of their own; each role, layer and floor run is one of the "calibration runs"
+_OWN_STAGE = ("errors", "quantize ", "reference", "calibration model")
 
 
 def _stage_of(step: Step) -> str:
@@ -835,9 +849,14 @@ class PlanResult:
     measure_seconds: dict[str, float] = field(default_factory=dict)  # per stage, this run (0 when all cached)
     cached_steps: int = 0  # measurement steps an earlier (maybe interrupted) plan had finished
     measured_from_cache: bool = False  # the whole measurement was cached: only the choice was made
-    peak_rss_bytes: int = 0  # the larger of this process's and its largest llama.cpp child's peak
+    peak_rss_bytes: int = 0  # the larger of this process's and its largest llama.cpp child's peak (kernel's count)
     peak_rss_self_bytes: int = 0
     peak_rss_children_bytes: int = 0
+    # the same peak split (memwatch, sampled; this process and its children together): anonymous memory is what a
+    # board must have, mapped file pages are page cache it can drop and read again
+    peak_anon_bytes: int = 0
+    peak_file_bytes: int = 0
+    stage_memory: dict[str, MemoryPeak] = field(default_factory=dict)  # per stage (imatrix, errors, quantize ...)
 
 
 def solve(options: dict[str, dict[str, tuple[int, float]]], budget: int, bins: int = 4000) -> dict[str, str]:
@@ -1079,25 +1098,29 @@ def plan(
         raise EdgeMoEError(f"nothing is left for the model: {formula}", "raise --budget or lower --ctx")
     types = ARM_FAST_TYPES if arm_fast else DEFAULT_TYPES
     cal = ARM_FAST_CALIBRATION_TYPE if arm_fast else CALIBRATION_TYPE
-    m = measure(
-        model,
-        imatrix,
-        text,
-        types,
-        cal,
-        max_chunks=max_chunks,
-        threads=threads,
-        progress=progress,
-        reference=reference,
-        error_sample=error_sample,
-        layer_stride=layer_stride,
-    )
-    tensors, overhead = read_tensors(model)
-    result = plan_from_measurements(m, tensors, overhead, budget, formula, name, min_every_token)
-    if not m.from_cache:
-        result.measure_seconds, result.cached_steps = m.seconds, m.work.get("cached_steps", 0)
-    result.measured_from_cache = m.from_cache
-    set_peak_rss(result)
+    # the CLI's watch covers the imatrix and --quantize too; called on its own, plan watches itself
+    with contextlib.ExitStack() as stack:
+        watch = memwatch.running() or stack.enter_context(MemoryWatch(first_stage="read inputs"))
+        m = measure(
+            model,
+            imatrix,
+            text,
+            types,
+            cal,
+            max_chunks=max_chunks,
+            threads=threads,
+            progress=progress,
+            reference=reference,
+            error_sample=error_sample,
+            layer_stride=layer_stride,
+        )
+        memwatch.stage("solve")
+        tensors, overhead = read_tensors(model)
+        result = plan_from_measurements(m, tensors, overhead, budget, formula, name, min_every_token)
+        if not m.from_cache:
+            result.measure_seconds, result.cached_steps = m.seconds, m.work.get("cached_steps", 0)
+        result.measured_from_cache = m.from_cache
+        set_peak_rss(result, watch)
     if out:
         with atomic_output(out) as part:
             part.write_text(
@@ -1249,7 +1272,7 @@ def _probe_eval(model: Path, tensors: list[TensorInfo], text: Path, ctx: int, ma
     from .evaluate import _chunks, _load, _log_softmax
 
     t0 = time.perf_counter()
-    llm = _load(model, ctx, threads)
+    llm = _load(model, ctx, threads, repack=False)
     chunk = _chunks(llm, text, ctx, max_chunks, spread=True)[0]
     t2 = time.perf_counter()
     llm.reset()
@@ -1285,7 +1308,11 @@ def peak_rss() -> tuple[int, int]:
     )
 
 
-def set_peak_rss(result: PlanResult) -> None:
-    """Fill in the result's peak memory as of now (after --quantize too, when the CLI calls it again)."""
+def set_peak_rss(result: PlanResult, watch: MemoryWatch) -> None:
+    """Fill in the result's peak memory as of now (after --quantize too, when the CLI calls it again): the
+    kernel's peaks, and `watch`'s split of them into anonymous memory and file pages, per stage."""
     result.peak_rss_self_bytes, result.peak_rss_children_bytes = peak_rss()
     result.peak_rss_bytes = max(result.peak_rss_self_bytes, result.peak_rss_children_bytes)
+    watch.sample()
+    result.peak_anon_bytes, result.peak_file_bytes = watch.overall.anon_bytes, watch.overall.file_bytes
+    result.stage_memory = {k: MemoryPeak(v.anon_bytes, v.file_bytes) for k, v in watch.peaks.items()}

@@ -14,6 +14,7 @@ import pytest
 
 from edgemoe_cli import evaluate as evaluate_module
 from edgemoe_cli import plan
+from edgemoe_cli.memwatch import MemoryWatch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_quantize import write_imatrix  # noqa: E402
@@ -47,9 +48,15 @@ def test_an_interrupted_plan_resumes_and_equals_an_uninterrupted_one(tiny_gguf, 
     evals = _counting_evals(monkeypatch)
 
     monkeypatch.setenv("EDGEMOE_HOME", str(tmp_path / "whole"))
-    whole = plan.measure(model, im, TEXT, **KNOBS)
+    with MemoryWatch() as watch:
+        whole = plan.measure(model, im, TEXT, **KNOBS)
     runs = len(evals)
     assert runs == whole.work["runs"] and whole.work["cached_steps"] == 0
+    # every stage's peak, split into anonymous memory and mapped file pages: an eval maps the model it evaluates
+    stages = {"errors", "quantize q4_0", "quantize q8_0", "reference", "calibration model", "calibration runs"}
+    assert stages <= set(watch.peaks)
+    assert all(watch.peaks[s].anon_bytes > 20 * 2**20 for s in stages)
+    assert watch.peaks["calibration runs"].file_bytes > model.stat().st_size // 2
 
     # the same plan in another store, stopped during its sixth calibration step
     monkeypatch.setenv("EDGEMOE_HOME", str(tmp_path / "stopped"))
@@ -102,6 +109,8 @@ def test_an_interrupted_plan_resumes_and_equals_an_uninterrupted_one(tiny_gguf, 
     assert rates.pending_steps == 0 and rates.seconds == 0
     result = plan.plan(model, im, TEXT, max_size=20_000_000, arm_fast=True, max_chunks=1, threads=2)
     assert result.measured_from_cache and result.peak_rss_bytes >= result.peak_rss_self_bytes > 50 * 2**20
+    assert 20 * 2**20 < result.peak_anon_bytes < result.peak_rss_bytes and result.peak_file_bytes > 0
+    assert set(result.stage_memory) == {"read inputs", "solve"}  # measured long ago: only the choice was made
 
 
 def test_a_changed_input_reuses_no_step(tiny_gguf, tmp_path):

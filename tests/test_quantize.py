@@ -153,6 +153,45 @@ def test_quantizing_in_slabs_of_rows_writes_the_same_bytes(tiny_gguf, tmp_path, 
     assert files[0].read_bytes() == files[50_000].read_bytes()
 
 
+# a fresh process: its anonymous memory before and after _load, and the flag llama.cpp was given
+_ANON_GROWTH = r"""
+import sys
+from pathlib import Path
+from edgemoe_cli import evaluate, memwatch
+from edgemoe_cli.llamacpp import import_binding
+import_binding()
+before = memwatch.process_rss()[0]
+llm = evaluate._load(Path(sys.argv[1]), 16, 1, repack=sys.argv[2] == "1")
+print(memwatch.process_rss()[0] - before, int(llm.model_params.use_extra_bufts))
+"""
+
+
+def test_plans_eval_path_keeps_weights_in_the_mapped_file(tiny_gguf, tmp_path):
+    """plan evaluates without repacking: a Q4_0 model's weights stay pages of the file, where the repacked load
+    (`edgemoe eval`'s) copies every Q4_0 tensor into anonymous memory, which must then fit in RAM whole."""
+    from pathlib import Path
+
+    from edgemoe_cli.recipe import tensor_bytes
+
+    q4 = tmp_path / "q4_0.gguf"
+    quantize_mod.quantize(tiny_gguf("thinking"), "stock:Q4_0", out=q4, threads=2, manifest=False)
+    q4_bytes = sum(tensor_bytes(t.n_elements, t.type) for t in read_tensors(q4)[0] if t.type == "q4_0")
+    growth = {}
+    for repack in (True, False):
+        out = subprocess.run(
+            [sys.executable, "-c", _ANON_GROWTH, str(q4), str(int(repack))],
+            cwd=Path(__file__).resolve().parents[1],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        growth[repack] = int(out[0])
+        assert bool(int(out[1])) == repack  # what llama.cpp was asked for
+    if growth[True] - growth[False] < q4_bytes / 10:
+        pytest.skip("this CPU has no repacked Q4_0 kernels: both loads keep the weights in the mapped file")
+    assert growth[True] - growth[False] >= 0.9 * q4_bytes
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

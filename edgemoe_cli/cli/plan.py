@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .. import memwatch
+from ..memwatch import MemoryWatch
 from ..units import human_bytes
 from .common import console, ctx_option, emit_json, json_option, progress_bars, source_model, threads_option
 
@@ -131,16 +133,16 @@ def plan_cmd(
     Example: edgemoe plan ernie-thinking-bf16.gguf --budget 16GiB --ctx 8192 --out my16.toml --quantize
     """
     from .. import plan as stage
-    from ..imatrix import default_calibration_text, ensure_imatrix
+    from ..imatrix import default_calibration_text
 
     budget_args = _budget_args(budget, board, max_size, reserve)
     stage.check_error_sample(error_sample)
     text = text or default_calibration_text()
     if dry_run:
         return _dry_run(model, imatrix, text, arm_fast, chunks, reference, error_sample, layer_stride, threads, as_json)
-    with progress_bars(as_json) as progress:
-        model = source_model(model, progress)
-        imatrix = imatrix or ensure_imatrix(model, text, threads=threads, progress=progress)
+    # plan's peak memory per stage, the imatrix and --quantize included (memwatch)
+    with progress_bars(as_json) as progress, MemoryWatch(first_stage="convert"):
+        model, imatrix = _model_and_imatrix(model, imatrix, text, threads, progress)
         result = stage.plan(
             model,
             imatrix,
@@ -170,13 +172,23 @@ def _budget_args(budget, board, max_size, reserve) -> dict:
     return dict(ram=ram, max_size=size, reserve=reserve_bytes, ram_source=ram_source)
 
 
+def _model_and_imatrix(model, imatrix, text, threads, progress):
+    """The GGUF to plan for (a NAME's converted first) and its imatrix (computed on `text` when not given)."""
+    from ..imatrix import ensure_imatrix
+
+    model = source_model(model, progress)
+    memwatch.stage("imatrix")
+    return model, imatrix or ensure_imatrix(model, text, threads=threads, progress=progress)
+
+
 def _quantize(result, model, recipe, out, imatrix, threads, progress) -> None:
     """Apply the plan (--quantize); the result's peak memory then counts the quantization too."""
     from ..plan import set_peak_rss
     from ..quantize import quantize
 
+    memwatch.stage("quantize (--quantize)")
     result.quantized = quantize(model, recipe, out=out, imatrix=imatrix, threads=threads, progress=progress).out
-    set_peak_rss(result)
+    set_peak_rss(result, memwatch.running())
 
 
 def _print_plan(result, out) -> None:
@@ -201,6 +213,19 @@ def _print_plan(result, out) -> None:
         + f"; peak RSS {human_bytes(result.peak_rss_bytes)}",
         highlight=False,
     )
+    console.print(_memory_line(result), highlight=False)
+
+
+def _memory_line(result) -> str:
+    """The peak split into what must fit in RAM and what is page cache, with the stage that held the most."""
+    line = (
+        f"peak anonymous memory {human_bytes(result.peak_anon_bytes)} (must fit in RAM), peak mapped file pages "
+        f"{human_bytes(result.peak_file_bytes)} (page cache: reclaimable)"
+    )
+    if result.stage_memory:
+        name, peak = max(result.stage_memory.items(), key=lambda kv: kv[1].anon_bytes)
+        line += f"; most anonymous in {name}: {human_bytes(peak.anon_bytes)}"
+    return line
 
 
 def _dry_run(model, imatrix, text, arm_fast, chunks, reference, error_sample, layer_stride, threads, as_json) -> None:
