@@ -363,9 +363,10 @@ def measure(
     error_sample: the fraction of each tensor's rows its error is estimated from (qerror.sampled_errors; default
     qerror.DEFAULT_FRACTION, 1.0 every row).
 
-    reference="source": gains are measured against the input model, everything else kept in its source type
-    (needs RAM for the whole bf16 model: ~44 GB at 21B). reference="q8_0": against the model at Q8_0, everything
-    else Q8_0 (half the RAM; Q8_0's own KLD is two orders of magnitude below the types being chosen).
+    reference="source": gains are measured against the input model, everything else kept in its source type.
+    reference="q8_0": against the model at Q8_0, everything else Q8_0 (Q8_0's own KLD is two orders of magnitude
+    below the types being chosen). Either is evaluated from the mapped file, never copied into anonymous memory
+    (evaluate._load, repacking off): a model larger than RAM is read again for each chunk, and Q8_0 halves that.
 
     Errors are scored in process on a sample of rows (qerror); llama.cpp quantizes the whole model only to the
     calibration type and Q8_0, kept while measuring: every calibration model is built from them (CalibrationModel:
