@@ -265,7 +265,8 @@ def write_md(md: Path, measured: str) -> None:
     text = md.read_text() if md.is_file() else ""
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
-        block = head + block + rest.split(END, 1)[1].lstrip("\n")
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        block = head + block + ("\n" + tail if tail else "")
     md.write_text(block)
 
 
