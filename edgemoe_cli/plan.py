@@ -182,11 +182,14 @@ def _cache_path(
     reference,
     error_sample: float = 1.0,
     layer_stride: int = 1,
+    ctx: int = 512,
 ) -> Path:
     from .qerror import MIN_ROWS
 
     h = hashlib.sha256()
     h.update(f"v5|{_model_id(model)}|{','.join(types)}|{cal_type}|{max_chunks}|{reference}|{layer_stride}|".encode())
+    if ctx != 512:  # the chunk length the KLDs were measured over (512, plan's own, keeps the keys it always had)
+        h.update(f"ctx|{ctx}|".encode())
     if error_sample < 1:  # every row (1.0) is what llama-quantize measures: the same numbers, the same key
         h.update(f"sample|{error_sample!r}|{MIN_ROWS}|ratio|".encode())
     h.update(sha256_file(imatrix).encode())
@@ -387,7 +390,7 @@ def measure(
     if layer_stride < 1:
         raise EdgeMoEError(f"layer stride {layer_stride} is below 1", "use 1 to measure every layer, k for every k-th")
     cache = _cache_path(
-        model, imatrix, text, types, calibration_type, max_chunks, reference, error_sample, layer_stride
+        model, imatrix, text, types, calibration_type, max_chunks, reference, error_sample, layer_stride, ctx
     )
     if use_cache and cache.is_file():
         try:
