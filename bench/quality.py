@@ -237,7 +237,9 @@ def tradeoff(variant, cfg, k, work, f32, im_path, calib, tensors, overhead, args
     (rotation k), what its evals cost, and its plan's measured KLD on the evaluation text at each TRADEOFF_AT size."""
     chunks, stride, ctx = parse_setting(cfg)
     name = setting_key(cfg, k)
-    if f"{variant}/tradeoff-info/{name}" in results and all(f"{variant}/tradeoff/{name}/{at.removeprefix('stock:')}/c{args.chunks}" in results for at in TRADEOFF_AT):
+    if f"{variant}/tradeoff-info/{name}" in results and all(
+        f"{variant}/tradeoff/{name}/{at.removeprefix('stock:')}/c{args.chunks}" in results for at in TRADEOFF_AT
+    ):
         return
     m = plan.measure(
         f32,

@@ -1175,7 +1175,9 @@ def dry_run(
         work = {"eval": tokens * active_weights(model, tensors)}
         steps.insert(0, Step("imatrix", "imatrix", work, tokens=tokens))
         notes.append("no imatrix yet: llama-imatrix runs over the whole text first (priced at the eval rate)")
-    elif _cache_path(model, imatrix, text, types, cal, max_chunks, reference, error_sample, layer_stride).is_file():
+    elif _cache_path(
+        model, imatrix, text, types, cal, max_chunks, reference, error_sample, layer_stride, ctx
+    ).is_file():
         cache = _Finished()
         notes.append("measured before: plan solves from its cache")
     rates = measured_rates()
