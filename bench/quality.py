@@ -125,7 +125,7 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         measure("stock", f"stock:{ft}", f"stock:{ft}")
     for r in RECIPES:
         measure("recipe", r, r)
-    config = f"{args.plan_chunks}x{args.layer_stride}"
+    config = plan_config(args)
     info_key = f"{variant}/info3/{config}"
     if info_key in results:
         info = results[info_key]
@@ -135,6 +135,7 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         im_path,
         calib,
         max_chunks=args.plan_chunks,
+        ctx=args.plan_ctx,
         threads=args.threads,
         workdir=work,
         progress=lambda s, d, n, *_: print(f"  plan {s} {d}/{n}", flush=True),
@@ -200,6 +201,7 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         plan_roles=len(m.gains),
         plan_chunks=args.plan_chunks,
         plan_layer_stride=args.layer_stride,
+        plan_ctx=args.plan_ctx,
     )
     results[info_key] = info
     save()
@@ -218,6 +220,12 @@ def rotated_text(calib: Path, k: int) -> Path:
     if not out.is_file():
         out.write_text(text[cut:] + text[:cut], encoding="utf-8")
     return out
+
+
+DEFAULT_CTX = getattr(plan, "DEFAULT_CALIBRATION_CTX", 512)
+DEFAULT_SETTING = f"{plan.DEFAULT_CHUNKS}x{plan.DEFAULT_LAYER_STRIDE}" + (
+    "" if DEFAULT_CTX == 512 else f"c{DEFAULT_CTX}"
+)
 
 
 def parse_setting(cfg: str) -> tuple[int, int, int]:
@@ -327,6 +335,12 @@ def extrapolate(info: dict, chunks_21b: int = plan.DEFAULT_CHUNKS, stride_21b: i
     src_big = sum(n * (2 if name in q else 4) for name, n, _ in big)
     roles_big = len({plan_mod.role(n) for n in q})
     sec, work, types = info["plan_measure_seconds"], info["plan_work"], info["plan_types"]
+    if not all(sec.get(stage, 0) > 0 for stage in ("quantize", "errors", "assemble", "eval")):
+        return (
+            "\nplan's cost is not extrapolated from this fixture: its measurement reused steps an earlier setting had "
+            "finished (the error stage is the same for every calibration setting), so not every stage was timed "
+            "here; the 21B's cost, measured at real widths, is bench/plan_cost.md's.\n"
+        )
     roles, layers = info["plan_roles"], len(info.get("plan_layer_factors", {}))
     n_fix, act_fix = info["n_params"], info["n_active"]
     q_rate = types * n_fix / sec["quantize"]  # weights/s, one candidate type
@@ -337,7 +351,7 @@ def extrapolate(info: dict, chunks_21b: int = plan.DEFAULT_CHUNKS, stride_21b: i
     layers_big = len(plan.measured_layers(list(range(ERNIE_21B.n_layers)), stride_21b, ERNIE_21B_FIRST_ROUTED))
     runs_big = roles_big + layers_big + 1  # + the all-Q8_0 floor
     evals_big = runs_big + 1  # + the reference's own pass (its log-probs are cached)
-    tokens = chunks_21b * 512
+    tokens = chunks_21b * info.get("plan_ctx", 512)
     tables = types * n_big / q_rate + types * n_big / e_rate
     copies = {"source (bf16)": src_big, "q8_0": model_bytes("Q8_0")}
     # the calibration model's shards: every quantizable tensor once from the reference and once at Q3_K (~3.4 bpw)
@@ -412,7 +426,7 @@ def tradeoff_section(args, results: dict) -> str:
             f"{chunks} x {stride}"
             + (f" ({ctx}-token chunks)" if ctx != 512 else "")
             + (" (old default)" if cfg == "16x1" else "")
-            + (" (new default)" if cfg == f"{plan.DEFAULT_CHUNKS}x{plan.DEFAULT_LAYER_STRIDE}" else ""),
+            + (" (default)" if cfg == DEFAULT_SETTING else ""),
             f"{runs} x {chunks * ctx}",
             " / ".join(f"{infos[v]['seconds']['eval']:.0f}" for v in variants),
             f"{n21} x {chunks * ctx}",
@@ -517,8 +531,14 @@ def rotation_section(args, results: dict, variants: list[str]) -> str:
     )
 
 
+def plan_config(args) -> str:
+    """The plan rows' calibration setting as the trade-off table names it: CHUNKSxSTRIDE[cCTX]."""
+    ctx = "" if args.plan_ctx == 512 else f"c{args.plan_ctx}"
+    return f"{args.plan_chunks}x{args.layer_stride}{ctx}"
+
+
 def write_report(args, results: dict, infos: dict, seconds: float) -> None:
-    config = f"{args.plan_chunks}x{args.layer_stride}"
+    config = plan_config(args)
     rows = [
         r
         for k, r in results.items()
@@ -539,7 +559,8 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
         f"the first {CALIB_BYTES:,} characters of fixtures/calib.txt (cut at a line); evaluation: the rest of it "
         f"({args.chunks} chunks of 512 tokens, second halves scored). All quantizations use the same imatrix. "
         "KLD = mean KL(f32 || model) in nats/token, ± its standard error. plan rows: measured with "
-        f"`--chunks {args.plan_chunks} --layer-stride {args.layer_stride}` (chunks spaced evenly over the "
+        f"`--chunks {args.plan_chunks} --layer-stride {args.layer_stride}` ({args.plan_chunks} chunks of "
+        f"{args.plan_ctx} tokens a calibration eval, spaced evenly over the "
         "calibration part; the errors E(W,t) from plan's default row sample, qerror).\n",
     ]
     for ax, v in zip(axes[0], variants):
@@ -729,6 +750,12 @@ def main() -> None:
     )
     ap.add_argument("--layer-stride", type=int, default=plan.DEFAULT_LAYER_STRIDE, help="plan's layer stride")
     ap.add_argument(
+        "--plan-ctx",
+        type=int,
+        default=DEFAULT_CTX,
+        help="tokens a calibration chunk (plan's default)",
+    )
+    ap.add_argument(
         "--tradeoff", nargs="*", default=list(TRADEOFF), help="calibration settings CHUNKSxSTRIDE to compare"
     )
     ap.add_argument("--rotations", type=int, default=3, help="calibration text rotations per --rotated setting")
@@ -745,7 +772,7 @@ def main() -> None:
         store.write_text(json.dumps(results, indent=1))
 
     if args.report_only:
-        key = f"info3/{args.plan_chunks}x{args.layer_stride}"
+        key = f"info3/{plan_config(args)}"
         infos = {v: results[f"{v}/{key}"] for v in args.variants if f"{v}/{key}" in results}
     else:
         infos = {v: run_variant(v, args.work / v, args, results, save) for v in args.variants}
