@@ -18,6 +18,9 @@ its own:
   assemble    plan.assemble (the calibration-model copy), twice with shared readers as plan does: bytes/s
   eval_base   evaluate.base_logprobs: the reference's own pass (plan's 44th eval)
   eval        evaluate.evaluate of one assembled calibration model against the reference: tokens/s
+  pp512       llama-bench's pp512 of the model at Q4_0: the figure the Orion O6's is published in (predict_board)
+  NAME@1      a CPU stage on 1 thread: against its 2-thread time, the stage's serial share (Amdahl) for 8 threads
+  NAME~K      a repeat: the shared box's other work disturbs single runs; the fastest run is used
 
 By default every stage does its whole work, as plan does it (--sample all). For a model too big to quantize 7 times
 in the time at hand, --sample TENSORS (comma-separated; `blk1` = the MoE block's routed gate and down experts,
