@@ -581,7 +581,12 @@ def write_md(results: dict, pred: dict, args, command: str, load: tuple, path: P
             f"**Every stage measured whole**, as plan runs it on this model: each type quantizes and scores all "
             f"{r['quantize/q8_0']['weights'] / 1e6:.0f} M quantizable weights; assembly writes the whole model with "
             f"blk.1 swapped to Q3_K (one of plan's layer runs); evals of {args.chunks} x 512 tokens"
-            f"{' (plan default)' if args.chunks == PLAN_CHUNKS else ''}. What is not measured: the 21B itself."
+            + (
+                " (plan's default before issue 14; what counts is the rate per token)"
+                if args.chunks == PLAN_CHUNKS
+                else ""
+            )
+            + ". What is not measured: the 21B itself."
         )
     else:
         scope = (
