@@ -32,9 +32,9 @@ sees one call per MoE layer and step (what to read, what to evict) and none of t
 reader threads in Python cause. Without a C compiler, or with EDGEMOE_STREAM_NATIVE=0, Python does all of it, the
 same way, slower.
 
-Opt-in (EDGEMOE_STREAM_PREFETCH=1): a thread reads the experts the next layer's router would pick from this
-layer's FFN input while this layer computes; measured to cost more than it gains on the benchmark model
-(bench/stream.md), so it is off by default.
+Opt-in (EDGEMOE_STREAM_PREFETCH=1): the experts the next layer's router would pick from this layer's FFN input are
+read ahead while this layer computes (queued to the C readers behind this layer's reads, or on a Python thread);
+measured to cost more than it gains on the benchmark model (bench/stream.md), so it is off by default.
 
 Budget: --memory = resident weights (everything in the file but the routed experts) + KV cache + runtime
 (the process's anonymous memory and llama.cpp's compute buffers) + expert cache. A prompt ubatch can route to every
@@ -1321,8 +1321,9 @@ def load_streaming(path: str | Path, plan: MemoryPlan, load, warm: str | Path | 
     `warm`: a profile.json of `edgemoe profile` for this model; its most routed experts are read into the cache
     before the first token (ExpertStreamer.warm).
 
-    EDGEMOE_STREAM_PREFETCH=1 turns on the next-layer prefetcher (off by default: on the benchmark model its guesses
-    were right for ~30% of what it read, and the wasted reads cost more than the overlap gained; bench/stream.md).
+    EDGEMOE_STREAM_PREFETCH=1 turns on the next-layer prefetcher (off by default: on the benchmark model an uncached
+    guess of rank 1-2 is routed ~72% of the time, yet the reads ahead, sharing the disk with the demand reads behind
+    them, left it slower than without; bench/stream.md, bench/stream_policy.md).
     """
     from .gguffile import check_gguf
     from .profile import load_usage
