@@ -714,20 +714,23 @@ class ExpertStreamer:
         reads. They enter the cache first in line for eviction; the next layer's routing waits for them (drain)
         before it looks up its experts."""
         with self.lock:
-            take = []
-            for e in guesses:
-                key = (layer, e)
-                if key in self.cache or not self._make_room(self.set_bytes[layer], into=[key]):
-                    continue
-                self.cache[key] = self.set_bytes[layer]
-                self._touch(key, ahead=True)  # a guess: first to go if it was wrong
-                self.resident += self.set_bytes[layer]
-                self.peak = max(self.peak, self.resident)
-                self.prefetched.add(key)
-                take.append(e)
+            take = [e for e in guesses if self._admit_guess((layer, e))]
             self.prefetch_reads += len(take)
         if take:
             self._submit_native(layer, sorted(take))
+
+    def _admit_guess(self, key: tuple[int, int]) -> bool:
+        """Make room for a guessed expert not in the cache and count it in, first in line for eviction (a guess
+        may be wrong); False if it is cached already or there is no room. Its reads are the caller's."""
+        size = self.set_bytes[key[0]]
+        if key in self.cache or not self._make_room(size, into=[key]):
+            return False
+        self.cache[key] = size
+        self._touch(key, ahead=True)
+        self.resident += size
+        self.peak = max(self.peak, self.resident)
+        self.prefetched.add(key)
+        return True
 
     def _bind(self, tensor_ptr: int | None) -> None:
         """Point an expert tensor's data at its stand-in (once) and let go of its pages in the file mapping."""
@@ -1021,14 +1024,9 @@ class ExpertStreamer:
             for e in experts:
                 key = (layer, e)
                 with self.lock:
-                    if key in self.cache or key in self.in_flight or not self._make_room(self.set_bytes[layer], [key]):
+                    if key in self.in_flight or not self._admit_guess(key):
                         continue
-                    self.cache[key] = self.set_bytes[layer]
-                    self._touch(key, ahead=True)  # a guess: first to go if it was wrong
-                    self.resident += self.set_bytes[layer]
-                    self.peak = max(self.peak, self.resident)
                     self.in_flight.add(key)
-                    self.prefetched.add(key)
                 try:
                     self._read(layer, e, 1)  # overlaps computing: not counted as waiting
                 finally:
