@@ -936,9 +936,9 @@ class ExpertStreamer:
         """Move the victim's pages to where `key`'s slices go, projection by projection, before they are read.
 
         Freeing an evicted expert's pages and faulting in fresh ones for the next read costs the kernel a page
-        fault and zeroing per 4 KiB (~9000 faults per token on the benchmark model, ~14 ms of CPU per token on
-        the reader threads, competing with the compute thread on a small board). mremap moves the page-table entries
-        instead: no page is freed, zeroed or faulted, and the read overwrites every byte moved. The old range
+        fault and zeroing per 4 KiB (~10 800 faults and 15-23 ms of CPU per generated token on the benchmark model,
+        beside the compute thread on a small board: bench/stream.md, mode stream-free). mremap moves the page-table
+        entries instead: no page is freed, zeroed or faulted, and the read overwrites every byte moved. The old range
         stays mapped and empty (MREMAP_DONTUNMAP); where the kernel refuses that, nothing moves."""
         if self.no_recycle or not hasattr(self.libc, "mremap"):
             return
@@ -965,9 +965,9 @@ class ExpertStreamer:
             self.recycled_bytes += n * _PAGE
             self.recycles += 1
             if self.recycles % _MAP_CHECK_EVERY == 0 and _map_count() > _max_map_count() // 2:
-                # every moved range is a mapping of its own (measured: ~2 per expert slice ever moved, ~1700 on the
-                # 5-layer benchmark model, ~15000 at the 21B's 27 MoE layers): stop well before the kernel's limit
-                # on mappings, which every other mmap of the process (malloc's too) shares
+                # every moved range is a mapping of its own (~2 per expert slice ever moved: ~1700 mappings on the
+                # 5-layer benchmark model after 128 tokens; by that count up to ~15000 at the 21B's 27 MoE layers):
+                # stop well before the kernel's limit on mappings, which every other mmap of the process shares
                 self.no_recycle = True
 
     def _victim(self) -> tuple[int, int] | None:
