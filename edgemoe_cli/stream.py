@@ -550,9 +550,9 @@ class ExpertStreamer:
             self.regions[t.name], self.shift[t.name] = region, shift
             self.addresses[t.name] = ctypes.addressof(ctypes.c_char.from_buffer(region)) + shift
         self.cache: dict[tuple[int, int], int] = {}  # (layer, expert) -> bytes
-        # the eviction order as a heap of (uses, last use, key): a scan of the cache per eviction cost ~0.2 ms of
-        # Python at the 21B's ~750 cached sets, ~40 evictions a token; entries go stale when a key is used again
-        # (a newer entry is pushed) and are dropped when they surface
+        # the eviction order as a heap of (uses, last use, key), not a scan of the cache per eviction: the 21B on an
+        # 8 GB board caches ~750 sets and evicts ~40 a token; entries go stale when a key is used again (a newer
+        # entry is pushed) and are dropped when they surface
         self.heap: list[tuple[int, int, tuple[int, int]]] = []
         self.stamp: dict[tuple[int, int], int] = {}  # key -> its last use (the clock), the heap entry that counts
         self.clock = 0
@@ -965,9 +965,9 @@ class ExpertStreamer:
             self.recycled_bytes += n * _PAGE
             self.recycles += 1
             if self.recycles % _MAP_CHECK_EVERY == 0 and _map_count() > _max_map_count() // 2:
-                # every moved range is a mapping of its own (~2 per expert slice ever moved: ~1700 mappings on the
-                # 5-layer benchmark model after 128 tokens; by that count up to ~15000 at the 21B's 27 MoE layers):
-                # stop well before the kernel's limit on mappings, which every other mmap of the process shares
+                # every moved range is a mapping of its own (a few per expert slice ever moved: at the 21B's 27 MoE
+                # layers x 3 x 64 slices, some 10^4): stop well before the kernel's limit on mappings, which every
+                # other mmap of the process shares
                 self.no_recycle = True
 
     def _victim(self) -> tuple[int, int] | None:
