@@ -79,6 +79,15 @@ def split_text(src: Path, work: Path) -> tuple[Path, Path]:
     return calib, held_out
 
 
+def plan_at_size(m, tensors, overhead, size: int, name: str, work: Path, **solve):
+    """plan's recipe for a file of `size` bytes from measurement `m`, written to work/NAME.toml: (plan, its path).
+    `solve`: further plan_from_measurements options (min_every_token=None: the ablation without the floor)."""
+    p = plan.plan_from_measurements(m, tensors, overhead, size, f"--max-size {size}", name, **solve)
+    recipe_path = work / f"{name}.toml"
+    recipe_path.write_text(p.recipe_toml)
+    return p, recipe_path
+
+
 def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     calib, held_out = split_text(FIXTURES / "calib.txt", work)
@@ -153,9 +162,7 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
     for at in PLAN_AT:
         size = results[f"{variant}/{at}/c{args.chunks}"]["bytes"]
         label = at.removeprefix("stock:")
-        p = plan.plan_from_measurements(m, tensors, overhead, size, f"--max-size {size}", f"plan-at-{label}")
-        recipe_path = work / f"plan-at-{label}.toml"
-        recipe_path.write_text(p.recipe_toml)
+        p, recipe_path = plan_at_size(m, tensors, overhead, size, f"plan-at-{label}", work)
         measure(
             "plan",
             f"plan@{label}",
@@ -167,11 +174,9 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
     for at in NO_FLOOR_AT:
         size = results[f"{variant}/{at}/c{args.chunks}"]["bytes"]
         label = at.removeprefix("stock:")
-        p = plan.plan_from_measurements(
-            m, tensors, overhead, size, f"--max-size {size}", f"plan-nofloor-at-{label}", min_every_token=None
+        p, recipe_path = plan_at_size(
+            m, tensors, overhead, size, f"plan-nofloor-at-{label}", work, min_every_token=None
         )
-        recipe_path = work / f"plan-nofloor-at-{label}.toml"
-        recipe_path.write_text(p.recipe_toml)
         measure(
             "plan-nofloor",
             f"plan-nofloor@{label}",
@@ -288,9 +293,7 @@ def tradeoff(variant, cfg, k, work, f32, im_path, calib, tensors, overhead, args
     for at in TRADEOFF_AT:
         size = results[f"{variant}/{at}/c{args.chunks}"]["bytes"]
         label = at.removeprefix("stock:")
-        p = plan.plan_from_measurements(m, tensors, overhead, size, f"--max-size {size}", f"plan-{name}-at-{label}")
-        recipe_path = work / f"plan-{name}-at-{label}.toml"
-        recipe_path.write_text(p.recipe_toml)
+        p, recipe_path = plan_at_size(m, tensors, overhead, size, f"plan-{name}-at-{label}", work)
         measure(
             "tradeoff",
             f"plan {name}@{label}",
