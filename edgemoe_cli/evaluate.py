@@ -211,10 +211,10 @@ def base_logprobs(
 
 def _load_vocab(model: Path):
     """The model's vocabulary only (tokenizing needs no weights)."""
-    from .llamacpp import import_binding
+    from .llamacpp import load_vocab
 
     _check_model(model)
-    return import_binding().Llama(model_path=str(model), vocab_only=True, verbose=False)
+    return load_vocab(model)
 
 
 def evaluate(

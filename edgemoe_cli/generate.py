@@ -25,6 +25,8 @@ from .errors import EdgeMoEError
 from .gguffile import GGUF_MAGIC, architecture, check_gguf  # noqa: F401 (generate.check_gguf: its API too)
 from .llamacpp import BindingInfo, binding_info, import_binding  # noqa: F401 (binding_info: generate's API too)
 
+_CTX_STEP = 256  # a context planned from a run's own length is rounded up to whole steps of this many tokens
+
 # ERNIE ends a PT turn with <|end_of_sentence|>; llama.cpp's end-of-generation set covers </s> and <|im_end|>
 EXTRA_STOP_TEXTS = ("<|end_of_sentence|>",)
 
@@ -140,6 +142,17 @@ def chat_prompt(llm, prompt: str, system: str | None = None) -> tuple[str, bool]
     return chat.render_prompt(template, chat.build_messages(prompt, system), special), chat.is_thinking_template(
         template
     )
+
+
+def tokenize_prompt_of(model: str | Path, prompt: str, system: str | None = None) -> list[int]:
+    """The tokens `chat_reply` will decode for this prompt, from the GGUF's vocabulary alone (no weights loaded)."""
+    from .llamacpp import load_vocab
+
+    llm = load_vocab(check_gguf(model))
+    try:
+        return tokenize_prompt(llm, chat_prompt(llm, prompt, system)[0])
+    finally:
+        llm.close()
 
 
 def tokenize_prompt(llm, text: str) -> list[int]:
@@ -340,7 +353,15 @@ def run(
     """
     if not prompt.strip():
         raise EdgeMoEError("the prompt is empty", "give a question with -p TEXT or -f FILE")
-    llm, streamer = load_within(model, memory, ctx=ctx, threads=threads, repack=repack, warm=warm)
+    batch = None
+    if memory is not None:
+        # one reply: under a memory cap, the KV cache and the compute buffer are planned for what this run can
+        # reach (its prompt and max_tokens), not for a context it never fills; what is not reserved caches experts
+        n_prompt = len(tokenize_prompt_of(model, prompt, system))
+        reach = -(-(n_prompt + max_tokens) // _CTX_STEP) * _CTX_STEP
+        if n_prompt < (ctx or reach):  # else the context error comes from chat_reply, as without --memory
+            ctx, batch = min(ctx or reach, reach), n_prompt
+    llm, streamer = load_within(model, memory, ctx=ctx, threads=threads, repack=repack, warm=warm, batch=batch)
     try:
         started = time.perf_counter()
         result = chat_reply(
@@ -372,9 +393,11 @@ def load_within(
     threads: int | None = None,
     repack: bool = True,
     warm: str | Path | None = None,
+    batch: int | None = None,
 ):
     """(Llama, stream.ExpertStreamer or None): `model` loaded to live within `memory` (bytes, a size, "auto" or
     None for no cap) — streaming its routed experts when it does not fit (stream.py), today's load when it does.
+    `batch`: the most tokens decoded at once, when known (one reply's prompt): the physical batch is planned for it.
 
     The one way run, compare and serve load under --memory. Close the Llama before the streamer: the model's
     expert tensors point into the streamer's regions.
@@ -384,7 +407,7 @@ def load_within(
     if memory is not None:
         from . import stream
 
-        plan = stream.plan_memory(check_gguf(model), memory, ctx)  # too small: an error before loading
+        plan = stream.plan_memory(check_gguf(model), memory, ctx, batch)  # too small: an error before loading
         if plan.streams:
             load = functools.partial(load_model, ctx=ctx, threads=threads)
             return stream.load_streaming(model, plan, load, warm=warm)

@@ -76,6 +76,25 @@ def import_binding():
     return llama_cpp
 
 
+def load_vocab(model: str | Path):
+    """A llama_cpp.Llama of `model`'s vocabulary only (tokenizing needs no weights), llama.cpp's log muted while it
+    loads: it warns of a context longer than the training length, which a vocabulary-only model reports as 0."""
+    import ctypes
+
+    llama_cpp = import_binding()
+    import llama_cpp._logger as binding_logger
+
+    @llama_cpp.llama_log_callback
+    def mute(level, text, user_data):
+        pass
+
+    llama_cpp.llama_log_set(mute, ctypes.c_void_p(0))
+    try:
+        return llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    finally:
+        llama_cpp.llama_log_set(binding_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
 # ---- running the tools ----------------------------------------------------------------------------------------
 
 

@@ -510,9 +510,9 @@ def active_weights(model: Path, tensors: list[TensorInfo]) -> int:
 def calibration_chunks(model: Path, text: Path, ctx: int, max_chunks: int | None) -> int:
     """How many chunks of `ctx` tokens each calibration eval reads (evaluate's chunking; the vocabulary only)."""
     from .evaluate import _chunks
-    from .llamacpp import import_binding
+    from .llamacpp import load_vocab
 
-    llm = import_binding().Llama(model_path=str(model), vocab_only=True, verbose=False)
+    llm = load_vocab(model)
     try:
         return len(_chunks(llm, text, ctx, max_chunks, spread=True))
     finally:

@@ -323,9 +323,11 @@ def minimum_memory(model: str | Path, ctx: int = 4096, reader=None) -> int:
     return resident + kv_cache_bytes(reader, ctx) + runtime + n_used * max(per_layer.values(), default=0)
 
 
-def plan_memory(model: str | Path, memory: str | int, ctx: int = 4096) -> MemoryPlan:
+def plan_memory(model: str | Path, memory: str | int, ctx: int = 4096, batch: int | None = None) -> MemoryPlan:
     """Split --memory into resident weights, KV cache, runtime and expert cache, before anything is loaded.
 
+    `ctx`: the context the KV cache is sized for; `batch`: the most tokens the run decodes at once, when known (the
+    physical batch, and with it the compute buffer, is then planned no larger than the power of two holding it).
     EdgeMoEError when the memory cannot hold the weights every token uses plus one token's experts.
     """
     from .gguffile import moe_shape, open_gguf
@@ -372,15 +374,18 @@ def plan_memory(model: str | Path, memory: str | int, ctx: int = 4096) -> Memory
     cache = budget - fixed - per_token  # with a 1-token ubatch
     if cache < n_used * set_bytes:
         need = minimum_memory(path, ctx, reader)
+        context = f"a {ctx}-token context" if ctx else "the model's context"
         raise EdgeMoEError(
             f"--memory {human_bytes(budget)} is too small for {path.name}: the weights every token uses take "
-            f"{human_bytes(resident)}, the KV cache {human_bytes(kv)} at --ctx {ctx or 'model'}, the runtime "
+            f"{human_bytes(resident)}, the KV cache {human_bytes(kv)} for {context}, the runtime "
             f"~{human_bytes(base_runtime + per_token)}, and one token's {n_used} experts per layer "
             f"{human_bytes(n_used * set_bytes)}",
             f"give --memory {human_bytes(need)} or more, or a smaller --ctx",
         )
     n_ubatch = 1
     for u in (_MAX_UBATCH, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if batch is not None and u >= 2 * max(batch, 1):  # half of it still holds the largest batch
+            continue
         room = budget - fixed - per_token * u
         if room >= min(n_expert, n_used * u) * set_bytes:
             n_ubatch, cache = u, room
@@ -1142,6 +1147,16 @@ class ExpertStreamer:
     def prompt_done(self) -> None:
         """Called once the prompt is processed: what follows counts as generation (per-token numbers)."""
         self.at_prompt_end = self._counters()
+        self.drop_file_cache()
+
+    def drop_file_cache(self) -> None:
+        """Drop the expert ranges' pages from the page cache once more, now that every tensor is bound. llama.cpp's
+        load maps the whole file with MAP_POPULATE and then asks for all of it again (madvise WILLNEED); under a
+        cap the populated pages are reclaimed as it goes, and on a slow disk the second read-ahead is still
+        arriving after a tensor was bound and its range dropped. Unmapped and never read again, those pages count
+        against a cgroup's limit all the same: 136 MiB of the benchmark's 995 MiB (bench/stream.md)."""
+        for t in self.tensors.values():
+            os.posix_fadvise(self.fd, t.file_offset, t.nbytes, os.POSIX_FADV_DONTNEED)
 
     def stats(self) -> StreamStats:
         from dataclasses import asdict
