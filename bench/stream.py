@@ -15,6 +15,8 @@ The GGUF's pages are dropped from the page cache (posix_fadvise DONTNEED) before
             below the model at all), the kernel paging the file in and out;
   - stream: `run --memory CAP` (the same bytes as the cgroup's limit); stream-prefetch: the same with
             EDGEMOE_STREAM_PREFETCH=1 (read the next layer's predicted experts while this one computes);
+            stream-latecache: with EDGEMOE_STREAM_DROP_LATE=0 (the expert ranges' pages llama.cpp's load read
+            ahead and that arrived after binding are left in the page cache: what dropping them is worth);
             stream-free: with EDGEMOE_STREAM_RECYCLE=0 (an evicted expert's pages freed and new ones faulted in,
             instead of moved under the next read);
   - llama:  llama.cpp's own `llama-completion --no-repack` (mmap), for reference.
@@ -63,7 +65,10 @@ def sample(kind, text):  # anonymous memory while generating: after run() return
 start = time.perf_counter()
 r = generate.run(model, prompt, max_tokens=tokens, threads=threads, temp=0, on_text=sample,
                  memory=int(memory) if mode == "stream" else None, repack=False, warm=warm)
-print(json.dumps({"gen_tps": r.gen_tps, "raw": r.raw, "completion_tokens": r.completion_tokens,
+# the expert ranges' pages left in the page cache (counted against the cgroup's limit), after the run
+from edgemoe_cli.gguffile import open_gguf
+experts = [(t.file_offset, t.file_offset + t.nbytes) for t in stream.expert_tensors(open_gguf(model))]
+print(json.dumps({"gen_tps": r.gen_tps, "expert_page_cache_bytes": stream.page_cache_bytes(model, experts), "raw": r.raw, "completion_tokens": r.completion_tokens,
                   "prompt_tokens": r.prompt_tokens, "ttft_s": r.ttft_s, "wall_s": time.perf_counter() - start,
                   "peak_rss_bytes": r.peak_rss_bytes, "anon_rss_bytes": peak_anon[0],
                   "streaming": r.streaming}))
@@ -230,6 +235,7 @@ def run_point(
             **os.environ,
             "EDGEMOE_STREAM_PREFETCH": "1" if mode.endswith("-prefetch") else "0",
             "EDGEMOE_STREAM_RECYCLE": "0" if mode.endswith("-free") else "1",
+            "EDGEMOE_STREAM_DROP_LATE": "0" if mode.endswith("-latecache") else "1",
         }
         try:
             # a random-weight model's text may cut a UTF-8 sequence in two
@@ -295,6 +301,7 @@ def summarize(points: list[dict], gguf: dict[str, int], baseline: int) -> str:
                 f"{s['decode_read_wait_s'] * 1000 / max(s['decode_tokens'], 1):.1f}" if s else "-",
                 f"{s['decode_cpu_ms_per_token']:.1f}" if s.get("decode_cpu_ms_per_token") else "-",
                 f"{s['decode_page_faults_per_token']:.0f}" if "decode_page_faults_per_token" in s else "-",
+                f"{p['expert_page_cache_bytes'] / 2**20:.0f}" if "expert_page_cache_bytes" in p else "-",
                 f"{p['load_avg']:.1f}",
             ]
         )
@@ -315,6 +322,7 @@ def summarize(points: list[dict], gguf: dict[str, int], baseline: int) -> str:
         "read wait ms/tok",
         "CPU ms/tok",
         "page faults/tok",
+        "expert ranges in page cache MiB",
         "load",
     ]
     sizes = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in gguf.items())
@@ -324,7 +332,8 @@ def summarize(points: list[dict], gguf: dict[str, int], baseline: int) -> str:
         f"the file llama.cpp's loader makes (MAP_POPULATE), per prompt and generated token; RssAnon: peak "
         f"anonymous memory sampled per token (what cannot be given back); hits, expert MiB/tok, read wait (time the "
         f"compute thread waited for expert reads), CPU (the whole process: compute, reader threads, kernel) and "
-        f"minor page faults: per generated token.\n\n" + markdown_table(header, rows)
+        f"minor page faults: per generated token; expert ranges in page cache: the GGUF's expert bytes in the page "
+        f"cache after the run (mincore; they count against the limit).\n\n" + markdown_table(header, rows)
     )
 
 
@@ -342,6 +351,7 @@ def plot(points: list[dict], out: Path) -> None:
         "llama": (":", "x"),
         "stream-prefetch": ("-.", "^"),
         "stream-free": ("-.", "v"),
+        "stream-latecache": (":", "P"),
         "stream-warm": ("-", "D"),
     }
     skews = sorted({p["skew"] for p in points})

@@ -406,6 +406,28 @@ def plan_memory(model: str | Path, memory: str | int, ctx: int = 4096, batch: in
     )
 
 
+def page_cache_bytes(path: str | Path, ranges: list[tuple[int, int]]) -> int:
+    """Bytes of `path`'s whole pages inside the [start, end) `ranges` that are in the page cache now (mincore over
+    a private mapping of the file, never written; Linux). What the benchmark reports of the expert ranges."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        present = (ctypes.c_ubyte * (-(-size // _PAGE)))()
+        base = ctypes.c_char.from_buffer(m)
+        try:
+            if libc.mincore(ctypes.addressof(base), size, present) != 0:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        finally:
+            del base  # the mapping closes only without exported pointers
+    pages = bytes(present)
+    return _PAGE * sum(
+        sum(b & 1 for b in pages[-(-start // _PAGE) : end // _PAGE]) for start, end in ranges if end > start
+    )
+
+
 # ---- the streamer ----
 
 
@@ -1147,7 +1169,8 @@ class ExpertStreamer:
     def prompt_done(self) -> None:
         """Called once the prompt is processed: what follows counts as generation (per-token numbers)."""
         self.at_prompt_end = self._counters()
-        self.drop_file_cache()
+        if os.environ.get("EDGEMOE_STREAM_DROP_LATE", "1") != "0":  # =0: kept, to measure what they cost
+            self.drop_file_cache()
 
     def drop_file_cache(self) -> None:
         """Drop the expert ranges' pages from the page cache once more, now that every tensor is bound. llama.cpp's

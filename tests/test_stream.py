@@ -188,25 +188,6 @@ def test_a_reply_under_memory_plans_for_the_context_it_can_reach(tiny_gguf):
     assert plan["cache_bytes"] > full.cache_bytes
 
 
-def _cached_pages(path) -> list[bool]:
-    """Which pages of `path` are in the page cache (mincore over a private mapping of it, never written)."""
-    import ctypes
-    import mmap
-    import os
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        vec = (ctypes.c_ubyte * (-(-size // mmap.PAGESIZE)))()
-        base = ctypes.c_char.from_buffer(m)
-        try:
-            assert libc.mincore(ctypes.addressof(base), size, vec) == 0, os.strerror(ctypes.get_errno())
-        finally:
-            del base  # the mapping closes only without exported pointers
-    return [bool(v & 1) for v in vec]
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="mincore and posix_fadvise: Linux")
 def test_a_streamed_run_leaves_no_expert_page_in_the_page_cache(tiny_gguf, tmp_path):
     """The expert ranges of the file are never read through the page cache, and what llama.cpp's load read ahead is
@@ -225,33 +206,33 @@ def test_a_streamed_run_leaves_no_expert_page_in_the_page_cache(tiny_gguf, tmp_p
     cap, _ = _forcing_cap(path, 0.25)
     streamed = generate.run(path, PROMPT, max_tokens=8, threads=1, ctx=CTX, temp=0, memory=cap)
     assert streamed.streaming["misses"] > 0
-    cached = _cached_pages(path)
     experts = stream.expert_tensors(open_gguf(path))
-    fringe = 2**18 // mmap.PAGESIZE  # 256 KiB: four times the kernel's default fault-around
-    inner = [
-        p
-        for t in experts
-        for p in range(t.file_offset // mmap.PAGESIZE + fringe, (t.file_offset + t.nbytes) // mmap.PAGESIZE - fringe)
-    ]
-    assert len(inner) > len(experts) * fringe and not any(cached[p] for p in inner)
+    fringe = 2**18  # 256 KiB: four times the kernel's default fault-around
+    inner = [(t.file_offset + fringe, t.file_offset + t.nbytes - fringe) for t in experts]
+    assert all(end - start > fringe for start, end in inner)
+    assert stream.page_cache_bytes(path, inner) == 0
+    assert stream.page_cache_bytes(path, [(0, path.stat().st_size)]) > 0  # mincore does see the file's pages
 
     # pages that arrive after the tensors were bound (a slow disk still serving the load's read-ahead) go when the
     # prompt is done: here the whole file is read into the page cache at that moment, just before
     llm, streamer = generate.load_within(path, _forcing_cap(path, 0.25)[0], ctx=CTX, threads=1)
 
+    size = path.stat().st_size
+
     def prompt_done():
         path.read_bytes()
-        assert all(_cached_pages(path))
+        assert stream.page_cache_bytes(path, [(0, size)]) == size // mmap.PAGESIZE * mmap.PAGESIZE
         streamer.prompt_done()
 
     try:
         generate.chat_reply(llm, PROMPT, max_tokens=4, prompt_done=prompt_done)
-        cached = _cached_pages(path)
-        assert not any(cached[p] for p in inner) and sum(cached) > len(cached) - len(inner) - 2 * len(experts) * fringe
+        assert stream.page_cache_bytes(path, inner) == 0
+        # the rest of the file stays: the weights every token uses
+        expert_bytes = sum(end - start + 2 * fringe for start, end in inner)
+        assert stream.page_cache_bytes(path, [(0, size)]) >= size - expert_bytes - 2 * mmap.PAGESIZE * len(experts)
     finally:
         llm.close()
         streamer.close()
-    assert any(cached)  # the weights every token uses were read through the mapping: mincore does see the file
 
 
 def test_memory_auto_is_the_ram_available(tiny_gguf):
