@@ -68,7 +68,9 @@ r = generate.run(model, prompt, max_tokens=tokens, threads=threads, temp=0, on_t
 # the expert ranges' pages left in the page cache (counted against the cgroup's limit), after the run
 from edgemoe_cli.gguffile import open_gguf
 experts = [(t.file_offset, t.file_offset + t.nbytes) for t in stream.expert_tensors(open_gguf(model))]
-print(json.dumps({"gen_tps": r.gen_tps, "expert_page_cache_bytes": stream.page_cache_bytes(model, experts), "raw": r.raw, "completion_tokens": r.completion_tokens,
+cached = stream.page_cache_bytes(model, experts)
+print(json.dumps({"gen_tps": r.gen_tps, "expert_page_cache_bytes": cached, "raw": r.raw,
+                  "completion_tokens": r.completion_tokens,
                   "prompt_tokens": r.prompt_tokens, "ttft_s": r.ttft_s, "wall_s": time.perf_counter() - start,
                   "peak_rss_bytes": r.peak_rss_bytes, "anon_rss_bytes": peak_anon[0],
                   "streaming": r.streaming}))
