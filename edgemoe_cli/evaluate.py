@@ -8,7 +8,9 @@ and every statistic (mean and p99 KLD, top-1 agreement, PPL) comes from the same
 
 The protocol is llama-perplexity's: the text is tokenized once and cut into chunks of `ctx` tokens, each chunk is
 evaluated on its own starting with BOS, and only the second half of each chunk is scored (every scored token has at
-least ctx/2 tokens of context). For each scored position:
+least ctx/2 tokens of context). `plan`'s calibration evals may score from an earlier position (`score_from`): they
+rank tensors by how much a quantization moves the distributions, not a perplexity to compare with llama.cpp's, and
+the first half of every chunk is evaluated anyway. For each scored position:
     KLD = sum_v p_base(v) * (log p_base(v) - log p_model(v)),   top-1 agreement = [argmax p_model == argmax p_base]
 """
 
@@ -118,10 +120,27 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 _ROWS = 64
 
 
-def _forward(llm, chunks: list[list[int]], ctx: int, progress=None, step: str = "eval"):
-    """Yield (log-probs [rows, vocab] float32, next-token ids) for each chunk's second half, _ROWS rows at a time
-    (every statistic is per row)."""
-    first = ctx // 2
+def check_score_from(ctx: int, score_from: int | None) -> int:
+    """The first scored position of a chunk of `ctx` tokens: ctx // 2 (llama-perplexity's) unless given."""
+    if score_from is None:
+        return ctx // 2
+    if not 1 <= score_from < ctx - 1:
+        raise EdgeMoEError(
+            f"scoring from position {score_from} leaves nothing to score in chunks of {ctx}",
+            f"use a position from 1 to {ctx - 2}, or none for the second half",
+        )
+    return score_from
+
+
+def scored_rows(ctx: int, score_from: int | None = None) -> int:
+    """Positions a chunk of `ctx` tokens scores (each predicts the next token; the last has none)."""
+    return ctx - 1 - check_score_from(ctx, score_from)
+
+
+def _forward(llm, chunks: list[list[int]], ctx: int, progress=None, step: str = "eval", score_from: int | None = None):
+    """Yield (log-probs [rows, vocab] float32, next-token ids) for each chunk's positions from `score_from` on (its
+    second half unless given), _ROWS rows at a time (every statistic is per row)."""
+    first = check_score_from(ctx, score_from)
     for i, chunk in enumerate(chunks):
         llm.reset()
         llm.eval(chunk)
@@ -148,7 +167,13 @@ def content_sha256(path: Path) -> str:
 
 
 def _cache_key(
-    base: Path, text: Path, ctx: int, max_chunks: int | None, spread: bool = False, repack: bool = True
+    base: Path,
+    text: Path,
+    ctx: int,
+    max_chunks: int | None,
+    spread: bool = False,
+    repack: bool = True,
+    score_from: int | None = None,
 ) -> str:
     # keyed by what the base holds, not where it is: plan's Q8_0 reference is a new temporary file every run, and a
     # path+mtime key cached its log-probs (~0.8 GB at 21B) anew each time, never to be read again; repacked kernels
@@ -157,6 +182,10 @@ def _cache_key(
     h.update(f"v2|{content_sha256(base)}|{ctx}|{max_chunks}|{'spread|' if spread else ''}".encode())
     if not repack:
         h.update(b"no repack|")
+    # other positions scored are other rows: a cache of one protocol must never serve another (the second half's
+    # key is unchanged)
+    if check_score_from(ctx, score_from) != ctx // 2:
+        h.update(f"score from|{score_from}|".encode())
     h.update(sha256_file(text).encode())
     return h.hexdigest()[:20]
 
@@ -170,14 +199,16 @@ def base_logprobs(
     progress=None,
     spread: bool = False,
     repack: bool = True,
+    score_from: int | None = None,
 ) -> tuple[Path, list[list[int]]]:
-    """The base model's log-probs on `text`, cached as <store>/cache/eval/<key>.npy (float16) and its exact
-    argmax as <key>.top1.npy."""
+    """The base model's log-probs on `text` at the positions scored from `score_from` (_forward), cached as
+    <store>/cache/eval/<key>.npy (float16) and its exact argmax as <key>.top1.npy."""
     base, text = Path(base), Path(text)
     _check_model(base)  # both before their contents are hashed for the cache key
     _check_text(text)
     threads = threads or os.cpu_count() or 1
-    path = home() / "cache" / "eval" / f"{_cache_key(base, text, ctx, max_chunks, spread, repack)}.npy"
+    scored = scored_rows(ctx, score_from)  # rows a chunk scores (_forward); checks score_from first
+    path = home() / "cache" / "eval" / f"{_cache_key(base, text, ctx, max_chunks, spread, repack, score_from)}.npy"
     top1 = path.with_suffix(".top1.npy")
     if path.is_file() and top1.is_file():
         # kept: the chunks need only the vocabulary; loading the base would map (and read) the whole model again
@@ -190,14 +221,13 @@ def base_logprobs(
     llm = _load(base, ctx, threads, repack)
     try:
         chunks = _chunks(llm, text, ctx, max_chunks, spread)
-        scored = ctx - 1 - ctx // 2  # rows a chunk scores (_forward)
         # written block by block into the file being made: the text's log-probs (53 MB a chunk of 512 at the 21B's
         # vocabulary, 0.85 GB at 16 chunks) are never held in memory, let alone twice as a list and its concatenation
         with atomic_output(path) as part, atomic_output(top1) as part_top1:
             rows = np.lib.format.open_memmap(part, "w+", np.float16, (len(chunks) * scored, llm.n_vocab()))
             best = np.lib.format.open_memmap(part_top1, "w+", np.int32, (len(chunks) * scored,))
             row = 0
-            for lp, _ in _forward(llm, chunks, ctx, progress, "eval base"):
+            for lp, _ in _forward(llm, chunks, ctx, progress, "eval base", score_from):
                 rows[row : row + len(lp)] = lp
                 best[row : row + len(lp)] = lp.argmax(axis=1)  # exact: float16 rounding can tie the top two
                 row += len(lp)
@@ -227,15 +257,20 @@ def evaluate(
     progress: Progress | None = None,
     spread: bool = False,
     repack: bool = True,
+    score_from: int | None = None,
 ) -> EvalResult:
     """PPL of `model` and `base`, KLD(base || model) statistics and top-1 agreement on `text` (its first
-    `max_chunks` chunks, or with `spread` that many spaced evenly over it). `repack`: _load."""
+    `max_chunks` chunks, or with `spread` that many spaced evenly over it). `repack`: _load. `score_from`: the
+    first scored position of each chunk, its second half (llama-perplexity's protocol) unless given; plan's
+    calibration evals score from an earlier one (plan.CALIBRATION_SCORE_FROM)."""
     t0 = time.perf_counter()
     model, base, text = Path(model), Path(base), Path(text)
     if ctx < 16:
         raise EdgeMoEError(f"--ctx {ctx} is too small", "use at least 16 (llama-perplexity uses 512)")
     threads = threads or os.cpu_count() or 1
-    cache, chunks = base_logprobs(base, text, ctx, threads, max_chunks, spread=spread, repack=repack)
+    cache, chunks = base_logprobs(
+        base, text, ctx, threads, max_chunks, spread=spread, repack=repack, score_from=score_from
+    )
     ref = np.load(cache, mmap_mode="r")
     ref_top1 = np.load(cache.with_suffix(".top1.npy"))
     llm = _load(model, ctx, threads, repack)
@@ -247,7 +282,7 @@ def evaluate(
             )
         kld, nll, base_nll, agree = [], [], [], []
         row = 0
-        for lp, nxt in _forward(llm, chunks, ctx, progress):
+        for lp, nxt in _forward(llm, chunks, ctx, progress, score_from=score_from):
             lb = np.asarray(ref[row : row + len(nxt)], dtype=np.float32)
             row += len(nxt)
             pb = np.exp(lb)

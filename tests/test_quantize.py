@@ -140,6 +140,30 @@ def test_eval_model_against_itself_and_a_quantization(tiny_gguf, tmp_path):
     assert res.kld_p99 >= res.kld_median and res.tokens_scored == same.tokens_scored == 2 * 127
 
 
+def test_eval_scoring_from_an_earlier_position_keeps_the_second_half_and_its_cache_apart(tiny_gguf, tmp_path):
+    """plan's calibration evals score from a short warm-up on (score_from); `edgemoe eval`'s default stays the second
+    half. The rows of the second half are the same numbers either way, and the base's cached log-probs of one
+    protocol are never served to the other (their row counts differ)."""
+    from edgemoe_cli.evaluate import base_logprobs, evaluate
+
+    model = tiny_gguf("thinking")
+    text = str(SHARED_FIXTURES / "calib.txt")
+    q = tmp_path / "q.gguf"
+    quantize_mod.quantize(model, "q4_0-uniform", out=q, threads=2)
+    half = evaluate(q, model, text, ctx=256, max_chunks=2, threads=2)
+    early = evaluate(q, model, text, ctx=256, max_chunks=2, threads=2, score_from=32)
+    assert half.tokens_scored == 2 * 127 and early.tokens_scored == 2 * (255 - 32)
+    assert early.kld_mean > 0 and early.kld_mean != half.kld_mean
+    half_cache, _ = base_logprobs(model, text, 256, 2, 2)
+    early_cache, _ = base_logprobs(model, text, 256, 2, 2, score_from=32)
+    assert half_cache != early_cache
+    a = np.load(half_cache).reshape(2, 127, -1)
+    b = np.load(early_cache).reshape(2, 255 - 32, -1)
+    np.testing.assert_array_equal(a, b[:, 128 - 32 :])  # positions 128..254 of each chunk, in both
+    with pytest.raises(EdgeMoEError, match="leaves nothing to score"):
+        evaluate(q, model, text, ctx=256, max_chunks=2, threads=2, score_from=255)
+
+
 def test_quantizing_in_slabs_of_rows_writes_the_same_bytes(tiny_gguf, tmp_path, monkeypatch):
     """quantize bounds llama.cpp's buffers to SLAB_BYTES of rows (not a whole tensor's float32 copy); slabs that
     end mid-expert give the file a whole-tensor pass writes (each row quantized with its expert's imatrix)."""
