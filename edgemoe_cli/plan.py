@@ -22,11 +22,12 @@ Prediction (measured, not a fixed table). For every quantizable tensor W and can
    absolute error matters more where the residual stream is still small; with a layer stride k > 1 only the dense
    layers, the first routed layer, every k-th after it and the last are measured, and the factors of the layers in
    between are interpolated geometrically (they fall smoothly with depth: on the fixtures, layer 2's KLD predicted
-   from its interpolated factor is within 8% of the measured one; bench/quality.md). The KLD evals score `max_chunks`
-   chunks of 512 tokens spaced evenly over the calibration text. The prediction for any tensor and type is
-   g_role(W) * f_layer(W) * E(W,t); a mix is predicted as the sum over tensors (independent errors' cross terms
-   vanish in expectation; bench/quality.md checks this) plus a floor: the measured KLD of the all-Q8_0 model beyond
-   its prediction (quantized matmuls also quantize their activations), the same for every mix.
+   from its interpolated factor is within 8% of the measured one; bench/quality.md). The KLD evals read `max_chunks`
+   chunks of 512 tokens spaced evenly over the calibration text and score their second half (CALIBRATION_WARMUP).
+   The prediction for any tensor and type is g_role(W) * f_layer(W) * E(W,t); a mix is predicted as the sum over
+   tensors (independent errors' cross terms vanish in expectation; bench/quality.md checks this) plus a floor: the
+   measured KLD of the all-Q8_0 model beyond its prediction (quantized matmuls also quantize their activations), the
+   same for every mix.
 3. choice: an exact multiple-choice knapsack (dynamic programming over bytes in 1/4000ths of the budget) picks one
    type per tensor minimising the summed prediction with total bytes <= budget.
 Cost. Step 1 quantizes only the sample; llama.cpp quantizes the whole model only to the calibration type and Q8_0,
@@ -92,6 +93,16 @@ ARM_FAST_CALIBRATION_TYPE = "q4_0"
 # chunks left PT's 10-12% behind on two of three, and 16 chunks, or 8 of 256 tokens, missed once each.
 DEFAULT_CHUNKS = 8
 DEFAULT_LAYER_STRIDE = 4
+# Which positions of a calibration chunk are scored: all from ctx // CALIBRATION_WARMUP on; 2 is `edgemoe eval`'s
+# second half (llama-perplexity's protocol). measure(score_from=...) takes any other first position.
+CALIBRATION_WARMUP = 2
+
+
+def calibration_score_from(ctx: int, score_from: int | None = None) -> int:
+    """The first position plan's calibration evals score in a chunk of `ctx` tokens (evaluate's score_from)."""
+    from .evaluate import check_score_from
+
+    return check_score_from(ctx, ctx // CALIBRATION_WARMUP if score_from is None else score_from)
 
 
 def layer(name: str) -> str:
@@ -127,6 +138,8 @@ class Measurements:
     layer_stride: int = 1  # 1: every layer measured; k: see measured_layers, the others' factors interpolated
     # standard error of each measured KLD ("role:R", "layer:B", "floor"): how much the chunks evaluated pin it down
     kld_stderr: dict[str, float] = field(default_factory=dict)
+    # the first scored position of a calibration chunk (None: measured before it was recorded, the second half)
+    score_from: int | None = None
     from_cache: bool = False  # read whole from the cache: nothing was measured by this run
 
     def predicted(self, tensor: str, type_: str) -> float:
@@ -185,6 +198,7 @@ def _cache_path(
     error_sample: float = 1.0,
     layer_stride: int = 1,
     ctx: int = 512,
+    score_from: int | None = None,
 ) -> Path:
     from .qerror import MIN_ROWS
 
@@ -192,6 +206,8 @@ def _cache_path(
     h.update(f"v5|{_model_id(model)}|{','.join(types)}|{cal_type}|{max_chunks}|{reference}|{layer_stride}|".encode())
     if ctx != 512:  # the chunk length the KLDs were measured over (512, plan's own, keeps the keys it always had)
         h.update(f"ctx|{ctx}|".encode())
+    if score_from is not None and score_from != ctx // 2:  # the second half, scored before, keeps its keys
+        h.update(f"score from|{score_from}|".encode())
     if error_sample < 1:  # every row (1.0) is what llama-quantize measures: the same numbers, the same key
         h.update(f"sample|{error_sample!r}|{MIN_ROWS}|ratio|".encode())
     h.update(sha256_file(imatrix).encode())
@@ -362,6 +378,7 @@ def measure(
     reference: str = "source",
     error_sample: float | None = None,
     layer_stride: int = DEFAULT_LAYER_STRIDE,
+    score_from: int | None = None,
 ) -> Measurements:
     """Errors of every tensor at every candidate type and one measured KLD gain per tensor role (cached).
 
@@ -378,7 +395,9 @@ def measure(
     raw bytes, no re-quantization, written once). Disk: the source, those two files and the calibration model's
     shards (the reference's quantizable tensors once more, and their Q3_K).
 
-    max_chunks: chunks of 512 tokens per KLD eval, spaced evenly over `text`; layer_stride: see measured_layers.
+    max_chunks: chunks of 512 tokens per KLD eval, spaced evenly over `text`; layer_stride: see measured_layers;
+    score_from: the first position of a chunk its KLD scores (calibration_score_from: ctx // CALIBRATION_WARMUP
+    unless given; ctx // 2 is `edgemoe eval`'s second half).
 
     Each finished step (the errors, a run's KLD) is kept at once (plan_steps.StepCache), so an interrupted
     measurement resumes where it stopped; use_cache=False measures everything again.
@@ -391,8 +410,19 @@ def measure(
     error_sample = DEFAULT_FRACTION if error_sample is None else check_error_sample(error_sample)
     if layer_stride < 1:
         raise EdgeMoEError(f"layer stride {layer_stride} is below 1", "use 1 to measure every layer, k for every k-th")
+    score_from = calibration_score_from(ctx, score_from)
     cache = _cache_path(
-        model, imatrix, text, types, calibration_type, max_chunks, reference, error_sample, layer_stride, ctx
+        model,
+        imatrix,
+        text,
+        types,
+        calibration_type,
+        max_chunks,
+        reference,
+        error_sample,
+        layer_stride,
+        ctx,
+        score_from,
     )
     if use_cache and cache.is_file():
         try:
@@ -404,7 +434,18 @@ def measure(
     if any(t.type not in ("f32", "f16", "bf16") for t in tensors if quantizable(t)):
         raise EdgeMoEError(f"{model} is already quantized", "plan from the f32/f16/bf16 GGUF `edgemoe convert` wrote")
     steps = measure_steps(
-        model, tensors, imatrix, text, types, calibration_type, ctx, max_chunks, reference, error_sample, layer_stride
+        model,
+        tensors,
+        imatrix,
+        text,
+        types,
+        calibration_type,
+        ctx,
+        max_chunks,
+        reference,
+        error_sample,
+        layer_stride,
+        score_from,
     )
     im = read_imatrix(imatrix)
     # a private work directory per run: two plans of one model at once must not quantize into, assemble or
@@ -433,6 +474,7 @@ def measure(
             StepCache(read=use_cache),
             error_sample,
             layer_stride,
+            score_from,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -531,6 +573,7 @@ def measure_steps(
     reference: str,
     error_sample: float,
     layer_stride: int = 1,
+    score_from: int | None = None,
 ) -> list[Step]:
     """What measure does, step by step, with each step's work and content key (plan_steps): the one list the run,
     its resume and plan --dry-run's prediction all read. `imatrix` None: not computed yet (nothing is cached)."""
@@ -538,6 +581,10 @@ def measure_steps(
     ids = (_model_id(model), sha256_file(imatrix) if imatrix else "no imatrix yet")
     # evaluated without repacking (evaluate._load): a KLD kept by a plan that repacked was rounded otherwise
     eval_ids = (*ids, sha256_file(text), ctx, max_chunks, "spread", reference, "no repack")
+    if (
+        score_from is not None and score_from != ctx // 2
+    ):  # other rows scored: another KLD (the second half's keys stay)
+        eval_ids = (*eval_ids, "score from", score_from)
     tokens = calibration_chunks(model, text, ctx, max_chunks) * ctx
     per_run = tokens * active_weights(model, tensors)
     from .qerror import MIN_ROWS, rows_per_stratum
@@ -622,6 +669,7 @@ def _measure(
     cache: StepCache,
     error_sample: float = 1.0,
     layer_stride: int = 1,
+    score_from: int | None = None,
 ) -> Measurements:
     from .evaluate import base_logprobs, evaluate
     from .qerror import sampled_errors
@@ -664,7 +712,12 @@ def _measure(
             )
         elif step.name == "reference":
             eval_tokens += (
-                len(base_logprobs(base(), text, ctx, threads, max_chunks, spread=True, repack=False)[1]) * ctx
+                len(
+                    base_logprobs(
+                        base(), text, ctx, threads, max_chunks, spread=True, repack=False, score_from=score_from
+                    )[1]
+                )
+                * ctx
             )
         elif step.name == "calibration model":
             calibration = CalibrationModel(base(), files[f"quantize {step.type}"], work)
@@ -678,7 +731,15 @@ def _measure(
                 t0 = time.perf_counter()
                 evaluated = calibration.path
             res = evaluate(
-                evaluated, base(), text, ctx=ctx, threads=threads, max_chunks=max_chunks, spread=True, repack=False
+                evaluated,
+                base(),
+                text,
+                ctx=ctx,
+                threads=threads,
+                max_chunks=max_chunks,
+                spread=True,
+                repack=False,
+                score_from=score_from,
             )
             results[step.name] = {"kld": res.kld_mean, "stderr": res.kld_stderr}
             eval_tokens += res.chunks * ctx
@@ -742,6 +803,7 @@ def _measure(
         error_sample,
         layer_stride,
         stderr,
+        score_from,
     )
 
 
@@ -1167,8 +1229,9 @@ def dry_run(
     types = ARM_FAST_TYPES if arm_fast else DEFAULT_TYPES
     cal = ARM_FAST_CALIBRATION_TYPE if arm_fast else CALIBRATION_TYPE
     ctx = 512  # plan's calibration context (measure's default)
+    score_from = calibration_score_from(ctx)
     steps = measure_steps(
-        model, tensors, imatrix, text, types, cal, ctx, max_chunks, reference, error_sample, layer_stride
+        model, tensors, imatrix, text, types, cal, ctx, max_chunks, reference, error_sample, layer_stride, score_from
     )
     notes = []
     cache = StepCache()
@@ -1178,13 +1241,15 @@ def dry_run(
         steps.insert(0, Step("imatrix", "imatrix", work, tokens=tokens))
         notes.append("no imatrix yet: llama-imatrix runs over the whole text first (priced at the eval rate)")
     elif _cache_path(
-        model, imatrix, text, types, cal, max_chunks, reference, error_sample, layer_stride, ctx
+        model, imatrix, text, types, cal, max_chunks, reference, error_sample, layer_stride, ctx, score_from
     ).is_file():
         cache = _Finished()
         notes.append("measured before: plan solves from its cache")
     rates = measured_rates()
     if probe and any(stage not in rates for stage in STAGES):
-        probed = probe_rates(model, tensors, imatrix, types, cal, error_sample, ctx, max_chunks, text, threads)
+        probed = probe_rates(
+            model, tensors, imatrix, types, cal, error_sample, ctx, max_chunks, text, threads, score_from=score_from
+        )
         rates = {**probed, **rates}
     return predict(str(model), steps, cache, rates, notes)
 
@@ -1208,6 +1273,7 @@ def probe_rates(
     text: Path,
     threads: int | None = None,
     sample_weights: int = 1 << 21,
+    score_from: int | None = None,
 ) -> dict[str, Rate]:
     """This machine's rates from a few seconds of plan's own operations at the model's real widths: the error pass
     (qerror.tensor_sample_errors) on the model's largest matrix; rows of it quantized by ggml's quantizer (what
@@ -1269,15 +1335,24 @@ def probe_rates(
     how = f"{rows.size / 1e6:.1f}M weights of {big.name} to {', '.join(kept)}, + reading and writing at the copy rate"
     rates["quantize"] = Rate("quantize", 1 / (compute + io), STAGES["quantize"], "probe", how)
     if model.stat().st_size <= 1 << 30:
-        rates["eval"] = _probe_eval(model, tensors, text, ctx, max_chunks, threads)
+        rates["eval"] = _probe_eval(model, tensors, text, ctx, max_chunks, threads, score_from)
     return rates
 
 
-def _probe_eval(model: Path, tensors: list[TensorInfo], text: Path, ctx: int, max_chunks, threads: int) -> Rate:
+def _probe_eval(
+    model: Path,
+    tensors: list[TensorInfo],
+    text: Path,
+    ctx: int,
+    max_chunks,
+    threads: int,
+    score_from: int | None = None,
+) -> Rate:
     """Weight-tokens/s of a calibration run as evaluate makes one, from one chunk timed part by part: two model
     loads and two tokenizations of the text (the base's, for its tokens, and the candidate's), then per chunk the
-    forward pass and the numpy work on the logits (log-softmax, the base's float16 log-probs, KLD, NLL, top-1)."""
-    from .evaluate import _chunks, _load, _log_softmax
+    forward pass and the numpy work on the logits of the scored positions (log-softmax, the base's float16
+    log-probs, KLD, NLL, top-1)."""
+    from .evaluate import _chunks, _load, _log_softmax, check_score_from
 
     t0 = time.perf_counter()
     llm = _load(model, ctx, threads, repack=False)
@@ -1285,7 +1360,8 @@ def _probe_eval(model: Path, tensors: list[TensorInfo], text: Path, ctx: int, ma
     t2 = time.perf_counter()
     llm.reset()
     llm.eval(chunk)
-    lp = _log_softmax(np.asarray(llm.scores[ctx // 2 : len(chunk) - 1], dtype=np.float32))
+    first = check_score_from(ctx, score_from)
+    lp = _log_softmax(np.asarray(llm.scores[first : len(chunk) - 1], dtype=np.float32))
     lb = lp.astype(np.float16).astype(np.float32)
     float((np.exp(lb) * (lb - lp)).sum(axis=1).mean())
     lp.argmax(axis=1)

@@ -284,6 +284,13 @@ def test_measurement_cache_key_follows_the_calibration_knobs(tmp_path):
     assert len(keys) == 6
     assert key(4, 4) == key(4, 4)
 
+    # the positions a calibration chunk scores: the second half keeps the key it had before there was a choice
+    def scored(score_from):
+        return plan._cache_path(*files, plan.DEFAULT_TYPES, "q3_k", 4, "source", layer_stride=4, score_from=score_from)
+
+    assert scored(256) == scored(None) == key(4, 4)
+    assert len({scored(256), scored(64), scored(32)}) == 3
+
 
 def test_cli_defaults_are_plans():
     from edgemoe_cli.cli import plan as cli_plan
