@@ -13,11 +13,12 @@ For each variant:
 4. quantize with every stock llama.cpp mix that applies, all with that imatrix; with our built-in recipes; and with
    `plan` at the file size of each stock K-quant mix (plan --max-size = that file's size);
 5. `edgemoe eval` on the evaluation part: mean KLD (± standard error), p99 KLD, top-1 agreement, PPL;
-6. the trade-off: plan measured with each --tradeoff setting (CHUNKSxLAYER_STRIDE: chunks of 512 tokens per
-   calibration eval, layer stride), its eval cost, and its plan's measured KLD at Q4_K_M's, Q3_K_M's and
-   community-q4's sizes; the --rotated settings also on --rotations - 1 rotations of the calibration part (its
-   text from k/9 of the way on, then its start: other chunks of the same text for the spread calibration evals,
-   the imatrix unchanged), so that each setting's plan KLD is a spread over chunk choices, not one draw.
+6. the trade-off: plan measured with each --tradeoff setting (CHUNKSxLAYER_STRIDE[cCTX][wFROM]: chunks of 512
+   tokens, or CTX, per calibration eval, layer stride, scored from position FROM on rather than the second half),
+   its eval cost, and its plan's measured KLD at Q4_K_M's, Q3_K_M's and community-q4's sizes; the --rotated
+   settings also on --rotations - 1 rotations of the calibration part (its text from k/9 of the way on, then its
+   start: other chunks of the same text for the spread calibration evals, the imatrix unchanged), so that each
+   setting's plan KLD is a spread over chunk choices, not one draw.
 Every number in bench/quality.md and bench/quality.png comes from this script; raw rows go to bench/quality.json.
 Finished evaluations are kept in --work (results.json) so an interrupted run resumes.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,12 +58,13 @@ PLAN_AT = (
 NO_FLOOR_AT = ("edge-small", "stock:Q4_K_M")  # the ablation: plan with min_every_token=None
 RECIPES = ("q4_0-uniform", "edge-small", "edge-balanced", "arm-fast", "community-q4")
 TRADEOFF_AT = ("stock:Q4_K_M", "stock:Q3_K_M", "community-q4")  # plan's KLD at these sizes per calibration setting
-# the settings of the trade-off table: (chunks, layer stride); 16x1 was plan's default before issue 14, 4x1 what
-# this bench measured plan with until then
-TRADEOFF = ("4x4", "16x1", "4x1", "2x4", "2x1", "1x1", "8x4", "16x4", "8x4c256")
+# the settings of the trade-off table: CHUNKSxSTRIDE[cCTX][wFROM] (parse_setting); 16x1 was plan's default before
+# issue 14, 4x1 what this bench measured plan with until then; wFROM scores each calibration chunk from position FROM
+# on instead of its second half
+TRADEOFF = ("4x4", "16x1", "4x1", "2x4", "2x1", "1x1", "8x4", "16x4", "8x4c256", "4x4w64", "3x4w64")
 # settings also measured on rotated calibration text (ROTATION_STEP of it per rotation): 1/9 is no multiple of the
 # spacing of 2, 4, 8 or 16 spread chunks, so each rotation evaluates other chunks
-ROTATED = ("4x4", "2x4", "8x4", "16x4", "8x4c256")
+ROTATED = ("4x4", "2x4", "8x4", "16x4", "8x4c256", "4x4w64", "3x4w64")
 ROTATION_STEP = 1 / 9
 # plan's KLD at stock Q4_K_M's size before issue 14's cuts (16 first chunks, every layer, every row's error): the
 # quality target is within 10% of it (issue 14)
@@ -149,6 +152,7 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         workdir=work,
         progress=lambda s, d, n, *_: print(f"  plan {s} {d}/{n}", flush=True),
         layer_stride=args.layer_stride,
+        score_from=args.plan_score_from,
     )
     info["plan_measure_seconds"] = m.seconds
     info["plan_work"] = m.work  # bytes assembled, tokens evaluated, runs: with the seconds, the rates for 21B
@@ -207,6 +211,7 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         plan_chunks=args.plan_chunks,
         plan_layer_stride=args.layer_stride,
         plan_ctx=args.plan_ctx,
+        plan_score_from=args.plan_score_from,
     )
     results[info_key] = info
     save()
@@ -228,16 +233,40 @@ def rotated_text(calib: Path, k: int) -> Path:
 
 
 DEFAULT_CTX = getattr(plan, "DEFAULT_CALIBRATION_CTX", 512)
-DEFAULT_SETTING = f"{plan.DEFAULT_CHUNKS}x{plan.DEFAULT_LAYER_STRIDE}" + (
-    "" if DEFAULT_CTX == 512 else f"c{DEFAULT_CTX}"
+
+
+def setting_name(chunks: int, stride: int, ctx: int = 512, score_from: int | None = None) -> str:
+    """CHUNKSxSTRIDE[cCTX][wFROM]: cCTX unless chunks of 512 tokens, wFROM unless the second half is scored."""
+    return (
+        f"{chunks}x{stride}"
+        + ("" if ctx == 512 else f"c{ctx}")
+        + ("" if score_from is None or score_from == ctx // 2 else f"w{score_from}")
+    )
+
+
+def parse_setting(cfg: str) -> tuple[int, int, int, int]:
+    """CHUNKSxSTRIDE[cCTX][wFROM] -> (chunks, layer stride, tokens a chunk: 512 unless given, first scored position
+    of a chunk: its second half unless given)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:c(\d+))?(?:w(\d+))?", cfg)
+    if not m:
+        raise SystemExit(f"calibration setting {cfg!r} is not CHUNKSxSTRIDE[cCTX][wFROM]")
+    chunks, stride, ctx = int(m[1]), int(m[2]), int(m[3] or 512)
+    return chunks, stride, ctx, int(m[4]) if m[4] else ctx // 2
+
+
+def setting_label(cfg: str) -> str:
+    """A setting as the tables name it: '4 x 4', '8 x 4 (256-token chunks)', '4 x 4 (scored from 64)'."""
+    chunks, stride, ctx, score_from = parse_setting(cfg)
+    return (
+        f"{chunks} x {stride}"
+        + (f" ({ctx}-token chunks)" if ctx != 512 else "")
+        + (f" (scored from {score_from})" if score_from != ctx // 2 else "")
+    )
+
+
+DEFAULT_SETTING = setting_name(
+    plan.DEFAULT_CHUNKS, plan.DEFAULT_LAYER_STRIDE, DEFAULT_CTX, plan.calibration_score_from(DEFAULT_CTX)
 )
-
-
-def parse_setting(cfg: str) -> tuple[int, int, int]:
-    """CHUNKSxSTRIDE[cCTX] -> (chunks, layer stride, tokens a chunk; 512 unless given)."""
-    cfg, _, ctx = cfg.partition("c")
-    chunks, stride = map(int, cfg.split("x"))
-    return chunks, stride, int(ctx or 512)
 
 
 def setting_key(cfg: str, k: int) -> str:
@@ -248,7 +277,7 @@ def setting_key(cfg: str, k: int) -> str:
 def tradeoff(variant, cfg, k, work, f32, im_path, calib, tensors, overhead, args, results, save, measure) -> None:
     """One row of the trade-off table: plan measured with `cfg` (CHUNKSxSTRIDE) on calibration text `calib`
     (rotation k), what its evals cost, and its plan's measured KLD on the evaluation text at each TRADEOFF_AT size."""
-    chunks, stride, ctx = parse_setting(cfg)
+    chunks, stride, ctx, score_from = parse_setting(cfg)
     name = setting_key(cfg, k)
     if f"{variant}/tradeoff-info/{name}" in results and all(
         f"{variant}/tradeoff/{name}/{at.removeprefix('stock:')}/c{args.chunks}" in results for at in TRADEOFF_AT
@@ -264,6 +293,7 @@ def tradeoff(variant, cfg, k, work, f32, im_path, calib, tensors, overhead, args
         workdir=work,
         progress=lambda s, d, n, *_: print(f"  plan {name} {s} {d}/{n}", flush=True),
         layer_stride=stride,
+        score_from=score_from,
     )
     measured = {
         **{f"role:{r}": k for r, k in m.calibration_kld.items()},
@@ -281,6 +311,7 @@ def tradeoff(variant, cfg, k, work, f32, im_path, calib, tensors, overhead, args
     results[f"{variant}/tradeoff-info/{name}"] = {
         "chunks": chunks,
         "layer_stride": stride,
+        "score_from": score_from,
         "seconds": m.seconds,
         "work": m.work,
         "kld_rel_se_median": rel[len(rel) // 2] if rel else None,
@@ -421,13 +452,12 @@ def tradeoff_section(args, results: dict) -> str:
         infos = {v: results.get(f"{v}/tradeoff-info/{cfg}") for v in variants}
         if not all(infos.values()):
             continue
-        chunks, stride, ctx = parse_setting(cfg)
+        chunks, stride, ctx, _ = parse_setting(cfg)
         n21, tok21 = evals_21b(chunks, stride, ctx)
         any_info = next(iter(infos.values()))
         runs = any_info["work"]["runs"] + 1  # + the reference's own pass
         row = [
-            f"{chunks} x {stride}"
-            + (f" ({ctx}-token chunks)" if ctx != 512 else "")
+            setting_label(cfg)
             + (" (old default)" if cfg == "16x1" else "")
             + (" (default)" if cfg == DEFAULT_SETTING else ""),
             f"{runs} x {chunks * ctx}",
@@ -468,7 +498,9 @@ def tradeoff_section(args, results: dict) -> str:
             info = results.get(f"{v}/tradeoff-info/{cfg}")
             if not info or not info["interpolated_layer_kld"]:
                 continue
-            ref = results.get(f"{v}/tradeoff-info/{info['chunks']}x1")
+            # measured at stride 1 with the same chunks and scored positions (none for a setting without one)
+            _, _, ctx, score_from = parse_setting(cfg)
+            ref = results.get(f"{v}/tradeoff-info/{setting_name(info['chunks'], 1, ctx, score_from)}")
             for b, pred in info["interpolated_layer_kld"].items():
                 if ref and b in ref["layer_kld"]:
                     checks.append(
@@ -499,8 +531,7 @@ def rotation_section(args, results: dict, variants: list[str]) -> str:
         head += [f"{name} @Q4_K_M per rotation", "mean", "worst / before", "@community-q4 worst / recipe"]
     lines = []
     for cfg in args.rotated:
-        chunks, stride, ctx = parse_setting(cfg)
-        row = [f"{chunks} x {stride}" + (f" ({ctx}-token chunks)" if ctx != 512 else "")]
+        row = [setting_label(cfg) + (" (default)" if cfg == DEFAULT_SETTING else "")]
         for v in variants:
             klds = [
                 results.get(f"{v}/tradeoff/{setting_key(cfg, k)}/Q4_K_M/c{args.chunks}") for k in range(args.rotations)
@@ -535,9 +566,8 @@ def rotation_section(args, results: dict, variants: list[str]) -> str:
 
 
 def plan_config(args) -> str:
-    """The plan rows' calibration setting as the trade-off table names it: CHUNKSxSTRIDE[cCTX]."""
-    ctx = "" if args.plan_ctx == 512 else f"c{args.plan_ctx}"
-    return f"{args.plan_chunks}x{args.layer_stride}{ctx}"
+    """The plan rows' calibration setting as the trade-off table names it: CHUNKSxSTRIDE[cCTX][wFROM]."""
+    return setting_name(args.plan_chunks, args.layer_stride, args.plan_ctx, args.plan_score_from)
 
 
 def write_report(args, results: dict, infos: dict, seconds: float) -> None:
@@ -759,6 +789,12 @@ def main() -> None:
         help="tokens a calibration chunk (plan's default)",
     )
     ap.add_argument(
+        "--plan-score-from",
+        type=int,
+        default=None,
+        help="first scored position of a calibration chunk (default: plan's, calibration_score_from)",
+    )
+    ap.add_argument(
         "--tradeoff", nargs="*", default=list(TRADEOFF), help="calibration settings CHUNKSxSTRIDE to compare"
     )
     ap.add_argument("--rotations", type=int, default=3, help="calibration text rotations per --rotated setting")
@@ -766,6 +802,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="write the report from --work's results.json")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgemoe-bench-quality"))
     args = ap.parse_args()
+    args.plan_score_from = plan.calibration_score_from(args.plan_ctx, args.plan_score_from)
     t0 = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
     store = args.work / "results.json"
