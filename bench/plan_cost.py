@@ -19,6 +19,8 @@ its own:
   eval_base   evaluate.base_logprobs: the reference's own pass (plan's 44th eval)
   eval        evaluate.evaluate of one assembled calibration model against the reference: tokens/s
   pp512       llama-bench's pp512 of the model at Q4_0: the figure the Orion O6's is published in (predict_board)
+  kld_rows    evaluate's numpy work per 512-token chunk at the 21B's vocabulary (the wide model's is 8192), second half
+              scored vs from position 64 (plan's calibration evals): what scoring more positions adds to an eval
   NAME@1      a CPU stage on 1 thread: against its 2-thread time, the stage's serial share (Amdahl) for 8 threads
   NAME~K      a repeat: the shared box's other work disturbs single runs; the fastest run is used
 
@@ -31,7 +33,9 @@ The calibration model assembled is a layer run of plan's (blk.1's tensors swappe
 
 Run:  .venv/bin/python bench/plan_cost.py /work/bench-models/wide-ernie-2L --work /work/bench-models/plan-cost
 Writes bench/plan_cost.json and bench/plan_cost.md. Stages already in --state (default WORK/plan_cost.results.json)
-are not run again.
+are not run again. With --predict-only (and the arguments the stages were measured with) it re-makes the predictions
+from the stages bench/plan_cost.json recorded, running only those missing there (kld_rows): for a change of plan's
+defaults, which changes what plan does, not what a stage costs.
 """
 
 from __future__ import annotations
@@ -238,6 +242,8 @@ def stage(name: str, args) -> dict:
         t0 = time.perf_counter()
         _, chunks = base_logprobs(p["bf16"], args.text, 512, threads, args.chunks)
         return {"seconds": time.perf_counter() - t0, "tokens": len(chunks) * 512}
+    if name == "kld_rows":
+        return kld_rows_seconds()
     if name in ("eval", "eval_layer"):
         from edgemoe_cli.evaluate import evaluate
 
@@ -245,6 +251,48 @@ def stage(name: str, args) -> dict:
         res = evaluate(model, p["bf16"], args.text, ctx=512, threads=threads, max_chunks=args.chunks)
         return {"seconds": time.perf_counter() - t0, "tokens": res.chunks * 512, "kld_mean": res.kld_mean}
     raise SystemExit(f"unknown stage {name}")
+
+
+# first scored positions of a 512-token chunk whose numpy work kld_rows times: the second half (`edgemoe eval`,
+# plan before issue 14's lever) and from 64 (plan's calibration evals scored from ctx // 8)
+KLD_ROWS_FROM = (256, 64)
+# stages --predict-only runs when bench/plan_cost.json lacks them: seconds each, nothing of the model's
+PREDICT_ONLY_STAGES = ("kld_rows",)
+
+
+def kld_rows_seconds(repeats: int = 3) -> dict:
+    """Seconds of evaluate's numpy work for one 512-token chunk at the 21B's vocabulary, per first scored position:
+    the log-softmax of the model's float32 logits, the base's float16 log-probs read back, KLD, NLL and top-1, in
+    evaluate's blocks of rows (evaluate._forward and evaluate.evaluate do this per chunk). The wide model's vocabulary
+    is 8192, so the eval stage above leaves this term at 21B out; here it is timed on random logits, fastest of
+    `repeats`."""
+    import numpy as np
+
+    from edgemoe_cli.ernie21b import ERNIE_21B
+    from edgemoe_cli.evaluate import _ROWS, _log_softmax, scored_rows
+
+    vocab = ERNIE_21B.vocab
+    rng = np.random.default_rng(0)
+    out = {"vocab": vocab, "seconds": {}}
+    for first in KLD_ROWS_FROM:
+        rows = scored_rows(512, first)
+        logits = rng.standard_normal((rows, vocab), dtype=np.float32)
+        base = _log_softmax(logits + 0.01 * rng.standard_normal((rows, vocab), dtype=np.float32)).astype(np.float16)
+        following = rng.integers(0, vocab, rows)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for r in range(0, rows, _ROWS):
+                lp = _log_softmax(logits[r : r + _ROWS])
+                lb = np.asarray(base[r : r + _ROWS], dtype=np.float32)
+                float((np.exp(lb) * (lb - lp)).sum(axis=1).mean())
+                idx = np.arange(len(lp))
+                nxt = following[r : r + _ROWS]
+                float(lp[idx, nxt].sum() + lb[idx, nxt].sum())
+                lp.argmax(axis=1)
+            best = min(best, time.perf_counter() - t0)
+        out["seconds"][str(first)] = best
+    return out
 
 
 def run_stage(name: str, args, results: dict, save) -> dict:
@@ -339,14 +387,18 @@ def predict(results: dict, args) -> dict:
     from edgemoe_cli.plan import DEFAULT_CHUNKS, DEFAULT_LAYER_STRIDE, measured_layers
 
     ctx = getattr(plan_mod, "DEFAULT_CALIBRATION_CTX", 512)
+    score_from = plan_mod.calibration_score_from(ctx)
     layers_now = measured_layers(list(range(28)), DEFAULT_LAYER_STRIDE, first_routed=1)
     evals_now = N_EVALS - 28 + len(layers_now)
     eval_tokens_now = evals_now * ctx * DEFAULT_CHUNKS
+    # the numpy work of the positions scored beyond the second half, per chunk at the 21B's vocabulary (kld_rows)
+    extra_chunk = extra_scoring_seconds(results, score_from)
+    extra_box = evals_now * DEFAULT_CHUNKS * extra_chunk
     shard_bytes = ref_bytes["source (bf16)"] + weights_21b * 3.4375 / 8
     shards_s = shard_bytes / r_copy
-    box_now = kept_s + sampled_s + shards_s + eval_tokens_now / r_pp_21b
-    o6_now = kept_s + sampled_s + shards_s + eval_tokens_now / O6_PP512
-    board = predict_board(results, act_wide, act_21b, r_pp_21b, kept_s, sampled_s, shards_s, eval_tokens_now)
+    box_now = kept_s + sampled_s + shards_s + eval_tokens_now / r_pp_21b + extra_box
+    o6_now = kept_s + sampled_s + shards_s + eval_tokens_now / O6_PP512 + extra_box
+    board = predict_board(results, act_wide, act_21b, r_pp_21b, kept_s, sampled_s, shards_s, eval_tokens_now, extra_box)
     return {
         "board": board,
         "defaults_now": {
@@ -354,11 +406,13 @@ def predict(results: dict, args) -> dict:
             "ctx": ctx,
             "layer_stride": DEFAULT_LAYER_STRIDE,
             "layers": layers_now,
+            "score_from": score_from,
         },
         "evals_now": evals_now,
         "eval_tokens_now": eval_tokens_now,
-        "eval_seconds_now_box": eval_tokens_now / r_pp_21b,
-        "eval_seconds_now_o6": eval_tokens_now / O6_PP512,
+        "extra_scoring_seconds_per_chunk": extra_chunk,
+        "eval_seconds_now_box": eval_tokens_now / r_pp_21b + extra_box,
+        "eval_seconds_now_o6": eval_tokens_now / O6_PP512 + extra_box,
         "shard_bytes_21b": shard_bytes,
         "shard_seconds_21b": shards_s,
         "total_seconds_now_box": box_now,
@@ -390,6 +444,20 @@ def predict(results: dict, args) -> dict:
     }
 
 
+def extra_scoring_seconds(results: dict, score_from: int, ctx: int = 512) -> float:
+    """Seconds of numpy work per chunk at the 21B's vocabulary that scoring from `score_from` adds to the second
+    half's (the eval rate above was measured with the second half scored, at the wide model's small vocabulary):
+    linear in the rows scored, from kld_rows' two timings; 0 when kld_rows was not run."""
+    from edgemoe_cli.evaluate import scored_rows
+
+    kr = results.get("kld_rows")
+    if not kr:
+        return 0.0
+    (a, ta), (b, tb) = ((int(k), v) for k, v in kr["seconds"].items())
+    per_row = (tb - ta) / (scored_rows(ctx, b) - scored_rows(ctx, a))
+    return per_row * (scored_rows(ctx, score_from) - scored_rows(ctx, ctx // 2))
+
+
 def _best(results: dict, name: str) -> dict:
     """A stage's run with the least wall time among its repeats (NAME, NAME~2, ...): the one least disturbed by
     other work on the shared box."""
@@ -409,7 +477,9 @@ def on_threads(t2: float, s: float, per_thread: float, threads: int) -> float:
     return t1 / per_thread * (s + (1 - s) / threads)
 
 
-def predict_board(results, act_wide, act_21b, r_pp_21b, kept_s, sampled_s, shards_s, eval_tokens) -> dict:
+def predict_board(
+    results, act_wide, act_21b, r_pp_21b, kept_s, sampled_s, shards_s, eval_tokens, extra_scoring: float = 0.0
+) -> dict:
     """plan on an Orion O6-class board (8 Cortex-A720 threads), each stage between two stated bounds:
 
     low: an A720 thread as fast as one of this box's (Zen 5) threads on plan's own code, the stage on 8 of them
@@ -418,7 +488,8 @@ def predict_board(results, act_wide, act_21b, r_pp_21b, kept_s, sampled_s, shard
       O6's quoted, this box's measured on the real-width model and scaled by active weights): every CPU stage at
       that per-thread ratio on 8 threads with its serial share, the evals at this box's measured eval rate x the
       O6:box pp512 ratio.
-    The split calibration model (a sequential write) at this box's rate in both."""
+    The split calibration model (a sequential write) at this box's rate in both. `extra_scoring`: this box's seconds
+    of numpy work for the positions scored beyond the second half (one thread, so per-thread speed applies)."""
     pp = results["pp512"]
     box_pp512_21b = pp["tokens_per_second"] * act_wide / act_21b  # same active-weight scaling as the evals
     ratio = O6_PP512 / box_pp512_21b  # the O6's 8 threads : this box's 2, same model, type and figure
@@ -442,13 +513,13 @@ def predict_board(results, act_wide, act_21b, r_pp_21b, kept_s, sampled_s, shard
         out["high"][name] = on_threads(t, shares[name], per_thread_high, O6_THREADS)
     for bound in ("low", "high"):
         out[bound]["calibration model"] = shards_s
-    out["low"]["evals"] = eval_tokens / O6_PP512
-    out["high"]["evals"] = eval_tokens / (r_pp_21b * ratio)
+    out["low"]["evals"] = eval_tokens / O6_PP512 + extra_scoring
+    out["high"]["evals"] = eval_tokens / (r_pp_21b * ratio) + extra_scoring / per_thread_high
     for bound in ("low", "high"):
         out[bound]["total"] = sum(out[bound].values())
     return {
         **out,
-        "box": {**stages_box, "calibration model": shards_s, "evals": eval_tokens / r_pp_21b},
+        "box": {**stages_box, "calibration model": shards_s, "evals": eval_tokens / r_pp_21b + extra_scoring},
         "serial_share": shares,
         "box_pp512_wide": pp["tokens_per_second"],
         "box_pp512_21b": box_pp512_21b,
@@ -477,22 +548,50 @@ def error_repeats(results: dict) -> str:
     )
 
 
-def settings_rows(p: dict) -> list[str]:
-    """The 21B's totals for other calibration settings: the evals scale with their tokens, the rest is fixed."""
+# the calibration settings of the by-setting table: (--chunks, --layer-stride, first scored position of a chunk)
+SETTINGS = ((8, 4, 256), (4, 4, 256), (4, 4, 64), (3, 4, 64), (2, 4, 64), (4, 8, 64), (8, 8, 256), (16, 1, 256))
+
+
+def settings_rows(p: dict, results: dict) -> list[str]:
+    """The 21B's totals for other calibration settings: the evals' tokens at each bound's rate plus the numpy work
+    of the positions they score beyond the second half (extra_scoring_seconds); the rest is fixed."""
     from edgemoe_cli.plan import measured_layers
 
     b, d = p["board"], p["defaults_now"]
+    rates = {
+        "box": (p["r_pp_21b_box"], 1.0),
+        "low": (O6_PP512, 1.0),
+        "high": (b["eval_rate_high"], b["per_thread_high"]),
+    }
     rows = []
-    for chunks, stride in ((8, 4), (4, 4), (8, 8), (4, 8), (16, 1)):
+    for chunks, stride, first in SETTINGS:
         evals = 14 + len(measured_layers(list(range(28)), stride, first_routed=1)) + 2
-        scale = evals * chunks / (p["evals_now"] * d["chunks"])
+        tokens = evals * chunks * d["ctx"]
+        extra = evals * chunks * extra_scoring_seconds(results, first, d["ctx"])
         cells = []
-        for totals in (b["box"], b["low"], b["high"]):
-            fixed = sum(v for k, v in totals.items() if k not in ("evals", "total"))
-            cells.append(_h(fixed + totals["evals"] * scale))
-        mark = " (default)" if (chunks, stride) == (d["chunks"], d["layer_stride"]) else ""
-        rows.append(f"| {chunks} x {stride}{mark} | {evals} x {chunks * d['ctx']} | " + " | ".join(cells) + " |")
+        for bound, (rate, per_thread) in rates.items():
+            fixed = sum(v for k, v in b[bound].items() if k not in ("evals", "total"))
+            cells.append(_h(fixed + tokens / rate + extra / per_thread))
+        default = (chunks, stride, first) == (d["chunks"], d["layer_stride"], d.get("score_from", d["ctx"] // 2))
+        scored = "second half" if first == d["ctx"] // 2 else f"from {first}"
+        rows.append(
+            f"| {chunks} x {stride}{' (default)' if default else ''} | {scored} | {evals} x {chunks * d['ctx']} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return rows
+
+
+def scoring_note(p: dict) -> str:
+    """What the evals' row adds for positions scored beyond the second half (nothing when plan scores the second
+    half)."""
+    d, extra = p["defaults_now"], p.get("extra_scoring_seconds_per_chunk", 0.0)
+    if d.get("score_from", d["ctx"] // 2) == d["ctx"] // 2 or not extra:
+        return ""
+    return (
+        f"; each adds, per chunk scored from {d['score_from']}, {extra:.3f} s of numpy work over the second half's "
+        "(kld_rows, at the 21B's vocabulary; one thread: this box's speed low, / the per-thread ratio high)"
+    )
 
 
 def _bounds(p: dict, *stages: str) -> str:
@@ -516,7 +615,7 @@ def board_md(p: dict, results: dict) -> list[str]:
         "errors": f"{es_1['seconds']:.1f} / {es['seconds']:.1f} s, serial share {sh['errors']:.2f}",
         "calibration model": "a sequential write: this box's page-cache rate in both (the O6's NVMe not measured)",
         "evals": f"low: the quoted pp512 {O6_PP512} tokens/s; high: this box's {p['r_pp_21b_box']:.2f} tokens/s x "
-        f"{b['pp512_ratio']:.3f} = {b['eval_rate_high']:.2f} tokens/s",
+        f"{b['pp512_ratio']:.3f} = {b['eval_rate_high']:.2f} tokens/s" + scoring_note(p),
     }
     label = {
         "quantize q3_k": "whole-model quantization Q3_K",
@@ -559,9 +658,9 @@ def board_md(p: dict, results: dict) -> list[str]:
         "is fixed. The totals by setting (bench/quality.md measures each setting's plan quality on the fixtures; "
         "the layer stride above 4 is not distinguishable there, as the fixtures have 4 layers):",
         "",
-        "| --chunks x --layer-stride | evals x tokens | this box | O6 low | O6 high |",
-        "|---|---:|---:|---:|---:|",
-        *settings_rows(p),
+        "| --chunks x --layer-stride | positions scored | evals x tokens | this box | O6 low | O6 high |",
+        "|---|---|---:|---:|---:|---:|",
+        *settings_rows(p, results),
         "",
         "At `--reference source` (the default) the whole-model Q8_0 quantization serves only the floor eval "
         f"(box: {_h(b['box']['quantize q8_0'])} + one eval), which makes plan's predicted KLD absolute but changes "
@@ -573,7 +672,23 @@ def board_md(p: dict, results: dict) -> list[str]:
     ]
 
 
-def write_md(results: dict, pred: dict, args, command: str, load: tuple, path: Path) -> None:
+def header_from_md(path: Path) -> dict:
+    """The measuring run's command and load averages, from the report it wrote (reports before --predict-only kept
+    them only there)."""
+    import re
+
+    m = re.search(
+        r"Written by `bench/plan_cost.py` \(`([^`]+)`\); load average before/after: ([\d. ]+) / ([\d. ]+) \(",
+        path.read_text(),
+    )
+    if not m:
+        raise SystemExit(f"{path} does not say which command measured its stages; run the stages again")
+    return {"command": m[1], "load": [m[2], m[3]]}
+
+
+def write_md(
+    results: dict, pred: dict, args, command: str, load: tuple, path: Path, predicted_by: str | None = None
+) -> None:
     gb = 1e9
     r = results
     if args.sample is None:
@@ -598,7 +713,14 @@ def write_md(results: dict, pred: dict, args, command: str, load: tuple, path: P
         "# What `edgemoe plan` costs at ERNIE-4.5-21B-A3B's widths (issue 14)",
         "",
         f"Written by `bench/plan_cost.py` (`{command}`); load average before/after: "
-        f"{load[0]} / {load[1]} (2-core x86 box, nothing else running). Model: `make_wide_ernie.py "
+        f"{load[0]} / {load[1]} (2-core x86 box, nothing else running)."
+        + (
+            f" The predictions re-made from the stages it recorded (bench/plan_cost.json) by `{predicted_by}`, "
+            "which runs only the stages missing there (kld_rows)."
+            if predicted_by
+            else ""
+        )
+        + " Model: `make_wide_ernie.py "
         f"--layers {args.layers_note} --router-skew 0.05 --vocab 8192` (real 21B tensor shapes, random weights), "
         f"converted to bf16 by edgemoe ({r['convert']['bytes'] / gb:.2f} GB). Each stage calls the function plan "
         "calls, in its own process; peak RSS is that process's and its llama.cpp children's.",
@@ -683,7 +805,13 @@ def write_md(results: dict, pred: dict, args, command: str, load: tuple, path: P
         "quantizations as below; the split calibration model written once (every lowerable tensor in bf16 and in "
         f"Q3_K, {p['shard_bytes_21b'] / gb:.1f} GB) instead of 42 copies; {p['evals_now']} evals (14 roles, the "
         f"{len(d['layers'])} layers {d['layers']} the stride measures, floor, reference) of {d['chunks']} x "
-        f"{d['ctx']} tokens. Every rate on this box is this page's, measured at real widths, the eval rate "
+        f"{d['ctx']} tokens, "
+        + (
+            "each chunk's second half scored"
+            if d.get("score_from", d["ctx"] // 2) == d["ctx"] // 2
+            else f"each chunk scored from position {d['score_from']} on (`edgemoe eval` scores the second half)"
+        )
+        + ". Every rate on this box is this page's, measured at real widths, the eval rate "
         "extrapolated by active weights; the O6's bounds are those of the next section.",
         "",
         "| term | this box | Orion O6, low - high |",
@@ -765,6 +893,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "plan_cost.md"))
     ap.add_argument("--error-sample", type=float, default=None, help="plan's --error-sample (default: plan's)")
     ap.add_argument("--state", help="the stages' results file (default WORK/plan_cost.results.json)")
+    ap.add_argument(
+        "--predict-only",
+        action="store_true",
+        help="predict from the stages recorded in --out's .json (the other arguments as they were measured with); "
+        "run only the stages missing there",
+    )
     args = ap.parse_args()
     if args.error_sample is None:
         from edgemoe_cli.qerror import DEFAULT_FRACTION
@@ -775,6 +909,21 @@ def main() -> None:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.stage:
         print(json.dumps(stage(args.stage, args)))
+        return
+    recorded = Path(args.out).with_suffix(".json")
+    this_command = "python bench/plan_cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.predict_only:
+        kept = json.loads(recorded.read_text())
+        results = kept["results"]
+        header = kept.get("header") or header_from_md(Path(args.out))
+        for name in PREDICT_ONLY_STAGES:
+            run_stage(name, args, results, lambda: None)
+        config = json.loads((Path(args.checkpoint) / "config.json").read_text())
+        args.layers_note = config["num_hidden_layers"]
+        pred = predict(results, args)
+        recorded.write_text(json.dumps({"results": results, "predicted": pred, "header": header}, indent=1))
+        write_md(results, pred, args, header["command"], header["load"], Path(args.out), this_command)
+        print(Path(args.out).read_text())
         return
     state = Path(args.state) if args.state else Path(args.work) / "plan_cost.results.json"
     results = json.loads(state.read_text()) if state.is_file() else {}
@@ -802,6 +951,7 @@ def main() -> None:
         "errors_sampled~2",
         "errors_sampled@1~2",
         "errors_sampled~3",
+        *PREDICT_ONLY_STAGES,
     ]:
         run_stage(name, args, results, save)
     load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -810,9 +960,9 @@ def main() -> None:
     config = json.loads((Path(args.checkpoint) / "config.json").read_text())
     args.layers_note = config["num_hidden_layers"]
     pred = predict(results, args)
-    command = "python bench/plan_cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"results": results, "predicted": pred}, indent=1))
-    write_md(results, pred, args, command, (results["load_before"], load_after), Path(args.out))
+    header = {"command": this_command, "load": [results["load_before"], load_after]}
+    recorded.write_text(json.dumps({"results": results, "predicted": pred, "header": header}, indent=1))
+    write_md(results, pred, args, this_command, header["load"], Path(args.out))
     print(Path(args.out).read_text())
 
 
