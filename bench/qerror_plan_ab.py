@@ -42,7 +42,7 @@ def run(variant: str, work: Path, fixtures: Path) -> dict:
     out = {"q4km_bytes": q4km.bytes}
     out["q4km_kld"] = evaluate(w / "q4km.gguf", model, text, ctx=512, max_chunks=8, threads=2).kld_mean
     for frac in (1.0, qerror.DEFAULT_FRACTION):
-        m = plan.measure(model, im, text, max_chunks=4, threads=2, error_sample=frac)
+        m = plan.measure(model, im, text, max_chunks=4, threads=2, error_sample=frac, floor=True)  # as measured
         p = plan.plan_from_measurements(m, tensors, overhead, q4km.bytes, "", "ab")
         recipe = w / f"plan-{frac:g}.toml"
         recipe.write_text(p.recipe_toml)

@@ -61,10 +61,10 @@ TRADEOFF_AT = ("stock:Q4_K_M", "stock:Q3_K_M", "community-q4")  # plan's KLD at 
 # the settings of the trade-off table: CHUNKSxSTRIDE[cCTX][wFROM] (parse_setting); 16x1 was plan's default before
 # issue 14, 4x1 what this bench measured plan with until then; wFROM scores each calibration chunk from position FROM
 # on instead of its second half
-TRADEOFF = ("4x4", "16x1", "4x1", "2x4", "2x1", "1x1", "8x4", "16x4", "8x4c256", "4x4w64", "3x4w64")
+TRADEOFF = ("4x4", "16x1", "4x1", "2x4", "2x1", "1x1", "8x4", "16x4", "8x4c256", "4x4w64", "3x4w64", "8x4w64")
 # settings also measured on rotated calibration text (ROTATION_STEP of it per rotation): 1/9 is no multiple of the
 # spacing of 2, 4, 8 or 16 spread chunks, so each rotation evaluates other chunks
-ROTATED = ("4x4", "2x4", "8x4", "16x4", "8x4c256", "4x4w64", "3x4w64")
+ROTATED = ("4x4", "2x4", "8x4", "16x4", "8x4c256", "4x4w64", "3x4w64", "8x4w64")
 ROTATION_STEP = 1 / 9
 # plan's KLD at stock Q4_K_M's size before issue 14's cuts (16 first chunks, every layer, every row's error): the
 # quality target is within 10% of it (issue 14)
@@ -153,6 +153,7 @@ def run_variant(variant: str, work: Path, args, results: dict, save) -> dict:
         progress=lambda s, d, n, *_: print(f"  plan {s} {d}/{n}", flush=True),
         layer_stride=args.layer_stride,
         score_from=args.plan_score_from,
+        floor=True,  # for the predicted KLD and the additivity check below; it changes no choice
     )
     info["plan_measure_seconds"] = m.seconds
     info["plan_work"] = m.work  # bytes assembled, tokens evaluated, runs: with the seconds, the rates for 21B
@@ -294,6 +295,7 @@ def tradeoff(variant, cfg, k, work, f32, im_path, calib, tensors, overhead, args
         progress=lambda s, d, n, *_: print(f"  plan {name} {s} {d}/{n}", flush=True),
         layer_stride=stride,
         score_from=score_from,
+        floor=True,  # as every setting was measured (the floor changes no choice)
     )
     measured = {
         **{f"role:{r}": k for r, k in m.calibration_kld.items()},

@@ -25,17 +25,17 @@ Prediction (measured, not a fixed table). For every quantizable tensor W and can
    from its interpolated factor is within 8% of the measured one; bench/quality.md). The KLD evals read `max_chunks`
    chunks of 512 tokens spaced evenly over the calibration text and score their second half (CALIBRATION_WARMUP).
    The prediction for any tensor and type is g_role(W) * f_layer(W) * E(W,t); a mix is predicted as the sum over
-   tensors (independent errors' cross terms vanish in expectation; bench/quality.md checks this) plus a floor: the
-   measured KLD of the all-Q8_0 model beyond its prediction (quantized matmuls also quantize their activations), the
-   same for every mix.
+   tensors (independent errors' cross terms vanish in expectation; bench/quality.md checks this), plus, with
+   --floor, a floor: the measured KLD of the all-Q8_0 model beyond its prediction (quantized matmuls also quantize
+   their activations), the same for every mix, so it changes no choice and is opt-in (DEFAULT_FLOOR).
 3. choice: an exact multiple-choice knapsack (dynamic programming over bytes in 1/4000ths of the budget) picks one
    type per tensor minimising the summed prediction with total bytes <= budget.
-Cost. Step 1 quantizes only the sample; llama.cpp quantizes the whole model only to the calibration type and Q8_0,
-and every calibration model of step 2 is assembled from those, not re-quantized: its tensors are the bytes of the
+Cost. Step 1 quantizes only the sample; llama.cpp quantizes the whole model only to the calibration type (and to
+Q8_0 for a Q8_0 reference or the floor), and every calibration model of step 2 is assembled from those, not re-quantized: its tensors are the bytes of the
 kept Q3_K quantization (the lowered ones) and of the reference (the rest) — quantization is per tensor, so this is
 exactly the model llama.cpp would write for that mix (tests/test_plan.py checks it). Nor is it copied per run: it
 is a split GGUF of one shard per lowerable tensor, each written once in both versions, and a run re-points the
-shards' names (CalibrationModel). What remains is one KLD eval per role, per measured layer and for the floor.
+shards' names (CalibrationModel). What remains is one KLD eval per role, per measured layer (and for the floor).
 The measurements are cached per (model, imatrix, text) in <store>/cache/plan/, so planning again for another
 budget takes seconds; each step of a measurement (the errors, a run's KLD) is kept the moment it finishes, so an
 interrupted plan resumes, and the same list of steps (measure_steps) gives plan --dry-run its predicted time
@@ -96,6 +96,10 @@ DEFAULT_LAYER_STRIDE = 4
 # Which positions of a calibration chunk are scored: all from ctx // CALIBRATION_WARMUP on; 2 is `edgemoe eval`'s
 # second half (llama-perplexity's protocol). measure(score_from=...) takes any other first position.
 CALIBRATION_WARMUP = 2
+# Whether plan measures the all-Q8_0 floor by default: it costs a whole-model Q8_0 quantization (at 21B 23 GB more
+# on disk) and one eval, and it changes no choice (the same constant is added to every mix's prediction); what it
+# buys is an absolute predicted KLD. bench/plan_cost.md prices it; --floor measures it.
+DEFAULT_FLOOR = False
 
 
 def calibration_score_from(ctx: int, score_from: int | None = None) -> int:
@@ -140,6 +144,7 @@ class Measurements:
     kld_stderr: dict[str, float] = field(default_factory=dict)
     # the first scored position of a calibration chunk (None: measured before it was recorded, the second half)
     score_from: int | None = None
+    floor_measured: bool = True  # False: no floor eval ran (floor_kld 0: predictions leave it out)
     from_cache: bool = False  # read whole from the cache: nothing was measured by this run
 
     def predicted(self, tensor: str, type_: str) -> float:
@@ -199,6 +204,7 @@ def _cache_path(
     layer_stride: int = 1,
     ctx: int = 512,
     score_from: int | None = None,
+    floor: bool = True,
 ) -> Path:
     from .qerror import MIN_ROWS
 
@@ -208,6 +214,8 @@ def _cache_path(
         h.update(f"ctx|{ctx}|".encode())
     if score_from is not None and score_from != ctx // 2:  # the second half, scored before, keeps its keys
         h.update(f"score from|{score_from}|".encode())
+    if not floor and reference == "source":  # a measurement with the floor keeps the key it always had
+        h.update(b"no floor|")
     if error_sample < 1:  # every row (1.0) is what llama-quantize measures: the same numbers, the same key
         h.update(f"sample|{error_sample!r}|{MIN_ROWS}|ratio|".encode())
     h.update(sha256_file(imatrix).encode())
@@ -379,6 +387,7 @@ def measure(
     error_sample: float | None = None,
     layer_stride: int = DEFAULT_LAYER_STRIDE,
     score_from: int | None = None,
+    floor: bool = DEFAULT_FLOOR,
 ) -> Measurements:
     """Errors of every tensor at every candidate type and one measured KLD gain per tensor role (cached).
 
@@ -397,7 +406,8 @@ def measure(
 
     max_chunks: chunks of 512 tokens per KLD eval, spaced evenly over `text`; layer_stride: see measured_layers;
     score_from: the first position of a chunk its KLD scores (calibration_score_from: ctx // CALIBRATION_WARMUP
-    unless given; ctx // 2 is `edgemoe eval`'s second half).
+    unless given; ctx // 2 is `edgemoe eval`'s second half); floor: also measure the all-Q8_0 floor (reference
+    "source" only; DEFAULT_FLOOR).
 
     Each finished step (the errors, a run's KLD) is kept at once (plan_steps.StepCache), so an interrupted
     measurement resumes where it stopped; use_cache=False measures everything again.
@@ -423,6 +433,7 @@ def measure(
         layer_stride,
         ctx,
         score_from,
+        floor,
     )
     if use_cache and cache.is_file():
         try:
@@ -446,6 +457,7 @@ def measure(
         error_sample,
         layer_stride,
         score_from,
+        floor,
     )
     im = read_imatrix(imatrix)
     # a private work directory per run: two plans of one model at once must not quantize into, assemble or
@@ -574,6 +586,7 @@ def measure_steps(
     error_sample: float,
     layer_stride: int = 1,
     score_from: int | None = None,
+    floor: bool = True,
 ) -> list[Step]:
     """What measure does, step by step, with each step's work and content key (plan_steps): the one list the run,
     its resume and plan --dry-run's prediction all read. `imatrix` None: not computed yet (nothing is cached)."""
@@ -601,7 +614,8 @@ def measure_steps(
     steps = [Step("errors", "errors", {"errors": scored}, [], key, "", names)]
     # what the calibration models are assembled from: llama.cpp quantizes the whole model to these two types (the
     # matrices a type cannot take go to Q8_0: plan._uniform)
-    for t in (calibration_type, "q8_0"):
+    # (against the source without the floor nothing needs the Q8_0 one)
+    for t in (calibration_type, "q8_0") if reference != "source" or floor else (calibration_type,):
         fits = [x.name for x in targets if x.shape[0] % _block(t) == 0]
         every = sum(x.n_elements for x in targets)
         steps.append(Step(f"quantize {t}", "quantize", {"quantize": every}, type=t, members=fits))
@@ -644,7 +658,7 @@ def measure_steps(
         steps.append(run(f"layer {b}", "layers", [x.name for x in lowerable if layer(x.name) == str(b)]))
     # the floor: quantized matmuls also quantize their activations (to Q8_0/Q8_K), an error no weight error shows;
     # the all-Q8_0 model is the kept Q8_0 quantization itself (against a Q8_0 reference there is no floor)
-    if reference == "source":
+    if reference == "source" and floor:
         key = content_key("floor v2", *eval_ids)
         needs = ["quantize q8_0", "reference"]
         steps.append(Step("floor", "calibrate", {"eval": per_run}, needs, key, "q8_0", tokens=tokens))
@@ -804,6 +818,7 @@ def _measure(
         layer_stride,
         stderr,
         score_from,
+        "floor" in results,
     )
 
 
@@ -914,6 +929,7 @@ class PlanResult:
     recipe_toml: str
     out: str | None = None
     quantized: str | None = None
+    floor_measured: bool = True  # False: predicted_kld leaves the all-Q8_0 floor out (plan --floor measures it)
     measure_seconds: dict[str, float] = field(default_factory=dict)  # per stage, this run (0 when all cached)
     cached_steps: int = 0  # measurement steps an earlier (maybe interrupted) plan had finished
     measured_from_cache: bool = False  # the whole measurement was cached: only the choice was made
@@ -1008,7 +1024,7 @@ def plan_from_measurements(
     choices = [Choice(n, chosen[n], options[n][chosen[n]][0], options[n][chosen[n]][1]) for n in chosen]
     choices.sort(key=lambda c: [t.name for t in tensors].index(c.tensor))
     predicted_bytes = fixed + sum(c.bytes for c in choices)
-    predicted_kld = sum(c.predicted_kld for c in choices) + m.floor_kld
+    predicted_kld = sum(c.predicted_kld for c in choices) + m.floor_kld  # 0 when no floor was measured
     recipe = recipe_from_choices(
         choices,
         name,
@@ -1026,6 +1042,7 @@ def plan_from_measurements(
         m.gains,
         m.calibration_kld,
         recipe.to_toml(),
+        floor_measured=m.floor_measured,
     )
 
 
@@ -1154,6 +1171,7 @@ def plan(
     ram_source: str | None = None,
     error_sample: float | None = None,
     layer_stride: int = DEFAULT_LAYER_STRIDE,
+    floor: bool = DEFAULT_FLOOR,
 ) -> PlanResult:
     """Measure (or reuse cached measurements), solve for the budget, write the recipe TOML to `out`.
 
@@ -1181,6 +1199,7 @@ def plan(
             reference=reference,
             error_sample=error_sample,
             layer_stride=layer_stride,
+            floor=floor,
         )
         memwatch.stage("solve")
         tensors, overhead = read_tensors(model)
@@ -1213,6 +1232,7 @@ def dry_run(
     probe: bool = True,
     error_sample: float | None = None,
     layer_stride: int = DEFAULT_LAYER_STRIDE,
+    floor: bool = DEFAULT_FLOOR,
 ) -> PlanPrediction:
     """plan's steps (measure_steps, the list the run itself follows) priced with this machine's rates: those the
     last plans here measured, else a probe of a few seconds (probe_rates). Steps an earlier plan finished, or an
@@ -1231,7 +1251,19 @@ def dry_run(
     ctx = 512  # plan's calibration context (measure's default)
     score_from = calibration_score_from(ctx)
     steps = measure_steps(
-        model, tensors, imatrix, text, types, cal, ctx, max_chunks, reference, error_sample, layer_stride, score_from
+        model,
+        tensors,
+        imatrix,
+        text,
+        types,
+        cal,
+        ctx,
+        max_chunks,
+        reference,
+        error_sample,
+        layer_stride,
+        score_from,
+        floor,
     )
     notes = []
     cache = StepCache()
@@ -1241,7 +1273,7 @@ def dry_run(
         steps.insert(0, Step("imatrix", "imatrix", work, tokens=tokens))
         notes.append("no imatrix yet: llama-imatrix runs over the whole text first (priced at the eval rate)")
     elif _cache_path(
-        model, imatrix, text, types, cal, max_chunks, reference, error_sample, layer_stride, ctx, score_from
+        model, imatrix, text, types, cal, max_chunks, reference, error_sample, layer_stride, ctx, score_from, floor
     ).is_file():
         cache = _Finished()
         notes.append("measured before: plan solves from its cache")

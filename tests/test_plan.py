@@ -320,10 +320,10 @@ def test_plan_with_a_layer_stride_on_the_fixture(tiny_gguf, tmp_path):
     im = write_imatrix(tmp_path / "im.gguf", model)
     m = plan.measure(model, im, text, max_chunks=1, threads=2, workdir=tmp_path, layer_stride=2)
     assert set(m.layer_kld) == {"0", "1", "3"} and set(m.layer_factors) == {"0", "1", "2", "3"}
-    assert m.layer_stride == 2 and m.work["runs"] == len(m.gains) + 3 + 1  # roles, 3 layers, the floor
+    assert m.layer_stride == 2 and m.work["runs"] == len(m.gains) + 3  # roles, 3 layers (the floor is opt-in)
     lo, hi = m.layer_factors["1"], m.layer_factors["3"]
     assert min(lo, hi) <= m.layer_factors["2"] <= max(lo, hi)
-    assert set(m.kld_stderr) >= {"floor", "layer:3", "role:attn_q"}
+    assert set(m.kld_stderr) >= {"layer:3", "role:attn_q"} and not m.floor_measured
     budget = 9_000_000
     res = plan.plan(model, im, text, max_size=budget, out=tmp_path / "p.toml", threads=2, max_chunks=1, layer_stride=2)
     assert res.predicted_bytes <= budget

@@ -21,7 +21,10 @@ from test_quantize import write_imatrix  # noqa: E402
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "calib" / "calibration.txt"
 # the --arm-fast candidates (3 types, calibration Q4_0) and one chunk: a whole measurement in ~20 s on the fixture
-KNOBS = dict(types=plan.ARM_FAST_TYPES, calibration_type=plan.ARM_FAST_CALIBRATION_TYPE, max_chunks=1, threads=2)
+# with the floor (opt-in): every kind of step is interrupted and resumed
+KNOBS = dict(
+    types=plan.ARM_FAST_TYPES, calibration_type=plan.ARM_FAST_CALIBRATION_TYPE, max_chunks=1, threads=2, floor=True
+)
 
 
 class Interrupted(Exception):
@@ -79,7 +82,7 @@ def test_an_interrupted_plan_resumes_and_equals_an_uninterrupted_one(tiny_gguf, 
     finished_runs -= 1
 
     # --dry-run sees what was kept: those steps cost nothing, and its pending steps are what the resume runs
-    prediction = plan.dry_run(model, im, TEXT, arm_fast=True, max_chunks=1, probe=False)
+    prediction = plan.dry_run(model, im, TEXT, arm_fast=True, max_chunks=1, probe=False, floor=True)
     cached = {s.name for s in prediction.steps if s.cached}
     assert "errors" in cached
     assert sum(s.name.startswith(("role ", "layer ")) or s.name == "floor" for s in prediction.steps if s.cached) == (
@@ -104,10 +107,10 @@ def test_an_interrupted_plan_resumes_and_equals_an_uninterrupted_one(tiny_gguf, 
     # the uninterrupted plan left its rates: a dry-run prices from them (no probe), and a plan solved again from
     # the cache reports its peak memory
     monkeypatch.setenv("EDGEMOE_HOME", str(tmp_path / "whole"))
-    rates = plan.dry_run(model, im, TEXT, arm_fast=True, max_chunks=1, probe=False)
+    rates = plan.dry_run(model, im, TEXT, arm_fast=True, max_chunks=1, probe=False, floor=True)
     assert {r.source for r in rates.rates.values()} == {"measured"} and set(rates.rates) == set(plan.STAGES)
     assert rates.pending_steps == 0 and rates.seconds == 0
-    result = plan.plan(model, im, TEXT, max_size=20_000_000, arm_fast=True, max_chunks=1, threads=2)
+    result = plan.plan(model, im, TEXT, max_size=20_000_000, arm_fast=True, max_chunks=1, threads=2, floor=True)
     assert result.measured_from_cache and result.peak_rss_bytes >= result.peak_rss_self_bytes > 50 * 2**20
     assert 20 * 2**20 < result.peak_anon_bytes < result.peak_rss_bytes and result.peak_file_bytes > 0
     assert set(result.stage_memory) == {"read inputs", "solve"}  # measured long ago: only the choice was made
@@ -134,6 +137,32 @@ def test_a_changed_input_reuses_no_step(tiny_gguf, tmp_path):
     assert a["errors"] == c["errors"] and all(a[n] != c[n] for n in a if n != "errors")
 
 
+def test_the_floor_is_opt_in_and_its_steps_are_the_only_difference(tiny_gguf, tmp_path):
+    """Without the floor plan skips the whole-model Q8_0 quantization and the floor eval, nothing else; the other
+    steps keep their keys (a run kept by one serves the other), the measurement's cache key does not."""
+    from edgemoe_cli.qerror import DEFAULT_FRACTION
+
+    model = tiny_gguf("thinking")
+    im = write_imatrix(tmp_path / "im.gguf", model)
+    tensors, _ = plan.read_tensors(model)
+
+    def steps(reference, floor):
+        args = (model, tensors, im, TEXT, plan.DEFAULT_TYPES, "q3_k", 512, 1, reference, DEFAULT_FRACTION, 4)
+        return {s.name: s.key for s in plan.measure_steps(*args, floor=floor)}
+
+    with_floor, without = steps("source", True), steps("source", False)
+    assert set(with_floor) - set(without) == {"quantize q8_0", "floor"}
+    assert all(without[n] == with_floor[n] for n in without)
+    # against a Q8_0 reference there is no floor either way, and the Q8_0 quantization is the reference
+    assert steps("q8_0", True) == steps("q8_0", False) and "quantize q8_0" in steps("q8_0", False)
+
+    def cache(reference, floor):
+        return plan._cache_path(model, im, TEXT, plan.DEFAULT_TYPES, "q3_k", 1, reference, floor=floor)
+
+    assert cache("source", True) == plan._cache_path(model, im, TEXT, plan.DEFAULT_TYPES, "q3_k", 1, "source")
+    assert cache("source", False) != cache("source", True) and cache("q8_0", False) == cache("q8_0", True)
+
+
 def test_dry_run_cli_prints_the_steps_and_a_probed_time(tiny_gguf, tmp_path):
     model = tiny_gguf("thinking")
     im = write_imatrix(tmp_path / "im.gguf", model)
@@ -142,7 +171,11 @@ def test_dry_run_cli_prints_the_steps_and_a_probed_time(tiny_gguf, tmp_path):
     assert out.returncode == 0, out.stderr
     p = json.loads(out.stdout)
     names = [s["name"] for s in p["steps"]]
-    assert names[:3] == ["errors", "quantize q3_k", "quantize q8_0"] and "layer 0" in names and names[-1] == "floor"
+    assert names[:2] == ["errors", "quantize q3_k"] and "layer 0" in names
+    assert "quantize q8_0" not in names and "floor" not in names  # opt-in: --floor
+    floored = subprocess.run(args + ["--chunks", "1", "--dry-run", "--json", "--floor"], capture_output=True, text=True)
+    names = [s["name"] for s in json.loads(floored.stdout)["steps"]]
+    assert names[:3] == ["errors", "quantize q3_k", "quantize q8_0"] and names[-1] == "floor"
     assert {r["source"] for r in p["rates"].values()} == {"probe"} and p["seconds"] > 0 and p["cached_steps"] == 0
     assert all(s["tokens"] == 512 for s in p["steps"] if s["name"].startswith(("role ", "layer ")))
     text = subprocess.run(args + ["--chunks", "1", "--dry-run"], capture_output=True, text=True)

@@ -90,6 +90,14 @@ ReferenceOpt = Annotated[
         "reads, faster where the model does not fit in RAM).",
     ),
 ]
+FloorOpt = Annotated[
+    bool,
+    typer.Option(
+        "--floor",
+        help="Also measure the all-Q8_0 floor (a whole-model Q8_0 quantization and one eval): the predicted KLD "
+        "becomes absolute; no choice changes (bench/plan_cost.md: what it costs).",
+    ),
+]
 ErrorSampleOpt = Annotated[
     Optional[float],
     typer.Option(
@@ -120,6 +128,7 @@ def plan_cmd(
     min_every_token: MinEveryTokenOpt = "q4_k",
     reference: ReferenceOpt = "source",
     error_sample: ErrorSampleOpt = None,
+    floor: FloorOpt = False,
     dry_run: DryRunOpt = False,
     threads: Optional[int] = threads_option("all CPUs"),
     as_json: bool = json_option("the plan"),
@@ -139,7 +148,9 @@ def plan_cmd(
     stage.check_error_sample(error_sample)
     text = text or default_calibration_text()
     if dry_run:
-        return _dry_run(model, imatrix, text, arm_fast, chunks, reference, error_sample, layer_stride, threads, as_json)
+        return _dry_run(
+            model, imatrix, text, arm_fast, chunks, reference, error_sample, layer_stride, floor, threads, as_json
+        )
     # plan's peak memory per stage, the imatrix and --quantize included (memwatch)
     with progress_bars(as_json) as progress, MemoryWatch(first_stage="convert"):
         model, imatrix = _model_and_imatrix(model, imatrix, text, threads, progress)
@@ -157,6 +168,7 @@ def plan_cmd(
             min_every_token=None if min_every_token.lower() == "none" else min_every_token,
             error_sample=error_sample,
             layer_stride=layer_stride,
+            floor=floor,
             **budget_args,
         )
         if do_quantize:
@@ -196,7 +208,9 @@ def _print_plan(result, out) -> None:
 
     console.print(f"file budget {human_bytes(result.budget_bytes)} = {result.budget_formula}", highlight=False)
     console.print(
-        f"plan: {human_bytes(result.predicted_bytes)}, predicted mean KLD {result.predicted_kld:.5f}; types: "
+        f"plan: {human_bytes(result.predicted_bytes)}, predicted mean KLD {result.predicted_kld:.5f}"
+        + ("" if result.floor_measured else " (without the all-Q8_0 floor, which --floor measures)")
+        + "; types: "
         + ", ".join(f"{n} {t}" for t, n in Counter(c.type for c in result.choices).most_common()),
         highlight=False,
     )
@@ -228,7 +242,9 @@ def _memory_line(result) -> str:
     return line
 
 
-def _dry_run(model, imatrix, text, arm_fast, chunks, reference, error_sample, layer_stride, threads, as_json) -> None:
+def _dry_run(
+    model, imatrix, text, arm_fast, chunks, reference, error_sample, layer_stride, floor, threads, as_json
+) -> None:
     from .. import plan as stage
     from ..imatrix import imatrix_beside
     from ..models import source_gguf
@@ -237,7 +253,16 @@ def _dry_run(model, imatrix, text, arm_fast, chunks, reference, error_sample, la
     if imatrix is None and imatrix_beside(model).is_file():
         imatrix = imatrix_beside(model)
     prediction = stage.dry_run(
-        model, imatrix, text, arm_fast, chunks, reference, threads, error_sample=error_sample, layer_stride=layer_stride
+        model,
+        imatrix,
+        text,
+        arm_fast,
+        chunks,
+        reference,
+        threads,
+        error_sample=error_sample,
+        layer_stride=layer_stride,
+        floor=floor,
     )
     if as_json:
         emit_json(prediction)
