@@ -381,24 +381,29 @@ def predict(results: dict, args) -> dict:
     box = kept_s + sampled_s + assemble_s["source (bf16)"] + eval_tokens / r_pp_21b
     o6 = kept_s + sampled_s + assemble_s["source (bf16)"] + eval_tokens / O6_PP512
     # plan at today's defaults: the calibration evals of plan.measure_steps (roles, the layers --layer-stride
-    # measures, floor, reference) of --chunks x 512 tokens, and the split calibration model: every lowerable tensor
-    # written once in the reference's type and once in Q3_K (3.4375 bits a weight), then only re-pointed
+    # measures, the floor if measured, reference) of --chunks x 512 tokens, and the split calibration model: every
+    # lowerable tensor written once in the reference's type and once in Q3_K (3.4375 bits a weight), then only
+    # re-pointed; the whole-model Q8_0 quantization only for the floor
     from edgemoe_cli import plan as plan_mod
     from edgemoe_cli.plan import DEFAULT_CHUNKS, DEFAULT_LAYER_STRIDE, measured_layers
 
     ctx = getattr(plan_mod, "DEFAULT_CALIBRATION_CTX", 512)
     score_from = plan_mod.calibration_score_from(ctx)
+    floor = plan_mod.DEFAULT_FLOOR
     layers_now = measured_layers(list(range(28)), DEFAULT_LAYER_STRIDE, first_routed=1)
-    evals_now = N_EVALS - 28 + len(layers_now)
+    evals_now = N_EVALS - 28 + len(layers_now) - (0 if floor else 1)
+    kept_now = kept_s if floor else weights_21b / per_type["q3_k"]["r_quant"]
     eval_tokens_now = evals_now * ctx * DEFAULT_CHUNKS
     # the numpy work of the positions scored beyond the second half, per chunk at the 21B's vocabulary (kld_rows)
     extra_chunk = extra_scoring_seconds(results, score_from)
     extra_box = evals_now * DEFAULT_CHUNKS * extra_chunk
     shard_bytes = ref_bytes["source (bf16)"] + weights_21b * 3.4375 / 8
     shards_s = shard_bytes / r_copy
-    box_now = kept_s + sampled_s + shards_s + eval_tokens_now / r_pp_21b + extra_box
-    o6_now = kept_s + sampled_s + shards_s + eval_tokens_now / O6_PP512 + extra_box
-    board = predict_board(results, act_wide, act_21b, r_pp_21b, kept_s, sampled_s, shards_s, eval_tokens_now, extra_box)
+    box_now = kept_now + sampled_s + shards_s + eval_tokens_now / r_pp_21b + extra_box
+    o6_now = kept_now + sampled_s + shards_s + eval_tokens_now / O6_PP512 + extra_box
+    board = predict_board(
+        results, act_wide, act_21b, r_pp_21b, kept_s, sampled_s, shards_s, eval_tokens_now, extra_box, floor
+    )
     return {
         "board": board,
         "defaults_now": {
@@ -407,7 +412,9 @@ def predict(results: dict, args) -> dict:
             "layer_stride": DEFAULT_LAYER_STRIDE,
             "layers": layers_now,
             "score_from": score_from,
+            "floor": floor,
         },
+        "kept_quantize_seconds_now": kept_now,
         "evals_now": evals_now,
         "eval_tokens_now": eval_tokens_now,
         "extra_scoring_seconds_per_chunk": extra_chunk,
@@ -478,7 +485,16 @@ def on_threads(t2: float, s: float, per_thread: float, threads: int) -> float:
 
 
 def predict_board(
-    results, act_wide, act_21b, r_pp_21b, kept_s, sampled_s, shards_s, eval_tokens, extra_scoring: float = 0.0
+    results,
+    act_wide,
+    act_21b,
+    r_pp_21b,
+    kept_s,
+    sampled_s,
+    shards_s,
+    eval_tokens,
+    extra_scoring: float = 0.0,
+    floor: bool = True,
 ) -> dict:
     """plan on an Orion O6-class board (8 Cortex-A720 threads), each stage between two stated bounds:
 
@@ -489,7 +505,9 @@ def predict_board(
       that per-thread ratio on 8 threads with its serial share, the evals at this box's measured eval rate x the
       O6:box pp512 ratio.
     The split calibration model (a sequential write) at this box's rate in both. `extra_scoring`: this box's seconds
-    of numpy work for the positions scored beyond the second half (one thread, so per-thread speed applies)."""
+    of numpy work for the positions scored beyond the second half (one thread, so per-thread speed applies).
+    Without the floor the whole-model Q8_0 quantization is no stage: its seconds go to "floor quantize", outside
+    the totals (kept_s and eval_tokens are those of plan with the Q8_0 quantization, without its eval)."""
     pp = results["pp512"]
     box_pp512_21b = pp["tokens_per_second"] * act_wide / act_21b  # same active-weight scaling as the evals
     ratio = O6_PP512 / box_pp512_21b  # the O6's 8 threads : this box's 2, same model, type and figure
@@ -515,11 +533,17 @@ def predict_board(
         out[bound]["calibration model"] = shards_s
     out["low"]["evals"] = eval_tokens / O6_PP512 + extra_scoring
     out["high"]["evals"] = eval_tokens / (r_pp_21b * ratio) + extra_scoring / per_thread_high
+    box = {**stages_box, "calibration model": shards_s, "evals": eval_tokens / r_pp_21b + extra_scoring}
+    floor_quantize = {}
+    for bound, stages in (("box", box), ("low", out["low"]), ("high", out["high"])):
+        if not floor:
+            floor_quantize[bound] = stages.pop("quantize q8_0")
     for bound in ("low", "high"):
         out[bound]["total"] = sum(out[bound].values())
     return {
         **out,
-        "box": {**stages_box, "calibration model": shards_s, "evals": eval_tokens / r_pp_21b + extra_scoring},
+        "box": box,
+        "floor_quantize": floor_quantize,
         "serial_share": shares,
         "box_pp512_wide": pp["tokens_per_second"],
         "box_pp512_21b": box_pp512_21b,
@@ -548,13 +572,25 @@ def error_repeats(results: dict) -> str:
     )
 
 
-# the calibration settings of the by-setting table: (--chunks, --layer-stride, first scored position of a chunk)
-SETTINGS = ((8, 4, 256), (4, 4, 256), (4, 4, 64), (3, 4, 64), (2, 4, 64), (4, 8, 64), (8, 8, 256), (16, 1, 256))
+# the calibration settings of the by-setting table: (--chunks, --layer-stride, first scored position of a chunk,
+# --floor); (8, 4, 256, True) is plan's default before the floor became opt-in
+SETTINGS = (
+    (8, 4, 256, True),
+    (8, 4, 256, False),
+    (4, 4, 256, False),
+    (4, 4, 64, False),
+    (3, 4, 64, False),
+    (2, 4, 64, False),
+    (4, 8, 256, False),
+    (8, 8, 256, False),
+    (16, 1, 256, True),
+)
 
 
 def settings_rows(p: dict, results: dict) -> list[str]:
     """The 21B's totals for other calibration settings: the evals' tokens at each bound's rate plus the numpy work
-    of the positions they score beyond the second half (extra_scoring_seconds); the rest is fixed."""
+    of the positions they score beyond the second half (extra_scoring_seconds); the rest is fixed but for the
+    whole-model Q8_0 quantization, which only --floor needs."""
     from edgemoe_cli.plan import measured_layers
 
     b, d = p["board"], p["defaults_now"]
@@ -564,20 +600,20 @@ def settings_rows(p: dict, results: dict) -> list[str]:
         "high": (b["eval_rate_high"], b["per_thread_high"]),
     }
     rows = []
-    for chunks, stride, first in SETTINGS:
-        evals = 14 + len(measured_layers(list(range(28)), stride, first_routed=1)) + 2
+    for chunks, stride, first, floor in SETTINGS:
+        evals = 14 + len(measured_layers(list(range(28)), stride, first_routed=1)) + 1 + floor
         tokens = evals * chunks * d["ctx"]
         extra = evals * chunks * extra_scoring_seconds(results, first, d["ctx"])
         cells = []
         for bound, (rate, per_thread) in rates.items():
-            fixed = sum(v for k, v in b[bound].items() if k not in ("evals", "total"))
-            cells.append(_h(fixed + tokens / rate + extra / per_thread))
-        default = (chunks, stride, first) == (d["chunks"], d["layer_stride"], d.get("score_from", d["ctx"] // 2))
+            fixed = sum(v for k, v in b[bound].items() if k not in ("evals", "total", "quantize q8_0"))
+            q8 = b[bound].get("quantize q8_0", b["floor_quantize"].get(bound, 0.0))
+            cells.append(_h(fixed + (q8 if floor else 0.0) + tokens / rate + extra / per_thread))
+        now = (d["chunks"], d["layer_stride"], d.get("score_from", d["ctx"] // 2), d.get("floor", True))
         scored = "second half" if first == d["ctx"] // 2 else f"from {first}"
         rows.append(
-            f"| {chunks} x {stride}{' (default)' if default else ''} | {scored} | {evals} x {chunks * d['ctx']} | "
-            + " | ".join(cells)
-            + " |"
+            f"| {chunks} x {stride}{' (default)' if (chunks, stride, first, floor) == now else ''} | {scored} | "
+            f"{'yes' if floor else 'no'} | {evals} x {chunks * d['ctx']} | " + " | ".join(cells) + " |"
         )
     return rows
 
@@ -594,9 +630,30 @@ def scoring_note(p: dict) -> str:
     )
 
 
+def floor_note(p: dict) -> str:
+    """What the floor costs at the defaults, measured (--floor) or not."""
+    b, d = p["board"], p["defaults_now"]
+    one_eval = {bound: b[bound]["evals"] / p["evals_now"] for bound in ("box", "low", "high")}
+    if d.get("floor", True):
+        cost = {bound: b[bound]["quantize q8_0"] + one_eval[bound] for bound in one_eval}
+        return (
+            "At `--reference source` (the default) the whole-model Q8_0 quantization serves only the floor eval; "
+            f"the two cost {_h(cost['box'])} here, {_h(cost['low'])} - {_h(cost['high'])} on the O6, and make "
+            "plan's predicted KLD absolute but change no choice (the floor is the same for every mix)."
+        )
+    cost = {bound: b["floor_quantize"][bound] + one_eval[bound] for bound in one_eval}
+    return (
+        "The floor is opt-in (`--floor`): at `--reference source` it needs a whole-model Q8_0 quantization (23.2 GB "
+        f"more on disk at 21B) and one more eval, {_h(cost['box'])} here, {_h(cost['low'])} - {_h(cost['high'])} on "
+        "the O6, not in the totals above. It changes no choice (the same constant is added to every mix's "
+        "prediction); without it plan's predicted KLD leaves out the activation quantization's share (on the "
+        "fixtures 0.00017-0.00018 of plan's 0.00089-0.00094 predicted at Q4_K_M's size, bench/quality.md)."
+    )
+
+
 def _bounds(p: dict, *stages: str) -> str:
     b = p["board"]
-    return " - ".join(_h(sum(b[bound][k] for k in stages)) for bound in ("low", "high"))
+    return " - ".join(_h(sum(b[bound].get(k, 0.0) for k in stages)) for bound in ("low", "high"))
 
 
 def board_md(p: dict, results: dict) -> list[str]:
@@ -624,7 +681,11 @@ def board_md(p: dict, results: dict) -> list[str]:
         "calibration model": "split calibration model",
         "evals": f"{p['evals_now']} evals x {p['defaults_now']['chunks'] * p['defaults_now']['ctx']} tokens",
     }
-    rows = [f"| {label[k]} | {_h(b['box'][k])} | {_h(b['low'][k])} | {_h(b['high'][k])} | {basis[k]} |" for k in label]
+    rows = [
+        f"| {label[k]} | {_h(b['box'][k])} | {_h(b['low'][k])} | {_h(b['high'][k])} | {basis[k]} |"
+        for k in label
+        if k in b["box"]
+    ]
     return [
         "",
         "## On the board (Orion O6 class: 8 Cortex-A720 threads)",
@@ -658,13 +719,11 @@ def board_md(p: dict, results: dict) -> list[str]:
         "is fixed. The totals by setting (bench/quality.md measures each setting's plan quality on the fixtures; "
         "the layer stride above 4 is not distinguishable there, as the fixtures have 4 layers):",
         "",
-        "| --chunks x --layer-stride | positions scored | evals x tokens | this box | O6 low | O6 high |",
-        "|---|---|---:|---:|---:|---:|",
+        "| --chunks x --layer-stride | positions scored | --floor | evals x tokens | this box | O6 low | O6 high |",
+        "|---|---|---|---:|---:|---:|---:|",
         *settings_rows(p, results),
         "",
-        "At `--reference source` (the default) the whole-model Q8_0 quantization serves only the floor eval "
-        f"(box: {_h(b['box']['quantize q8_0'])} + one eval), which makes plan's predicted KLD absolute but changes "
-        "no choice (the floor is the same for every mix); it is kept.",
+        floor_note(p),
         "",
         "Memory, not time, also decides the O6's settings: the bf16 21B (43.7 GB) as the calibration reference "
         "needs a 64 GB board; on 32 GB plan needs `--reference q8_0` (23.2 GB), which drops the floor eval.",
@@ -801,10 +860,17 @@ def write_md(
         f"## Predicted for ERNIE-4.5-21B-A3B (28 layers, {p['weights_21b'] / 1e9:.2f} B weights)",
         "",
         f"plan at today's defaults (`--error-sample {p['error_fraction']:g} --chunks {d['chunks']} --layer-stride "
-        f"{d['layer_stride']}`, {d['ctx']} tokens a chunk): the sampled error stage and the 2 whole-model "
-        "quantizations as below; the split calibration model written once (every lowerable tensor in bf16 and in "
+        f"{d['layer_stride']}`, {d['ctx']} tokens a chunk): the sampled error stage and "
+        + (
+            "the 2 whole-model quantizations (Q3_K, Q8_0)"
+            if d.get("floor", True)
+            else "the whole-model Q3_K quantization (no floor: no Q8_0 one)"
+        )
+        + " as below; the split calibration model written once (every lowerable tensor in bf16 and in "
         f"Q3_K, {p['shard_bytes_21b'] / gb:.1f} GB) instead of 42 copies; {p['evals_now']} evals (14 roles, the "
-        f"{len(d['layers'])} layers {d['layers']} the stride measures, floor, reference) of {d['chunks']} x "
+        f"{len(d['layers'])} layers {d['layers']} the stride measures, "
+        + ("floor, " if d.get("floor", True) else "")
+        + f"reference) of {d['chunks']} x "
         f"{d['ctx']} tokens, "
         + (
             "each chunk's second half scored"
@@ -816,8 +882,12 @@ def write_md(
         "",
         "| term | this box | Orion O6, low - high |",
         "|---|---:|---:|",
-        f"| 2 whole-model quantizations (Q3_K, Q8_0) | {_h(p['kept_quantize_seconds_21b'])} | "
-        f"{_bounds(p, 'quantize q3_k', 'quantize q8_0')} |",
+        (
+            f"| 2 whole-model quantizations (Q3_K, Q8_0) | {_h(p['kept_quantize_seconds_now'])} | "
+            if d.get("floor", True)
+            else f"| the whole-model Q3_K quantization | {_h(p['kept_quantize_seconds_now'])} | "
+        )
+        + f"{_bounds(p, 'quantize q3_k', 'quantize q8_0')} |",
         f"| error stage (sampled, 7 types) | {_h(p['sampled_error_seconds_21b'])} | {_bounds(p, 'errors')} |",
         f"| split calibration model at {p['r_copy'] / 1e6:.0f} MB/s | {_h(p['shard_seconds_21b'])} | "
         f"{_bounds(p, 'calibration model')} |",
