@@ -355,81 +355,23 @@ def eval_rate_21b() -> float:
 ORION_O6_PP512 = 38.51  # tok/s, ERNIE-4.5-21B-A3B-Thinking Q4_0, 8 threads, Arm Learning Path (bench.EXTERNAL_ORION_O6)
 
 
-def extrapolate(info: dict, chunks_21b: int = plan.DEFAULT_CHUNKS, stride_21b: int = plan.DEFAULT_LAYER_STRIDE) -> str:
-    """plan's cost at ERNIE-4.5-21B-A3B from the rates measured here: quantizing and the error pass per weight,
-    assembling per byte copied, evaluating per token (this machine: the fixture's tokens/s scaled by active weights;
-    the Orion O6: its quoted pp512). Fixed per-call overheads are scaled with the rates, so they over-estimate."""
-    from edgemoe_cli import plan as plan_mod
-    from edgemoe_cli.board import ERNIE_21B, ernie_tensors, model_bytes
-    from edgemoe_cli.recipe import TensorInfo, quantizable
-
-    big = ernie_tensors()
-    n_big = sum(n for _, n, _ in big)
-    a_big = sum(n * (6 / ERNIE_21B.n_experts if "_exps" in name else 1) for name, n, _ in big)  # top-6 routing
-    # quantizable: 2-D weights but norms and the router; the rest stays f32 in the bf16 source
-    q = [name for name, n, row in big if quantizable(TensorInfo(name, (row, max(n // row, 2)), "bf16", n))]
-    src_big = sum(n * (2 if name in q else 4) for name, n, _ in big)
-    roles_big = len({plan_mod.role(n) for n in q})
-    sec, work, types = info["plan_measure_seconds"], info["plan_work"], info["plan_types"]
+def extrapolate(info: dict) -> str:
+    """What plan's measurement took on this fixture, and where the 21B's cost is: this fixture's rates carry its
+    per-call overheads and its tiny widths, so the 21B is priced from real-width measurements (bench/plan_cost.md),
+    not from these."""
+    sec, work = info["plan_measure_seconds"], info["plan_work"]
     if not all(sec.get(stage, 0) > 0 for stage in ("quantize", "errors", "assemble", "eval")):
         return (
             "\nplan's cost is not extrapolated from this fixture: its measurement reused steps an earlier setting had "
             "finished (the error stage is the same for every calibration setting), so not every stage was timed "
             "here; the 21B's cost, measured at real widths, is bench/plan_cost.md's.\n"
         )
-    roles, layers = info["plan_roles"], len(info.get("plan_layer_factors", {}))
-    n_fix, act_fix = info["n_params"], info["n_active"]
-    q_rate = types * n_fix / sec["quantize"]  # weights/s, one candidate type
-    e_rate = types * n_fix / sec["errors"]
-    copy_rate = work["assembled_bytes"] / sec["assemble"]  # bytes/s
-    tok_rate = work["eval_tokens"] / sec["eval"]  # tokens/s on the fixture
-    tok_big_here = tok_rate * act_fix / a_big
-    layers_big = len(plan.measured_layers(list(range(ERNIE_21B.n_layers)), stride_21b, ERNIE_21B_FIRST_ROUTED))
-    runs_big = roles_big + layers_big + 1  # + the all-Q8_0 floor
-    evals_big = runs_big + 1  # + the reference's own pass (its log-probs are cached)
-    tokens = chunks_21b * info.get("plan_ctx", 512)
-    tables = types * n_big / q_rate + types * n_big / e_rate
-    copies = {"source (bf16)": src_big, "q8_0": model_bytes("Q8_0")}
-    # the calibration model's shards: every quantizable tensor once from the reference and once at Q3_K (~3.4 bpw)
-    q3_big = sum(n for name, n, _ in big if name in q) * 3.4375 / 8
-    try:  # the rate measured at real widths (bench/plan_assembly.py): the fixture's ~50 tiny shards are all overhead
-        once = json.loads((REPO / "bench" / "plan_assembly.json").read_text())["steps"]["shards/once"]
-        copy_rate, rate_from = once["bytes"] / once["seconds"], "bench/plan_assembly.md, real widths"
-    except (OSError, ValueError, KeyError):
-        rate_from = "this fixture"
-    asm = {k: (b + q3_big) / copy_rate for k, b in copies.items()}
-    ev_here, ev_o6 = evals_big * tokens / tok_big_here, evals_big * tokens / ORION_O6_PP512
-
-    def h(x):
-        return f"{x / 3600:.1f} h" if x >= 3600 else f"{x / 60:.1f} min"
-
     return (
-        f"\nplan's cost, measured on this fixture ({n_fix / 1e6:.1f}M weights, 2 shared cores): {types} whole-model "
-        f"quantizations {sec['quantize']:.1f} s and their error passes {sec['errors']:.1f} s "
-        f"({q_rate / 1e6:.2f}M and {e_rate / 1e6:.2f}M weights/s per type); {work['runs']} calibration runs "
-        f"({roles} roles, {layers} layers, the floor), each model assembled from the kept Q3_K and reference files: "
-        f"{work['assembled_bytes'] / 1e6:.0f} MB in {sec['assemble']:.1f} s ({copy_rate / 1e6:.0f} MB/s, page cache), "
-        f"evals {work['eval_tokens']} tokens in {sec['eval']:.1f} s ({tok_rate:.0f} tokens/s).\n\n"
-        f"At ERNIE-4.5-21B-A3B ({n_big / 1e9:.1f}B weights, {a_big / 1e9:.2f}B active per token; {roles_big} roles + "
-        f"{layers_big} of {ERNIE_21B.n_layers} layers (`--layer-stride {stride_21b}`) + the floor = {runs_big} runs, "
-        f"{evals_big} evals with the reference's own; `--chunks {chunks_21b}` = {tokens} tokens per eval):\n\n"
-        f"- quantizations and error passes: {types} x {n_big / 1e9:.1f}B weights x (1 / {q_rate / 1e6:.2f}M + "
-        f"1 / {e_rate / 1e6:.2f}M weights/s) = {h(tables)} (fixture rates include per-call overheads: an upper "
-        "bound);\n"
-        f"- assembly: the calibration model's shards, written once (the reference's quantizable tensors and their "
-        f"Q3_K) / {copy_rate / 1e6:.0f} MB/s ({rate_from}) = "
-        + ", ".join(f"{h(v)} against {k} ({copies[k] / 1e9:.1f} GB a model)" for k, v in asm.items())
-        + " — at this size the disk's sequential rate, not page cache, bounds it: divide the bytes by yours;\n"
-        f"- evals: {evals_big} x {tokens} tokens / prompt-processing rate = {h(ev_o6)} at the Radxa Orion O6's "
-        f"pp512 of {ORION_O6_PP512} tokens/s (Q4_0, 8 threads; Arm Learning Path, quoted not measured), or "
-        f"{h(ev_here)} on this machine at {tok_big_here:.2f} tokens/s (the fixture's {tok_rate:.0f} tokens/s x "
-        f"{act_fix / 1e6:.1f}M / {a_big / 1e9:.2f}B active weights: an extrapolation and an upper bound, since the "
-        "fixture's per-token costs outside the matmuls — numpy's KLD over the vocabulary, Python — are scaled "
-        "with it; 21B does not fit in this machine's 24 GiB to measure).\n\n"
-        f"Total on this machine ~{h(tables + asm['q8_0'] + ev_here)} with `--reference q8_0` (its 2 cores shared "
-        "with other jobs while measuring). Once per model and "
-        "calibration text; every budget after that is solved in under a second from the cache. Evals fall "
-        "linearly with --chunks.\n"
+        f"\nplan's measurement on this fixture ({info['n_params'] / 1e6:.1f}M weights, 2 shared cores): whole-model "
+        f"quantizations {sec['quantize']:.1f} s, the sampled error stage {sec['errors']:.1f} s, {work['runs']} "
+        f"calibration runs assembled ({work['assembled_bytes'] / 1e6:.0f} MB) in {sec['assemble']:.1f} s and "
+        f"evaluated ({work['eval_tokens']} tokens) in {sec['eval']:.1f} s. These rates carry the fixture's per-call "
+        "overheads; the 21B's cost is priced from stages measured at real widths in bench/plan_cost.md.\n"
     )
 
 
@@ -480,7 +422,9 @@ def tradeoff_section(args, results: dict) -> str:
         lines.append(row)
     out = [
         "\n## Calibration cost vs plan quality (both fixtures)\n\n",
-        "plan measured with each setting (chunks of 512 calibration tokens per KLD eval x layer stride), then planned "
+        "plan measured with each setting (chunks of 512 calibration tokens per KLD eval x layer stride; each "
+        'chunk\'s second half scored, as `edgemoe eval` does, unless the setting says "scored from 64": every '
+        "position from 64 on, ~1.75x the scored tokens per evaluated token), then planned "
         "at the file size of stock Q4_K_M, stock Q3_K_M and community-q4, quantized and evaluated on the held-out "
         f"text like every row above (mean KLD, {args.chunks} chunks). Evals: one per role, per measured layer, the "
         "Q8_0 floor and the reference's own pass; a layer stride k measures the dense layer, the first MoE layer, "
@@ -594,9 +538,15 @@ def write_report(args, results: dict, infos: dict, seconds: float) -> None:
         f"the first {CALIB_BYTES:,} characters of fixtures/calib.txt (cut at a line); evaluation: the rest of it "
         f"({args.chunks} chunks of 512 tokens, second halves scored). All quantizations use the same imatrix. "
         "KLD = mean KL(f32 || model) in nats/token, ± its standard error. plan rows: measured with "
-        f"`--chunks {args.plan_chunks} --layer-stride {args.layer_stride}` ({args.plan_chunks} chunks of "
-        f"{args.plan_ctx} tokens a calibration eval, spaced evenly over the "
-        "calibration part; the errors E(W,t) from plan's default row sample, qerror).\n",
+        f"`--chunks {args.plan_chunks} --layer-stride {args.layer_stride} --floor` ({args.plan_chunks} chunks of "
+        f"{args.plan_ctx} tokens a calibration eval, spaced evenly over the calibration part, "
+        + (
+            "second halves scored"
+            if args.plan_score_from == args.plan_ctx // 2
+            else f"scored from position {args.plan_score_from} on"
+        )
+        + "; the errors E(W,t) from plan's default row sample, qerror; the all-Q8_0 floor measured, which makes "
+        "the predicted KLD absolute and changes no choice).\n",
     ]
     for ax, v in zip(axes[0], variants):
         vr = sorted((r for r in rows if r["variant"] == v), key=lambda r: r["bytes"])
