@@ -31,9 +31,10 @@ Prediction (measured, not a fixed table). For every quantizable tensor W and can
 3. choice: an exact multiple-choice knapsack (dynamic programming over bytes in 1/4000ths of the budget) picks one
    type per tensor minimising the summed prediction with total bytes <= budget.
 Cost. Step 1 quantizes only the sample; llama.cpp quantizes the whole model only to the calibration type (and to
-Q8_0 for a Q8_0 reference or the floor), and every calibration model of step 2 is assembled from those, not re-quantized: its tensors are the bytes of the
-kept Q3_K quantization (the lowered ones) and of the reference (the rest) — quantization is per tensor, so this is
-exactly the model llama.cpp would write for that mix (tests/test_plan.py checks it). Nor is it copied per run: it
+Q8_0 for a Q8_0 reference or the floor), and every calibration model of step 2 is assembled from those, not
+re-quantized: its tensors are the bytes of the kept Q3_K quantization (the lowered ones) and of the reference (the
+rest) — quantization is per tensor, so this is exactly the model llama.cpp would write for that mix
+(tests/test_plan.py checks it). Nor is it copied per run: it
 is a split GGUF of one shard per lowerable tensor, each written once in both versions, and a run re-points the
 shards' names (CalibrationModel). What remains is one KLD eval per role, per measured layer (and for the floor).
 The measurements are cached per (model, imatrix, text) in <store>/cache/plan/, so planning again for another

@@ -147,10 +147,11 @@ def plan_cmd(
     budget_args = _budget_args(budget, board, max_size, reserve)
     stage.check_error_sample(error_sample)
     text = text or default_calibration_text()
+    # what plan measures with: the same for its run and its --dry-run's prediction
+    knobs = dict(max_chunks=chunks, reference=reference, error_sample=error_sample, layer_stride=layer_stride)
+    knobs.update(floor=floor, threads=threads)
     if dry_run:
-        return _dry_run(
-            model, imatrix, text, arm_fast, chunks, reference, error_sample, layer_stride, floor, threads, as_json
-        )
+        return _dry_run(model, imatrix, text, arm_fast, as_json, knobs)
     # plan's peak memory per stage, the imatrix and --quantize included (memwatch)
     with progress_bars(as_json) as progress, MemoryWatch(first_stage="convert"):
         model, imatrix = _model_and_imatrix(model, imatrix, text, threads, progress)
@@ -161,14 +162,9 @@ def plan_cmd(
             ctx=ctx,
             arm_fast=arm_fast,
             out=out,
-            threads=threads,
-            max_chunks=chunks,
             progress=progress,
-            reference=reference,
             min_every_token=None if min_every_token.lower() == "none" else min_every_token,
-            error_sample=error_sample,
-            layer_stride=layer_stride,
-            floor=floor,
+            **knobs,
             **budget_args,
         )
         if do_quantize:
@@ -242,9 +238,7 @@ def _memory_line(result) -> str:
     return line
 
 
-def _dry_run(
-    model, imatrix, text, arm_fast, chunks, reference, error_sample, layer_stride, floor, threads, as_json
-) -> None:
+def _dry_run(model, imatrix, text, arm_fast, as_json, knobs: dict) -> None:
     from .. import plan as stage
     from ..imatrix import imatrix_beside
     from ..models import source_gguf
@@ -252,18 +246,7 @@ def _dry_run(
     model = source_gguf(model, convert=False).path
     if imatrix is None and imatrix_beside(model).is_file():
         imatrix = imatrix_beside(model)
-    prediction = stage.dry_run(
-        model,
-        imatrix,
-        text,
-        arm_fast,
-        chunks,
-        reference,
-        threads,
-        error_sample=error_sample,
-        layer_stride=layer_stride,
-        floor=floor,
-    )
+    prediction = stage.dry_run(model, imatrix, text, arm_fast, **knobs)
     if as_json:
         emit_json(prediction)
         return
