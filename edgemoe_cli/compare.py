@@ -230,8 +230,12 @@ def _run_variant(model: str, prompts: list[dict], settings: dict, queue) -> None
         from . import generate
 
         t0 = time.perf_counter()
+        ctx, batch = settings["ctx"], None
+        if settings.get("memory") is not None:  # planned for the longest prompt's reply, as `run` plans for its one
+            texts = [p["text"] for p in prompts]
+            ctx, batch = generate.reply_context(model, texts, settings["system"], settings["max_tokens"], ctx)
         llm, streamer = generate.load_within(
-            model, settings.get("memory"), ctx=settings["ctx"], threads=settings["threads"]
+            model, settings.get("memory"), ctx=ctx, threads=settings["threads"], batch=batch
         )
         load_s = time.perf_counter() - t0
 

@@ -144,15 +144,24 @@ def chat_prompt(llm, prompt: str, system: str | None = None) -> tuple[str, bool]
     )
 
 
-def tokenize_prompt_of(model: str | Path, prompt: str, system: str | None = None) -> list[int]:
-    """The tokens `chat_reply` will decode for this prompt, from the GGUF's vocabulary alone (no weights loaded)."""
+def reply_context(
+    model: str | Path, prompts: list[str], system: str | None, max_tokens: int, ctx: int
+) -> tuple[int, int | None]:
+    """(context, largest batch) that replies to `prompts` one at a time can reach: the longest prompt, tokenized from
+    the GGUF's vocabulary alone (no weights loaded), plus `max_tokens`, in whole steps of _CTX_STEP and never above
+    `ctx` (0: the model's). What a --memory plan reserves the KV cache and the compute buffer for, instead of a
+    context the replies never fill. A prompt that does not fit leaves (ctx, None): chat_reply says so as ever."""
     from .llamacpp import load_vocab
 
     llm = load_vocab(check_gguf(model))
     try:
-        return tokenize_prompt(llm, chat_prompt(llm, prompt, system)[0])
+        longest = max(len(tokenize_prompt(llm, chat_prompt(llm, p, system)[0])) for p in prompts)
     finally:
         llm.close()
+    reach = -(-(longest + max_tokens) // _CTX_STEP) * _CTX_STEP
+    if longest >= (ctx or reach):
+        return ctx, None
+    return min(ctx or reach, reach), longest
 
 
 def tokenize_prompt(llm, text: str) -> list[int]:
@@ -354,13 +363,8 @@ def run(
     if not prompt.strip():
         raise EdgeMoEError("the prompt is empty", "give a question with -p TEXT or -f FILE")
     batch = None
-    if memory is not None:
-        # one reply: under a memory cap, the KV cache and the compute buffer are planned for what this run can
-        # reach (its prompt and max_tokens), not for a context it never fills; what is not reserved caches experts
-        n_prompt = len(tokenize_prompt_of(model, prompt, system))
-        reach = -(-(n_prompt + max_tokens) // _CTX_STEP) * _CTX_STEP
-        if n_prompt < (ctx or reach):  # else the context error comes from chat_reply, as without --memory
-            ctx, batch = min(ctx or reach, reach), n_prompt
+    if memory is not None:  # what the cap does not reserve for a context this reply never fills caches experts
+        ctx, batch = reply_context(model, [prompt], system, max_tokens, ctx)
     llm, streamer = load_within(model, memory, ctx=ctx, threads=threads, repack=repack, warm=warm, batch=batch)
     try:
         started = time.perf_counter()

@@ -188,6 +188,21 @@ def test_a_reply_under_memory_plans_for_the_context_it_can_reach(tiny_gguf):
     assert plan["cache_bytes"] > full.cache_bytes
 
 
+def test_the_context_planned_for_replies_is_the_longest_prompt_plus_max_tokens(tiny_gguf):
+    path = tiny_gguf("pt", "q8_0")
+    llm = generate.load_model(path, ctx=CTX, threads=1)
+    try:
+        lengths = [len(generate.tokenize_prompt(llm, generate.chat_prompt(llm, p)[0])) for p in ("hi", PROMPT)]
+    finally:
+        llm.close()
+    assert lengths[0] < lengths[1]
+    assert generate.reply_context(path, ["hi", PROMPT], None, 24, 4096) == (256, lengths[1])
+    assert generate.reply_context(path, ["hi"], None, 300, 4096) == (512, lengths[0])
+    assert generate.reply_context(path, [PROMPT], None, 24, 0) == (256, lengths[1])  # 0: the model's own
+    assert generate.reply_context(path, [PROMPT], None, 600, 512) == (512, lengths[1])  # never above --ctx
+    assert generate.reply_context(path, [PROMPT], None, 24, lengths[1]) == (lengths[1], None)  # does not fit
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="mincore and posix_fadvise: Linux")
 def test_a_streamed_run_leaves_no_expert_page_in_the_page_cache(tiny_gguf, tmp_path):
     """The expert ranges of the file are never read through the page cache, and what llama.cpp's load read ahead is
