@@ -35,14 +35,14 @@ PROMPT = "What is 51 - 29?"  # bench/stream.py's
 
 
 def record(model: str, memory: int, tokens: int) -> tuple[list, dict, int, float]:
-    """(trace [(step, layer, experts)], guesses {(step, layer): next layer's experts ranked by its router on this
-    layer's FFN input}, cache sets, the run's own decode hit rate)."""
+    """(trace [(step, layer, experts, tokens that chose each)], guesses {(step, layer): next layer's experts ranked
+    by its router on this layer's FFN input}, cache sets, the run's own decode hit rate)."""
     trace, guesses = [], {}
     ensure, predict = stream.ExpertStreamer.ensure, stream.ExpertStreamer._predict_next
 
-    def recording(self, layer, experts):
-        trace.append((self.steps, layer, list(experts)))
-        return ensure(self, layer, experts)
+    def recording(self, layer, experts, routed=None):
+        trace.append((self.steps, layer, list(experts), list(routed or [1] * len(experts))))
+        return ensure(self, layer, experts, routed)
 
     def guessing(self, node, layer):  # called at each generated token's routing result, when routers are loaded
         nxt = self.next_layer.get(layer)
@@ -70,9 +70,9 @@ def replay_guesses(
     cache: dict = {}  # key -> last use (clock); a read-ahead starts at -1: evicted first among equal counts
     uses: dict = defaultdict(int)
     ahead: set = set()
-    routed = {(step, layer): set(experts) for step, layer, experts in trace}
+    routed = {(step, layer): set(experts) for step, layer, experts, _ in trace}
     misses = read_ahead = wasted = clock = 0
-    steps = {step for step, _, _ in trace if step > 1}
+    steps = {step for step, *_ in trace if step > 1}
 
     def make_room(pinned):
         nonlocal wasted
@@ -83,12 +83,12 @@ def replay_guesses(
                 ahead.discard(victim)
                 wasted += 1
 
-    for step, layer, experts in trace:
+    for step, layer, experts, counts in trace:
         pinned = {(layer, e) for e in experts}
-        for e in experts:
+        for e, n in zip(experts, counts):
             key = (layer, e)
             clock += 1
-            uses[key] += 1
+            uses[key] += n
             if key in cache:
                 ahead.discard(key)
             else:
@@ -112,7 +112,7 @@ def replay_guesses(
 
 def replay(trace: list, sets: int, order: str) -> float:
     """Decode hit rate of `trace` through a cache of `sets` under `order` (lru | lfu | belady)."""
-    keys = [(layer, e) for _, layer, experts in trace for e in experts]
+    keys = [(layer, e) for _, layer, experts, _ in trace for e in experts]
     next_use, last = [0] * len(keys), {}
     for i in range(len(keys) - 1, -1, -1):
         next_use[i], last[keys[i]] = last.get(keys[i], 10**12), i
@@ -120,11 +120,11 @@ def replay(trace: list, sets: int, order: str) -> float:
     uses: dict = defaultdict(int)
     upcoming: dict = {}
     hits = lookups = i = 0
-    for step, layer, experts in trace:
+    for step, layer, experts, counts in trace:
         pinned = {(layer, e) for e in experts}
-        for e in experts:
+        for e, n in zip(experts, counts):
             key, decode = (layer, e), step > 1  # step 1: the prompt
-            uses[key] += 1
+            uses[key] += n  # the tokens that chose it: a prompt's batch counts each, as stream.py does
             if key in cache:
                 hits += decode
                 cache.move_to_end(key)
@@ -173,9 +173,9 @@ def main() -> int:
     ]
     # the next-layer guess: how much of the next layer it names, and what reading it ahead would change
     named = [
-        len(set(g[:6]) & set(next(x for s, layer, x in trace if (s, layer) == key))) / 6
+        len(set(g[:6]) & set(next(x for s, layer, x, _ in trace if (s, layer) == key))) / 6
         for key, g in guesses.items()
-        if any((s, layer) == key for s, layer, _ in trace)
+        if any((s, layer) == key for s, layer, *_ in trace)
     ]
     ranks = [[0, 0] for _ in range(4)]
     rows = []

@@ -681,6 +681,8 @@ class ExpertStreamer:
             m = _ROUTING_NODE.match(ctypes.string_at(t_ptr + self._off_name))
             if m is None:
                 return True
+            import numpy as np
+
             from .profile import _tensor_array
 
             layer = int(m.group(1))
@@ -691,8 +693,11 @@ class ExpertStreamer:
                 ids = ids.reshape(-1, ids.shape[-1])  # [tokens, experts used]
                 if layer == self.first_layer:
                     self.steps += 1
+                # a prompt's batch counts an expert once per token that chose it, as decoding does token by token
+                # (once per batch instead: 79.7% decode hits over 16 tokens at the target point, 81.3% so)
+                experts, routed = np.unique(ids, return_counts=True)
                 try:
-                    self.ensure(layer, sorted({int(e) for e in ids.ravel()}))
+                    self.ensure(layer, experts.tolist(), routed.tolist())
                 except BaseException as e:  # nothing may escape into ggml; run() raises it once decoding returns
                     self.error = e
                     return True
@@ -791,8 +796,9 @@ class ExpertStreamer:
 
     # -- the cache --
 
-    def ensure(self, layer: int, experts: list[int]) -> None:
-        """Make `experts` of `layer` present in the stand-ins, evicting others in _victim's order."""
+    def ensure(self, layer: int, experts: list[int], routed: list[int] | None = None) -> None:
+        """Make `experts` of `layer` present in the stand-ins, evicting others in _victim's order; `routed[i]`: how
+        many tokens of the batch chose experts[i] (1 each if not given), what the eviction order counts."""
         self._drain()  # reads of a layer none of whose matmuls awaited them (not expected; kept safe)
         if self.state is not None:
             self._native_error()
@@ -805,10 +811,10 @@ class ExpertStreamer:
                 self.lock.wait()
             self.prefetch_wait_s += time.perf_counter() - waited
             missing = []
-            for e in experts:
+            for e, n in zip(experts, routed or [1] * len(experts)):
                 self.lookups += 1
                 key = (layer, e)
-                self._count_use(key)
+                self._count_use(key, n)
                 if key in self.cache:
                     self.hits += 1
                     if key in self.prefetched:
@@ -1031,10 +1037,11 @@ class ExpertStreamer:
         self.heap = [(self.uses.get(k, 0), self.stamp.get(k, 0), k) for k in self.cache]
         heapq.heapify(self.heap)
 
-    def _count_use(self, key: tuple[int, int]) -> None:
-        """Routing frequency, halved now and then so that what a long conversation routed early fades."""
-        self.uses[key] = self.uses.get(key, 0) + 1
-        self.uses_since_halving += 1
+    def _count_use(self, key: tuple[int, int], n: int = 1) -> None:
+        """Routing frequency (`n` tokens chose it now), halved now and then so that what a long conversation routed
+        early fades."""
+        self.uses[key] = self.uses.get(key, 0) + n
+        self.uses_since_halving += n
         if self.uses_since_halving >= self.halve_every:
             self.uses = {k: v // 2 for k, v in self.uses.items() if v > 1}
             self.uses_since_halving = 0
