@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -277,6 +278,20 @@ def run_point(
 # ---- report ----
 
 
+def pair_ratios(points: list[dict]) -> dict[tuple, list[float]]:
+    """{(routing, storage, cap %): stream tok/s / llama tok/s} of each llama run and the stream run that follows it
+    at the same point (the alternating pairs of --points P,P,...; each point runs its modes in the order given)."""
+    ratios: dict[tuple, list[float]] = {}
+    llama: dict[tuple, float] = {}
+    for p in points:
+        where = (p["skew"], p["storage"], p["cap_pct"])
+        if p["mode"] == "llama" and p.get("gen_tps"):
+            llama[where] = p["gen_tps"]
+        elif p["mode"] == "stream" and p.get("gen_tps") and where in llama:
+            ratios.setdefault(where, []).append(p["gen_tps"] / llama.pop(where))
+    return ratios
+
+
 def summarize(points: list[dict], gguf: dict[str, int], baseline: int) -> str:
     rows = []
     for p in points:
@@ -328,6 +343,12 @@ def summarize(points: list[dict], gguf: dict[str, int], baseline: int) -> str:
         "load",
     ]
     sizes = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in gguf.items())
+    pairs = "".join(
+        f"\n\nstream / llama at {skew}, {STORAGE.get(storage, storage)}, {cap}%, pair by pair: "
+        f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {statistics.median(ratios):.2f}x, "
+        f"{sum(r >= 3 for r in ratios)} of {len(ratios)} at 3x or more."
+        for (skew, storage, cap), ratios in pair_ratios(points).items()
+    )
     return (
         f"GGUF sizes: {sizes}; runtime baseline (RssAnon of an unconstrained plain run) {baseline / 2**20:.0f} MiB; "
         f"limit = baseline + cap x GGUF. disk MiB/tok: what the cgroup read from the disk beyond the one pass over "
@@ -335,7 +356,7 @@ def summarize(points: list[dict], gguf: dict[str, int], baseline: int) -> str:
         f"anonymous memory sampled per token (what cannot be given back); hits, expert MiB/tok, read wait (time the "
         f"compute thread waited for expert reads), CPU (the whole process: compute, reader threads, kernel) and "
         f"minor page faults: per generated token; expert ranges in page cache: the GGUF's expert bytes in the page "
-        f"cache after the run (mincore; they count against the limit).\n\n" + markdown_table(header, rows)
+        f"cache after the run (mincore; they count against the limit).\n\n" + markdown_table(header, rows) + pairs
     )
 
 

@@ -1180,11 +1180,11 @@ class ExpertStreamer:
             self.drop_file_cache()
 
     def drop_file_cache(self) -> None:
-        """Drop the expert ranges' pages from the page cache once more, now that every tensor is bound. llama.cpp's
-        load maps the whole file with MAP_POPULATE and then asks for all of it again (madvise WILLNEED); under a
-        cap the populated pages are reclaimed as it goes, and on a slow disk the second read-ahead is still
-        arriving after a tensor was bound and its range dropped. Unmapped and never read again, those pages count
-        against a cgroup's limit all the same: 136 MiB of the benchmark's 995 MiB (bench/stream.md)."""
+        """Drop the expert ranges' pages from the page cache once more, now that every tensor is bound. Pages of
+        those ranges come in after a tensor was bound and its range dropped: the load's read-ahead (MAP_POPULATE,
+        then madvise WILLNEED over the whole file) still arriving on a slow disk, and the kernel's read-around when
+        a neighbouring weight is faulted in (up to read_ahead_kb on either side). Unmapped and never read again,
+        they count against a cgroup's limit all the same (bench/stream.md: 64 MiB of 968 left without this)."""
         for t in self.tensors.values():
             os.posix_fadvise(self.fd, t.file_offset, t.nbytes, os.POSIX_FADV_DONTNEED)
 
