@@ -586,6 +586,9 @@ class ExpertStreamer:
         self.resident = self.peak = 0
         # EDGEMOE_STREAM_RECYCLE=0: free an evicted expert's pages and fault fresh ones (what _recycle avoids)
         self.no_recycle = os.environ.get("EDGEMOE_STREAM_RECYCLE", "1") == "0"
+        # expert-range pages that reach the page cache after binding are dropped when the prompt is done and at each
+        # generated token after (drop_file_cache); EDGEMOE_STREAM_DROP_LATE=0 keeps them, to measure what they cost
+        self.drop_late = os.environ.get("EDGEMOE_STREAM_DROP_LATE", "1") != "0"
         self.recycled_bytes = self.recycles = 0
         self.uses: dict[tuple[int, int], int] = {}  # routing counts per (layer, expert): the eviction order
         self.uses_since_halving = 0
@@ -693,6 +696,8 @@ class ExpertStreamer:
                 ids = ids.reshape(-1, ids.shape[-1])  # [tokens, experts used]
                 if layer == self.first_layer:
                     self.steps += 1
+                    if self.at_prompt_end is not None and self.drop_late:
+                        self.drop_file_cache()  # ~15 fadvise calls a token: microseconds
                 # a prompt's batch counts an expert once per token that chose it, as decoding does token by token
                 # (once per batch instead: 79.7% decode hits over 16 tokens at the target point, 81.3% so)
                 experts, routed = np.unique(ids, return_counts=True)
@@ -1176,15 +1181,16 @@ class ExpertStreamer:
     def prompt_done(self) -> None:
         """Called once the prompt is processed: what follows counts as generation (per-token numbers)."""
         self.at_prompt_end = self._counters()
-        if os.environ.get("EDGEMOE_STREAM_DROP_LATE", "1") != "0":  # =0: kept, to measure what they cost
+        if self.drop_late:
             self.drop_file_cache()
 
     def drop_file_cache(self) -> None:
-        """Drop the expert ranges' pages from the page cache once more, now that every tensor is bound. Pages of
-        those ranges come in after a tensor was bound and its range dropped: the load's read-ahead (MAP_POPULATE,
-        then madvise WILLNEED over the whole file) still arriving on a slow disk, and the kernel's read-around when
-        a neighbouring weight is faulted in (up to read_ahead_kb on either side). Unmapped and never read again,
-        they count against a cgroup's limit all the same (bench/stream.md: 64 MiB of 968 left without this)."""
+        """Drop the expert ranges' pages from the page cache (once every tensor is bound: at the prompt's end and
+        at each generated token). Pages of those ranges come in after a tensor was bound and its range dropped: the
+        load's read-ahead (MAP_POPULATE, then madvise WILLNEED over the whole file) still arriving on a slow disk,
+        and the kernel's read-around whenever a neighbouring weight is faulted in (up to read_ahead_kb on either
+        side: 8 MiB here), which under a tight cap happens again and again. Unmapped and never read again, they
+        count against a cgroup's limit all the same (bench/stream.md: 64 MiB of 968 left without this)."""
         for t in self.tensors.values():
             os.posix_fadvise(self.fd, t.file_offset, t.nbytes, os.POSIX_FADV_DONTNEED)
 

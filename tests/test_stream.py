@@ -228,19 +228,31 @@ def test_a_streamed_run_leaves_no_expert_page_in_the_page_cache(tiny_gguf, tmp_p
     assert stream.page_cache_bytes(path, inner) == 0
     assert stream.page_cache_bytes(path, [(0, path.stat().st_size)]) > 0  # mincore does see the file's pages
 
-    # pages that arrive after the tensors were bound (a slow disk still serving the load's read-ahead) go when the
-    # prompt is done: here the whole file is read into the page cache at that moment, just before
+    # pages that arrive after the tensors were bound (a slow disk still serving the load's read-ahead, read-around
+    # of a weight faulted in) go when the prompt is done and at each generated token: here the whole file is read
+    # into the page cache just before the prompt is done, and again at the first token
     llm, streamer = generate.load_within(path, _forcing_cap(path, 0.25)[0], ctx=CTX, threads=1)
-
     size = path.stat().st_size
 
-    def prompt_done():
+    def read_all():
         path.read_bytes()
         assert stream.page_cache_bytes(path, [(0, size)]) == size // mmap.PAGESIZE * mmap.PAGESIZE
+
+    def prompt_done():
+        read_all()
         streamer.prompt_done()
+        assert stream.page_cache_bytes(path, inner) == 0
+
+    tokens = []
+
+    def on_text(kind, text):
+        if not tokens:
+            read_all()
+        tokens.append(text)
 
     try:
-        generate.chat_reply(llm, PROMPT, max_tokens=4, prompt_done=prompt_done)
+        generate.chat_reply(llm, PROMPT, max_tokens=4, prompt_done=prompt_done, on_text=on_text)
+        assert len(tokens) >= 2  # a token was decoded after the first one read the file
         assert stream.page_cache_bytes(path, inner) == 0
         # the rest of the file stays: the weights every token uses
         expert_bytes = sum(end - start + 2 * fringe for start, end in inner)
