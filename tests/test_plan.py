@@ -250,7 +250,7 @@ def test_fit_recovers_a_separable_model_from_a_layer_subset():
     true_factor = {b: 0.8**b for b in range(12)}
     err, role_kld, layer_kld = _separable(true_gain, true_factor, rng)
     measured = plan.measured_layers(list(true_factor), 4, 1)
-    g, f = plan.fit_role_layer(err, role_kld, {str(b): layer_kld[str(b)] for b in measured}, iterations=200)
+    g, f, _ = plan.fit_role_layer(err, role_kld, {str(b): layer_kld[str(b)] for b in measured}, iterations=200)
     assert set(f) == {str(b) for b in true_factor}  # every layer gets a factor, measured or not
     for n, e in err.items():  # gain x factor is identifiable (their split is not): compare predictions
         b = plan.layer(n)
@@ -267,9 +267,39 @@ def test_fit_recovers_a_separable_model_from_a_layer_subset():
 def test_stride_one_fit_is_the_full_fit():
     rng = np.random.default_rng(4)
     err, role_kld, layer_kld = _separable({"attn_v": 0.3, "ffn_gate_exps": 0.02}, {0: 1.0, 1: 0.5, 2: 0.3}, rng)
-    g, f = plan.fit_role_layer(err, role_kld, layer_kld, iterations=200)
+    g, f, _ = plan.fit_role_layer(err, role_kld, layer_kld, iterations=200)
     for b, k in layer_kld.items():
         assert sum(g[plan.role(n)] * f[b] * e for n, e in err.items() if plan.layer(n) == b) == pytest.approx(k)
+
+
+def test_last_layers_experts_get_their_own_factor():
+    """When the last layer's routed experts cost more than that layer's one factor says (as on the fixtures), the
+    run that lowers only them gives them a factor of their own: the fit then predicts them as measured, where one
+    factor per layer underestimated them; the other layers' predictions stay close."""
+    rng = np.random.default_rng(5)
+    gain = {"attn_q": 0.2, "ffn_gate_exps": 0.02, "ffn_down_exps": 0.05}
+    factor = {b: 0.8**b for b in range(6)}
+    err, role_kld, layer_kld = _separable(gain, factor, rng)
+    last = [n for n in err if plan.layer(n) == "5" and "_exps" in n]
+    for n in last:  # the truth: those experts cost twice what the separable model says
+        extra = gain[plan.role(n)] * factor[5] * err[n]
+        role_kld[plan.role(n)] += extra
+        layer_kld["5"] += extra
+    expert_kld = {"5": sum(2 * gain[plan.role(n)] * factor[5] * err[n] for n in last)}
+    assert plan.expert_factor_layers(list(factor), [1, 2, 3, 4, 5]) == [5]
+    assert plan.expert_factor_layers(list(factor), [1, 2, 3]) == []  # a dense last layer: no such run
+
+    def predicted(g, f, fe, names):
+        return sum(g[plan.role(n)] * plan.depth_factor(n, f, fe) * err[n] for n in names)
+
+    g, f, fe = plan.fit_role_layer(err, role_kld, layer_kld, expert_kld, iterations=200)
+    assert set(fe) == {"5"}
+    assert predicted(g, f, fe, last) == pytest.approx(expert_kld["5"])
+    g1, f1, fe1 = plan.fit_role_layer(err, role_kld, layer_kld, iterations=200)
+    assert fe1 == {} and predicted(g1, f1, fe1, last) < 0.8 * expert_kld["5"]
+    for b in range(5):  # the other layers' predictions within 10% of their measured KLD
+        names = [n for n in err if plan.layer(n) == str(b)]
+        assert predicted(g, f, fe, names) == pytest.approx(layer_kld[str(b)], rel=0.1)
 
 
 def test_measurement_cache_key_follows_the_calibration_knobs(tmp_path):
@@ -320,10 +350,12 @@ def test_plan_with_a_layer_stride_on_the_fixture(tiny_gguf, tmp_path):
     im = write_imatrix(tmp_path / "im.gguf", model)
     m = plan.measure(model, im, text, max_chunks=1, threads=2, workdir=tmp_path, layer_stride=2)
     assert set(m.layer_kld) == {"0", "1", "3"} and set(m.layer_factors) == {"0", "1", "2", "3"}
-    assert m.layer_stride == 2 and m.work["runs"] == len(m.gains) + 3  # roles, 3 layers (the floor is opt-in)
+    # roles, 3 layers, the last layer's routed experts (the floor is opt-in)
+    assert m.layer_stride == 2 and m.work["runs"] == len(m.gains) + 4
+    assert set(m.expert_kld) == set(m.expert_factors) == {"3"}
     lo, hi = m.layer_factors["1"], m.layer_factors["3"]
     assert min(lo, hi) <= m.layer_factors["2"] <= max(lo, hi)
-    assert set(m.kld_stderr) >= {"layer:3", "role:attn_q"} and not m.floor_measured
+    assert set(m.kld_stderr) >= {"layer:3", "experts:3", "role:attn_q"} and not m.floor_measured
     budget = 9_000_000
     res = plan.plan(model, im, text, max_size=budget, out=tmp_path / "p.toml", threads=2, max_chunks=1, layer_stride=2)
     assert res.predicted_bytes <= budget
