@@ -385,13 +385,15 @@ def predict(results: dict, args) -> dict:
     # lowerable tensor written once in the reference's type and once in Q3_K (3.4375 bits a weight), then only
     # re-pointed; the whole-model Q8_0 quantization only for the floor
     from edgemoe_cli import plan as plan_mod
-    from edgemoe_cli.plan import DEFAULT_CHUNKS, DEFAULT_LAYER_STRIDE, measured_layers
+    from edgemoe_cli.plan import DEFAULT_CHUNKS, DEFAULT_LAYER_STRIDE, expert_factor_layers, measured_layers
 
     ctx = getattr(plan_mod, "DEFAULT_CALIBRATION_CTX", 512)
     score_from = plan_mod.calibration_score_from(ctx)
     floor = plan_mod.DEFAULT_FLOOR
     layers_now = measured_layers(list(range(28)), DEFAULT_LAYER_STRIDE, first_routed=1)
-    evals_now = N_EVALS - 28 + len(layers_now) - (0 if floor else 1)
+    # plus one run per layer whose routed experts get a factor of their own (the last)
+    expert_layers_now = expert_factor_layers(list(range(28)), list(range(1, 28)))
+    evals_now = N_EVALS - 28 + len(layers_now) + len(expert_layers_now) - (0 if floor else 1)
     kept_now = kept_s if floor else weights_21b / per_type["q3_k"]["r_quant"]
     eval_tokens_now = evals_now * ctx * DEFAULT_CHUNKS
     # the numpy work of the positions scored beyond the second half, per chunk at the 21B's vocabulary (kld_rows)
@@ -411,6 +413,7 @@ def predict(results: dict, args) -> dict:
             "ctx": ctx,
             "layer_stride": DEFAULT_LAYER_STRIDE,
             "layers": layers_now,
+            "expert_layers": expert_layers_now,
             "score_from": score_from,
             "floor": floor,
         },
@@ -591,9 +594,10 @@ def settings_rows(p: dict, results: dict) -> list[str]:
     """The 21B's totals for other calibration settings: the evals' tokens at each bound's rate plus the numpy work
     of the positions they score beyond the second half (extra_scoring_seconds); the rest is fixed but for the
     whole-model Q8_0 quantization, which only --floor needs."""
-    from edgemoe_cli.plan import measured_layers
+    from edgemoe_cli.plan import expert_factor_layers, measured_layers
 
     b, d = p["board"], p["defaults_now"]
+    expert_runs = len(expert_factor_layers(list(range(28)), list(range(1, 28))))
     rates = {
         "box": (p["r_pp_21b_box"], 1.0),
         "low": (O6_PP512, 1.0),
@@ -601,7 +605,7 @@ def settings_rows(p: dict, results: dict) -> list[str]:
     }
     rows = []
     for chunks, stride, first, floor in SETTINGS:
-        evals = 14 + len(measured_layers(list(range(28)), stride, first_routed=1)) + 1 + floor
+        evals = 14 + len(measured_layers(list(range(28)), stride, first_routed=1)) + expert_runs + 1 + floor
         tokens = evals * chunks * d["ctx"]
         extra = evals * chunks * extra_scoring_seconds(results, first, d["ctx"])
         cells = []
@@ -875,6 +879,7 @@ def write_md(
         + " as below; the split calibration model written once (every lowerable tensor in bf16 and in "
         f"Q3_K, {p['shard_bytes_21b'] / gb:.1f} GB) instead of 42 copies; {p['evals_now']} evals (14 roles, the "
         f"{len(d['layers'])} layers {d['layers']} the stride measures, "
+        + "".join(f"layer {b}'s routed experts, " for b in d.get("expert_layers", []))
         + ("floor, " if d.get("floor", True) else "")
         + f"reference) of {d['chunks']} x "
         f"{d['ctx']} tokens, "
