@@ -10,12 +10,15 @@ as plan's calibration runs are (the calibration part, 8 chunks of 512 spaced eve
 no repacking); the prediction is plan's gain x depth factor x error summed over the group's tensors.
 
 Run:  .venv/bin/python bench/plan_prediction.py --work /tmp/edgemoe-bench-quality   (bench/quality.py's --work)
-Writes bench/plan_prediction.json and bench/plan_prediction.md.
+Writes bench/plan_prediction.json and bench/plan_prediction.md. With --measured JSON (an earlier run's json, made from
+the same f32 GGUF, imatrix and calibration part: a copy of its --work) the measured KLDs are taken from there and
+only plan's measurement and predictions are made again: what a change of plan's fit does to its prediction.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,10 +32,11 @@ from edgemoe_cli.recipe import quantizable, read_tensors  # noqa: E402
 from edgemoe_cli.report import markdown_table, write_json, write_text  # noqa: E402
 
 TYPES = ("q3_k", "iq4_xs", "q4_k")
+OUT_JSON = ROOT / "bench" / "plan_prediction.json"
 GROUPS = {"gate+up exps": ("ffn_gate_exps", "ffn_up_exps"), "down exps": ("ffn_down_exps",)}
 
 
-def run(variant: str, work: Path, threads: int) -> list[dict]:
+def run(variant: str, work: Path, threads: int, measured: dict | None = None) -> list[dict]:
     w = work / variant
     f32, im, cal = w / "f32.gguf", w / "imatrix.gguf", w / "calibration-part.txt"
     for p in (f32, im, cal):
@@ -46,19 +50,25 @@ def run(variant: str, work: Path, threads: int) -> list[dict]:
         for group, roles in GROUPS.items():
             members = [f"blk.{b}.{r}.weight" for r in roles]
             for ty in TYPES:
-                out = w / f"prediction-{b}-{roles[0]}-{ty}.gguf"
-                quantize(f32, plan._uniform(ty, members, keep=targets), out=out, imatrix=im, threads=threads)
-                e = evaluate(out, f32, cal, ctx=512, threads=threads, max_chunks=8, spread=True, repack=False)
-                out.unlink()
+                if measured is not None:
+                    kld, se, before = measured[(variant, b, group, ty)]
+                else:
+                    out = w / f"prediction-{b}-{roles[0]}-{ty}.gguf"
+                    quantize(f32, plan._uniform(ty, members, keep=targets), out=out, imatrix=im, threads=threads)
+                    e = evaluate(out, f32, cal, ctx=512, threads=threads, max_chunks=8, spread=True, repack=False)
+                    out.unlink()
+                    kld, se, before = e.kld_mean, e.kld_stderr, None
                 rows.append(
                     {
                         "variant": variant,
                         "layer": b,
                         "group": group,
                         "type": ty,
-                        "kld": e.kld_mean,
-                        "kld_se": e.kld_stderr,
+                        "kld": kld,
+                        "kld_se": se,
                         "predicted": sum(m.predicted(n, ty) for n in members),
+                        # with --measured: the earlier run's prediction (plan's fit then)
+                        **({"predicted_before": before} if before is not None else {}),
                     }
                 )
                 r = rows[-1]
@@ -70,9 +80,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgemoe-bench-quality"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--measured", type=Path, help="take the measured KLDs from this earlier json (same --work files)")
     args = ap.parse_args()
-    rows = [r for v in ("thinking", "pt") for r in run(v, args.work, args.threads)]
-    write_json({"rows": rows}, ROOT / "bench" / "plan_prediction.json")
+    measured = None
+    if args.measured:
+        measured = {
+            (r["variant"], r["layer"], r["group"], r["type"]): (r["kld"], r["kld_se"], r["predicted"])
+            for r in json.loads(args.measured.read_text())["rows"]
+        }
+    rows = [r for v in ("thinking", "pt") for r in run(v, args.work, args.threads, measured)]
+    write_json({"rows": rows, "measured_from": str(args.measured) if args.measured else None}, OUT_JSON)
     table = [
         [
             "PT" if r["variant"] == "pt" else "Thinking",
@@ -97,12 +114,18 @@ def main() -> None:
         )
         dm, dp = r["kld"] - up["kld"], r["predicted"] - up["predicted"]
         name = "PT" if r["variant"] == "pt" else "Thinking"
-        steps.append([name, r["layer"], r["group"], f"{dm:.6f}", f"{dp:.6f}", f"{dm / dp:.2f}"])
+        row = [name, r["layer"], r["group"], f"{dm:.6f}", f"{dp:.6f}", f"{dm / dp:.2f}"]
+        if "predicted_before" in r:
+            before = r["predicted_before"] - up["predicted_before"]
+            row += [f"{before:.6f}", f"{dm / before:.2f}"]
+        steps.append(row)
+    then = ["predicted step, fit before", "measured / predicted before"] if steps and len(steps[0]) > 6 else []
+    command = "`.venv/bin/python bench/plan_prediction.py --work WORK" + (
+        f" --measured {args.measured}`" if args.measured else "`"
+    )
     md = [
         "# plan's prediction of a single choice, measured (the fixtures)\n\n",
-        "Written by `.venv/bin/python bench/plan_prediction.py --work WORK` (bench/quality.py's --work). "
-        + __doc__.split("\n\n")[1].replace("\n", " ")
-        + "\n\n",
+        f"Written by {command} (bench/quality.py's --work). " + __doc__.split("\n\n")[1].replace("\n", " ") + "\n\n",
         markdown_table(
             ["fixture", "layer", "lowered alone", "type", "measured KLD ± se", "predicted", "measured / predicted"],
             table,
@@ -113,9 +136,9 @@ def main() -> None:
         "It cancels in the step the solver weighs for a group, IQ4_XS -> Q3_K (the KLD it accepts there to spend "
         "the bytes elsewhere), measured and predicted:\n\n",
         markdown_table(
-            ["fixture", "layer", "group", "measured step", "predicted step", "measured / predicted"],
+            ["fixture", "layer", "group", "measured step", "predicted step", "measured / predicted", *then],
             steps,
-            align="lrlrrr",
+            align="lrlrrr" + "rr" * bool(then),
         ),
     ]
     write_text("".join(md), ROOT / "bench" / "plan_prediction.md")

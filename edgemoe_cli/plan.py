@@ -155,8 +155,10 @@ class Measurements:
     from_cache: bool = False  # read whole from the cache: nothing was measured by this run
 
     def predicted(self, tensor: str, type_: str) -> float:
-        return self.gains[role(tensor)] * depth_factor(tensor, self.layer_factors, self.expert_factors) * (
-            self.errors[tensor][type_]
+        return (
+            self.gains[role(tensor)]
+            * depth_factor(tensor, self.layer_factors, self.expert_factors)
+            * (self.errors[tensor][type_])
         )
 
 
