@@ -728,9 +728,10 @@ def board_md(p: dict, results: dict) -> list[str]:
         *settings_rows(p, results),
         "",
         "Which settings keep plan's quality is bench/quality.md's rotation table (issue 14's target, within 10% of "
-        "plan before its cuts at Q4_K_M's size on three chunk draws per fixture: 8 chunks yes, second half or "
-        "scored from 64; 4 chunks no, PT 12% over on its worst draw either way; 3 chunks scored from 64 no, PT "
-        "14%). The high bound cannot reach 30 minutes by any calibration setting: its stages outside the evals "
+        "plan before its cuts at Q4_K_M's size on three chunk draws per fixture, with the last layer's routed "
+        "experts fitted on their own: 8 and 16 chunks yes, second half or scored from 64; 4 chunks no, Thinking "
+        "holds but PT is 12% over on its worst draw either way; 3 chunks scored from 64 no, PT 15%; 2 chunks no, "
+        "PT 12%). The high bound cannot reach 30 minutes by any calibration setting: its stages outside the evals "
         f"alone take {_h(sum(v for k, v in b['high'].items() if k not in ('evals', 'total')))}.",
         "",
         floor_note(p),
