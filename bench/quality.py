@@ -337,11 +337,17 @@ def tradeoff(variant, cfg, k, work, f32, im_path, calib, tensors, overhead, args
 
 
 def evals_21b(chunks: int, stride: int, ctx: int = 512) -> tuple[int, int]:
-    """(KLD evals, tokens evaluated) of plan on ERNIE-4.5-21B-A3B with these settings: one eval per role, per
-    measured layer, the Q8_0 floor and the reference's own pass."""
-    layers = plan.measured_layers(list(range(ERNIE_21B_LAYERS)), stride, ERNIE_21B_FIRST_ROUTED)
-    n = ERNIE_21B_ROLES + len(layers) + 1 + 1
+    """(KLD evals, tokens evaluated) of plan on ERNIE-4.5-21B-A3B with these settings (plan_evals)."""
+    n = plan_evals(ERNIE_21B_LAYERS, ERNIE_21B_ROLES, ERNIE_21B_FIRST_ROUTED, stride)
     return n, n * chunks * ctx
+
+
+def plan_evals(layers: int, roles: int, first_routed: int, stride: int) -> int:
+    """plan's KLD evals with the floor: one per role, per measured layer, per layer whose routed experts get a
+    factor of their own (the last), the Q8_0 floor and the reference's own pass."""
+    blocks = list(range(layers))
+    measured = plan.measured_layers(blocks, stride, first_routed)
+    return roles + len(measured) + len(plan.expert_factor_layers(blocks, blocks[first_routed:])) + 1 + 1
 
 
 def eval_rate_21b() -> float:
@@ -399,7 +405,9 @@ def tradeoff_section(args, results: dict) -> str:
         chunks, stride, ctx, _ = parse_setting(cfg)
         n21, tok21 = evals_21b(chunks, stride, ctx)
         any_info = next(iter(infos.values()))
-        runs = any_info["work"]["runs"] + 1  # + the reference's own pass
+        # the setting's evals on the fixtures (4 layers, the first routed 1), not those this run did: a run kept
+        # from another setting (16 x 4's layer runs serve 16 x 1) is not done again
+        runs = plan_evals(4, ERNIE_21B_ROLES, 1, stride)  # the fixtures have the 21B's 14 roles
         row = [
             setting_label(cfg)
             + (" (old default)" if cfg == "16x1" else "")
@@ -426,15 +434,18 @@ def tradeoff_section(args, results: dict) -> str:
         'chunk\'s second half scored, as `edgemoe eval` does, unless the setting says "scored from 64": every '
         "position from 64 on, ~1.75x the scored tokens per evaluated token), then planned "
         "at the file size of stock Q4_K_M, stock Q3_K_M and community-q4, quantized and evaluated on the held-out "
-        f"text like every row above (mean KLD, {args.chunks} chunks). Evals: one per role, per measured layer, the "
-        "Q8_0 floor and the reference's own pass; a layer stride k measures the dense layer, the first MoE layer, "
+        f"text like every row above (mean KLD, {args.chunks} chunks). Evals: one per role, per measured layer, one "
+        "for the last layer's routed experts, the Q8_0 floor and the reference's own pass; a layer stride k "
+        "measures the dense layer, the first MoE layer, "
         "every k-th after it and the last, and interpolates the others (the fixtures have 4 layers: any stride "
         "above 1 skips only layer 2; at 21B stride 4 measures 9 of 28). 21B: the same count at 28 layers and 14 "
         f"roles, hours at this box's extrapolated {rate:.1f} tokens/s (bench/plan_cost.md) and the Orion O6's "
         f"quoted pp512 of {ORION_O6_PP512} tokens/s. The last column: the median over the calibration runs of "
         "their KLD's standard error (per token) relative to the KLD. The fixture's seconds are as measured, on a "
         "shared 2-core box whose speed varied up to ~8x between runs (the same evals took 49 s in one and 7 s in "
-        "another): the evals x tokens are the cost.\n\n",
+        "another), and count only the evals that setting's measurement ran: a step another setting had kept (the "
+        "same run at the same chunks, e.g. 16 x 4's layer runs for 16 x 1) is read, not run again. The evals x "
+        "tokens are the cost.\n\n",
         markdown_table(head, lines, align="lrrrr" + "r" * (3 * len(variants)) + "rl"),
     ]
     out.append(rotation_section(args, results, variants))
