@@ -94,7 +94,7 @@ ARM_FAST_CALIBRATION_TYPE = "q4_0"
 # runs (measured_layers). bench/quality.md's trade-off tables are why these values: on three choices of calibration
 # chunks per fixture, 8 and 16 chunks kept the plan at Q4_K_M's size within 10% of plan before issue 14 every time
 # (8: worst 1.03x Thinking, 0.98x PT); 4 chunks left PT 12% behind on one of three (a near-tie priced wrong at high
-# types: bench/plan_miss.md), and 8 chunks of 256 tokens missed on two.
+# types: bench/plan_miss.md), and 8 chunks of 256 tokens missed on one (PT 1.12x).
 DEFAULT_CHUNKS = 8
 DEFAULT_LAYER_STRIDE = 4
 # Which positions of a calibration chunk are scored: all from ctx // CALIBRATION_WARMUP on; 2 is `edgemoe eval`'s
