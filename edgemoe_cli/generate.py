@@ -156,6 +156,9 @@ def reply_context(
     llm = load_vocab(check_gguf(model))
     try:
         longest = max(len(tokenize_prompt(llm, chat_prompt(llm, p, system)[0])) for p in prompts)
+        if not ctx:  # the trained length, from the metadata (a vocabulary-only model reports none)
+            arch = llm.metadata.get("general.architecture", "")
+            ctx = int(llm.metadata.get(f"{arch}.context_length", 0) or 0)
     finally:
         llm.close()
     reach = -(-(longest + max_tokens) // _CTX_STEP) * _CTX_STEP

@@ -189,6 +189,8 @@ def test_a_reply_under_memory_plans_for_the_context_it_can_reach(tiny_gguf):
 
 
 def test_the_context_planned_for_replies_is_the_longest_prompt_plus_max_tokens(tiny_gguf):
+    from edgemoe_cli.gguffile import open_gguf
+
     path = tiny_gguf("pt", "q8_0")
     llm = generate.load_model(path, ctx=CTX, threads=1)
     try:
@@ -201,6 +203,8 @@ def test_the_context_planned_for_replies_is_the_longest_prompt_plus_max_tokens(t
     assert generate.reply_context(path, [PROMPT], None, 24, 0) == (256, lengths[1])  # 0: the model's own
     assert generate.reply_context(path, [PROMPT], None, 600, 512) == (512, lengths[1])  # never above --ctx
     assert generate.reply_context(path, [PROMPT], None, 24, lengths[1]) == (lengths[1], None)  # does not fit
+    trained = int(open_gguf(path).get_field("ernie4_5-moe.context_length").contents())
+    assert generate.reply_context(path, [PROMPT], None, trained, 0) == (trained, lengths[1])  # never above it
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="mincore and posix_fadvise: Linux")
