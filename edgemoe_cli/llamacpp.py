@@ -76,6 +76,9 @@ def import_binding():
     return llama_cpp
 
 
+_MUTED_LOG: list = []  # the log callback that drops every line, made once and never freed (see load_vocab)
+
+
 def load_vocab(model: str | Path):
     """A llama_cpp.Llama of `model`'s vocabulary only (tokenizing needs no weights), llama.cpp's log muted while it
     loads: it warns of a context longer than the training length, which a vocabulary-only model reports as 0."""
@@ -84,11 +87,11 @@ def load_vocab(model: str | Path):
     llama_cpp = import_binding()
     import llama_cpp._logger as binding_logger
 
-    @llama_cpp.llama_log_callback
-    def mute(level, text, user_data):
-        pass
-
-    llama_cpp.llama_log_set(mute, ctypes.c_void_p(0))
+    if not _MUTED_LOG:
+        # kept for the process's life: llama.cpp's log hook is global, and another thread loading a model may have
+        # read it and still be calling it after this load put the binding's logger back (a freed one crashed)
+        _MUTED_LOG.append(llama_cpp.llama_log_callback(lambda level, text, user_data: None))
+    llama_cpp.llama_log_set(_MUTED_LOG[0], ctypes.c_void_p(0))
     try:
         return llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
     finally:
