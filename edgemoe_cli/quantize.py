@@ -33,6 +33,8 @@ from .recipe import Recipe, TensorPlan, explain, ggml_type, load_recipe, read_te
 from .store import atomic_output, home, refuse_input_as_output, sha256_file, write_manifest
 
 # K-quant types have no file type of their own; their mixes' names (never Q2_K_S: it changes imatrix rules)
+_LOG_HOOKS: list = []  # quantize's log callbacks, kept for the process's life (see _run_llama_quantize)
+
 _FTYPE_OF_TYPE = {
     "q2_k": "q2_k",
     "q3_k": "q3_k_m",
@@ -163,9 +165,12 @@ def _run_llama_quantize(
 
     lines: list[str] = []
     pending = [""]
+    listening = [True]
 
     @llama_cpp.llama_log_callback
     def on_log(level, text, user_data):
+        if not listening[0]:  # a late call from another thread after this quantization ended
+            return
         # llama.cpp logs in pieces (level 5 = continue): assemble lines, then look at whole lines only
         pending[0] += text.decode("utf-8", "replace")
         while "\n" in pending[0]:
@@ -174,11 +179,15 @@ def _run_llama_quantize(
             if progress and (m := re.match(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)", line)):
                 progress("quantize", int(m.group(1)), int(m.group(2)), m.group(3))
 
+    # never freed: llama.cpp's log hook is global, and a thread loading a model meanwhile may have read it and still
+    # call it after it is put back (llamacpp.load_vocab's muting hook crashed so); one small closure per call
+    _LOG_HOOKS.append(on_log)
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
     try:
         rc = llama_cpp.llama_model_quantize(str(model).encode(), str(part).encode(), ctypes.byref(params))
     finally:
         llama_cpp.llama_log_set(binding_logger.llama_log_callback, ctypes.c_void_p(0))
+        listening[0] = False
     if rc != 0:
         errs = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
         raise EdgeMoEError(
