@@ -344,10 +344,11 @@ def evals_21b(chunks: int, stride: int, ctx: int = 512) -> tuple[int, int]:
 
 def plan_evals(layers: int, roles: int, first_routed: int, stride: int) -> int:
     """plan's KLD evals with the floor: one per role, per measured layer, per layer whose routed experts get a
-    factor of their own (the last), the Q8_0 floor and the reference's own pass."""
+    factor of their own (the last), the activation runs, the Q8_0 floor and the reference's own pass."""
     blocks = list(range(layers))
     measured = plan.measured_layers(blocks, stride, first_routed)
-    return roles + len(measured) + len(plan.expert_factor_layers(blocks, blocks[first_routed:])) + 1 + 1
+    experts = len(plan.expert_factor_layers(blocks, blocks[first_routed:]))
+    return roles + len(measured) + experts + len(plan.ACTIVATION_RUNS) + 1 + 1
 
 
 def eval_rate_21b() -> float:

@@ -90,6 +90,13 @@ CALIBRATION_TYPE = "q3_k"
 # the gains scale cannot see such tails, and these tensors are ~7% of ERNIE-21B's bytes, so plan keeps them >= Q4.
 MIN_EVERY_TOKEN = "q4_k"
 ARM_FAST_CALIBRATION_TYPE = "q4_0"
+# The types whose matmuls quantize their activations to Q8_0 (ggml-cpu's vec_dot_type); the k-quants and IQ4_XS
+# quantize them to Q8_K, one scale per 256 values instead of 32: a step from Q8_0 to a k-quant costs that activation
+# error too, which no weight error shows. On the fixtures the Q8_0 -> Q6_K step of the tensors every token uses cost
+# 2.2-3.0x its weight-error prediction, the k-quant steps below it 0.6-1.1x (bench/plan_hightype.md). Two runs price
+# it (Measurements.activation_excess): those tensors at ACTIVATION_RUNS' types, the rest kept.
+Q8_0_ACTIVATION = frozenset({"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"})
+ACTIVATION_RUNS = ("q8_0", "q6_k")
 # How much calibration plan buys by default: chunks of 512 tokens per KLD eval, and the layer stride of the depth
 # runs (measured_layers). bench/quality.md's trade-off tables are why these values: on three choices of calibration
 # chunks per fixture, 8 and 16 chunks kept the plan at Q4_K_M's size within 10% of plan before issue 14 every time
@@ -153,14 +160,29 @@ class Measurements:
     # (expert_factor_layers: the last layer), and the measured KLD it is fitted to (only those experts lowered)
     expert_factors: dict[str, float] = field(default_factory=dict)
     expert_kld: dict[str, float] = field(default_factory=dict)
+    # the KLD a type with Q8_K activations adds over Q8_0's, per unit of a tensor's predicted Q8_0 KLD (gain x
+    # factor x E(W, q8_0), which scales with its weights' size as the activation error's effect does), fitted to the
+    # "activation" runs' measured KLDs beyond their prediction (activation_kld); 0: not measured
+    activation_excess: float = 0.0
+    activation_kld: dict[str, float] = field(default_factory=dict)  # type -> measured KLD of that run
     from_cache: bool = False  # read whole from the cache: nothing was measured by this run
 
-    def predicted(self, tensor: str, type_: str) -> float:
+    def weight_predicted(self, tensor: str, type_: str) -> float:
+        """The KLD of the tensor's weight error at `type_` (gain x depth factor x E(W, t))."""
         return (
             self.gains[role(tensor)]
             * depth_factor(tensor, self.layer_factors, self.expert_factors)
             * (self.errors[tensor][type_])
         )
+
+    def predicted(self, tensor: str, type_: str) -> float:
+        """The weight error's KLD plus, for a type with Q8_K activations, their excess over Q8_0's. At the
+        calibration type (a k-quant) the gains already hold it; added to every k-quant alike, it moves no choice
+        among them, only their steps to Q8_0 (and the Q8_0-activation types)."""
+        kld = self.weight_predicted(tensor, type_)
+        if self.activation_excess and type_ not in Q8_0_ACTIVATION and "q8_0" in self.errors[tensor]:
+            kld += self.activation_excess * self.weight_predicted(tensor, "q8_0")
+        return kld
 
 
 def depth_factor(tensor: str, layer_factors: dict[str, float], expert_factors: dict[str, float]) -> float:
@@ -229,7 +251,7 @@ def _cache_path(
     from .qerror import MIN_ROWS
 
     h = hashlib.sha256()
-    h.update(f"v6|{_model_id(model)}|{','.join(types)}|{cal_type}|{max_chunks}|{reference}|{layer_stride}|".encode())
+    h.update(f"v7|{_model_id(model)}|{','.join(types)}|{cal_type}|{max_chunks}|{reference}|{layer_stride}|".encode())
     if ctx != 512:  # the chunk length the KLDs were measured over (512, plan's own, keeps the keys it always had)
         h.update(f"ctx|{ctx}|".encode())
     if score_from is not None and score_from != ctx // 2:  # the second half, scored before, keeps its keys
@@ -681,6 +703,19 @@ def measure_steps(
     for b in expert_factor_layers(blocks, routed):
         members = [x.name for x in lowerable if layer(x.name) == str(b) and "_exps" in x.name]
         steps.append(run(f"experts {b}", "layers", members))
+    # the activation runs: the tensors every token uses (all but routed experts) at Q8_0 and at Q6_K, the rest as
+    # in the reference: what a step from Q8_0 to a k-quant costs beyond its weight error (Q8_0_ACTIVATION). llama.cpp
+    # writes each as a whole model (the rest copied: its work counts every weight, as a quantization's does); against
+    # a Q8_0 reference the Q8_0 run is the reference itself
+    every = [
+        x.name for x in targets if "_exps" not in x.name and all(x.shape[0] % _block(t) == 0 for t in ACTIVATION_RUNS)
+    ]
+    if every and "q8_0" in types and any(t not in Q8_0_ACTIVATION for t in types):
+        whole = sum(x.n_elements for x in targets)
+        for t in ACTIVATION_RUNS if reference == "source" else ACTIVATION_RUNS[1:]:
+            key = content_key("activation v1", *eval_ids, t, *sorted(every))
+            work = {"quantize": whole, "eval": per_run}
+            steps.append(Step(f"activation {t}", "calibrate", work, [], key, t, every, tokens))
     # the floor: quantized matmuls also quantize their activations (to Q8_0/Q8_K), an error no weight error shows;
     # the all-Q8_0 model is the kept Q8_0 quantization itself (against a Q8_0 reference there is no floor)
     if reference == "source" and floor:
@@ -758,6 +793,33 @@ def _measure(
                 )
                 * ctx
             )
+        elif step.name.startswith("activation "):
+            out = work / f"{model.stem}.activation-{step.type}.gguf"
+            keep = [t for t in tensors if t.name not in step.members] if reference == "source" else None
+            quantize(
+                model,
+                _uniform(step.type, step.members, keep),
+                out=out,
+                imatrix=imatrix,
+                threads=threads,
+                manifest=False,
+            )
+            seconds["quantize"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            res = evaluate(
+                out,
+                base(),
+                text,
+                ctx=ctx,
+                threads=threads,
+                max_chunks=max_chunks,
+                spread=True,
+                repack=False,
+                score_from=score_from,
+            )
+            out.unlink(missing_ok=True)
+            results[step.name] = {"kld": res.kld_mean, "stderr": res.kld_stderr}
+            eval_tokens += res.chunks * ctx
         elif step.name == "calibration model":
             calibration = CalibrationModel(base(), files[f"quantize {step.type}"], work)
             assembled_bytes += calibration.written
@@ -809,12 +871,23 @@ def _measure(
     gains, factors, expert_factors = fit_role_layer(
         {n: errors[n][calibration_type] for n in errors if calibration_type in errors[n]}, kld, layer_kld, expert_kld
     )
+    m_partial = Measurements(
+        "", "", "", list(types), calibration_type, errors, gains, kld, factors, expert_factors=expert_factors
+    )
+    activation = {s.type: results[s.name]["kld"] for s in steps if s.name.startswith("activation ")}
+    excess = 0.0
+    if ACTIVATION_RUNS[1] in activation:
+        members = next(s.members for s in steps if s.name.startswith("activation "))
+
+        def beyond(t: str) -> float:  # a run's KLD beyond its weight errors' (the Q8_0 reference's own: 0)
+            kld_t = activation.get(t, 0.0)
+            return kld_t - sum(m_partial.weight_predicted(n, t) for n in members) if t in activation else 0.0
+
+        unit = sum(m_partial.weight_predicted(n, "q8_0") for n in members)
+        excess = max(beyond(ACTIVATION_RUNS[1]) - beyond(ACTIVATION_RUNS[0]), 0.0) / unit if unit > 0 else 0.0
     floor = 0.0
     if "floor" in results:
         q8 = [x.name for x in targets if "q8_0" in errors[x.name]]
-        m_partial = Measurements(
-            "", "", "", list(types), calibration_type, errors, gains, kld, factors, expert_factors=expert_factors
-        )
         floor = max(results["floor"]["kld"] - sum(m_partial.predicted(n, "q8_0") for n in q8), 0.0)
     runs = [s for s in todo if s.name.startswith(_RUNS) or s.name == "floor"]
     # each measured KLD's standard error ("role:R", "layer:B", "experts:B", "floor"): how much the chunks evaluated
@@ -852,10 +925,12 @@ def _measure(
         "floor" in results,
         expert_factors=expert_factors,
         expert_kld=expert_kld,
+        activation_excess=excess,
+        activation_kld=activation,
     )
 
 
-_RUNS = ("role ", "layer ", "experts ")  # the calibration runs' step names (and the floor)
+_RUNS = ("role ", "layer ", "experts ", "activation ")  # the calibration runs' step names (and the floor)
 
 
 # steps reported as memory stages of their own; each role, layer and floor run is one of the "calibration runs"
@@ -863,7 +938,10 @@ _OWN_STAGE = ("errors", "quantize ", "reference", "calibration model")
 
 
 def _stage_of(step: Step) -> str:
-    """The stage a step's timed part belongs to (a calibration run's assembly is timed on its own)."""
+    """The stage a step's timed part belongs to (a calibration run's assembly, an activation run's quantization
+    are timed on their own)."""
+    if step.name.startswith("activation "):
+        return "eval"
     return next(s for s in ("quantize", "errors", "eval", "assemble") if s in step.work)
 
 

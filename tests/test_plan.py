@@ -350,8 +350,9 @@ def test_plan_with_a_layer_stride_on_the_fixture(tiny_gguf, tmp_path):
     im = write_imatrix(tmp_path / "im.gguf", model)
     m = plan.measure(model, im, text, max_chunks=1, threads=2, workdir=tmp_path, layer_stride=2)
     assert set(m.layer_kld) == {"0", "1", "3"} and set(m.layer_factors) == {"0", "1", "2", "3"}
-    # roles, 3 layers, the last layer's routed experts (the floor is opt-in)
-    assert m.layer_stride == 2 and m.work["runs"] == len(m.gains) + 4
+    # roles, 3 layers, the last layer's routed experts, the two activation runs (the floor is opt-in)
+    assert m.layer_stride == 2 and m.work["runs"] == len(m.gains) + 4 + len(plan.ACTIVATION_RUNS)
+    assert set(m.activation_kld) == set(plan.ACTIVATION_RUNS) and m.activation_excess >= 0
     assert set(m.expert_kld) == set(m.expert_factors) == {"3"}
     lo, hi = m.layer_factors["1"], m.layer_factors["3"]
     assert min(lo, hi) <= m.layer_factors["2"] <= max(lo, hi)
@@ -424,3 +425,23 @@ def test_calibration_chunks_are_spread_over_the_text(tiny_gguf):
     middle = int(round((len(every) - 1) / 2))  # numpy rounds half to even, as the spacing does
     assert len(every) > 3 and spread == [every[0], every[middle], every[-1]]
     assert _chunks(llm, text, 256, len(every) + 5, spread=True) == every
+
+
+def test_activation_excess_prices_the_step_from_q8_0_to_a_k_quant_only():
+    """The Q8_K activations' excess is added to every k-quant of a tensor alike (no choice among them moves) and to
+    no Q8_0-activation type; its size scales with the tensor's predicted Q8_0 KLD."""
+    errors = {"blk.0.attn_q.weight": {"q8_0": 1.0, "q6_k": 4.0, "q4_k": 20.0, "q4_0": 30.0}}
+    kw = dict(types=["q8_0", "q6_k", "q4_k", "q4_0"], calibration_type="q4_k", errors=errors)
+    base = plan.Measurements("m", "i", "t", gains={"attn_q": 0.5}, calibration_kld={}, layer_factors={"0": 2.0}, **kw)
+    excess = plan.Measurements(
+        "m", "i", "t", gains={"attn_q": 0.5}, calibration_kld={}, layer_factors={"0": 2.0}, activation_excess=3.0, **kw
+    )
+    n = "blk.0.attn_q.weight"
+    assert base.predicted(n, "q6_k") == base.weight_predicted(n, "q6_k") == 4.0
+    for t in ("q8_0", "q4_0"):
+        assert excess.predicted(n, t) == base.predicted(n, t)
+    for t in ("q6_k", "q4_k"):
+        assert excess.predicted(n, t) == base.predicted(n, t) + 3.0 * 1.0  # 3 x gain x factor x E(W, q8_0)
+    # the Q8_0 -> Q6_K step costs the excess more, Q6_K -> Q4_K the same as before
+    assert excess.predicted(n, "q6_k") - excess.predicted(n, "q8_0") == 6.0
+    assert excess.predicted(n, "q4_k") - excess.predicted(n, "q6_k") == base.predicted(n, "q4_k") - 4.0
