@@ -99,10 +99,10 @@ Q8_0_ACTIVATION = frozenset({"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"})
 ACTIVATION_RUNS = ("q8_0", "q6_k")
 # How much calibration plan buys by default: chunks of 512 tokens per KLD eval, and the layer stride of the depth
 # runs (measured_layers). bench/quality.md's trade-off tables are why these values: on three choices of calibration
-# chunks per fixture, 8 and 16 chunks kept the plan at Q4_K_M's size within 10% of plan before issue 14 every time
-# (8: worst 1.03x Thinking, 0.98x PT); 4 chunks left PT 12% behind on one of three (a near-tie priced wrong at high
-# types: bench/plan_miss.md), and 8 chunks of 256 tokens missed on one (PT 1.12x).
-DEFAULT_CHUNKS = 8
+# chunks per fixture, 4 chunks keep the plan at Q4_K_M's size within 10% of plan before issue 14 every time since
+# the activation runs price the Q8_0 -> k-quant step (worst 1.00x Thinking, 1.01x PT; it left PT 12% behind on one
+# draw before: bench/plan_miss.md); 8 chunks too (1.05x / 1.01x), at twice the evals' tokens.
+DEFAULT_CHUNKS = 4
 DEFAULT_LAYER_STRIDE = 4
 # Which positions of a calibration chunk are scored: all from ctx // CALIBRATION_WARMUP on; 2 is `edgemoe eval`'s
 # second half (llama-perplexity's protocol). measure(score_from=...) takes any other first position.
