@@ -715,7 +715,7 @@ def measure_steps(
         for t in ACTIVATION_RUNS if reference == "source" else ACTIVATION_RUNS[1:]:
             key = content_key("activation v1", *eval_ids, t, *sorted(every))
             work = {"quantize": whole, "eval": per_run}
-            steps.append(Step(f"activation {t}", "calibrate", work, [], key, t, every, tokens))
+            steps.append(Step(f"activation {t}", "calibrate", work, ["reference", *base_needs], key, t, every, tokens))
     # the floor: quantized matmuls also quantize their activations (to Q8_0/Q8_K), an error no weight error shows;
     # the all-Q8_0 model is the kept Q8_0 quantization itself (against a Q8_0 reference there is no floor)
     if reference == "source" and floor:

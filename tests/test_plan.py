@@ -445,3 +445,16 @@ def test_activation_excess_prices_the_step_from_q8_0_to_a_k_quant_only():
     # the Q8_0 -> Q6_K step costs the excess more, Q6_K -> Q4_K the same as before
     assert excess.predicted(n, "q6_k") - excess.predicted(n, "q8_0") == 6.0
     assert excess.predicted(n, "q4_k") - excess.predicted(n, "q6_k") == base.predicted(n, "q4_k") - 4.0
+
+
+def test_activation_runs_against_a_q8_0_reference(tiny_gguf, tmp_path):
+    """Against a Q8_0 reference the Q8_0 activation run would be the reference itself: only the Q6_K one runs, on
+    the kept Q8_0 quantization (which it needs until then), and its excess is measured over a zero Q8_0 level."""
+    from test_quantize import write_imatrix
+
+    model = tiny_gguf("pt")
+    text = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "calib" / "calibration.txt"
+    im = write_imatrix(tmp_path / "im.gguf", model)
+    m = plan.measure(model, im, text, max_chunks=1, threads=2, workdir=tmp_path, reference="q8_0", use_cache=False)
+    assert set(m.activation_kld) == {"q6_k"} and m.activation_kld["q6_k"] > 0
+    assert m.activation_excess >= 0 and "activation:q6_k" in m.kld_stderr
