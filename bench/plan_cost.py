@@ -393,14 +393,18 @@ def predict(results: dict, args) -> dict:
     layers_now = measured_layers(list(range(28)), DEFAULT_LAYER_STRIDE, first_routed=1)
     # plus one run per layer whose routed experts get a factor of their own (the last)
     expert_layers_now = expert_factor_layers(list(range(28)), list(range(1, 28)))
-    evals_now = N_EVALS - 28 + len(layers_now) + len(expert_layers_now) - (0 if floor else 1)
+    # plus the activation runs (plan.ACTIVATION_RUNS: the tensors every token uses at Q8_0 and at Q6_K), each a
+    # whole model llama-quantize writes: those tensors quantized (~7% of the weights), the rest copied, priced as
+    # a copy of the bf16 model
+    activation_runs = len(plan_mod.ACTIVATION_RUNS) if hasattr(plan_mod, "ACTIVATION_RUNS") else 0
+    evals_now = N_EVALS - 28 + len(layers_now) + len(expert_layers_now) + activation_runs - (0 if floor else 1)
     kept_now = kept_s if floor else weights_21b / per_type["q3_k"]["r_quant"]
     eval_tokens_now = evals_now * ctx * DEFAULT_CHUNKS
     # the numpy work of the positions scored beyond the second half, per chunk at the 21B's vocabulary (kld_rows)
     extra_chunk = extra_scoring_seconds(results, score_from)
     extra_box = evals_now * DEFAULT_CHUNKS * extra_chunk
     shard_bytes = ref_bytes["source (bf16)"] + weights_21b * 3.4375 / 8
-    shards_s = shard_bytes / r_copy
+    shards_s = (shard_bytes + activation_runs * ref_bytes["source (bf16)"]) / r_copy
     box_now = kept_now + sampled_s + shards_s + eval_tokens_now / r_pp_21b + extra_box
     o6_now = kept_now + sampled_s + shards_s + eval_tokens_now / O6_PP512 + extra_box
     board = predict_board(
@@ -414,6 +418,7 @@ def predict(results: dict, args) -> dict:
             "layer_stride": DEFAULT_LAYER_STRIDE,
             "layers": layers_now,
             "expert_layers": expert_layers_now,
+            "activation_runs": activation_runs,
             "score_from": score_from,
             "floor": floor,
         },
@@ -598,6 +603,7 @@ def settings_rows(p: dict, results: dict) -> list[str]:
 
     b, d = p["board"], p["defaults_now"]
     expert_runs = len(expert_factor_layers(list(range(28)), list(range(1, 28))))
+    expert_runs += d.get("activation_runs", 0)  # the activation runs: their evals, here (their copies: the shards)
     rates = {
         "box": (p["r_pp_21b_box"], 1.0),
         "low": (O6_PP512, 1.0),
@@ -728,10 +734,11 @@ def board_md(p: dict, results: dict) -> list[str]:
         *settings_rows(p, results),
         "",
         "Which settings keep plan's quality is bench/quality.md's rotation table (issue 14's target, within 10% of "
-        "plan before its cuts at Q4_K_M's size on three chunk draws per fixture, with the last layer's routed "
-        "experts fitted on their own: 8 and 16 chunks yes, second half or scored from 64; 4 chunks no, Thinking "
-        "holds but PT is 12% over on its worst draw either way; 3 chunks scored from 64 no, PT 15%; 2 chunks no, "
-        "PT 12%). The high bound cannot reach 30 minutes by any calibration setting: its stages outside the evals "
+        "plan before its cuts at Q4_K_M's size on three chunk draws per fixture): with the activation runs pricing "
+        "the step from Q8_0 to a k-quant, 4 chunks yes (worst 1.00x Thinking, 1.01x PT; 12% over on PT without "
+        "them) and 8 chunks yes (1.05x / 1.01x); the other settings were measured before the activation runs "
+        "(bench/quality.md at 01b06d2: 16 chunks yes; 3 chunks scored from 64 PT 15% over, 2 chunks 12%). "
+        "The high bound cannot reach 30 minutes by any calibration setting: its stages outside the evals "
         f"alone take {_h(sum(v for k, v in b['high'].items() if k not in ('evals', 'total')))}.",
         "",
         floor_note(p),
@@ -881,6 +888,12 @@ def write_md(
         f"Q3_K, {p['shard_bytes_21b'] / gb:.1f} GB) instead of 42 copies; {p['evals_now']} evals (14 roles, the "
         f"{len(d['layers'])} layers {d['layers']} the stride measures, "
         + "".join(f"layer {b}'s routed experts, " for b in d.get("expert_layers", []))
+        + (
+            f"{d['activation_runs']} activation runs (each a whole model written: the bf16 copy is priced with "
+            "the shards), "
+            if d.get("activation_runs")
+            else ""
+        )
         + ("floor, " if d.get("floor", True) else "")
         + f"reference) of {d['chunks']} x "
         f"{d['ctx']} tokens, "
