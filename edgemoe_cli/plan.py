@@ -765,6 +765,22 @@ def _measure(
     def base() -> Path:
         return model if reference == "source" else files["quantize q8_0"]
 
+    def calibration_eval(name: str, path: Path) -> int:
+        """Evaluate one calibration model against the base; record its KLD under `name`; the tokens evaluated."""
+        res = evaluate(
+            path,
+            base(),
+            text,
+            ctx=ctx,
+            threads=threads,
+            max_chunks=max_chunks,
+            spread=True,
+            repack=False,
+            score_from=score_from,
+        )
+        results[name] = {"kld": res.kld_mean, "stderr": res.kld_stderr}
+        return res.chunks * ctx
+
     finished = {s.name for s in steps} - names
     for i, step in enumerate(todo):
         group = by_group[step.group]
@@ -806,20 +822,8 @@ def _measure(
             )
             seconds["quantize"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            res = evaluate(
-                out,
-                base(),
-                text,
-                ctx=ctx,
-                threads=threads,
-                max_chunks=max_chunks,
-                spread=True,
-                repack=False,
-                score_from=score_from,
-            )
+            eval_tokens += calibration_eval(step.name, out)
             out.unlink(missing_ok=True)
-            results[step.name] = {"kld": res.kld_mean, "stderr": res.kld_stderr}
-            eval_tokens += res.chunks * ctx
         elif step.name == "calibration model":
             calibration = CalibrationModel(base(), files[f"quantize {step.type}"], work)
             assembled_bytes += calibration.written
@@ -831,19 +835,7 @@ def _measure(
                 seconds["assemble"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 evaluated = calibration.path
-            res = evaluate(
-                evaluated,
-                base(),
-                text,
-                ctx=ctx,
-                threads=threads,
-                max_chunks=max_chunks,
-                spread=True,
-                repack=False,
-                score_from=score_from,
-            )
-            results[step.name] = {"kld": res.kld_mean, "stderr": res.kld_stderr}
-            eval_tokens += res.chunks * ctx
+            eval_tokens += calibration_eval(step.name, evaluated)
         seconds[_stage_of(step)] += time.perf_counter() - t0
         for stage, n in step.work.items():
             done[stage] += n
