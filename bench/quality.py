@@ -248,20 +248,29 @@ def setting_name(chunks: int, stride: int, ctx: int = 512, score_from: int | Non
 def parse_setting(cfg: str) -> tuple[int, int, int, int]:
     """CHUNKSxSTRIDE[cCTX][wFROM] -> (chunks, layer stride, tokens a chunk: 512 unless given, first scored position
     of a chunk: its second half unless given)."""
-    m = re.fullmatch(r"(\d+)x(\d+)(?:c(\d+))?(?:w(\d+))?", cfg)
+    m = re.fullmatch(r"(\d+)x(\d+)(?:c(\d+))?(?:w(\d+))?(?:q8)?", cfg)
     if not m:
-        raise SystemExit(f"calibration setting {cfg!r} is not CHUNKSxSTRIDE[cCTX][wFROM]")
+        raise SystemExit(f"calibration setting {cfg!r} is not CHUNKSxSTRIDE[cCTX][wFROM][q8]")
     chunks, stride, ctx = int(m[1]), int(m[2]), int(m[3] or 512)
     return chunks, stride, ctx, int(m[4]) if m[4] else ctx // 2
 
 
+def setting_reference(cfg: str) -> str:
+    """plan's --reference for a setting: q8_0 for a setting ending in q8 (the gains measured against the model at
+    Q8_0, as a board without the memory for the bf16 model runs plan), else the source."""
+    parse_setting(cfg)
+    return "q8_0" if cfg.endswith("q8") else "source"
+
+
 def setting_label(cfg: str) -> str:
-    """A setting as the tables name it: '4 x 4', '8 x 4 (256-token chunks)', '4 x 4 (scored from 64)'."""
+    """A setting as the tables name it: '4 x 4', '8 x 4 (256-token chunks)', '4 x 4 (scored from 64)',
+    '4 x 4 (Q8_0 reference)'."""
     chunks, stride, ctx, score_from = parse_setting(cfg)
     return (
         f"{chunks} x {stride}"
         + (f" ({ctx}-token chunks)" if ctx != 512 else "")
         + (f" (scored from {score_from})" if score_from != ctx // 2 else "")
+        + (" (Q8_0 reference)" if setting_reference(cfg) == "q8_0" else "")
     )
 
 
@@ -295,7 +304,8 @@ def tradeoff(variant, cfg, k, work, f32, im_path, calib, tensors, overhead, args
         progress=lambda s, d, n, *_: print(f"  plan {name} {s} {d}/{n}", flush=True),
         layer_stride=stride,
         score_from=score_from,
-        floor=True,  # as every setting was measured (the floor changes no choice)
+        reference=setting_reference(cfg),
+        floor=True,  # as every setting was measured (the floor changes no choice; against Q8_0 there is none)
     )
     measured = {
         **{f"role:{r}": k for r, k in m.calibration_kld.items()},
