@@ -310,6 +310,18 @@ def _readers(paths, readers: dict | None) -> dict:
     return readers
 
 
+def copy_tensors(model: str | Path, names: list[str], out: str | Path, readers: dict | None = None) -> int:
+    """Write `out`: `model`'s keys and only its tensors named in `names`, as they are (llama.cpp quantizes such a
+    file as it would the whole model, tensor by tensor). Returns the tensor bytes written."""
+    from .ggufcopy import OutTensor, write_gguf
+
+    reader = _readers([model], readers)[Path(model)]
+    picked = set(names)
+    chosen = [OutTensor(t) for t in reader.tensors if t.name in picked]
+    write_gguf(reader, out, chosen)
+    return sum(int(t.source.n_bytes) for t in chosen)
+
+
 def assemble(base: str | Path, swaps: dict[str, Path], out: str | Path, readers: dict | None = None) -> int:
     """Write `out`: `base`'s keys and tensors, except the tensors named in `swaps`, whose bytes are copied from the
     file given for each (a whole-model quantization). The result is byte for byte, tensor for tensor, what
@@ -328,17 +340,13 @@ def assemble(base: str | Path, swaps: dict[str, Path], out: str | Path, readers:
 class CalibrationModel:
     """plan's calibration models without a whole-model copy per run: the model is a llama.cpp split GGUF with one
     shard per tensor that a run may lower (the first shard holds the keys and the tensors no run lowers). Each such
-    shard is written once in two versions, the reference's tensor and the lowered one, and a run points the shard's
-    name (a symlink) at one or the other: what a run writes is the first shard, keys and small tensors, not the
-    model (`assemble` copied all of it: 42 x 43.7 GB for the bf16 21B, ~25 min). llama.cpp loads the shards by
-    name, so every tensor's type and bytes, and general.file_type, are those of the file `assemble` writes for the
-    same mix (tests/test_plan.py checks both, and that llama.cpp evaluates them the same)."""
+    shard is written once in two versions, the reference's tensor and the lowered one (more: add_version), and a
+    run points the shard's name (a symlink) at one of them: what a run writes is the first shard, keys and small
+    tensors, not the model (`assemble` copied all of it: 42 x 43.7 GB for the bf16 21B, ~25 min). llama.cpp loads
+    the shards by name, so every tensor's type and bytes, and general.file_type, are those of the file `assemble`
+    writes for the same mix (tests/test_plan.py checks both, and that llama.cpp evaluates them the same)."""
 
     def __init__(self, base: str | Path, lowered: str | Path, workdir: str | Path, readers: dict | None = None):
-        import gguf
-
-        from .ggufcopy import OutTensor, write_gguf
-
         self.base, self.lowered, self.dir = Path(base), Path(lowered), Path(workdir) / "calibration-model"
         self.readers = _readers([self.base, self.lowered], readers)
         base_reader = self.readers[self.base]
@@ -353,35 +361,60 @@ class CalibrationModel:
         if self.n > 0xFFFF:
             raise EdgeMoEError(f"{self.base} has more tensors than a split GGUF can hold", "")
         self.dir.mkdir(parents=True, exist_ok=True)
-        split = gguf.Keys.Split
         self.written = 0
-        for i, name in enumerate(self.sharded, start=1):
-            for version, reader in (("base", base_reader), ("low", self.readers[self.lowered])):
-                src = next(t for t in reader.tensors if t.name == name)
-                added = [
-                    (split.LLM_KV_SPLIT_NO, i, gguf.GGUFValueType.UINT16),
-                    (split.LLM_KV_SPLIT_COUNT, self.n, gguf.GGUFValueType.UINT16),
-                    (split.LLM_KV_SPLIT_TENSORS_COUNT, len(base_reader.tensors), gguf.GGUFValueType.INT32),
-                ]
-                write_gguf(_NoKeys(base_reader), self.dir / f"{i:05d}.{version}.gguf", [OutTensor(src)], added=added)
-                self.written += int(src.n_bytes)
+        self.versions: dict[str, Path] = {}  # version -> the file its shards were copied from
+        self.holds: dict[str, set[str]] = {}  # version -> the sharded tensors it has a shard of
+        self.add_version("base", self.base)
+        self.add_version("low", self.lowered)
         self.path = self.shard(0)
+
+    def add_version(self, version: str, source: str | Path) -> int:
+        """Write one more version of the shards: each sharded tensor `source` holds in the reference's shape (the
+        activation runs' Q8_0 and Q6_K of the tensors every token uses: quantized alone, not as a whole model).
+        Returns the tensor bytes written."""
+        import gguf
+
+        from .ggufcopy import OutTensor, write_gguf
+
+        source = Path(source)
+        reader = _readers([source], self.readers)[source]
+        base_reader = self.readers[self.base]
+        shape = {t.name: list(t.shape) for t in base_reader.tensors}
+        split = gguf.Keys.Split
+        written, held = 0, set()
+        for src in reader.tensors:
+            if src.name not in self.sharded or list(src.shape) != shape[src.name]:
+                continue
+            i = self.sharded.index(src.name) + 1
+            added = [
+                (split.LLM_KV_SPLIT_NO, i, gguf.GGUFValueType.UINT16),
+                (split.LLM_KV_SPLIT_COUNT, self.n, gguf.GGUFValueType.UINT16),
+                (split.LLM_KV_SPLIT_TENSORS_COUNT, len(base_reader.tensors), gguf.GGUFValueType.INT32),
+            ]
+            write_gguf(_NoKeys(base_reader), self.dir / f"{i:05d}.{version}.gguf", [OutTensor(src)], added=added)
+            written += int(src.n_bytes)
+            held.add(src.name)
+        self.versions[version], self.holds[version] = source, held
+        self.written += written
+        return written
 
     def shard(self, i: int) -> Path:
         return self.dir / f"calibration-{i + 1:05d}-of-{self.n:05d}.gguf"
 
-    def set(self, members: list[str]) -> int:
-        """Make the model at `self.path` the one with `members` from the lowered file, the rest from the base;
-        returns the tensor bytes written (the first shard's: the keys and the tensors no run lowers)."""
+    def set(self, members: list[str], version: str = "low") -> int:
+        """Make the model at `self.path` the one with `members` from `version` (the lowered file unless named), the
+        rest from the base; returns the tensor bytes written (the first shard's: the keys and the tensors no run
+        lowers)."""
         import gguf
 
         from .ggufcopy import write_gguf
 
         base_reader = self.readers[self.base]
-        unknown = set(members) - set(self.sharded)
+        unknown = set(members) - self.holds[version]
         if unknown:
-            raise EdgeMoEError(f"{self.lowered} has no lowered tensor {sorted(unknown)[0]}", "lower only what it holds")
-        swaps = {n: self.lowered for n in members}
+            source = self.versions[version]
+            raise EdgeMoEError(f"{source} has no lowered tensor {sorted(unknown)[0]}", "lower only what it holds")
+        swaps = {n: self.versions[version] for n in members}
         tensors, values = _mix(base_reader, swaps, self.readers)
         first = [t for t in tensors if t.source.name not in self.sharded]
         split = gguf.Keys.Split
@@ -394,7 +427,7 @@ class CalibrationModel:
         for i, name in enumerate(self.sharded, start=1):
             link, tmp = self.shard(i), self.dir / f".link.{i}"
             tmp.unlink(missing_ok=True)
-            tmp.symlink_to(f"{i:05d}.{'low' if name in swaps else 'base'}.gguf")
+            tmp.symlink_to(f"{i:05d}.{version if name in swaps else 'base'}.gguf")
             tmp.replace(link)  # atomic: a shard is never missing
         return sum(int(t.source.n_bytes) for t in first)
 
@@ -711,11 +744,16 @@ def measure_steps(
         x.name for x in targets if "_exps" not in x.name and all(x.shape[0] % _block(t) == 0 for t in ACTIVATION_RUNS)
     ]
     if every and "q8_0" in types and any(t not in Q8_0_ACTIVATION for t in types):
-        whole = sum(x.n_elements for x in targets)
+        # each quantizes those tensors alone (copied out of the source) and writes them as one more version of their
+        # shards (CalibrationModel.add_version), then the first shard, as any run
+        alone = [x for x in targets if x.name in every]
+        copied = sum(tensor_bytes(x.n_elements, x.type) for x in alone)
         for t in ACTIVATION_RUNS if reference == "source" else ACTIVATION_RUNS[1:]:
             key = content_key("activation v1", *eval_ids, t, *sorted(every))
-            work = {"quantize": whole, "eval": per_run}
-            steps.append(Step(f"activation {t}", "calibrate", work, ["reference", *base_needs], key, t, every, tokens))
+            written = copied + sum(tensor_bytes(x.n_elements, t) for x in alone) + first
+            work = {"quantize": sum(x.n_elements for x in alone), "assemble": written, "eval": per_run}
+            needs = ["calibration model", "reference", *base_needs]
+            steps.append(Step(f"activation {t}", "calibrate", work, needs, key, t, every, tokens))
     # the floor: quantized matmuls also quantize their activations (to Q8_0/Q8_K), an error no weight error shows;
     # the all-Q8_0 model is the kept Q8_0 quantization itself (against a Q8_0 reference there is no floor)
     if reference == "source" and floor:
@@ -810,20 +848,27 @@ def _measure(
                 * ctx
             )
         elif step.name.startswith("activation "):
+            # the tensors every token uses, copied out of the source and quantized alone (llama.cpp quantizes tensor
+            # by tensor: the bytes of a whole-model quantization, tests/test_plan.py), become one more version of
+            # their shards; the rest is the reference's. At 21B that quantizes and writes 1.4 B weights, not 21.8 B
+            alone = work / f"{model.stem}.activation-source.gguf"
             out = work / f"{model.stem}.activation-{step.type}.gguf"
-            keep = [t for t in tensors if t.name not in step.members] if reference == "source" else None
+            assembled_bytes += copy_tensors(model, step.members, alone, calibration.readers)
+            t1 = time.perf_counter()
             quantize(
-                model,
-                _uniform(step.type, step.members, keep),
-                out=out,
-                imatrix=imatrix,
-                threads=threads,
-                manifest=False,
+                alone, _uniform(step.type, step.members), out=out, imatrix=imatrix, threads=threads, manifest=False
             )
-            seconds["quantize"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            eval_tokens += calibration_eval(step.name, out)
+            t2 = time.perf_counter()
+            calibration.readers.pop(alone, None)
+            alone.unlink(missing_ok=True)
+            version = f"activation-{step.type}"
+            assembled_bytes += calibration.add_version(version, out) + calibration.set(step.members, version)
+            calibration.readers.pop(out, None)
             out.unlink(missing_ok=True)
+            seconds["quantize"] += t2 - t1
+            seconds["assemble"] += time.perf_counter() - t0 - (t2 - t1)
+            t0 = time.perf_counter()
+            eval_tokens += calibration_eval(step.name, calibration.path)
         elif step.name == "calibration model":
             calibration = CalibrationModel(base(), files[f"quantize {step.type}"], work)
             assembled_bytes += calibration.written

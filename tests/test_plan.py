@@ -412,6 +412,54 @@ def test_calibration_model_from_shards_is_the_assembled_model(tiny_gguf, tmp_pat
             assert e_c.kld_mean == e_a.kld_mean and e_c.kld_mean > 0
 
 
+def test_activation_run_from_shards_is_the_whole_model_quantization(tiny_gguf, tmp_path):
+    """An activation run quantizes only the tensors every token uses (copied out of the source) and points their
+    shards at that: every tensor's type and bytes are those of llama.cpp's whole-model quantization with the rest
+    kept in the source type, which plan ran before; and its KLD is that model's."""
+    import gguf
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_quantize import write_imatrix
+
+    from edgemoe_cli.evaluate import evaluate
+    from edgemoe_cli.quantize import quantize
+    from edgemoe_cli.recipe import quantizable, read_tensors
+
+    model = tiny_gguf("pt")
+    im = write_imatrix(tmp_path / "im.gguf", model)
+    tensors = read_tensors(model)[0]
+    targets = [t for t in tensors if quantizable(t)]
+    fits = [t.name for t in targets if t.shape[0] % plan._block("q3_k") == 0]
+    every = [t.name for t in targets if "_exps" not in t.name and t.shape[0] % 256 == 0]
+    assert every and len(every) < len(fits)
+    low = quantize(model, plan._uniform("q3_k", fits), out=tmp_path / "q3.gguf", imatrix=im, manifest=False).out
+    cm = plan.CalibrationModel(model, low, tmp_path)
+    alone = tmp_path / "alone.gguf"
+    copied = plan.copy_tensors(model, every, alone)
+    assert sorted(t.name for t in gguf.GGUFReader(alone).tensors) == sorted(every)
+    assert copied == sum(t.n_bytes for t in gguf.GGUFReader(model).tensors if t.name in every)
+    part = quantize(alone, plan._uniform("q6_k", every), out=tmp_path / "part.gguf", imatrix=im, manifest=False).out
+    assert cm.add_version("act", part) > 0
+    cm.set(every, "act")
+    keep = [t for t in tensors if t.name not in every]
+    whole = tmp_path / "whole.gguf"
+    quantize(model, plan._uniform("q6_k", every, keep), out=whole, imatrix=im, manifest=False)
+    w = gguf.GGUFReader(whole)
+    got = {t.name: t for k in range(cm.n) for t in gguf.GGUFReader(cm.shard(k)).tensors}
+    assert sorted(got) == sorted(t.name for t in w.tensors)
+    for y in w.tensors:  # bytes compared flat: llama.cpp writes a [n, 1] bias back as [n]
+        x = got[y.name]
+        assert x.tensor_type == y.tensor_type, y.name
+        assert np.asarray(x.data).tobytes() == np.asarray(y.data).tobytes(), y.name
+    text = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "calib" / "calibration.txt"
+    e_c = evaluate(cm.path, model, text, ctx=256, max_chunks=1, threads=2)
+    e_w = evaluate(whole, model, text, ctx=256, max_chunks=1, threads=2)
+    assert e_c.kld_mean == e_w.kld_mean and e_c.kld_mean > 0
+    # a version holds only what its file had: a run cannot point a routed expert at it
+    with pytest.raises(plan.EdgeMoEError):
+        cm.set([n for n in fits if "_exps" in n][:1], "act")
+
+
 def test_calibration_chunks_are_spread_over_the_text(tiny_gguf):
     """plan's evals take their chunks evenly over the calibration text (written genre after genre), not its start."""
     from edgemoe_cli.evaluate import _chunks, _load
