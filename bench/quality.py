@@ -419,6 +419,9 @@ def tradeoff_section(args, results: dict) -> str:
         # the setting's evals on the fixtures (4 layers, the first routed 1), not those this run did: a run kept
         # from another setting (16 x 4's layer runs serve 16 x 1) is not done again
         runs = plan_evals(4, ERNIE_21B_ROLES, 1, stride)  # the fixtures have the 21B's 14 roles
+        if setting_reference(cfg) == "q8_0":  # no floor, and the Q8_0 activation run is the reference itself
+            runs, n21 = runs - 2, n21 - 2
+            tok21 = n21 * chunks * ctx
         row = [
             setting_label(cfg)
             + (" (old default)" if cfg == "16x1" else "")
@@ -443,7 +446,9 @@ def tradeoff_section(args, results: dict) -> str:
         "\n## Calibration cost vs plan quality (both fixtures)\n\n",
         "plan measured with each setting (chunks of 512 calibration tokens per KLD eval x layer stride; each "
         'chunk\'s second half scored, as `edgemoe eval` does, unless the setting says "scored from 64": every '
-        "position from 64 on, ~1.75x the scored tokens per evaluated token), then planned "
+        'position from 64 on, ~1.75x the scored tokens per evaluated token; a setting with "Q8_0 reference" is '
+        "plan --reference q8_0, as a board without the memory for the bf16 model runs it: gains measured against "
+        "the model at Q8_0, no floor, one activation run fewer, two evals fewer), then planned "
         "at the file size of stock Q4_K_M, stock Q3_K_M and community-q4, quantized and evaluated on the held-out "
         f"text like every row above (mean KLD, {args.chunks} chunks). Evals: one per role, per measured layer, one "
         "for the last layer's routed experts, the Q8_0 floor and the reference's own pass; a layer stride k "
