@@ -78,6 +78,7 @@ def _paths(work: Path) -> dict[str, Path]:
         "imatrix": work / "wide-bf16.imatrix.gguf",
         "calibration": work / "wide-calibration.gguf",  # a layer run: blk.1 lowered to Q3_K
         "calibration_role": work / "wide-calibration-role.gguf",  # a role run: attn_q lowered, the rest bf16
+        "calibration_role_q8": work / "wide-calibration-role-q8.gguf",  # the same run against a Q8_0 reference
     }
 
 
@@ -244,6 +245,36 @@ def stage(name: str, args) -> dict:
         return {"seconds": time.perf_counter() - t0, "tokens": len(chunks) * 512}
     if name == "kld_rows":
         return kld_rows_seconds()
+    if name == "eval_q8":
+        # the board's path (--reference q8_0: a 32 GB board has no room for the bf16 21B, 43.7 GB): the role run
+        # (attn_q at Q3_K, the rest Q8_0) against the whole model at Q8_0, as plan assembles and evaluates them
+        from edgemoe_cli.evaluate import base_logprobs, evaluate
+        from edgemoe_cli.plan import assemble
+
+        q8, q3 = _quantized(work, "q8_0"), _quantized(work, "q3_k")
+        role_run = [f for f in _sample(p["bf16"], "q3_k", None)[0] if f.endswith(".attn_q.weight")]
+        assemble(q8, {f: q3 for f in role_run}, p["calibration_role_q8"])
+        t0 = time.perf_counter()
+        _, chunks = base_logprobs(q8, args.text, 512, threads, args.chunks, spread=True, repack=False)
+        base_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = evaluate(
+            p["calibration_role_q8"],
+            q8,
+            args.text,
+            ctx=512,
+            threads=threads,
+            max_chunks=args.chunks,
+            spread=True,
+            repack=False,
+        )
+        return {
+            "seconds": time.perf_counter() - t0,
+            "tokens": res.chunks * 512,
+            "kld_mean": res.kld_mean,
+            "reference_seconds": base_s,  # 0 when an earlier run cached its log-probs
+            "reference_tokens": len(chunks) * 512,
+        }
     if name in ("eval", "eval_layer"):
         from edgemoe_cli.evaluate import evaluate
 
@@ -257,7 +288,7 @@ def stage(name: str, args) -> dict:
 # plan before issue 14's lever) and from 64 (plan's calibration evals scored from ctx // 8)
 KLD_ROWS_FROM = (256, 64)
 # stages --predict-only runs when bench/plan_cost.json lacks them: seconds each, nothing of the model's
-PREDICT_ONLY_STAGES = ("kld_rows",)
+PREDICT_ONLY_STAGES = ("kld_rows", "eval_q8")
 
 
 def kld_rows_seconds(repeats: int = 3) -> dict:
@@ -393,10 +424,17 @@ def predict(results: dict, args) -> dict:
     layers_now = measured_layers(list(range(28)), DEFAULT_LAYER_STRIDE, first_routed=1)
     # plus one run per layer whose routed experts get a factor of their own (the last)
     expert_layers_now = expert_factor_layers(list(range(28)), list(range(1, 28)))
-    # plus the activation runs (plan.ACTIVATION_RUNS: the tensors every token uses at Q8_0 and at Q6_K), each a
-    # whole model llama-quantize writes: those tensors quantized (~7% of the weights), the rest copied, priced as
-    # a copy of the bf16 model
+    # plus the activation runs (plan.ACTIVATION_RUNS: the tensors every token uses at Q8_0 and at Q6_K): each
+    # copies those tensors out of the bf16 source, quantizes them alone (at the type's measured whole-model rate)
+    # and writes them as one more version of their shards
     activation_runs = len(plan_mod.ACTIVATION_RUNS) if hasattr(plan_mod, "ACTIVATION_RUNS") else 0
+    every_21b = every_token_weights_21b()
+
+    def activation_cost(types) -> tuple[float, float]:  # (bytes copied and written, seconds quantizing)
+        copied = sum(2 * every_21b + every_21b * BITS[t] / 8 for t in types)
+        return copied, sum(every_21b / per_type[t]["r_quant"] for t in types)
+
+    act_bytes, act_quant_s = activation_cost(plan_mod.ACTIVATION_RUNS)
     evals_now = N_EVALS - 28 + len(layers_now) + len(expert_layers_now) + activation_runs - (0 if floor else 1)
     kept_now = kept_s if floor else weights_21b / per_type["q3_k"]["r_quant"]
     eval_tokens_now = evals_now * ctx * DEFAULT_CHUNKS
@@ -404,14 +442,60 @@ def predict(results: dict, args) -> dict:
     extra_chunk = extra_scoring_seconds(results, score_from)
     extra_box = evals_now * DEFAULT_CHUNKS * extra_chunk
     shard_bytes = ref_bytes["source (bf16)"] + weights_21b * 3.4375 / 8
-    shards_s = (shard_bytes + activation_runs * ref_bytes["source (bf16)"]) / r_copy
-    box_now = kept_now + sampled_s + shards_s + eval_tokens_now / r_pp_21b + extra_box
-    o6_now = kept_now + sampled_s + shards_s + eval_tokens_now / O6_PP512 + extra_box
+    shards_s = (shard_bytes + act_bytes) / r_copy
+    box_now = kept_now + act_quant_s + sampled_s + shards_s + eval_tokens_now / r_pp_21b + extra_box
+    o6_now = kept_now + act_quant_s + sampled_s + shards_s + eval_tokens_now / O6_PP512 + extra_box
     board = predict_board(
-        results, act_wide, act_21b, r_pp_21b, kept_s, sampled_s, shards_s, eval_tokens_now, extra_box, floor
+        results,
+        act_wide,
+        act_21b,
+        r_pp_21b,
+        kept_s,
+        sampled_s,
+        shards_s,
+        eval_tokens_now,
+        extra_box,
+        floor,
+        act_quant_s,
     )
+    # the board's path, --reference q8_0 (a 32 GB board cannot hold the bf16 21B): both whole-model quantizations
+    # (Q3_K, and Q8_0 as the reference), shards in Q8_0 and Q3_K, the Q6_K activation run only (the Q8_0 one would be
+    # the reference itself), no floor; every eval at the rate measured for a Q8_0 role run (stage eval_q8)
+    q8_path = None
+    if "eval_q8" in results:
+        ev8 = results["eval_q8"]
+        r_pp_q8_21b = ev8["tokens"] / ev8["seconds"] * act_wide / act_21b
+        act_bytes_q8, act_quant_q8 = activation_cost(plan_mod.ACTIVATION_RUNS[1:])
+        shards_q8 = (weights_21b * (BITS["q8_0"] + BITS["q3_k"]) / 8 + act_bytes_q8) / r_copy
+        evals_q8 = evals_now - (1 if floor else 0) - (len(plan_mod.ACTIVATION_RUNS) - 1)
+        tokens_q8 = evals_q8 * ctx * DEFAULT_CHUNKS
+        extra_q8 = evals_q8 * DEFAULT_CHUNKS * extra_chunk
+        q8_board = predict_board(
+            results,
+            act_wide,
+            act_21b,
+            r_pp_q8_21b,
+            kept_s,
+            sampled_s,
+            shards_q8,
+            tokens_q8,
+            extra_q8,
+            True,
+            act_quant_q8,
+        )
+        q8_path = {
+            "board": q8_board,
+            "evals": evals_q8,
+            "eval_tokens": tokens_q8,
+            "r_pp_wide": ev8["tokens"] / ev8["seconds"],
+            "r_pp_21b_box": r_pp_q8_21b,
+            "total_seconds_box": sum(q8_board["box"].values()),
+        }
     return {
         "board": board,
+        "q8_path": q8_path,
+        "every_token_weights_21b": every_21b,
+        "activation_quantize_seconds_21b": act_quant_s,
         "defaults_now": {
             "chunks": DEFAULT_CHUNKS,
             "ctx": ctx,
@@ -492,6 +576,25 @@ def on_threads(t2: float, s: float, per_thread: float, threads: int) -> float:
     return t1 / per_thread * (s + (1 - s) / threads)
 
 
+BITS = {"q3_k": 3.4375, "q6_k": 6.5625, "q8_0": 8.5}  # bits a weight of the types the calibration writes
+
+
+def every_token_weights_21b() -> int:
+    """The 21B's weights in the tensors every token uses that plan's activation runs quantize (quantizable, not
+    routed experts, rows a multiple of 256): attention, shared experts, the dense layer, the embedding."""
+    from edgemoe_cli.ernie21b import ernie_tensors
+    from edgemoe_cli.recipe import TensorInfo, quantizable
+
+    return sum(
+        n
+        for name, n, row in ernie_tensors()
+        if n != row
+        and "_exps" not in name
+        and row % 256 == 0
+        and quantizable(TensorInfo(name, (row, n // row), "bf16", n))
+    )
+
+
 def predict_board(
     results,
     act_wide,
@@ -503,6 +606,7 @@ def predict_board(
     eval_tokens,
     extra_scoring: float = 0.0,
     floor: bool = True,
+    act_quant_s: float = 0.0,
 ) -> dict:
     """plan on an Orion O6-class board (8 Cortex-A720 threads), each stage between two stated bounds:
 
@@ -533,6 +637,9 @@ def predict_board(
     q8_part = q8["weights"] / q8["quantize_seconds"]
     quant_q3 = kept_s * (1 / q3_part) / (1 / q3_part + 1 / q8_part)
     stages_box = {"quantize q3_k": quant_q3, "quantize q8_0": kept_s - quant_q3, "errors": sampled_s}
+    if act_quant_s:  # the activation runs' tensors, quantized alone by llama.cpp: Q3_K's serial share
+        stages_box["quantize activation"] = act_quant_s
+        shares["quantize activation"] = shares["quantize q3_k"]
     out = {"low": {}, "high": {}}
     for name, t in stages_box.items():
         out["low"][name] = on_threads(t, shares[name], 1.0, O6_THREADS)
@@ -680,6 +787,8 @@ def board_md(p: dict, results: dict) -> list[str]:
         "quantize q8_0": f"{q8_1['quantize_seconds']:.1f} / {q8['quantize_seconds']:.1f} s, serial share "
         f"{sh['quantize q8_0']:.2f} (reading and writing the file)",
         "errors": f"{es_1['seconds']:.1f} / {es['seconds']:.1f} s, serial share {sh['errors']:.2f}",
+        "quantize activation": f"{p['every_token_weights_21b'] / 1e9:.2f} B weights per activation run at the "
+        "type's whole-model rate; Q3_K's serial share",
         "calibration model": "a sequential write: this box's page-cache rate in both (the O6's NVMe not measured)",
         "evals": f"low: the quoted pp512 {O6_PP512} tokens/s; high: this box's {p['r_pp_21b_box']:.2f} tokens/s x "
         f"{b['pp512_ratio']:.3f} = {b['eval_rate_high']:.2f} tokens/s" + scoring_note(p),
@@ -688,7 +797,8 @@ def board_md(p: dict, results: dict) -> list[str]:
         "quantize q3_k": "whole-model quantization Q3_K",
         "quantize q8_0": "whole-model quantization Q8_0",
         "errors": "error stage (sampled, 7 types)",
-        "calibration model": "split calibration model",
+        "quantize activation": "the activation runs' tensors quantized alone",
+        "calibration model": "split calibration model (with the activation runs' shards)",
         "evals": f"{p['evals_now']} evals x {p['defaults_now']['chunks'] * p['defaults_now']['ctx']} tokens",
     }
     rows = [
@@ -745,6 +855,46 @@ def board_md(p: dict, results: dict) -> list[str]:
         "",
         "Memory, not time, also decides the O6's settings: the bf16 21B (43.7 GB) as the calibration reference "
         "needs a 64 GB board; on 32 GB plan needs `--reference q8_0` (23.2 GB), which drops the floor eval.",
+        "",
+        *q8_path_md(p, results),
+    ]
+
+
+def q8_path_md(p: dict, results: dict) -> list[str]:
+    """The board's own path, --reference q8_0: its stages on this box and between the O6 bounds."""
+    q = p.get("q8_path")
+    if not q:
+        return []
+    b, ev8 = q["board"], results["eval_q8"]
+    label = {
+        "quantize q3_k": "whole-model quantization Q3_K",
+        "quantize q8_0": "whole-model quantization Q8_0 (the reference)",
+        "errors": "error stage (sampled, 7 types)",
+        "quantize activation": "the Q6_K activation run's tensors quantized alone",
+        "calibration model": "split calibration model (Q8_0 and Q3_K shards, the activation run's)",
+        "evals": f"{q['evals']} evals x {p['defaults_now']['chunks'] * p['defaults_now']['ctx']} tokens",
+    }
+    rows = [
+        f"| {label[k]} | {_h(b['box'][k])} | {_h(b['low'][k])} | {_h(b['high'][k])} |" for k in label if k in b["box"]
+    ]
+    return [
+        "### The board's path: `--reference q8_0`",
+        "",
+        "A 32 GB O6 plans against the model at Q8_0. Its calibration models are Q8_0 with one role or layer at "
+        "Q3_K, which on Arm go through the same repacked int8 (i8mm) matmuls as the Q4_0 model the O6's pp512 is "
+        "quoted for (ggml repacks Q8_0 and Q4_0 alike), so there the low bound's eval rate is the quoted figure "
+        "for the kind of model evaluated, not an optimistic stand-in for bf16. Its evals measured here: the role run "
+        f"(attn_q at Q3_K, the rest Q8_0) against the Q8_0 model, {ev8['tokens']} tokens in {ev8['seconds']:.1f} s "
+        f"= {q['r_pp_wide']:.0f} tokens/s on the real-width model (the bf16 role run: "
+        f"{p['r_pp_wide']:.0f} tokens/s), {q['r_pp_21b_box']:.2f} tokens/s scaled to the 21B (stage `eval_q8`). One "
+        "activation run fewer (the Q8_0 one is the reference itself), no floor; plan's quality on this path is "
+        "bench/quality.md's `4 x 4 (Q8_0 reference)` rows.",
+        "",
+        "| stage | this box | O6 low | O6 high |",
+        "|---|---:|---:|---:|",
+        *rows,
+        f"| **total** | **{_h(q['total_seconds_box'])}** | **{_h(b['low']['total'])}** | "
+        f"**{_h(b['high']['total'])}** |",
         "",
     ]
 
@@ -889,8 +1039,8 @@ def write_md(
         f"{len(d['layers'])} layers {d['layers']} the stride measures, "
         + "".join(f"layer {b}'s routed experts, " for b in d.get("expert_layers", []))
         + (
-            f"{d['activation_runs']} activation runs (each a whole model written: the bf16 copy is priced with "
-            "the shards), "
+            f"{d['activation_runs']} activation runs (each quantizes the "
+            f"{p['every_token_weights_21b'] / 1e9:.2f} B weights every token uses alone and writes them as shards), "
             if d.get("activation_runs")
             else ""
         )
@@ -914,6 +1064,8 @@ def write_md(
         )
         + f"{_bounds(p, 'quantize q3_k', 'quantize q8_0')} |",
         f"| error stage (sampled, 7 types) | {_h(p['sampled_error_seconds_21b'])} | {_bounds(p, 'errors')} |",
+        f"| the activation runs' tensors quantized alone | {_h(p['activation_quantize_seconds_21b'])} | "
+        f"{_bounds(p, 'quantize activation')} |",
         f"| split calibration model at {p['r_copy'] / 1e6:.0f} MB/s | {_h(p['shard_seconds_21b'])} | "
         f"{_bounds(p, 'calibration model')} |",
         f"| {p['evals_now']} evals x {d['chunks'] * d['ctx']} tokens | {_h(p['eval_seconds_now_box'])} at "

@@ -251,7 +251,8 @@ def _cache_path(
     from .qerror import MIN_ROWS
 
     h = hashlib.sha256()
-    h.update(f"v7|{_model_id(model)}|{','.join(types)}|{cal_type}|{max_chunks}|{reference}|{layer_stride}|".encode())
+    # v8: the routed experts' role runs lower them only in the measured layers (measure_steps' probe)
+    h.update(f"v8|{_model_id(model)}|{','.join(types)}|{cal_type}|{max_chunks}|{reference}|{layer_stride}|".encode())
     if ctx != 512:  # the chunk length the KLDs were measured over (512, plan's own, keeps the keys it always had)
         h.update(f"ctx|{ctx}|".encode())
     if score_from is not None and score_from != ctx // 2:  # the second half, scored before, keeps its keys
@@ -350,13 +351,10 @@ class CalibrationModel:
         self.base, self.lowered, self.dir = Path(base), Path(lowered), Path(workdir) / "calibration-model"
         self.readers = _readers([self.base, self.lowered], readers)
         base_reader = self.readers[self.base]
-        low = {t.name: t for t in self.readers[self.lowered].tensors}
-        # a shard for each tensor the lowered file holds in another type (norms and routers stay in the first)
-        self.sharded = [
-            t.name
-            for t in base_reader.tensors
-            if t.name in low and list(low[t.name].shape) == list(t.shape) and low[t.name].tensor_type != t.tensor_type
-        ]
+        # a shard for each matrix llama.cpp could quantize (norms and routers stay in the first): those the lowered
+        # file holds get a lowered version, the others (plan probes routed experts only in the layers it measures)
+        # only the reference's, so no run rewrites them
+        self.sharded = [t.name for t in base_reader.tensors if _is_matrix(t)]
         self.n = len(self.sharded) + 1
         if self.n > 0xFFFF:
             raise EdgeMoEError(f"{self.base} has more tensors than a split GGUF can hold", "")
@@ -382,9 +380,12 @@ class CalibrationModel:
         shape = {t.name: list(t.shape) for t in base_reader.tensors}
         split = gguf.Keys.Split
         written, held = 0, set()
+        base_type = {t.name: t.tensor_type for t in base_reader.tensors}
         for src in reader.tensors:
             if src.name not in self.sharded or list(src.shape) != shape[src.name]:
                 continue
+            if version != "base" and src.tensor_type == base_type[src.name]:
+                continue  # not lowered: the base version is this tensor
             i = self.sharded.index(src.name) + 1
             added = [
                 (split.LLM_KV_SPLIT_NO, i, gguf.GGUFValueType.UINT16),
@@ -430,6 +431,12 @@ class CalibrationModel:
             tmp.symlink_to(f"{i:05d}.{version if name in swaps else 'base'}.gguf")
             tmp.replace(link)  # atomic: a shard is never missing
         return sum(int(t.source.n_bytes) for t in first)
+
+
+def _is_matrix(t) -> bool:
+    """Whether a GGUFReader tensor is one llama.cpp's quantizer would touch (recipe.quantizable)."""
+    n = int(t.n_elements)
+    return quantizable(TensorInfo(t.name, tuple(int(d) for d in t.shape), str(t.tensor_type), n))
 
 
 class _NoKeys:
@@ -687,13 +694,36 @@ def measure_steps(
     key = content_key("errors v2", *ids, *types, repr(error_sample), MIN_ROWS)
     names = [x.name for x in targets]
     steps = [Step("errors", "errors", {"errors": scored}, [], key, "", names)]
-    # what the calibration models are assembled from: llama.cpp quantizes the whole model to these two types (the
-    # matrices a type cannot take go to Q8_0: plan._uniform)
-    # (against the source without the floor nothing needs the Q8_0 one)
-    for t in (calibration_type, "q8_0") if reference != "source" or floor else (calibration_type,):
-        fits = [x.name for x in targets if x.shape[0] % _block(t) == 0]
-        every = sum(x.n_elements for x in targets)
-        steps.append(Step(f"quantize {t}", "quantize", {"quantize": every}, type=t, members=fits))
+    lowerable = [x for x in targets if x.shape[0] % _block(calibration_type) == 0]
+    blocks = sorted({int(layer(t.name)) for t in targets if layer(t.name)})
+    routed = sorted({int(layer(t.name)) for t in targets if "_exps" in t.name})
+    measured = measured_layers(blocks, layer_stride, routed[0] if routed else None)
+    # what a run lowers: every lowerable tensor, but routed experts only in the layers whose depth factor is measured
+    # (their role runs lower those; the fit knows which, fit_role_layer's role_members). At 21B with stride 4 that
+    # is 8 of 27 layers' experts: 7.5 B of 21.8 B weights to quantize, not all
+    probe = [x for x in lowerable if "_exps" not in x.name or int(layer(x.name)) in measured]
+    # what the calibration models are assembled from: llama.cpp quantizes the probed tensors (copied out of the
+    # source) to the calibration type, and the whole model to Q8_0 where the reference or the floor needs it (the
+    # matrices Q8_0 cannot take stay: plan._uniform); against the source without the floor no Q8_0 one
+    steps.append(
+        Step(
+            f"quantize {calibration_type}",
+            "quantize",
+            {
+                "quantize": sum(x.n_elements for x in probe),
+                "assemble": sum(tensor_bytes(x.n_elements, x.type) for x in probe),
+            },
+            type=calibration_type,
+            members=[x.name for x in probe],
+        )
+    )
+    if reference != "source" or floor:
+        fits = [x.name for x in targets if x.shape[0] % _block("q8_0") == 0]
+        steps.append(
+            Step(
+                "quantize q8_0", "quantize", {"quantize": sum(x.n_elements for x in targets)}, type="q8_0", members=fits
+            )
+        )
     # everything not lowered comes from here: the source, or its Q8_0 quantization (llama.cpp's recipe for both:
     # plan._uniform(cal, members, keep) — the test checks the assembly is byte-identical to it)
     base_needs = [] if reference == "source" else ["quantize q8_0"]
@@ -702,17 +732,12 @@ def measure_steps(
         t.name: t.type if reference == "source" or not quantizable(t) or t.shape[0] % _block("q8_0") else "q8_0"
         for t in tensors
     }
-    lowerable = [x for x in targets if x.shape[0] % _block(calibration_type) == 0]
-    low_type = {x.name: calibration_type if x in lowerable else "q8_0" for x in targets}
-    # the calibration model (CalibrationModel): one shard per tensor its lowered file holds in another type, written
-    # once in both versions; a run rewrites only the first shard (the keys and the tensors no run lowers)
-    sharded = {x.name for x in targets if low_type[x.name] != base_type[x.name]}
-    shards = sum(
-        tensor_bytes(x.n_elements, base_type[x.name]) + tensor_bytes(x.n_elements, low_type[x.name])
-        for x in targets
-        if x.name in sharded
-    )
-    first = sum(tensor_bytes(t.n_elements, base_type[t.name]) for t in tensors if t.name not in sharded)
+    # the calibration model (CalibrationModel): one shard per matrix, written once in the reference's type and, for
+    # the probed ones, once lowered; a run rewrites only the first shard (the keys, norms and routers)
+    probed = {x.name for x in probe if base_type[x.name] != calibration_type}
+    shards = sum(tensor_bytes(x.n_elements, base_type[x.name]) for x in targets)
+    shards += sum(tensor_bytes(x.n_elements, calibration_type) for x in probe if x.name in probed)
+    first = sum(tensor_bytes(t.n_elements, base_type[t.name]) for t in tensors if not quantizable(t))
     needs = [f"quantize {calibration_type}", *base_needs]
     steps.append(Step("calibration model", "calibrate", {"assemble": shards}, needs, type=calibration_type))
 
@@ -724,17 +749,15 @@ def measure_steps(
         return Step(name, group, {"assemble": first, "eval": per_run}, needs, key, calibration_type, members, tokens)
 
     for r in sorted({role(t.name) for t in targets}):
-        steps.append(run(f"role {r}", "calibrate", [x.name for x in lowerable if role(x.name) == r]))
+        steps.append(run(f"role {r}", "calibrate", [x.name for x in probe if role(x.name) == r]))
     # depth: the same absolute error matters more where the residual stream is small (early layers), which a
     # role's single gain averages away; one more measurement per (measured) layer gives a role x layer model
-    blocks = sorted({int(layer(t.name)) for t in targets if layer(t.name)})
-    routed = sorted({int(layer(t.name)) for t in targets if "_exps" in t.name})
-    for b in measured_layers(blocks, layer_stride, routed[0] if routed else None):
-        steps.append(run(f"layer {b}", "layers", [x.name for x in lowerable if layer(x.name) == str(b)]))
+    for b in measured:
+        steps.append(run(f"layer {b}", "layers", [x.name for x in probe if layer(x.name) == str(b)]))
     # the last layer's routed experts alone: their share of that layer's KLD is not the other layers' (one depth
     # factor for the whole layer underestimated them 1.17-1.55x on the fixtures: bench/plan_prediction.md)
     for b in expert_factor_layers(blocks, routed):
-        members = [x.name for x in lowerable if layer(x.name) == str(b) and "_exps" in x.name]
+        members = [x.name for x in probe if layer(x.name) == str(b) and "_exps" in x.name]
         steps.append(run(f"experts {b}", "layers", members))
     # the activation runs: the tensors every token uses (all but routed experts) at Q8_0 and at Q6_K, the rest as
     # in the reference: what a step from Q8_0 to a k-quant costs beyond its weight error (Q8_0_ACTIVATION). llama.cpp
@@ -830,9 +853,15 @@ def _measure(
         t0 = time.perf_counter()
         if step.name.startswith("quantize "):
             out = work / f"{model.stem}.{step.type}.gguf"
+            source = model
+            if step.type == calibration_type:  # the probed tensors alone, copied out of the source
+                source = work / f"{model.stem}.probe-source.gguf"
+                assembled_bytes += copy_tensors(model, step.members, source)
             quantize(
-                model, _uniform(step.type, step.members), out=out, imatrix=imatrix, threads=threads, manifest=False
+                source, _uniform(step.type, step.members), out=out, imatrix=imatrix, threads=threads, manifest=False
             )
+            if source != model:
+                source.unlink(missing_ok=True)
             files[step.name] = out
         elif step.name == "errors":
             results[step.name] = sampled_errors(
@@ -905,8 +934,13 @@ def _measure(
     expert_kld = {
         s.name.removeprefix("experts "): results[s.name]["kld"] for s in steps if s.name.startswith("experts ")
     }
+    role_members = {s.name.removeprefix("role "): set(s.members) for s in steps if s.name.startswith("role ")}
     gains, factors, expert_factors = fit_role_layer(
-        {n: errors[n][calibration_type] for n in errors if calibration_type in errors[n]}, kld, layer_kld, expert_kld
+        {n: errors[n][calibration_type] for n in errors if calibration_type in errors[n]},
+        kld,
+        layer_kld,
+        expert_kld,
+        role_members=role_members,
     )
     m_partial = Measurements(
         "", "", "", list(types), calibration_type, errors, gains, kld, factors, expert_factors=expert_factors
@@ -1027,6 +1061,7 @@ def fit_role_layer(
     layer_kld: dict[str, float],
     expert_kld: dict[str, float] | None = None,
     iterations: int = 50,
+    role_members: dict[str, set[str]] | None = None,
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Gains g_role, depth factors f_layer and expert factors f_experts with sum_layers g f E = the role's measured
     KLD, sum_roles g f E = the layer's measured KLD and, for each layer in `expert_kld`, sum over its routed experts
@@ -1037,8 +1072,11 @@ def fit_role_layer(
     serves, attention and shared experts, are kept at >= Q4_K anyway (MIN_EVERY_TOKEN).
     Layers of `err` without a measured KLD (a layer stride) get factors interpolated from the measured ones
     (interpolate_factors) at every step, so the role gains are fitted with the depth profile they will be used with.
+    `role_members`: the tensors each role run lowered, where not all of the role's (the routed experts are lowered
+    only in the measured layers: measure_steps).
     """
     expert_kld = expert_kld or {}
+    role_members = role_members or {}
     g = {r: 1.0 for r in role_kld}
     blocks = sorted({int(layer(n)) for n in err if layer(n)} | {int(b) for b in layer_kld})
     f = {str(b): 1.0 for b in blocks}
@@ -1046,7 +1084,10 @@ def fit_role_layer(
     missing = any(str(b) not in layer_kld for b in blocks)
     for _ in range(iterations):
         for r in g:
-            s = sum(depth_factor(n, f, fe) * e for n, e in err.items() if role(n) == r)
+            lowered = role_members.get(r)
+            s = sum(
+                depth_factor(n, f, fe) * e for n, e in err.items() if role(n) == r and (lowered is None or n in lowered)
+            )
             g[r] = role_kld[r] / s if s > 0 else 0.0
         for b in layer_kld:
             s = sum(g[role(n)] * e for n, e in err.items() if layer(n) == b)

@@ -264,6 +264,69 @@ def test_fit_recovers_a_separable_model_from_a_layer_subset():
     assert got[6] == pytest.approx(0.0025)  # a zero neighbour: linear
 
 
+def test_fit_with_role_runs_on_the_measured_layers_only():
+    """Routed experts are lowered in their role runs only in the measured layers (role_members): the fit recovers
+    the same predictions as from role runs over every layer, where summing the role's every tensor would not."""
+    rng = np.random.default_rng(6)
+    gain = {"attn_q": 0.2, "ffn_gate_exps": 0.02, "ffn_down_exps": 0.05}
+    factor = {b: 0.8**b for b in range(12)}
+    err, role_kld, layer_kld = _separable(gain, factor, rng)
+    measured = plan.measured_layers(list(factor), 4, 1)
+    members = {
+        r: {n for n in err if plan.role(n) == r and int(plan.layer(n)) in measured} for r in gain if "_exps" in r
+    }
+    for r, names in members.items():  # what those runs measure: the role's KLD over the measured layers only
+        role_kld[r] = sum(gain[r] * factor[int(plan.layer(n))] * err[n] for n in names)
+    layers = {str(b): layer_kld[str(b)] for b in measured}
+    g, f, _ = plan.fit_role_layer(err, role_kld, layers, iterations=200, role_members=members)
+    for n, e in err.items():
+        b = plan.layer(n)
+        truth = ({**gain, "token_embd": 0.01})[plan.role(n)] * (factor[int(b)] if b else 1.0) * e
+        assert g[plan.role(n)] * f.get(b, 1.0) * e == pytest.approx(truth, rel=1e-3), n
+    g_all, _, _ = plan.fit_role_layer(err, role_kld, layers, iterations=200)
+    assert g_all["ffn_down_exps"] < 0.8 * g["ffn_down_exps"]  # without the members: the gain understated
+
+
+def test_probe_lowers_routed_experts_only_in_the_measured_layers(tiny_gguf, tmp_path):
+    """With a layer stride the calibration type quantizes every lowerable tensor but the routed experts of the
+    layers not measured, the expert role runs lower those of the measured layers, and what llama.cpp makes of the
+    probed tensors alone is byte for byte its whole-model quantization's."""
+    import gguf
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_quantize import write_imatrix
+
+    from edgemoe_cli.qerror import DEFAULT_FRACTION
+    from edgemoe_cli.quantize import quantize
+    from edgemoe_cli.recipe import read_tensors
+
+    model = tiny_gguf("thinking")
+    im = write_imatrix(tmp_path / "im.gguf", model)
+    tensors, _ = read_tensors(model)
+    text = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "calib" / "calibration.txt"
+    args = (model, tensors, im, text, plan.DEFAULT_TYPES, "q3_k", 512, 1, "source", DEFAULT_FRACTION, 2)
+    steps = {s.name: s for s in plan.measure_steps(*args, floor=False)}
+    probe = steps["quantize q3_k"].members
+    assert not any(plan.layer(n) == "2" and "_exps" in n for n in probe)  # stride 2 on 4 layers skips layer 2
+    assert any(plan.layer(n) == "2" for n in probe) and any(plan.layer(n) == "3" and "_exps" in n for n in probe)
+    assert {plan.layer(n) for n in steps["role ffn_up_exps"].members} == {"1", "3"}
+    assert len({plan.layer(n) for n in steps["role attn_q"].members}) == 4
+    whole = quantize(model, plan._uniform("q3_k", probe), out=tmp_path / "whole.gguf", imatrix=im, manifest=False).out
+    plan.copy_tensors(model, probe, tmp_path / "probe.gguf")
+    alone = quantize(tmp_path / "probe.gguf", plan._uniform("q3_k", probe), out=tmp_path / "alone.gguf", imatrix=im)
+    w = {t.name: t for t in gguf.GGUFReader(whole).tensors}
+    a = {t.name: t for t in gguf.GGUFReader(alone.out).tensors}
+    assert sorted(a) == sorted(probe)
+    for n in probe:
+        assert (
+            a[n].tensor_type == w[n].tensor_type and np.asarray(a[n].data).tobytes() == np.asarray(w[n].data).tobytes()
+        )
+    # the calibration model: every matrix sharded, the unprobed ones only in the reference's version
+    cm = plan.CalibrationModel(model, alone.out, tmp_path)
+    assert set(cm.sharded) == {t.name for t in tensors if plan.quantizable(t)}
+    assert cm.holds["low"] == set(probe)
+
+
 def test_stride_one_fit_is_the_full_fit():
     rng = np.random.default_rng(4)
     err, role_kld, layer_kld = _separable({"attn_v": 0.3, "ffn_gate_exps": 0.02}, {0: 1.0, 1: 0.5, 2: 0.3}, rng)
