@@ -436,12 +436,18 @@ def predict(results: dict, args) -> dict:
 
     act_bytes, act_quant_s = activation_cost(plan_mod.ACTIVATION_RUNS)
     evals_now = N_EVALS - 28 + len(layers_now) + len(expert_layers_now) + activation_runs - (0 if floor else 1)
-    kept_now = kept_s if floor else weights_21b / per_type["q3_k"]["r_quant"]
+    # the calibration type (Q3_K) quantizes the probed tensors only (plan.measure_steps' probe: every lowerable
+    # tensor but the routed experts of the layers not measured), copied out of the bf16 source first
+    probe_21b = probe_weights_21b(layers_now)
+    quant_q3 = probe_21b / per_type["q3_k"]["r_quant"] + 2 * probe_21b / r_copy
+    quant_q8 = weights_21b / per_type["q8_0"]["r_quant"]
+    quant = {"quantize q3_k": quant_q3, "quantize q8_0": quant_q8}
+    kept_now = quant_q3 + (quant_q8 if floor else 0.0)
     eval_tokens_now = evals_now * ctx * DEFAULT_CHUNKS
     # the numpy work of the positions scored beyond the second half, per chunk at the 21B's vocabulary (kld_rows)
     extra_chunk = extra_scoring_seconds(results, score_from)
     extra_box = evals_now * DEFAULT_CHUNKS * extra_chunk
-    shard_bytes = ref_bytes["source (bf16)"] + weights_21b * 3.4375 / 8
+    shard_bytes = ref_bytes["source (bf16)"] + probe_21b * BITS["q3_k"] / 8
     shards_s = (shard_bytes + act_bytes) / r_copy
     box_now = kept_now + act_quant_s + sampled_s + shards_s + eval_tokens_now / r_pp_21b + extra_box
     o6_now = kept_now + act_quant_s + sampled_s + shards_s + eval_tokens_now / O6_PP512 + extra_box
@@ -450,7 +456,7 @@ def predict(results: dict, args) -> dict:
         act_wide,
         act_21b,
         r_pp_21b,
-        kept_s,
+        quant,
         sampled_s,
         shards_s,
         eval_tokens_now,
@@ -466,7 +472,7 @@ def predict(results: dict, args) -> dict:
         ev8 = results["eval_q8"]
         r_pp_q8_21b = ev8["tokens"] / ev8["seconds"] * act_wide / act_21b
         act_bytes_q8, act_quant_q8 = activation_cost(plan_mod.ACTIVATION_RUNS[1:])
-        shards_q8 = (weights_21b * (BITS["q8_0"] + BITS["q3_k"]) / 8 + act_bytes_q8) / r_copy
+        shards_q8 = (weights_21b * BITS["q8_0"] / 8 + probe_21b * BITS["q3_k"] / 8 + act_bytes_q8) / r_copy
         evals_q8 = evals_now - (1 if floor else 0) - (len(plan_mod.ACTIVATION_RUNS) - 1)
         tokens_q8 = evals_q8 * ctx * DEFAULT_CHUNKS
         extra_q8 = evals_q8 * DEFAULT_CHUNKS * extra_chunk
@@ -475,7 +481,7 @@ def predict(results: dict, args) -> dict:
             act_wide,
             act_21b,
             r_pp_q8_21b,
-            kept_s,
+            quant,
             sampled_s,
             shards_q8,
             tokens_q8,
@@ -495,6 +501,7 @@ def predict(results: dict, args) -> dict:
         "board": board,
         "q8_path": q8_path,
         "every_token_weights_21b": every_21b,
+        "probe_weights_21b": probe_21b,
         "activation_quantize_seconds_21b": act_quant_s,
         "defaults_now": {
             "chunks": DEFAULT_CHUNKS,
@@ -579,6 +586,23 @@ def on_threads(t2: float, s: float, per_thread: float, threads: int) -> float:
 BITS = {"q3_k": 3.4375, "q6_k": 6.5625, "q8_0": 8.5}  # bits a weight of the types the calibration writes
 
 
+def probe_weights_21b(measured: list[int]) -> int:
+    """The 21B's weights plan quantizes to its calibration type (plan.measure_steps' probe): every lowerable tensor
+    (rows a multiple of 256) but the routed experts of the layers whose depth factor is not measured."""
+    from edgemoe_cli.ernie21b import ernie_tensors
+    from edgemoe_cli.plan import layer
+    from edgemoe_cli.recipe import TensorInfo, quantizable
+
+    return sum(
+        n
+        for name, n, row in ernie_tensors()
+        if n != row
+        and row % 256 == 0
+        and quantizable(TensorInfo(name, (row, n // row), "bf16", n))
+        and ("_exps" not in name or int(layer(name)) in measured)
+    )
+
+
 def every_token_weights_21b() -> int:
     """The 21B's weights in the tensors every token uses that plan's activation runs quantize (quantizable, not
     routed experts, rows a multiple of 256): attention, shared experts, the dense layer, the embedding."""
@@ -600,7 +624,7 @@ def predict_board(
     act_wide,
     act_21b,
     r_pp_21b,
-    kept_s,
+    quant: dict,
     sampled_s,
     shards_s,
     eval_tokens,
@@ -619,7 +643,7 @@ def predict_board(
     The split calibration model (a sequential write) at this box's rate in both. `extra_scoring`: this box's seconds
     of numpy work for the positions scored beyond the second half (one thread, so per-thread speed applies).
     Without the floor the whole-model Q8_0 quantization is no stage: its seconds go to "floor quantize", outside
-    the totals (kept_s and eval_tokens are those of plan with the Q8_0 quantization, without its eval)."""
+    the totals (`quant`: this box's seconds of the Q3_K and the Q8_0 quantizations; eval_tokens without the floor's)."""
     pp = results["pp512"]
     box_pp512_21b = pp["tokens_per_second"] * act_wide / act_21b  # same active-weight scaling as the evals
     ratio = O6_PP512 / box_pp512_21b  # the O6's 8 threads : this box's 2, same model, type and figure
@@ -632,11 +656,8 @@ def predict_board(
         "quantize q8_0": serial_share(q8_1["quantize_seconds"], q8["quantize_seconds"]),
         "errors": serial_share(es_1["seconds"], es["seconds"]),
     }
-    # the 21B's seconds per CPU stage on this box, split as its measured parts are
-    q3_part = q3["weights"] / q3["quantize_seconds"]
-    q8_part = q8["weights"] / q8["quantize_seconds"]
-    quant_q3 = kept_s * (1 / q3_part) / (1 / q3_part + 1 / q8_part)
-    stages_box = {"quantize q3_k": quant_q3, "quantize q8_0": kept_s - quant_q3, "errors": sampled_s}
+    # the 21B's seconds per CPU stage on this box
+    stages_box = {**quant, "errors": sampled_s}
     if act_quant_s:  # the activation runs' tensors, quantized alone by llama.cpp: Q3_K's serial share
         stages_box["quantize activation"] = act_quant_s
         shares["quantize activation"] = shares["quantize q3_k"]
@@ -782,7 +803,8 @@ def board_md(p: dict, results: dict) -> list[str]:
     q8, q8_1 = _best(results, "quantize/q8_0"), _best(results, "quantize/q8_0@1")
     es, es_1 = _best(results, "errors_sampled"), _best(results, "errors_sampled@1")
     basis = {
-        "quantize q3_k": f"1 / 2 threads here: {q3_1['quantize_seconds']:.1f} / {q3['quantize_seconds']:.1f} s, "
+        "quantize q3_k": f"{p['probe_weights_21b'] / 1e9:.2f} B weights at the whole-model rate and their bf16 "
+        f"copy; 1 / 2 threads here: {q3_1['quantize_seconds']:.1f} / {q3['quantize_seconds']:.1f} s, "
         f"serial share {sh['quantize q3_k']:.2f}",
         "quantize q8_0": f"{q8_1['quantize_seconds']:.1f} / {q8['quantize_seconds']:.1f} s, serial share "
         f"{sh['quantize q8_0']:.2f} (reading and writing the file)",
@@ -794,7 +816,7 @@ def board_md(p: dict, results: dict) -> list[str]:
         f"{b['pp512_ratio']:.3f} = {b['eval_rate_high']:.2f} tokens/s" + scoring_note(p),
     }
     label = {
-        "quantize q3_k": "whole-model quantization Q3_K",
+        "quantize q3_k": "Q3_K quantization of the probed tensors (copied out first)",
         "quantize q8_0": "whole-model quantization Q8_0",
         "errors": "error stage (sampled, 7 types)",
         "quantize activation": "the activation runs' tensors quantized alone",
@@ -867,7 +889,7 @@ def q8_path_md(p: dict, results: dict) -> list[str]:
         return []
     b, ev8 = q["board"], results["eval_q8"]
     label = {
-        "quantize q3_k": "whole-model quantization Q3_K",
+        "quantize q3_k": "Q3_K quantization of the probed tensors (copied out first)",
         "quantize q8_0": "whole-model quantization Q8_0 (the reference)",
         "errors": "error stage (sampled, 7 types)",
         "quantize activation": "the Q6_K activation run's tensors quantized alone",
@@ -1030,11 +1052,12 @@ def write_md(
         f"plan at today's defaults (`--error-sample {p['error_fraction']:g} --chunks {d['chunks']} --layer-stride "
         f"{d['layer_stride']}`, {d['ctx']} tokens a chunk): the sampled error stage and "
         + (
-            "the 2 whole-model quantizations (Q3_K, Q8_0)"
+            "the Q3_K quantization of the probed tensors and the whole-model Q8_0 one"
             if d.get("floor", True)
-            else "the whole-model Q3_K quantization (no floor: no Q8_0 one)"
+            else f"the Q3_K quantization of the probed tensors ({p['probe_weights_21b'] / 1e9:.2f} B weights: every "
+            "lowerable tensor but the routed experts of the layers not measured; no floor: no Q8_0 one)"
         )
-        + " as below; the split calibration model written once (every lowerable tensor in bf16 and in "
+        + " as below; the split calibration model written once (every matrix in bf16, the probed ones also in "
         f"Q3_K, {p['shard_bytes_21b'] / gb:.1f} GB) instead of 42 copies; {p['evals_now']} evals (14 roles, the "
         f"{len(d['layers'])} layers {d['layers']} the stride measures, "
         + "".join(f"layer {b}'s routed experts, " for b in d.get("expert_layers", []))
@@ -1058,9 +1081,9 @@ def write_md(
         "| term | this box | Orion O6, low - high |",
         "|---|---:|---:|",
         (
-            f"| 2 whole-model quantizations (Q3_K, Q8_0) | {_h(p['kept_quantize_seconds_now'])} | "
+            f"| Q3_K of the probed tensors, whole-model Q8_0 | {_h(p['kept_quantize_seconds_now'])} | "
             if d.get("floor", True)
-            else f"| the whole-model Q3_K quantization | {_h(p['kept_quantize_seconds_now'])} | "
+            else f"| Q3_K quantization of the probed tensors | {_h(p['kept_quantize_seconds_now'])} | "
         )
         + f"{_bounds(p, 'quantize q3_k', 'quantize q8_0')} |",
         f"| error stage (sampled, 7 types) | {_h(p['sampled_error_seconds_21b'])} | {_bounds(p, 'errors')} |",

@@ -499,6 +499,7 @@ def measure(
 
     model, imatrix, text = Path(model), Path(imatrix), Path(text)
     _check_inputs(model, imatrix, text, reference)
+    reference, _ = resolve_reference(model, reference)
     error_sample = DEFAULT_FRACTION if error_sample is None else check_error_sample(error_sample)
     if layer_stride < 1:
         raise EdgeMoEError(f"layer stride {layer_stride} is below 1", "use 1 to measure every layer, k for every k-th")
@@ -613,8 +614,31 @@ def _check_inputs(model: Path, imatrix: Path | None, text: Path, reference: str)
     for p, what in ((model, "model"), (imatrix, "imatrix"), (text, "text")):
         if p is not None and not p.is_file():
             raise EdgeMoEError(f"{what} {p} does not exist", "check the path")
-    if reference not in ("source", "q8_0"):
-        raise EdgeMoEError(f"unknown reference {reference!r}", "use source or q8_0")
+    if reference not in REFERENCES:
+        raise EdgeMoEError(f"unknown reference {reference!r}", "use auto, source or q8_0")
+
+
+REFERENCES = ("auto", "source", "q8_0")
+# what an eval needs beside the model's pages: KV cache and compute buffers of a 512-token chunk, the vocabulary's
+# log-probs (llama-cpp-python's logits for every position), Python
+EVAL_HEADROOM = 2 << 30
+
+
+def resolve_reference(model: Path, reference: str, available: int | None = None) -> tuple[str, str]:
+    """(the reference plan measures against, why). `auto`: the source when its file fits in the memory this process
+    may fill (stream.available_memory: the machine's available memory, or its cgroup's headroom) with
+    EVAL_HEADROOM to spare, else the model at Q8_0 (about half the bytes: bench/quality.md's `4 x 4 (Q8_0
+    reference)` rows keep plan's quality). Evaluating a reference that does not fit would read it from disk in
+    every one of plan's ~27 evals."""
+    if reference != "auto":
+        return reference, f"--reference {reference}"
+    from .stream import available_memory
+
+    size = Path(model).stat().st_size
+    free = available_memory() if available is None else available
+    if size + EVAL_HEADROOM <= free:
+        return "source", f"auto: the source ({human_bytes(size)}) fits in the {human_bytes(free)} free"
+    return "q8_0", f"auto: the source ({human_bytes(size)}) does not fit in the {human_bytes(free)} free"
 
 
 def active_weights(model: Path, tensors: list[TensorInfo]) -> int:
@@ -1143,6 +1167,8 @@ class PlanResult:
     measure_seconds: dict[str, float] = field(default_factory=dict)  # per stage, this run (0 when all cached)
     cached_steps: int = 0  # measurement steps an earlier (maybe interrupted) plan had finished
     measured_from_cache: bool = False  # the whole measurement was cached: only the choice was made
+    reference: str = "source"  # what the gains were measured against (resolve_reference), and why
+    reference_why: str = ""
     peak_rss_bytes: int = 0  # the larger of this process's and its largest llama.cpp child's peak (kernel's count)
     peak_rss_self_bytes: int = 0
     peak_rss_children_bytes: int = 0
@@ -1392,6 +1418,8 @@ def plan(
     budget, formula = file_budget(model, ram, ctx, max_size, reserve, ram_source)
     if budget <= 0:
         raise EdgeMoEError(f"nothing is left for the model: {formula}", "raise --budget or lower --ctx")
+    _check_inputs(model, Path(imatrix), Path(text), reference)
+    reference, why = resolve_reference(model, reference)
     types = ARM_FAST_TYPES if arm_fast else DEFAULT_TYPES
     cal = ARM_FAST_CALIBRATION_TYPE if arm_fast else CALIBRATION_TYPE
     # the CLI's watch covers the imatrix and --quantize too; called on its own, plan watches itself
@@ -1417,6 +1445,7 @@ def plan(
         if not m.from_cache:
             result.measure_seconds, result.cached_steps = m.seconds, m.work.get("cached_steps", 0)
         result.measured_from_cache = m.from_cache
+        result.reference, result.reference_why = reference, why
         set_peak_rss(result, watch)
     if out:
         with atomic_output(out) as part:
@@ -1452,6 +1481,7 @@ def dry_run(
     model, text = Path(model), Path(text)
     imatrix = Path(imatrix) if imatrix else None
     _check_inputs(model, imatrix, text, reference)
+    reference, why = resolve_reference(model, reference)
     error_sample = DEFAULT_FRACTION if error_sample is None else check_error_sample(error_sample)
     tensors, _ = read_tensors(model)
     if any(t.type not in ("f32", "f16", "bf16") for t in tensors if quantizable(t)):
@@ -1475,7 +1505,7 @@ def dry_run(
         score_from,
         floor,
     )
-    notes = []
+    notes = [f"reference {reference} ({why})"]
     cache = StepCache()
     if imatrix is None:
         tokens = calibration_chunks(model, text, ctx, None) * ctx

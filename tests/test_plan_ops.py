@@ -222,3 +222,23 @@ def test_a_killed_plans_work_directory_is_removed_by_the_next_plan(tmp_path):
     assert plan.remove_abandoned_work(tmp_path) == [dirs["killed"]]
     assert not dirs["killed"].exists() and dirs["alive"].exists() and dirs["other"].exists()
     assert (tmp_path / "m.q8_0.gguf").exists()
+
+
+def test_reference_auto_takes_the_source_only_where_it_fits(tiny_gguf, tmp_path):
+    """--reference auto (the CLI's default) measures against the source when its file fits in the free memory with
+    the eval's headroom to spare, else against the model at Q8_0; an explicit reference is kept, an unknown one is
+    refused; the dry run names the one it priced."""
+    from edgemoe_cli.errors import EdgeMoEError
+
+    model = tiny_gguf("thinking")
+    size = model.stat().st_size
+    fits = size + plan.EVAL_HEADROOM
+    assert plan.resolve_reference(model, "auto", available=fits)[0] == "source"
+    ref, why = plan.resolve_reference(model, "auto", available=fits - 1)
+    assert ref == "q8_0" and "does not fit" in why
+    assert plan.resolve_reference(model, "source", available=0) == ("source", "--reference source")
+    assert plan.resolve_reference(model, "auto")[0] == "source"  # a tiny model fits any machine that runs the tests
+    with pytest.raises(EdgeMoEError, match="unknown reference"):
+        plan._check_inputs(model, None, TEXT, "bf16")
+    p = plan.dry_run(model, None, TEXT, reference="auto", probe=False)
+    assert any(n.startswith("reference source (auto: the source") for n in p.notes)

@@ -87,7 +87,8 @@ ReferenceOpt = Annotated[
     typer.Option(
         "--reference",
         help="Measure gains against the model as given (source) or at Q8_0 (q8_0: half the bytes each eval "
-        "reads, faster where the model does not fit in RAM).",
+        "reads, for a machine the source does not fit; bench/quality.md: plan's quality kept). auto: the source "
+        "if it fits in the free memory with 2 GiB to spare, else q8_0.",
     ),
 ]
 FloorOpt = Annotated[
@@ -126,7 +127,7 @@ def plan_cmd(
     chunks: ChunksOpt = DEFAULT_CHUNKS,
     layer_stride: LayerStrideOpt = DEFAULT_LAYER_STRIDE,
     min_every_token: MinEveryTokenOpt = "q4_k",
-    reference: ReferenceOpt = "source",
+    reference: ReferenceOpt = "auto",
     error_sample: ErrorSampleOpt = None,
     floor: FloorOpt = False,
     dry_run: DryRunOpt = False,
@@ -220,6 +221,7 @@ def _print_plan(result, out) -> None:
     console.print(
         ("measurements: from the cache" if result.measured_from_cache else f"measured in {measured or '0 s'}")
         + (f" ({result.cached_steps} steps kept by an earlier plan)" if result.cached_steps else "")
+        + f"; against the {'source' if result.reference == 'source' else 'model at Q8_0'} ({result.reference_why})"
         + f"; peak RSS {human_bytes(result.peak_rss_bytes)}",
         highlight=False,
     )
