@@ -867,9 +867,11 @@ def board_md(p: dict, results: dict) -> list[str]:
         "",
         "Which settings keep plan's quality is bench/quality.md's rotation table (issue 14's target, within 10% of "
         "plan before its cuts at Q4_K_M's size on three chunk draws per fixture): with the activation runs pricing "
-        "the step from Q8_0 to a k-quant, 4 chunks yes (worst 1.00x Thinking, 1.01x PT; 12% over on PT without "
-        "them) and 8 chunks yes (1.05x / 1.01x); the other settings were measured before the activation runs "
-        "(bench/quality.md at 01b06d2: 16 chunks yes; 3 chunks scored from 64 PT 15% over, 2 chunks 12%). "
+        "the step from Q8_0 to a k-quant and the routed experts probed in the measured layers only, 4 chunks yes "
+        "(worst 1.00x Thinking, 1.02x PT), 8 chunks 1.05x / 1.10x, 3 chunks (second half) 0.99x / 1.10x: at the "
+        "line, not taken; the same 4 x 4 against a Q8_0 reference 1.07x / 1.05x; the other settings were measured "
+        "before the activation runs (bench/quality.md at 01b06d2: 16 chunks yes; 3 chunks scored from 64 PT 15% "
+        "over, 2 chunks 12%). "
         "The high bound cannot reach 30 minutes by any calibration setting: its stages outside the evals "
         f"alone take {_h(sum(v for k, v in b['high'].items() if k not in ('evals', 'total')))}.",
         "",
