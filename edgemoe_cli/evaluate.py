@@ -1,6 +1,6 @@
 """`eval`: how far a quantized model's next-token distributions are from the reference model's, on a text.
 
-Measured through the Python binding (llama-cpp-python, logits for every position), not llama-perplexity:
+Measured through the Python binding (llama-cpp-python, logits of the scored positions), not llama-perplexity:
 the binding needs no `edgemoe build`, the base model's log-probabilities are computed once and cached as a float16
 array in the store (keyed by base file, text and context), so comparing many candidates against one base — what
 `plan` and bench/quality.py do dozens of times — costs one forward pass per candidate and no process start-up,
@@ -66,7 +66,7 @@ def _load(model: Path, ctx: int, threads: int, repack: bool = True):
                 n_ctx=ctx,
                 n_batch=ctx,
                 n_ubatch=ctx,
-                logits_all=True,
+                logits_all=False,  # _chunk_logits asks for the scored positions' logits only
                 n_threads=threads,
                 n_threads_batch=threads,
                 verbose=False,
@@ -137,14 +137,29 @@ def scored_rows(ctx: int, score_from: int | None = None) -> int:
     return ctx - 1 - check_score_from(ctx, score_from)
 
 
+def _chunk_logits(llm, chunk: list[int], first: int) -> np.ndarray:
+    """One chunk evaluated from an empty cache, and the logits [rows, vocab] of its positions `first` to the last
+    but one (each predicts the next token): a view of llama.cpp's output buffer, valid until the next decode.
+    llama.cpp computes the output norm and head only for the positions asked for, so the positions not scored
+    cost no vocabulary-wide matmul (at the 21B's vocabulary of 103424, half a chunk's is ~4% of its compute) and no
+    copy; the logits are bitwise those of asking for every position (tests/test_evaluate.py)."""
+    llm.reset()
+    llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+    batch = llm._batch
+    batch.set_batch(batch=chunk, n_past=0, logits_all=False)
+    for i in range(len(chunk)):
+        batch.batch.logits[i] = first <= i < len(chunk) - 1
+    llm._ctx.decode(batch)
+    rows = len(chunk) - 1 - first
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(rows, llm.n_vocab()))
+
+
 def _forward(llm, chunks: list[list[int]], ctx: int, progress=None, step: str = "eval", score_from: int | None = None):
     """Yield (log-probs [rows, vocab] float32, next-token ids) for each chunk's positions from `score_from` on (its
     second half unless given), _ROWS rows at a time (every statistic is per row)."""
     first = check_score_from(ctx, score_from)
     for i, chunk in enumerate(chunks):
-        llm.reset()
-        llm.eval(chunk)
-        logits = np.asarray(llm.scores[first : len(chunk) - 1], dtype=np.float32)  # a view of the binding's array
+        logits = _chunk_logits(llm, chunk, first)
         following = np.asarray(chunk[first + 1 :], dtype=np.int64)
         for r in range(0, len(following), _ROWS):
             yield _log_softmax(logits[r : r + _ROWS]), following[r : r + _ROWS]

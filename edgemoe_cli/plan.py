@@ -1624,16 +1624,14 @@ def _probe_eval(
     loads and two tokenizations of the text (the base's, for its tokens, and the candidate's), then per chunk the
     forward pass and the numpy work on the logits of the scored positions (log-softmax, the base's float16
     log-probs, KLD, NLL, top-1)."""
-    from .evaluate import _chunks, _load, _log_softmax, check_score_from
+    from .evaluate import _chunk_logits, _chunks, _load, _log_softmax, check_score_from
 
     t0 = time.perf_counter()
     llm = _load(model, ctx, threads, repack=False)
     chunk = _chunks(llm, text, ctx, max_chunks, spread=True)[0]
     t2 = time.perf_counter()
-    llm.reset()
-    llm.eval(chunk)
     first = check_score_from(ctx, score_from)
-    lp = _log_softmax(np.asarray(llm.scores[first : len(chunk) - 1], dtype=np.float32))
+    lp = _log_softmax(np.asarray(_chunk_logits(llm, chunk, first), dtype=np.float32))
     lb = lp.astype(np.float16).astype(np.float32)
     float((np.exp(lb) * (lb - lp)).sum(axis=1).mean())
     lp.argmax(axis=1)

@@ -164,6 +164,47 @@ def test_eval_scoring_from_an_earlier_position_keeps_the_second_half_and_its_cac
         evaluate(q, model, text, ctx=256, max_chunks=2, threads=2, score_from=255)
 
 
+def test_eval_asks_llama_cpp_for_the_scored_positions_logits_only(tiny_gguf, tmp_path):
+    """evaluate decodes a chunk asking for the logits of the scored positions only (the head is then skipped for the
+    others): they are bitwise the logits of the binding's own every-position evaluation, for a float and a
+    quantized model, and a chunk after another starts from an empty cache."""
+    from edgemoe_cli.evaluate import _chunk_logits, _chunks, _load
+
+    model = tiny_gguf("pt")
+    q = tmp_path / "q.gguf"
+    quantize_mod.quantize(model, "q4_0-uniform", out=q, threads=2)
+    text = SHARED_FIXTURES / "calib.txt"
+    for path in (model, q):
+        llm = _load(path, 256, 2, repack=False)
+        try:
+            chunks = _chunks(llm, text, 256, 2, spread=True)
+            scored = [np.array(_chunk_logits(llm, c, 100)) for c in chunks]
+            every = llama_cpp_every_position(path, chunks)
+        finally:
+            llm.close()
+        for got, want in zip(scored, every):
+            assert got.shape == (255 - 100, want.shape[1])
+            np.testing.assert_array_equal(got, want[100:255])
+
+
+def llama_cpp_every_position(path, chunks) -> list:
+    """Every position's logits of each chunk, evaluated on its own as the binding does with logits_all (the same
+    load as evaluate's: repacking off)."""
+    from edgemoe_cli.evaluate import _load
+
+    llm = _load(path, 256, 2, repack=False)
+    llm._logits_all = True  # the binding's own every-position path (its scores hold n_batch = n_ctx rows)
+    out = []
+    try:
+        for c in chunks:
+            llm.reset()
+            llm.eval(c)
+            out.append(np.array(llm.scores[: len(c)], dtype=np.float32))
+    finally:
+        llm.close()
+    return out
+
+
 def test_quantizing_in_slabs_of_rows_writes_the_same_bytes(tiny_gguf, tmp_path, monkeypatch):
     """quantize bounds llama.cpp's buffers to SLAB_BYTES of rows (not a whole tensor's float32 copy); slabs that
     end mid-expert give the file a whole-tensor pass writes (each row quantized with its expert's imatrix)."""
