@@ -372,6 +372,15 @@ def eval_rate_21b() -> float:
 ORION_O6_PP512 = 38.51  # tok/s, ERNIE-4.5-21B-A3B-Thinking Q4_0, 8 threads, Arm Learning Path (bench.EXTERNAL_ORION_O6)
 
 
+def o6_eval_rate_21b() -> float:
+    """The O6's rate for plan's evals from bench/plan_cost.json: its pp512 less the head's matmul for the scored
+    positions (llama-bench runs it for one); the quoted pp512 where that file has no such figure."""
+    try:
+        return float(json.loads((REPO / "bench" / "plan_cost.json").read_text())["predicted"]["o6_eval_rate"])
+    except (OSError, ValueError, KeyError):
+        return ORION_O6_PP512
+
+
 def extrapolate(info: dict) -> str:
     """What plan's measurement took on this fixture, and where the 21B's cost is: this fixture's rates carry its
     per-call overheads and its tiny widths, so the 21B is priced from real-width measurements (bench/plan_cost.md),
@@ -397,7 +406,7 @@ def tradeoff_section(args, results: dict) -> str:
     variants = [v for v in args.variants if f"{v}/tradeoff-info/{args.tradeoff[0]}" in results]
     if not variants:
         return ""
-    rate = eval_rate_21b()
+    rate, o6_rate = eval_rate_21b(), o6_eval_rate_21b()
     head = [
         "chunks x layer stride",
         "fixture: evals x tokens",
@@ -429,7 +438,7 @@ def tradeoff_section(args, results: dict) -> str:
             f"{runs} x {chunks * ctx}",
             " / ".join(f"{infos[v]['seconds']['eval']:.0f}" for v in variants),
             f"{n21} x {chunks * ctx}",
-            f"{tok21 / rate / 3600:.2f} h / {tok21 / ORION_O6_PP512 / 3600:.2f} h",
+            f"{tok21 / rate / 3600:.2f} h / {tok21 / o6_rate / 3600:.2f} h",
         ]
         for v in variants:
             for at in TRADEOFF_AT:
@@ -456,7 +465,8 @@ def tradeoff_section(args, results: dict) -> str:
         "every k-th after it and the last, and interpolates the others (the fixtures have 4 layers: any stride "
         "above 1 skips only layer 2; at 21B stride 4 measures 9 of 28). 21B: the same count at 28 layers and 14 "
         f"roles, hours at this box's extrapolated {rate:.1f} tokens/s (bench/plan_cost.md) and the Orion O6's "
-        f"quoted pp512 of {ORION_O6_PP512} tokens/s. The last column: the median over the calibration runs of "
+        f"quoted pp512 of {ORION_O6_PP512} tokens/s less the head's matmul for the scored positions, {o6_rate:.2f} "
+        "tokens/s (bench/plan_cost.md's low bound). The last column: the median over the calibration runs of "
         "their KLD's standard error (per token) relative to the KLD. The fixture's seconds are as measured, on a "
         "shared 2-core box whose speed varied up to ~8x between runs (the same evals took 49 s in one and 7 s in "
         "another), and count only the evals that setting's measurement ran: a step another setting had kept (the "
