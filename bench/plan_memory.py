@@ -132,6 +132,8 @@ def run_plan(args, cap: int | None, tag: str, work: Path) -> dict:
         "measure_seconds",
         "predicted_bytes",
         "budget_bytes",
+        "reference",
+        "reference_why",
     ):
         point[key] = result.get(key)
     point["choices"] = {c["tensor"]: c["type"] for c in result.get("choices", [])}
@@ -209,6 +211,23 @@ def markdown(points: list[dict], args, cap: int, at_vocab: dict | None, argv: li
         for p in points
     ]
     same = len(points) == 2 and points[0].get("choices") and points[0].get("choices") == points[1].get("choices")
+
+    def recipe_note(points) -> str:
+        """Why two recipes differ when plan's --reference auto measured them against different references."""
+        if len(points) != 2 or points[0].get("reference") == points[1].get("reference"):
+            return ""
+        a, b = (p.get("choices") or {} for p in points)
+        moved = sum(a.get(t) != b.get(t) for t in a)
+        return (
+            " (`--reference auto`: "
+            + "; ".join(
+                f"{'uncapped' if p['cap_bytes'] is None else 'capped'} against {p.get('reference')}, "
+                f"{p.get('reference_why', '')}"
+                for p in points
+            )
+            + f"; {moved} of {len(a)} tensors' types differ)"
+        )
+
     seconds = "; ".join(
         f"{'uncapped' if p['cap_bytes'] is None else 'capped'}: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in (p.get("measure_seconds") or {}).items())
@@ -239,7 +258,7 @@ def markdown(points: list[dict], args, cap: int, at_vocab: dict | None, argv: li
             markdown_table(heads, stage_rows),
             "",
             f"Seconds per measurement stage ({seconds}).",
-            f"Same recipe capped and uncapped: {'yes' if same else 'no'}.",
+            f"Same recipe capped and uncapped: {'yes' if same else 'no'}" + recipe_note(points) + ".",
             "",
         ]
         + (
