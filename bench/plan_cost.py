@@ -919,7 +919,8 @@ def board_md(p: dict, results: dict) -> list[str]:
         floor_note(p),
         "",
         "Memory, not time, also decides the O6's settings: the bf16 21B (43.7 GB) as the calibration reference "
-        "needs a 64 GB board; on 32 GB plan needs `--reference q8_0` (23.2 GB), which drops the floor eval.",
+        "needs a 64 GB board; on 32 GB plan needs the model at Q8_0 (23.2 GB) as its reference, which "
+        "`--reference auto` (the default) takes when the source does not fit, and which drops the floor eval.",
         "",
         *q8_path_md(p, results),
     ]
