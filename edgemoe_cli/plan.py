@@ -619,8 +619,8 @@ def _check_inputs(model: Path, imatrix: Path | None, text: Path, reference: str)
 
 
 REFERENCES = ("auto", "source", "q8_0")
-# what an eval needs beside the model's pages: KV cache and compute buffers of a 512-token chunk, the vocabulary's
-# log-probs (llama-cpp-python's logits for every position), Python
+# what an eval needs beside the model's pages: KV cache and compute buffers of a 512-token chunk, the scored
+# positions' logits and log-probs at the vocabulary's width, Python
 EVAL_HEADROOM = 2 << 30
 
 
@@ -881,6 +881,8 @@ def _measure(
             if step.type == calibration_type:  # the probed tensors alone, copied out of the source
                 source = work / f"{model.stem}.probe-source.gguf"
                 assembled_bytes += copy_tensors(model, step.members, source)
+                seconds["assemble"] += time.perf_counter() - t0  # the copy is assembly work, timed as such
+                t0 = time.perf_counter()
             quantize(
                 source, _uniform(step.type, step.members), out=out, imatrix=imatrix, threads=threads, manifest=False
             )
