@@ -388,7 +388,7 @@ def active_weights(tensors: list[tuple[str, int]], n_used: int = 6, n_expert: in
 
 def predict(results: dict, args) -> dict:
     from edgemoe_cli.ernie21b import ernie_tensors, model_bytes, n_params
-    from edgemoe_cli.recipe import read_tensors
+    from edgemoe_cli.recipe import read_tensors, tensor_bytes
 
     weights_21b = n_params()
     per_type = {}
@@ -454,7 +454,7 @@ def predict(results: dict, args) -> dict:
     every_21b = every_token_weights_21b()
 
     def activation_cost(types) -> tuple[float, float]:  # (bytes copied and written, seconds quantizing)
-        copied = sum(2 * every_21b + every_21b * BITS[t] / 8 for t in types)
+        copied = sum(tensor_bytes(every_21b, "bf16") + tensor_bytes(every_21b, t) for t in types)
         return copied, sum(every_21b / per_type[t]["r_quant"] for t in types)
 
     act_bytes, act_quant_s = activation_cost(plan_mod.ACTIVATION_RUNS)
@@ -470,7 +470,7 @@ def predict(results: dict, args) -> dict:
     # the numpy work of the positions scored beyond the second half, per chunk at the 21B's vocabulary (kld_rows)
     extra_chunk = extra_scoring_seconds(results, score_from)
     extra_box = evals_now * DEFAULT_CHUNKS * extra_chunk
-    shard_bytes = ref_bytes["source (bf16)"] + probe_21b * BITS["q3_k"] / 8
+    shard_bytes = ref_bytes["source (bf16)"] + tensor_bytes(probe_21b, "q3_k")
     shards_s = (shard_bytes + act_bytes) / r_copy
     box_now = kept_now + act_quant_s + sampled_s + shards_s + eval_tokens_now / r_pp_21b + extra_box
     o6_now = kept_now + act_quant_s + sampled_s + shards_s + eval_tokens_now / o6_eval_rate + extra_box
@@ -496,7 +496,7 @@ def predict(results: dict, args) -> dict:
         ev8 = _best(results, "eval_q8")
         r_pp_q8_21b = ev8["tokens"] / ev8["seconds"] * act_wide_eval / act_21b_eval
         act_bytes_q8, act_quant_q8 = activation_cost(plan_mod.ACTIVATION_RUNS[1:])
-        shards_q8 = (weights_21b * BITS["q8_0"] / 8 + probe_21b * BITS["q3_k"] / 8 + act_bytes_q8) / r_copy
+        shards_q8 = (tensor_bytes(weights_21b, "q8_0") + tensor_bytes(probe_21b, "q3_k") + act_bytes_q8) / r_copy
         evals_q8 = evals_now - (1 if floor else 0) - (len(plan_mod.ACTIVATION_RUNS) - 1)
         tokens_q8 = evals_q8 * ctx * DEFAULT_CHUNKS
         extra_q8 = evals_q8 * DEFAULT_CHUNKS * extra_chunk
@@ -617,40 +617,31 @@ def on_threads(t2: float, s: float, per_thread: float, threads: int) -> float:
     return t1 / per_thread * (s + (1 - s) / threads)
 
 
-BITS = {"q3_k": 3.4375, "q6_k": 6.5625, "q8_0": 8.5}  # bits a weight of the types the calibration writes
+def lowerable_21b() -> list[tuple[str, int]]:
+    """(name, weights) of the 21B's tensors plan can lower to its calibration type: quantizable, rows a multiple of
+    256 (plan.measure_steps' `lowerable`)."""
+    from edgemoe_cli.ernie21b import ernie_tensors
+    from edgemoe_cli.recipe import TensorInfo, quantizable
+
+    return [
+        (name, n)
+        for name, n, row in ernie_tensors()
+        if n != row and row % 256 == 0 and quantizable(TensorInfo(name, (row, n // row), "bf16", n))
+    ]
 
 
 def probe_weights_21b(measured: list[int]) -> int:
     """The 21B's weights plan quantizes to its calibration type (plan.measure_steps' probe): every lowerable tensor
-    (rows a multiple of 256) but the routed experts of the layers whose depth factor is not measured."""
-    from edgemoe_cli.ernie21b import ernie_tensors
+    but the routed experts of the layers whose depth factor is not measured."""
     from edgemoe_cli.plan import layer
-    from edgemoe_cli.recipe import TensorInfo, quantizable
 
-    return sum(
-        n
-        for name, n, row in ernie_tensors()
-        if n != row
-        and row % 256 == 0
-        and quantizable(TensorInfo(name, (row, n // row), "bf16", n))
-        and ("_exps" not in name or int(layer(name)) in measured)
-    )
+    return sum(n for name, n in lowerable_21b() if "_exps" not in name or int(layer(name)) in measured)
 
 
 def every_token_weights_21b() -> int:
-    """The 21B's weights in the tensors every token uses that plan's activation runs quantize (quantizable, not
-    routed experts, rows a multiple of 256): attention, shared experts, the dense layer, the embedding."""
-    from edgemoe_cli.ernie21b import ernie_tensors
-    from edgemoe_cli.recipe import TensorInfo, quantizable
-
-    return sum(
-        n
-        for name, n, row in ernie_tensors()
-        if n != row
-        and "_exps" not in name
-        and row % 256 == 0
-        and quantizable(TensorInfo(name, (row, n // row), "bf16", n))
-    )
+    """The 21B's weights in the tensors every token uses that plan's activation runs quantize (the lowerable ones
+    but routed experts): attention, shared experts, the dense layer, the embedding."""
+    return sum(n for name, n in lowerable_21b() if "_exps" not in name)
 
 
 def predict_board(

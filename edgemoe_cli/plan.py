@@ -914,7 +914,6 @@ def _measure(
                 alone, _uniform(step.type, step.members), out=out, imatrix=imatrix, threads=threads, manifest=False
             )
             t2 = time.perf_counter()
-            calibration.readers.pop(alone, None)
             alone.unlink(missing_ok=True)
             version = f"activation-{step.type}"
             assembled_bytes += calibration.add_version(version, out) + calibration.set(step.members, version)
